@@ -1,0 +1,5 @@
+"""Models of the anomalib-fod plugin."""
+
+from .fod import Fod
+
+__all__ = ["Fod"]

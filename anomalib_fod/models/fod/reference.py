@@ -1,0 +1,140 @@
+"""Reference features for FOD's inter-correlation branch, computed from the training set.
+
+The callback runs once when training starts, before the first optimisation step: it passes
+the whole training set through the frozen backbone with the model in eval mode and the
+pre-processor applied exactly as in training, and stores the result in the model's buffers.
+
+- ``mean`` (paper default): the per-position mean of the 3x3-pooled features. Under DDP every
+  rank sums its shard and the sums and counts are all-reduced, so the result equals the
+  single-device mean.
+- ``coreset``: a greedy k-center coreset of all pooled training tokens (as many as there are
+  token positions), each keeping the grid position it came from, so the inter target stays a
+  Gaussian over positions. Single device only.
+
+When training resumes from a checkpoint (``ckpt_path``) that already holds references, they
+are kept as they are, so a resumed run matches an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from anomalib.models.components import KCenterGreedy
+from lightning.pytorch import Callback, LightningModule, Trainer
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from .torch_model import FodModel
+
+logger = logging.getLogger(__name__)
+
+ReferenceMode = Literal["mean", "coreset"]
+REFERENCE_MODES = ("mean", "coreset")
+
+
+def iterate_pooled_features(
+    model: FodModel,
+    batches: Iterable,
+    transform: torch.nn.Module | None,
+    device: torch.device,
+    progress: bool = True,
+) -> Iterable[list[torch.Tensor]]:
+    """Yield pooled backbone features of every batch, pre-processed as in training."""
+    for batch in tqdm(batches, desc="FOD reference features", disable=not progress, leave=False):
+        images = batch.image if hasattr(batch, "image") else batch
+        images = images.to(device)
+        if transform is not None:
+            images = transform(images)
+        yield model.extract_features(images)
+
+
+def mean_reference(features: Iterable[list[torch.Tensor]], trainer: Trainer | None = None) -> list[torch.Tensor]:
+    """Per-position mean ``(C_i, h_i, w_i)`` of each level over all batches (and all ranks)."""
+    sums: list[torch.Tensor] | None = None
+    count = None
+    for levels in features:
+        if sums is None:
+            sums = [torch.zeros_like(f[0], dtype=torch.float64) for f in levels]
+            count = torch.zeros((), dtype=torch.float64, device=levels[0].device)
+        for total, f in zip(sums, levels, strict=True):
+            total += f.double().sum(dim=0)
+        count += levels[0].shape[0]
+    if sums is None:
+        msg = "the training set is empty: FOD needs normal training images to compute its reference features."
+        raise RuntimeError(msg)
+    if trainer is not None and trainer.world_size > 1:
+        sums = [trainer.strategy.reduce(s, reduce_op="sum") for s in sums]
+        count = trainer.strategy.reduce(count, reduce_op="sum")
+    return [(s / count).float() for s in sums]
+
+
+def coreset_reference(
+    features: Iterable[list[torch.Tensor]],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
+    """Greedy k-center coreset of all training tokens per level, with their grid positions."""
+    collected: list[list[torch.Tensor]] = []
+    for levels in features:
+        collected.append([f.cpu() for f in levels])
+    if not collected:
+        msg = "the training set is empty: FOD needs normal training images to compute its reference features."
+        raise RuntimeError(msg)
+    tokens, positions, grids = [], [], []
+    for level in range(len(collected[0])):
+        maps = torch.cat([c[level] for c in collected])  # (N, C, h, w)
+        _, channels, height, width = maps.shape
+        flat = maps.permute(0, 2, 3, 1).reshape(-1, channels)  # (N * h * w, C)
+        ratio = min(1.0, (height * width) / flat.shape[0])
+        indices = torch.as_tensor(KCenterGreedy(flat, sampling_ratio=ratio).select_coreset_idxs(), dtype=torch.long)
+        cell = indices % (height * width)
+        tokens.append(flat[indices])
+        positions.append(torch.stack((cell // width, cell % width), dim=-1).float())
+        grids.append((height, width))
+    return tokens, positions, grids
+
+
+class ReferenceFeatureCallback(Callback):
+    """Fill FOD's reference-feature buffers from the training set before training starts.
+
+    Args:
+        mode: ``"mean"`` or ``"coreset"``.
+    """
+
+    def __init__(self, mode: ReferenceMode = "mean") -> None:
+        super().__init__()
+        if mode not in REFERENCE_MODES:
+            msg = f"reference must be one of {REFERENCE_MODES}, got {mode!r}."
+            raise ValueError(msg)
+        self.mode = mode
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Compute the references (unless resuming with references already in the checkpoint)."""
+        model: FodModel = pl_module.model
+        if not model.with_inter:
+            return
+        if trainer.ckpt_path is not None and model.has_reference:
+            logger.info("Resuming: keeping the reference features stored in %s", trainer.ckpt_path)
+            return
+        if self.mode == "coreset" and trainer.world_size > 1:
+            msg = "reference='coreset' is single-device only; use reference='mean' with DDP."
+            raise RuntimeError(msg)
+        transform = pl_module.pre_processor.transform if pl_module.pre_processor is not None else None
+        was_training = model.training
+        model.eval()
+        try:
+            features = iterate_pooled_features(
+                model,
+                trainer.train_dataloader,
+                transform,
+                pl_module.device,
+                progress=trainer.is_global_zero,
+            )
+            if self.mode == "mean":
+                model.set_mean_reference(mean_reference(features, trainer))
+            else:
+                model.set_reference_tokens(*coreset_reference(features))
+        finally:
+            model.train(was_training)

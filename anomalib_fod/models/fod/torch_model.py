@@ -1,0 +1,141 @@
+"""PyTorch model of FOD: frozen backbone, per-level I2Correlation Transformers, scoring."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from anomalib_fod.backbone import FeatureExtractor
+
+from .anomaly_map import AnomalyMapGenerator, ScoringMode
+from .transformer import FodTransformer, LevelOutput, grid_coordinates
+
+
+@dataclass
+class FodTrainOutput:
+    """Training-mode output: the level inputs (reconstruction targets) and Transformer outputs."""
+
+    tokens: list[torch.Tensor]
+    levels: list[LevelOutput]
+    grids: list[tuple[int, int]]
+
+
+def to_tokens(features: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` -> ``(B, h * w, C)`` row-major tokens."""
+    return features.flatten(2).transpose(1, 2)
+
+
+class FodModel(nn.Module):
+    """FOD: Focus the Discrepancy (Yao et al., ICCV 2023).
+
+    Args:
+        backbone: timm CNN name.
+        layers: two backbone feature layers (``None``: the stride-8 and stride-16 stages).
+        pre_trained: ImageNet weights for the backbone (offline for EfficientNet-Lite, see
+            :mod:`anomalib_fod.backbone`).
+        weights_path: local timm state dict for the backbone.
+        d_models: Transformer width per level.
+        num_heads: attention heads.
+        num_layers: encoder layers per level.
+        ffn_ratio: feed-forward width as a multiple of ``d_model``.
+        dropout: dropout probability in the Transformers.
+        with_intra: intra-correlation branch.
+        with_inter: inter-correlation branch.
+        out_projection: apply attention output projections (the paper's code discards them).
+        scoring: ``"rec_div"``, ``"rec"`` or ``"div"``.
+        blur_sigma: Gaussian blur on the anomaly map.
+
+    Shapes:
+        training: ``(B, 3, H, W)`` -> :class:`FodTrainOutput`;
+        eval: ``(B, 3, H, W)`` -> ``InferenceBatch(pred_score (B,), anomaly_map (B, 1, H, W))``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        layers: Sequence[str] | None = None,
+        pre_trained: bool = True,
+        weights_path: str | None = None,
+        d_models: Sequence[int] = (256, 512),
+        num_heads: int = 8,
+        num_layers: int = 3,
+        ffn_ratio: int = 4,
+        dropout: float = 0.0,
+        with_intra: bool = True,
+        with_inter: bool = True,
+        out_projection: bool = True,
+        scoring: ScoringMode = "rec_div",
+        blur_sigma: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.feature_extractor = FeatureExtractor(backbone, layers, pre_trained, weights_path)
+        channels = self.feature_extractor.channels
+        if len(channels) != len(d_models):
+            msg = f"{len(channels)} backbone layers ({self.feature_extractor.layers}) but {len(d_models)} d_models."
+            raise ValueError(msg)
+        self.with_inter = with_inter
+        self.pool = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
+        self.levels = nn.ModuleList(
+            FodTransformer(c, d, num_heads, num_layers, ffn_ratio, dropout, with_intra, with_inter, out_projection)
+            for c, d in zip(channels, d_models, strict=True)
+        )
+        self.anomaly_map_generator = AnomalyMapGenerator(scoring, with_intra, with_inter, blur_sigma)
+
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Pooled frozen backbone features, per level ``(B, C_i, h_i, w_i)``."""
+        return [self.pool(f) for f in self.feature_extractor(images)]
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether every level has reference features (always true without the inter branch)."""
+        return (not self.with_inter) or all(level.has_reference for level in self.levels)
+
+    def set_mean_reference(self, means: Sequence[torch.Tensor]) -> None:
+        """Store per-position mean features ``(C_i, h_i, w_i)`` as the references of each level."""
+        for level, mean in zip(self.levels, means, strict=True):
+            _, height, width = mean.shape
+            positions = grid_coordinates(height, width, mean.device)
+            level.set_reference(to_tokens(mean[None])[0], positions, (height, width))
+
+    def set_reference_tokens(
+        self,
+        features: Sequence[torch.Tensor],
+        positions: Sequence[torch.Tensor],
+        grids: Sequence[tuple[int, int]],
+    ) -> None:
+        """Store arbitrary reference tokens ``(S_i, C_i)`` at ``(S_i, 2)`` grid positions (coreset)."""
+        for level, feats, pos, grid in zip(self.levels, features, positions, grids, strict=True):
+            level.set_reference(feats, pos, grid)
+
+    def forward_features(
+        self,
+        features: Sequence[torch.Tensor],
+        image_size: tuple[int, int] | None = None,
+        keep_maps: bool = False,
+    ) -> FodTrainOutput | InferenceBatch:
+        """Run the Transformers (and, in eval mode, the scoring) on pooled backbone features.
+
+        Split from :meth:`forward` so cached backbone features can be fed directly.
+        """
+        tokens = [to_tokens(f) for f in features]
+        grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
+        outputs = [
+            level(t, h, w, keep_maps) for level, t, (h, w) in zip(self.levels, tokens, grids, strict=True)
+        ]
+        if self.training:
+            return FodTrainOutput(tokens, outputs, grids)
+        if image_size is None:
+            msg = "image_size is needed to build the anomaly map."
+            raise ValueError(msg)
+        anomaly_map, pred_score = self.anomaly_map_generator(tokens, outputs, grids, image_size)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+    def forward(self, images: torch.Tensor) -> FodTrainOutput | InferenceBatch:
+        """Training output, or ``InferenceBatch`` with ``(B,)`` scores and ``(B, 1, H, W)`` maps in eval."""
+        features = self.extract_features(images)
+        return self.forward_features(features, (int(images.shape[-2]), int(images.shape[-1])))

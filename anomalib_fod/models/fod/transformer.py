@@ -1,0 +1,380 @@
+"""The I2Correlation Transformer of FOD: one per feature level.
+
+Each layer runs self-attention over the image tokens (intra-image correlations) and
+cross-attention from the image tokens to the reference tokens (inter-image correlations).
+Every attention that takes part in the correlation game also predicts, per query and head,
+two sigmas of a Gaussian prior over positions (the *target correlation*). The layer returns
+per-token statistics of each branch (symmetric KL to the target and entropy) rather than the
+``(B, H, L, S)`` maps, so the maps can be freed layer by layer.
+
+Everything that depends on the token grid (positions, distances, positional embeddings) is
+derived from the feature-map size at call time, so any input size works.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from anomalib.models.components import DynamicBufferMixin
+from torch import nn
+
+from .correlation import entropy, gaussian_target, sigma_from_logits, symmetric_kl
+
+
+def grid_coordinates(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(height * width, 2)`` float (row, column) coordinates of a row-major token grid."""
+    rows = torch.arange(height, device=device, dtype=torch.float32)
+    cols = torch.arange(width, device=device, dtype=torch.float32)
+    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+def squared_distances(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared row and column distances ``(L, S)`` between ``(L, 2)`` and ``(S, 2)`` coordinates."""
+    diff = queries[:, None, :] - keys[None, :, :]
+    return diff[..., 0].square(), diff[..., 1].square()
+
+
+def sincos_embedding(coords: torch.Tensor, dim: int) -> torch.Tensor:
+    """2D sine-cosine positional embedding.
+
+    The first half of the channels encodes the column, the second half the row, each as
+    interleaved sin/cos at geometrically spaced frequencies (base 10^4).
+
+    Args:
+        coords: ``(N, 2)`` (row, column) coordinates; fractional values are fine.
+        dim: embedding size, a multiple of 4.
+
+    Returns:
+        ``(N, dim)`` embeddings.
+    """
+    half = dim // 2
+    freqs = torch.exp(torch.arange(0, half, 2, device=coords.device, dtype=torch.float32) * (-math.log(1e4) / half))
+    parts = []
+    for axis in (1, 0):  # column first, then row
+        angles = coords[:, axis : axis + 1].float() * freqs  # (N, half / 2)
+        parts.append(torch.stack((angles.sin(), angles.cos()), dim=-1).reshape(coords.shape[0], half))
+    return torch.cat(parts, dim=-1)
+
+
+@dataclass
+class BranchStats:
+    """Per-token statistics of one correlation branch in one layer, each ``(B, L)``.
+
+    ``kl_attention`` is computed with the target detached (its gradient reaches only the
+    attention), ``kl_target`` with the attention detached (its gradient reaches only the
+    sigma projection). Without autograd both are the same tensor.
+    """
+
+    kl_attention: torch.Tensor
+    kl_target: torch.Tensor
+    entropy: torch.Tensor
+    maps: tuple[torch.Tensor, torch.Tensor] | None = None  # (attention, target) when requested
+
+
+@dataclass
+class LevelOutput:
+    """What one level's Transformer returns.
+
+    Attributes:
+        reconstruction: ``(B, L, C)`` reconstructed input features.
+        intra: per-layer statistics of the intra-correlation branch (empty when off).
+        inter: per-layer statistics of the inter-correlation branch (empty when off).
+    """
+
+    reconstruction: torch.Tensor
+    intra: list[BranchStats] = field(default_factory=list)
+    inter: list[BranchStats] = field(default_factory=list)
+
+
+def branch_stats(attention: torch.Tensor, target: torch.Tensor, keep_maps: bool = False) -> BranchStats:
+    """Symmetric KLs (with the minimax detach pattern) and entropy of ``(B, H, L, S)`` maps."""
+    if torch.is_grad_enabled() and (attention.requires_grad or target.requires_grad):
+        kl_attention = symmetric_kl(target.detach(), attention)
+        kl_target = symmetric_kl(target, attention.detach())
+    else:
+        kl_attention = kl_target = symmetric_kl(target, attention)
+    maps = (attention, target) if keep_maps else None
+    return BranchStats(kl_attention, kl_target, entropy(attention), maps)
+
+
+class CorrelationAttention(nn.Module):
+    """Multi-head attention that also returns its attention map and a learned Gaussian target.
+
+    Args:
+        d_model: token width.
+        num_heads: attention heads.
+        with_target: predict per-query sigmas and the Gaussian target correlation.
+        out_projection: apply the output projection. The paper's code computes it and throws
+            the result away; ``False`` reproduces that.
+        dropout: dropout on the attention probabilities.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        with_target: bool = True,
+        out_projection: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if d_model % num_heads:
+            msg = f"d_model ({d_model}) must be divisible by num_heads ({num_heads})."
+            raise ValueError(msg)
+        self.num_heads = num_heads
+        self.scale = (d_model // num_heads) ** -0.5
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model)
+        self.value = nn.Linear(d_model, d_model)
+        self.sigma = nn.Linear(d_model, 2 * num_heads) if with_target else None
+        self.proj = nn.Linear(d_model, d_model) if out_projection else nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, -1).transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        sq_dist_y: torch.Tensor | None = None,
+        sq_dist_x: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Attend from ``x`` to ``context``.
+
+        Args:
+            x: ``(B, L, D)`` queries.
+            context: ``(B, S, D)`` or ``(1, S, D)`` keys/values (a batch of 1 is broadcast).
+            sq_dist_y: ``(L, S)`` squared row distances (needed with a target).
+            sq_dist_x: ``(L, S)`` squared column distances (needed with a target).
+
+        Returns:
+            ``(B, L, D)`` output, ``(B, H, L, S)`` attention, ``(B, H, L, S)`` target or ``None``.
+        """
+        batch, length, width = x.shape
+        query = self._heads(self.query(x)) * self.scale
+        key = self._heads(self.key(context))
+        value = self._heads(self.value(context))
+        attention = torch.softmax(query @ key.transpose(-2, -1), dim=-1)
+        out = (self.dropout(attention) @ value.to(attention.dtype)).transpose(1, 2).reshape(batch, length, width)
+        out = self.proj(out)
+        target = None
+        if self.sigma is not None:
+            sigma = sigma_from_logits(self.sigma(x).view(batch, length, self.num_heads, 2).transpose(1, 2))
+            target = gaussian_target(sigma, sq_dist_y, sq_dist_x)
+        return out, attention, target
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU -> Linear -> Dropout."""
+
+    def __init__(self, d_model: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, L, D)`` -> ``(B, L, D)``."""
+        return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+class I2CorrelationLayer(nn.Module):
+    """One encoder layer with intra (self) and inter (cross, to references) correlations.
+
+    With both branches the layer's residual input is ``(x + intra) - (x + inter)``: the
+    I2Correlation of the paper, which makes the features depend on how an image's own
+    correlations differ from its correlations to normal references. With one branch it is the
+    usual ``x + branch``; with none (patch-wise ablation) plain self-attention.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        ffn_ratio: int = 4,
+        dropout: float = 0.0,
+        with_intra: bool = True,
+        with_inter: bool = True,
+        out_projection: bool = True,
+    ) -> None:
+        super().__init__()
+        self.with_intra = with_intra
+        self.with_inter = with_inter
+        inter_only = with_inter and not with_intra
+        self.self_attention = (
+            None
+            if inter_only
+            else CorrelationAttention(d_model, num_heads, with_intra, out_projection, dropout)
+        )
+        self.cross_attention = (
+            CorrelationAttention(d_model, num_heads, True, out_projection, dropout) if with_inter else None
+        )
+        self.ffn = FeedForward(d_model, ffn_ratio * d_model, dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        reference: torch.Tensor | None,
+        intra_dist: tuple[torch.Tensor, torch.Tensor] | None,
+        inter_dist: tuple[torch.Tensor, torch.Tensor] | None,
+        keep_maps: bool = False,
+    ) -> tuple[torch.Tensor, BranchStats | None, BranchStats | None]:
+        """Run one layer.
+
+        Args:
+            x: ``(B, L, D)`` image tokens.
+            reference: ``(1, S, D)`` embedded reference tokens (inter branch only).
+            intra_dist: squared (row, column) distances ``(L, L)`` for the intra target.
+            inter_dist: squared (row, column) distances ``(L, S)`` for the inter target.
+            keep_maps: also return the attention and target maps (for figures).
+
+        Returns:
+            ``(B, L, D)`` tokens, intra statistics or ``None``, inter statistics or ``None``.
+        """
+        intra = inter = None
+        branch = None
+        if self.self_attention is not None:
+            dists = intra_dist if self.with_intra else (None, None)
+            intra_out, attention, target = self.self_attention(x, x, *dists)
+            if target is not None:
+                intra = branch_stats(attention, target, keep_maps)
+            branch = self.dropout(intra_out)
+        if self.cross_attention is not None:
+            inter_out, attention, target = self.cross_attention(x, reference, *inter_dist)
+            inter = branch_stats(attention, target, keep_maps)
+            inter_out = self.dropout(inter_out)
+            # (x + intra) - (x + inter): the residual x cancels, as in the paper.
+            branch = inter_out if branch is None else branch - inter_out
+        new_x = branch if (self.with_intra and self.with_inter) else x + branch
+        y = self.norm1(new_x)
+        return self.norm2(y + self.ffn(y)), intra, inter
+
+
+class TokenEmbedding(nn.Module):
+    """Per-token linear projection ``C -> D`` (the paper's 1x1 conv, Kaiming fan-in init)."""
+
+    def __init__(self, in_channels: int, d_model: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_channels, d_model)
+        nn.init.kaiming_normal_(self.proj.weight, mode="fan_in", nonlinearity="leaky_relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, L, C)`` -> ``(B, L, D)``."""
+        return self.proj(x)
+
+
+class FodTransformer(DynamicBufferMixin, nn.Module):
+    """The per-level FOD Transformer: embed, ``num_layers`` I2Correlation layers, reconstruct.
+
+    Reference features live here as buffers (``ref_features (S, C)``, ``ref_positions (S, 2)``,
+    ``ref_grid (2,)``) so they are saved in checkpoints, moved by ``.to()`` and become
+    constants of an exported graph. They are empty until the reference callback fills them;
+    ``DynamicBufferMixin`` lets a checkpoint restore them into a freshly built model.
+
+    Args:
+        in_channels: channels ``C`` of the backbone features of this level.
+        d_model: Transformer width ``D`` (multiple of 4 and of ``num_heads``).
+        num_heads: attention heads.
+        num_layers: encoder layers.
+        ffn_ratio: hidden width of the feed-forward as a multiple of ``D``.
+        dropout: dropout probability.
+        with_intra: intra-correlation branch on.
+        with_inter: inter-correlation branch on.
+        out_projection: apply attention output projections (see ``CorrelationAttention``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        d_model: int,
+        num_heads: int = 8,
+        num_layers: int = 3,
+        ffn_ratio: int = 4,
+        dropout: float = 0.0,
+        with_intra: bool = True,
+        with_inter: bool = True,
+        out_projection: bool = True,
+    ) -> None:
+        super().__init__()
+        if d_model % 4:
+            msg = f"d_model must be a multiple of 4 for the 2D sin-cos embedding, got {d_model}."
+            raise ValueError(msg)
+        self.d_model = d_model
+        self.with_intra = with_intra
+        self.with_inter = with_inter
+        self.embedding = TokenEmbedding(in_channels, d_model)
+        self.ref_embedding = TokenEmbedding(in_channels, d_model) if with_inter else None
+        self.layers = nn.ModuleList(
+            I2CorrelationLayer(d_model, num_heads, ffn_ratio, dropout, with_intra, with_inter, out_projection)
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, in_channels)
+        self.register_buffer("ref_features", torch.empty(0, in_channels))
+        self.register_buffer("ref_positions", torch.empty(0, 2))
+        self.register_buffer("ref_grid", torch.zeros(2, dtype=torch.long))
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether reference features have been computed (or loaded)."""
+        return self.ref_features.shape[0] > 0
+
+    def set_reference(self, features: torch.Tensor, positions: torch.Tensor, grid: tuple[int, int]) -> None:
+        """Store reference tokens ``(S, C)`` at (row, column) ``positions`` ``(S, 2)`` of a ``grid``."""
+        self.ref_features = features.detach().to(self.head.weight)
+        self.ref_positions = positions.detach().to(self.head.weight)
+        self.ref_grid = torch.tensor(grid, dtype=torch.long, device=self.head.weight.device)
+
+    def _check_reference(self, height: int, width: int, channels: int) -> None:
+        if not self.has_reference:
+            msg = (
+                "FOD's reference features are missing: they are computed from the training set when "
+                "training starts (ReferenceFeatureCallback). Train the model first, or load a checkpoint "
+                "of a trained model."
+            )
+            raise RuntimeError(msg)
+        if self.ref_features.shape[-1] != channels:
+            msg = f"reference features have {self.ref_features.shape[-1]} channels, the backbone gives {channels}."
+            raise RuntimeError(msg)
+        if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+            return  # values are constants of the exported graph; checked before export
+        grid = tuple(int(v) for v in self.ref_grid.tolist())
+        if grid != (height, width):
+            msg = (
+                f"reference features were computed on a {grid[0]}x{grid[1]} token grid, this input gives "
+                f"{height}x{width}: use the image size the model was trained with."
+            )
+            raise RuntimeError(msg)
+
+    def forward(self, tokens: torch.Tensor, height: int, width: int, keep_maps: bool = False) -> LevelOutput:
+        """Reconstruct ``(B, L, C)`` tokens of a ``height x width`` grid and collect correlations."""
+        coords = grid_coordinates(height, width, tokens.device)
+        x = self.embedding(tokens) + sincos_embedding(coords, self.d_model).to(tokens.dtype)
+        intra_dist = squared_distances(coords, coords) if self.with_intra else None
+        reference = inter_dist = None
+        if self.with_inter:
+            self._check_reference(height, width, tokens.shape[-1])
+            ref_pos = self.ref_positions.float()
+            reference = self.ref_embedding(self.ref_features.to(tokens.dtype)) + sincos_embedding(
+                ref_pos,
+                self.d_model,
+            ).to(tokens.dtype)
+            reference = reference.unsqueeze(0)
+            inter_dist = squared_distances(coords, ref_pos)
+        output = LevelOutput(reconstruction=tokens)
+        for layer in self.layers:
+            x, intra, inter = layer(x, reference, intra_dist, inter_dist, keep_maps)
+            if intra is not None:
+                output.intra.append(intra)
+            if inter is not None:
+                output.inter.append(inter)
+        output.reconstruction = self.head(self.norm(x))
+        return output
