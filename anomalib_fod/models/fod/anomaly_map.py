@@ -77,6 +77,13 @@ class AnomalyMapGenerator(nn.Module):
             kernel = 2 * int(4.0 * blur_sigma + 0.5) + 1
             self.blur = GaussianBlur2d(sigma=blur_sigma, channels=1, kernel_size=kernel)
 
+    @property
+    def needed_branches(self) -> tuple[bool, bool]:
+        """Which branch statistics (intra, inter) scoring reads; the rest is skipped at inference."""
+        if self.scoring == "rec":
+            return False, False
+        return (not self.with_inter, self.with_inter)
+
     def divergence_score(self, output: LevelOutput) -> torch.Tensor:
         """The ``div`` term of one level, ``(B, L)``."""
         if self.with_inter:

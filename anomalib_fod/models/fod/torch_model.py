@@ -48,6 +48,7 @@ class FodModel(nn.Module):
         out_projection: apply attention output projections (the paper's code discards them).
         scoring: ``"rec_div"``, ``"rec"`` or ``"div"``.
         blur_sigma: Gaussian blur on the anomaly map.
+        reference: ``"mean"`` or ``"coreset"`` reference features.
 
     Shapes:
         training: ``(B, 3, H, W)`` -> :class:`FodTrainOutput`;
@@ -70,6 +71,7 @@ class FodModel(nn.Module):
         out_projection: bool = True,
         scoring: ScoringMode = "rec_div",
         blur_sigma: float = 4.0,
+        reference: str = "mean",
     ) -> None:
         super().__init__()
         self.feature_extractor = FeatureExtractor(backbone, layers, pre_trained, weights_path)
@@ -80,7 +82,18 @@ class FodModel(nn.Module):
         self.with_inter = with_inter
         self.pool = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
         self.levels = nn.ModuleList(
-            FodTransformer(c, d, num_heads, num_layers, ffn_ratio, dropout, with_intra, with_inter, out_projection)
+            FodTransformer(
+                c,
+                d,
+                num_heads,
+                num_layers,
+                ffn_ratio,
+                dropout,
+                with_intra,
+                with_inter,
+                out_projection,
+                reference,
+            )
             for c, d in zip(channels, d_models, strict=True)
         )
         self.anomaly_map_generator = AnomalyMapGenerator(scoring, with_intra, with_inter, blur_sigma)
@@ -124,8 +137,12 @@ class FodModel(nn.Module):
         """
         tokens = [to_tokens(f) for f in features]
         grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
+        need_intra, need_inter = (
+            (True, True) if (self.training or keep_maps) else self.anomaly_map_generator.needed_branches
+        )
         outputs = [
-            level(t, h, w, keep_maps) for level, t, (h, w) in zip(self.levels, tokens, grids, strict=True)
+            level(t, h, w, need_intra, need_inter, keep_maps)
+            for level, t, (h, w) in zip(self.levels, tokens, grids, strict=True)
         ]
         if self.training:
             return FodTrainOutput(tokens, outputs, grids)

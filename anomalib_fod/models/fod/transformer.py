@@ -20,7 +20,7 @@ import torch
 from anomalib.models.components import DynamicBufferMixin
 from torch import nn
 
-from .correlation import entropy, gaussian_target, sigma_from_logits, symmetric_kl
+from .correlation import correlation_stats, gaussian_target, separable_gaussian_target, sigma_from_logits
 
 
 def grid_coordinates(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
@@ -28,6 +28,35 @@ def grid_coordinates(height: int, width: int, device: torch.device | None = None
     rows = torch.arange(height, device=device, dtype=torch.float32)
     cols = torch.arange(width, device=device, dtype=torch.float32)
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+@dataclass
+class KeyGeometry:
+    """Squared distances between query and key positions, for the Gaussian targets.
+
+    ``separable=True``: the keys form a full row-major ``h x w`` grid and ``rows`` / ``cols`` are
+    ``(L, h)`` / ``(L, w)`` distances to each key row / column (the cheap, factorised target).
+    ``separable=False``: keys anywhere; ``rows`` / ``cols`` are full ``(L, S)`` distance maps.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    separable: bool
+
+    def target(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``(B, H, L, S)`` row-normalised Gaussian target for ``(B, H, L, 2)`` sigmas."""
+        if self.separable:
+            return separable_gaussian_target(sigma, self.rows, self.cols)
+        return gaussian_target(sigma, self.rows, self.cols)
+
+
+def grid_geometry(queries: torch.Tensor, height: int, width: int) -> KeyGeometry:
+    """Geometry of ``(L, 2)`` query positions against the full ``height x width`` key grid."""
+    key_rows = torch.arange(height, device=queries.device, dtype=torch.float32)
+    key_cols = torch.arange(width, device=queries.device, dtype=torch.float32)
+    rows = (queries[:, 0:1] - key_rows).square()
+    cols = (queries[:, 1:2] - key_cols).square()
+    return KeyGeometry(rows, cols, separable=True)
 
 
 def squared_distances(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,13 +119,9 @@ class LevelOutput:
 
 def branch_stats(attention: torch.Tensor, target: torch.Tensor, keep_maps: bool = False) -> BranchStats:
     """Symmetric KLs (with the minimax detach pattern) and entropy of ``(B, H, L, S)`` maps."""
-    if torch.is_grad_enabled() and (attention.requires_grad or target.requires_grad):
-        kl_attention = symmetric_kl(target.detach(), attention)
-        kl_target = symmetric_kl(target, attention.detach())
-    else:
-        kl_attention = kl_target = symmetric_kl(target, attention)
+    kl_attention, kl_target, ent = correlation_stats(attention, target)
     maps = (attention, target) if keep_maps else None
-    return BranchStats(kl_attention, kl_target, entropy(attention), maps)
+    return BranchStats(kl_attention, kl_target, ent, maps)
 
 
 class CorrelationAttention(nn.Module):
@@ -140,16 +165,15 @@ class CorrelationAttention(nn.Module):
         self,
         x: torch.Tensor,
         context: torch.Tensor,
-        sq_dist_y: torch.Tensor | None = None,
-        sq_dist_x: torch.Tensor | None = None,
+        geometry: KeyGeometry | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Attend from ``x`` to ``context``.
 
         Args:
             x: ``(B, L, D)`` queries.
             context: ``(B, S, D)`` or ``(1, S, D)`` keys/values (a batch of 1 is broadcast).
-            sq_dist_y: ``(L, S)`` squared row distances (needed with a target).
-            sq_dist_x: ``(L, S)`` squared column distances (needed with a target).
+            geometry: query/key distances; the target is computed only when given (and this
+                attention has a sigma projection).
 
         Returns:
             ``(B, L, D)`` output, ``(B, H, L, S)`` attention, ``(B, H, L, S)`` target or ``None``.
@@ -162,9 +186,9 @@ class CorrelationAttention(nn.Module):
         out = (self.dropout(attention) @ value.to(attention.dtype)).transpose(1, 2).reshape(batch, length, width)
         out = self.proj(out)
         target = None
-        if self.sigma is not None:
+        if self.sigma is not None and geometry is not None:
             sigma = sigma_from_logits(self.sigma(x).view(batch, length, self.num_heads, 2).transpose(1, 2))
-            target = gaussian_target(sigma, sq_dist_y, sq_dist_x)
+            target = geometry.target(sigma)
         return out, attention, target
 
 
@@ -223,8 +247,8 @@ class I2CorrelationLayer(nn.Module):
         self,
         x: torch.Tensor,
         reference: torch.Tensor | None,
-        intra_dist: tuple[torch.Tensor, torch.Tensor] | None,
-        inter_dist: tuple[torch.Tensor, torch.Tensor] | None,
+        intra_geometry: KeyGeometry | None,
+        inter_geometry: KeyGeometry | None,
         keep_maps: bool = False,
     ) -> tuple[torch.Tensor, BranchStats | None, BranchStats | None]:
         """Run one layer.
@@ -232,8 +256,9 @@ class I2CorrelationLayer(nn.Module):
         Args:
             x: ``(B, L, D)`` image tokens.
             reference: ``(1, S, D)`` embedded reference tokens (inter branch only).
-            intra_dist: squared (row, column) distances ``(L, L)`` for the intra target.
-            inter_dist: squared (row, column) distances ``(L, S)`` for the inter target.
+            intra_geometry: distances for the intra target; ``None`` skips target and statistics
+                (inference does not need them when scoring uses the inter branch).
+            inter_geometry: distances for the inter target; ``None`` skips them likewise.
             keep_maps: also return the attention and target maps (for figures).
 
         Returns:
@@ -242,14 +267,14 @@ class I2CorrelationLayer(nn.Module):
         intra = inter = None
         branch = None
         if self.self_attention is not None:
-            dists = intra_dist if self.with_intra else (None, None)
-            intra_out, attention, target = self.self_attention(x, x, *dists)
+            intra_out, attention, target = self.self_attention(x, x, intra_geometry)
             if target is not None:
                 intra = branch_stats(attention, target, keep_maps)
             branch = self.dropout(intra_out)
         if self.cross_attention is not None:
-            inter_out, attention, target = self.cross_attention(x, reference, *inter_dist)
-            inter = branch_stats(attention, target, keep_maps)
+            inter_out, attention, target = self.cross_attention(x, reference, inter_geometry)
+            if target is not None:
+                inter = branch_stats(attention, target, keep_maps)
             inter_out = self.dropout(inter_out)
             # (x + intra) - (x + inter): the residual x cancels, as in the paper.
             branch = inter_out if branch is None else branch - inter_out
@@ -289,6 +314,8 @@ class FodTransformer(DynamicBufferMixin, nn.Module):
         with_intra: intra-correlation branch on.
         with_inter: inter-correlation branch on.
         out_projection: apply attention output projections (see ``CorrelationAttention``).
+        reference: ``"mean"`` (one reference per grid position, enabling the factorised
+            target) or ``"coreset"`` (references at arbitrary positions).
     """
 
     def __init__(
@@ -302,6 +329,7 @@ class FodTransformer(DynamicBufferMixin, nn.Module):
         with_intra: bool = True,
         with_inter: bool = True,
         out_projection: bool = True,
+        reference: str = "mean",
     ) -> None:
         super().__init__()
         if d_model % 4:
@@ -310,6 +338,7 @@ class FodTransformer(DynamicBufferMixin, nn.Module):
         self.d_model = d_model
         self.with_intra = with_intra
         self.with_inter = with_inter
+        self.reference = reference
         self.embedding = TokenEmbedding(in_channels, d_model)
         self.ref_embedding = TokenEmbedding(in_channels, d_model) if with_inter else None
         self.layers = nn.ModuleList(
@@ -354,12 +383,24 @@ class FodTransformer(DynamicBufferMixin, nn.Module):
             )
             raise RuntimeError(msg)
 
-    def forward(self, tokens: torch.Tensor, height: int, width: int, keep_maps: bool = False) -> LevelOutput:
-        """Reconstruct ``(B, L, C)`` tokens of a ``height x width`` grid and collect correlations."""
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        height: int,
+        width: int,
+        need_intra: bool = True,
+        need_inter: bool = True,
+        keep_maps: bool = False,
+    ) -> LevelOutput:
+        """Reconstruct ``(B, L, C)`` tokens of a ``height x width`` grid and collect correlations.
+
+        ``need_intra`` / ``need_inter`` say which branch statistics the caller uses; the targets
+        of the others are not computed (their attentions still run: they shape the features).
+        """
         coords = grid_coordinates(height, width, tokens.device)
         x = self.embedding(tokens) + sincos_embedding(coords, self.d_model).to(tokens.dtype)
-        intra_dist = squared_distances(coords, coords) if self.with_intra else None
-        reference = inter_dist = None
+        intra_geometry = grid_geometry(coords, height, width) if (self.with_intra and need_intra) else None
+        reference = inter_geometry = None
         if self.with_inter:
             self._check_reference(height, width, tokens.shape[-1])
             ref_pos = self.ref_positions.float()
@@ -368,10 +409,14 @@ class FodTransformer(DynamicBufferMixin, nn.Module):
                 self.d_model,
             ).to(tokens.dtype)
             reference = reference.unsqueeze(0)
-            inter_dist = squared_distances(coords, ref_pos)
+            if need_inter:
+                if self.reference == "mean":  # one reference per grid cell, row-major
+                    inter_geometry = grid_geometry(coords, height, width)
+                else:
+                    inter_geometry = KeyGeometry(*squared_distances(coords, ref_pos), separable=False)
         output = LevelOutput(reconstruction=tokens)
         for layer in self.layers:
-            x, intra, inter = layer(x, reference, intra_dist, inter_dist, keep_maps)
+            x, intra, inter = layer(x, reference, intra_geometry, inter_geometry, keep_maps)
             if intra is not None:
                 output.intra.append(intra)
             if inter is not None:
