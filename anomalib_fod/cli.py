@@ -6,6 +6,8 @@
   (:mod:`anomalib_fod.demo`).
 - ``anomalib-fod predict-folder --model model.xml --input DIR --output OUT``: run an exported
   OpenVINO model over a folder (:mod:`anomalib_fod.deploy`).
+- ``anomalib-fod explain --checkpoint model.ckpt --image IMG [IMG ...] --output OUT``: the paper's
+  qualitative figure per image (:mod:`anomalib_fod.explain`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import sys
 PLUGIN_COMMANDS = {
     "demo": "anomalib_fod.demo",
     "predict-folder": "anomalib_fod.deploy",
+    "benchmark": "anomalib_fod.benchmark",
+    "explain": "anomalib_fod.explain",
 }
 
 

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     from lightning.pytorch import seed_everything  # noqa: PLC0415
 
     from anomalib_fod import Fod  # noqa: PLC0415
+    from anomalib_fod.benchmark.cell import raw_post_processing  # noqa: PLC0415
 
     seed_everything(args.seed, workers=True)
     datamodule = MVTecAD(
@@ -76,12 +77,16 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         accelerator=args.accelerator,
         devices=1,
         logger=False,
+        # Validation only feeds the post-processor's thresholds: once, after the last epoch, is enough.
+        check_val_every_n_epoch=args.epochs,
     )
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
     fit_time = time.perf_counter() - start
     metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
-    predictions = engine.predict(model=model, datamodule=datamodule, return_predictions=True)
+    # Engine.predict normalises and clamps scores to [0, 1]: switch that off for exact metrics.
+    with raw_post_processing(model):
+        predictions = engine.predict(model=model, datamodule=datamodule, return_predictions=True)
     image_auroc, pixel_auroc = exact_auroc(predictions)
     total_time = time.perf_counter() - start
 

@@ -1,0 +1,40 @@
+"""Run anomalib's own ``anomalib benchmark`` pipeline with the plugin's models available.
+
+anomalib's pipeline builds each model with ``anomalib.models.get_model``, which accepts only
+``class_path: Fod`` / ``anomalib.models.Fod`` (attributes of ``anomalib.models``) or a bare name
+(a direct ``AnomalibModule`` subclass): ``anomalib_fod.Fod`` is refused by its module allow-list.
+``import anomalib_fod`` attaches ``Fod`` to ``anomalib.models`` (see :mod:`anomalib_fod.registry`),
+so a config with ``class_path: Fod`` works once the plugin is imported before the pipeline runs.
+
+anomalib's ``BenchmarkJob`` creates its ``Engine`` without ``max_epochs`` (Lightning's default is
+1000 epochs) and offers no setting for it; Lightning reads trainer defaults from
+``PL_TRAINER_<ARGUMENT>`` environment variables, so ``max_epochs`` sets ``PL_TRAINER_MAX_EPOCHS``.
+Models that fix their own epochs (PatchCore, PaDiM: one) keep them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+MAX_EPOCHS_VARIABLE = "PL_TRAINER_MAX_EPOCHS"
+
+
+def run_anomalib_benchmark(config: str | Path, max_epochs: int | None = None) -> None:
+    """Register the plugin, then run ``anomalib.pipelines.Benchmark`` on ``config``.
+
+    anomalib writes its table to ``runs/benchmark/<timestamp>/results.csv`` and its log to
+    ``runs/pipeline.log`` (relative to the current directory); failed jobs are only reported there.
+    """
+    path = Path(config)
+    if not path.is_file():
+        msg = f"anomalib benchmark config '{path}' does not exist."
+        raise FileNotFoundError(msg)
+    import anomalib_fod  # noqa: F401, PLC0415 - attaches Fod to anomalib.models
+
+    if max_epochs is not None:
+        os.environ[MAX_EPOCHS_VARIABLE] = str(max_epochs)
+    from anomalib.pipelines import Benchmark  # noqa: PLC0415
+    from jsonargparse import Namespace  # noqa: PLC0415
+
+    Benchmark().run(Namespace(config=str(path)))

@@ -1,0 +1,260 @@
+"""The benchmark harness (``anomalib-fod benchmark``): metrics, config checks, a tiny end-to-end run, resume.
+
+The end-to-end run trains a tiny FOD (1 epoch) and PatchCore on 64 px generated data in this
+process (``isolate_cells: false``, no OpenVINO); the subprocess-per-cell path is covered by the
+``slow`` test at the end (each cell process imports anomalib afresh).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from anomalib_fod.benchmark import BenchmarkConfigError, main, parse_config
+from anomalib_fod.benchmark.metrics import aupro, exact_metrics, f1_max, pro_curve
+
+TINY_FOD = {"d_models": [32, 64], "num_heads": 2, "num_layers": 1}
+
+
+def synthetic_maps_and_masks(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Six 32x32 maps with several defect regions (two in one image, one touching a corner)."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((6, 32, 32), dtype=np.uint8)
+    masks[1, 4:10, 4:12] = 1
+    masks[1, 20:25, 20:30] = 1
+    masks[2, 10:20, 5:8] = 1
+    masks[3, 0:3, 0:3] = 1
+    masks[4, 15:30, 15:17] = 1
+    maps = rng.random(masks.shape) + masks * rng.random(masks.shape) * 0.8
+    return maps, masks
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@pytest.mark.parametrize("fpr_limit", [0.3, 0.05, 1.0])
+def test_aupro_matches_anomalib(fpr_limit: float) -> None:
+    from anomalib.metrics.aupro import _AUPRO
+
+    maps, masks = synthetic_maps_and_masks()
+    reference = _AUPRO(fpr_limit=fpr_limit)
+    reference.update(torch.tensor(maps, dtype=torch.float32), torch.tensor(masks))
+    assert aupro(maps, masks, fpr_limit=fpr_limit) == pytest.approx(float(reference.compute()), abs=1e-3)
+
+
+def test_aupro_bounds_and_scale_invariance() -> None:
+    maps, masks = synthetic_maps_and_masks(seed=1)
+    assert aupro(masks.astype(float), masks) == pytest.approx(1.0)  # perfect maps
+    assert aupro(maps, masks) == pytest.approx(aupro(maps * 7.0 - 3.0, masks))  # ranking only
+    fpr, pro = pro_curve(maps, masks)
+    assert fpr[0] == 0.0 and pro[0] == 0.0
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(pro) >= 0)
+    assert np.isnan(aupro(maps, np.zeros_like(masks)))  # no defect region
+
+
+def test_f1_max_and_exact_metrics() -> None:
+    labels = np.array([0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.6, 0.5, 0.7, 0.9])
+    # Best threshold 0.5: tp 3, fp 1 -> F1 = 6 / 7.
+    assert f1_max(scores, labels) == pytest.approx(6 / 7)
+    metrics = exact_metrics(scores, labels, maps=None, masks=None)
+    assert metrics["image_auroc"] == pytest.approx(5 / 6)
+    assert np.isnan(metrics["pixel_auroc"]) and np.isnan(metrics["pixel_aupro"])
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _config(dataset_root: Path, run_dir: Path, **overrides: object) -> dict:
+    config = {
+        "output_dir": str(run_dir),
+        "seeds": [0],
+        "image_size": [64, 64],
+        "accelerator": "cpu",
+        "openvino": False,
+        "isolate_cells": False,
+        "inference_batch_size": 32,
+        "datasets": [
+            {
+                "name": "dummy",
+                "class_path": "anomalib.data.MVTecAD",
+                "init_args": {
+                    "root": str(dataset_root.parent),
+                    "category": dataset_root.name,
+                    "train_batch_size": 5,
+                    "eval_batch_size": 4,
+                    "num_workers": 0,
+                },
+            },
+        ],
+        "models": [
+            {"name": "Fod", "class_path": "anomalib_fod.Fod", "max_epochs": 1, "init_args": TINY_FOD},
+            {
+                "name": "Patchcore",
+                "class_path": "anomalib.models.Patchcore",
+                "init_args": {"coreset_sampling_ratio": 0.1},
+            },
+        ],
+    }
+    config.update(overrides)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["models"][1]["init_args"].update(backbone="resnet18"), "shared by every model"),
+        (lambda c: c["datasets"][0]["init_args"].update(val_split_mode="from_test"), "same_as_test"),
+        (lambda c: c["models"].append(dict(c["models"][0])), "duplicate model names"),
+        (lambda c: c.update(epochs=3), "unknown keys"),
+    ],
+)
+def test_config_errors(tmp_path: Path, change, message: str) -> None:  # noqa: ANN001
+    config = _config(tmp_path / "data" / "dummy", tmp_path / "run")
+    change(config)
+    with pytest.raises(BenchmarkConfigError, match=message):
+        parse_config(config)
+
+
+def test_shipped_configs_parse() -> None:
+    from anomalib_fod.benchmark import load_config
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    for name in ("bottle", "battery_weld", "tiny"):
+        config = load_config(root / f"{name}.yaml")
+        assert config.backbone == "tf_efficientnet_lite0"
+        assert config.layers == ("blocks.2", "blocks.4")
+        assert all(d.init_args["val_split_mode"] == "same_as_test" for d in config.datasets)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def test_offline_weights_loaded_into_anomalib_extractor() -> None:
+    from anomalib_fod.backbone import FeatureExtractor
+    from anomalib_fod.benchmark.models import build_model, load_imagenet_weights
+
+    model, info = build_model(
+        "anomalib.models.Patchcore",
+        {"coreset_sampling_ratio": 0.1},
+        "tf_efficientnet_lite0",
+        ["blocks.2", "blocks.4"],
+        (64, 64),
+    )
+    assert info["extractors"] == ["model.feature_extractor"]
+    loaded = model.model.feature_extractor.feature_extractor.state_dict()
+    reference = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], pre_trained=True).body.state_dict()
+    assert torch.equal(loaded["conv_stem.weight"], reference["conv_stem.weight"])
+    assert torch.equal(loaded["blocks.4.0.bn1.running_mean"], reference["blocks.4.0.bn1.running_mean"])
+    with pytest.raises(Exception, match="holds no anomalib TimmFeatureExtractor"):
+        load_imagenet_weights(torch.nn.Linear(2, 2), "tf_efficientnet_lite0")
+
+
+def test_anomalib_get_model_resolves_fod(tmp_path: Path) -> None:
+    """After ``import anomalib_fod``, anomalib's own model lookup (used by ``anomalib benchmark``) finds Fod."""
+    import anomalib_fod
+    from anomalib.models import get_model
+    from anomalib.pipelines.benchmark.generator import BenchmarkJobGenerator
+
+    tiny = {**TINY_FOD, "pre_trained": False, "image_size": [64, 64]}
+    assert isinstance(get_model({"class_path": "Fod", "init_args": tiny}), anomalib_fod.Fod)
+    assert isinstance(get_model({"class_path": "anomalib.models.Fod", "init_args": tiny}), anomalib_fod.Fod)
+    assert isinstance(get_model("fod", **tiny), anomalib_fod.Fod)
+    args = {
+        "seed": 0,
+        "model": {"class_path": "Fod", "init_args": tiny},
+        "data": {"class_path": "MVTecAD", "init_args": {"root": str(tmp_path), "category": "none"}},
+    }
+    jobs = list(BenchmarkJobGenerator("cpu").generate_jobs(args, None))
+    assert len(jobs) == 1 and isinstance(jobs[0].model, anomalib_fod.Fod)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def benchmark_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One harness run (2 cells, in-process) and its rerun, with their stdout."""
+    import contextlib
+    import io
+
+    from anomalib_fod.data.dummy import make_dummy_mvtec
+
+    root = tmp_path_factory.mktemp("benchmark")
+    dataset = make_dummy_mvtec(root / "data", category="dummy", n_train=10, n_test_good=4, n_test_bad=6, size=(64, 64))
+    config_path = root / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(_config(dataset, root / "run")), encoding="utf-8")
+    cells = root / "run" / "cells"
+
+    def run() -> tuple[int, str]:
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            code = main(["--config", str(config_path)])
+        return code, buffer.getvalue()
+
+    first = run()
+    first_mtimes = {p.name: p.stat().st_mtime_ns for p in cells.glob("*.json")}
+    second = run()
+    outputs, codes = [first[1], second[1]], [first[0], second[0]]
+    return {"run_dir": root / "run", "outputs": outputs, "codes": codes, "mtimes": first_mtimes}
+
+
+def test_harness_exact_auroc_matches_sklearn(benchmark_run: dict) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    run_dir = benchmark_run["run_dir"]
+    assert benchmark_run["codes"][0] == 0, benchmark_run["outputs"][0]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [c["model"] for c in results["cells"]] == ["Fod", "Patchcore"]
+    for cell in results["cells"]:
+        assert cell["status"] == "ok"
+        predictions = np.load(run_dir / "cells" / cell["predictions"])
+        assert predictions["scores"].shape == (10,)
+        assert cell["metrics"]["image_auroc"] == roc_auc_score(predictions["labels"], predictions["scores"])
+        for key in ("pixel_auroc", "pixel_aupro", "image_f1_max"):
+            assert 0.0 <= cell["metrics"][key] <= 1.0
+        cost = cell["cost"]
+        assert cost["fit_s"] > 0 and cost["infer_img_s"] > 0 and cost["n_train"] == 10 and cost["epochs"] == 1
+        assert cost["checkpoint_mb"] > 0 and cost["peak_rss_mb"] > 0
+        assert cost["openvino_error"] == "disabled"
+        assert "image_AUROC" in cell["anomalib_metrics"]
+    # PatchCore's raw scores are distances, not post-processed values in [0, 1].
+    patchcore = np.load(run_dir / "cells" / results["cells"][1]["predictions"])
+    assert patchcore["scores"].max() > 1.0
+    for name in ("results.csv", "results.md", "results.png"):
+        assert (run_dir / name).stat().st_size > 0
+    table = (run_dir / "results.md").read_text()
+    assert "| dummy | Fod | 0 |" in table and "| dummy | Patchcore | 0 |" in table
+    assert "[1/2] dummy / Fod / seed 0" in benchmark_run["outputs"][0]
+
+
+def test_harness_rerun_skips_finished_cells(benchmark_run: dict) -> None:
+    second = benchmark_run["outputs"][1]
+    assert benchmark_run["codes"][1] == 0
+    assert "[1/2] dummy / Fod / seed 0: skipped (done)" in second
+    assert "[2/2] dummy / Patchcore / seed 0: skipped (done)" in second
+    assert "running" not in second
+    cells = benchmark_run["run_dir"] / "cells"
+    assert {p.name: p.stat().st_mtime_ns for p in cells.glob("*.json")} == benchmark_run["mtimes"]
+
+
+@pytest.mark.slow
+def test_harness_cell_subprocess(tmp_path: Path) -> None:
+    """``isolate_cells: true``: the cell runs in ``python -m anomalib_fod.benchmark.cell`` with its own peak RSS."""
+    from anomalib_fod.data.dummy import make_dummy_mvtec
+
+    counts = {"n_train": 6, "n_test_good": 2, "n_test_bad": 2}
+    dataset = make_dummy_mvtec(tmp_path / "data", category="dummy", size=(64, 64), **counts)
+    config = _config(dataset, tmp_path / "run", isolate_cells=True)
+    config["models"] = config["models"][1:]  # PatchCore only: the cost is the process start-up
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["--config", str(config_path)]) == 0
+    cell = json.loads((tmp_path / "run" / "cells" / "dummy__Patchcore__seed0.json").read_text())
+    assert cell["status"] == "ok" and cell["rss_scope"] == "cell process"
+    assert (tmp_path / "run" / "work" / "dummy__Patchcore__seed0" / "cell.log").read_text().count("[cell]") >= 4
