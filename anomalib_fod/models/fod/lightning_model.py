@@ -27,14 +27,52 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
 
+from anomalib_fod.callbacks import ResumableInterruptCallback
+from anomalib_fod.data.validate import check_datamodule
 from anomalib_fod.utils import keep_freed_memory_on_cpu
 
 from .anomaly_map import ScoringMode
+from .feature_cache import FeatureCache
+from .export import check_static_export, default_export_size
 from .loss import FodLoss
 from .reference import REFERENCE_MODES, ReferenceFeatureCallback, ReferenceMode
 from .torch_model import FodModel
 
 logger = logging.getLogger(__name__)
+
+# torch >= 2.9's dynamo exporter emits opset 18; asking for less triggers a down-conversion
+# that fails with a warning and leaves the model at 18 anyway.
+ONNX_OPSET = 18
+
+
+# Settings that change parameter or buffer shapes: a checkpoint only fits a model built with them.
+ARCHITECTURE_HPARAMS = (
+    "backbone",
+    "layers",
+    "d_models",
+    "num_heads",
+    "num_layers",
+    "ffn_ratio",
+    "with_intra",
+    "with_inter",
+    "out_projection",
+)
+
+
+def _plain(value: Any) -> Any:  # noqa: ANN401
+    """Lists and tuples compare equal (YAML gives lists, Python code tuples)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _as_size(size: Sequence[int] | int) -> tuple[int, int]:
+    """``256`` or ``[256]`` or ``[h, w]`` -> ``(h, w)``."""
+    values = [int(size)] if isinstance(size, int) else [int(v) for v in size]
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 32:  # noqa: PLR2004
+        msg = f"image_size must be one or two integers >= 32, got {size!r}."
+        raise ValueError(msg)
+    return values[0], values[1]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,6 +107,12 @@ class Fod(AnomalibModule):
             ``False`` reproduces.
         blur_sigma: Gaussian blur of the anomaly map (paper: 4).
         learning_rate: Adam learning rate (paper: 1e-4).
+        cache_features: keep the frozen backbone's pooled features of each training image after
+            its first epoch (see ``feature_cache.py``); switched off automatically when the
+            datamodule has training augmentations. Results are identical either way.
+        image_size: ``(height, width)`` (or one int) of the default pre-processor; 256x256 when
+            ``None``. Ignored when a ``pre_processor`` instance is given. Any size works as long
+            as the stride-16 level has a few tokens (>= 64 px per side).
         pre_processor, post_processor, evaluator, visualizer: anomalib components
             (``True``: defaults, ``False``: none, or an instance).
     """
@@ -94,11 +138,15 @@ class Fod(AnomalibModule):
         out_projection: bool = True,
         blur_sigma: float = 4.0,
         learning_rate: float = 1e-4,
+        cache_features: bool = True,
+        image_size: Sequence[int] | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        if image_size is not None and pre_processor is True:
+            pre_processor = self.configure_pre_processor(_as_size(image_size))
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -126,10 +174,13 @@ class Fod(AnomalibModule):
             out_projection=out_projection,
             scoring=scoring,
             blur_sigma=blur_sigma,
+            reference=reference,
         )
         self.loss = FodLoss(kl_weight=kl_weight, entropy_weight=entropy_weight, with_entropy=with_entropy)
         self.reference = reference
         self.learning_rate = learning_rate
+        self.cache_features = cache_features
+        self._feature_cache = FeatureCache()
 
     @classmethod
     def load_from_checkpoint(
@@ -146,6 +197,23 @@ class Fod(AnomalibModule):
         kwargs.setdefault("pre_trained", False)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with the differing settings named, a checkpoint of another architecture."""
+        saved = checkpoint.get("hyper_parameters", {})
+        differing = {
+            key: (saved[key], self.hparams.get(key))
+            for key in ARCHITECTURE_HPARAMS
+            if key in saved and _plain(saved[key]) != _plain(self.hparams.get(key))
+        }
+        if differing:
+            details = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in differing.items())
+            msg = (
+                f"this checkpoint was trained with other FOD settings ({details}). Build the model with "
+                "the checkpoint's settings, or load it with Fod.load_from_checkpoint(path)."
+            )
+            raise ValueError(msg)
+        super().on_load_checkpoint(checkpoint)
+
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
         """Resize to ``image_size`` (default 256x256) and normalise with ImageNet statistics."""
@@ -160,7 +228,7 @@ class Fod(AnomalibModule):
         """anomalib's component callbacks plus the reference-feature callback."""
         callbacks = super().configure_callbacks()
         callbacks = list(callbacks) if isinstance(callbacks, Sequence) else [callbacks]
-        return [*callbacks, ReferenceFeatureCallback(self.reference)]
+        return [*callbacks, ReferenceFeatureCallback(self.reference), ResumableInterruptCallback()]
 
     def configure_optimizers(self) -> optim.Optimizer:
         """Adam over the Transformers (the backbone is frozen)."""
@@ -174,18 +242,44 @@ class Fod(AnomalibModule):
             keep_freed_memory_on_cpu()
 
     def on_fit_start(self) -> None:
-        """Warn about Lightning's 1000-epoch default, which is rarely what a user wants."""
+        """Check the data (empty training set, unreadable files) and warn about 1000 default epochs."""
         trainer = self.trainer
+        # Clear errors now instead of a nameless PIL/sampler crash mid-epoch (see data/validate.py).
+        check_datamodule(getattr(trainer, "datamodule", None), progress=None if trainer.is_global_zero else False)
         if trainer.max_epochs == 1000 and trainer.max_steps == -1:  # noqa: PLR2004 - Lightning's default
             logger.warning(
                 "FOD: no max_epochs given, Lightning will train 1000 epochs. The paper converges in "
                 "about 10 epochs: pass --trainer.max_epochs 10 (or Engine(max_epochs=10)).",
             )
 
+    def on_train_start(self) -> None:
+        """Decide whether backbone features can be cached (not with training augmentations)."""
+        self._feature_cache.clear()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        augmented = datamodule is not None and getattr(datamodule, "train_augmentations", None) is not None
+        self._use_cache = self.cache_features and not augmented
+        if self.cache_features and augmented:
+            logger.info("FOD: training augmentations present, backbone features are not cached.")
+
+    def on_train_epoch_end(self) -> None:
+        """Report what the feature cache holds after the first epoch."""
+        if getattr(self, "_use_cache", False) and self.current_epoch == 0 and len(self._feature_cache):
+            logger.info(
+                "FOD feature cache: %d images, %.1f MB",
+                len(self._feature_cache),
+                self._feature_cache.nbytes / 2**20,
+            )
+
+    def _training_features(self, batch: Batch) -> list[torch.Tensor]:
+        paths = batch.image_path if getattr(self, "_use_cache", False) else None
+        if not paths:
+            return self.model.extract_features(batch.image)
+        return self._feature_cache.get_or_compute(list(paths), batch.image, self.model.extract_features)
+
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One minimax step on a batch of pre-processed normal images."""
         del args, kwargs
-        output = self.model(batch.image)
+        output = self.model.forward_features(self._training_features(batch))
         loss, parts = self.loss(output.tokens, output.levels)
         if not torch.isfinite(loss):
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
@@ -198,7 +292,7 @@ class Fod(AnomalibModule):
         batch_size = batch.image.shape[0]
         self.log("train_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
         for name, value in parts.items():
-            self.log(f"train_{name}", value, prog_bar=name == "rec", on_step=False, on_epoch=True, batch_size=batch_size)
+            self.log(f"train_{name}", value, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
@@ -206,6 +300,36 @@ class Fod(AnomalibModule):
         del args, kwargs
         predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
+
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs: Any,  # noqa: ANN401 - passed through to torch.onnx.export
+    ) -> Path:
+        """Export to ONNX with a fixed image size (also the first step of ``to_openvino``).
+
+        FOD's reference features are tied to the training token grid, so height and width are
+        static: ``input_size=None`` means the pre-processor's output size (the training size),
+        and dynamic height/width in ``dynamic_axes``/``dynamic_shapes`` is refused. The batch
+        axis stays dynamic. ``opset_version`` defaults to 18, the opset torch's exporter emits.
+        """
+        check_static_export(kwargs, self._grid_description())
+        if input_size is None:
+            input_size = default_export_size(self.input_size, self._grid_description())
+            logger.info("FOD: exporting with the fixed input size %dx%d (the training size).", *input_size)
+        kwargs.setdefault("opset_version", ONNX_OPSET)
+        return super().to_onnx(export_root, model_file_name, (int(input_size[0]), int(input_size[1])), **kwargs)
+
+    def _grid_description(self) -> str:
+        """``"32x32"``-style token grid of the first level's references (for error messages)."""
+        level = self.model.levels[0]
+        grid = getattr(level, "ref_grid", None)
+        if not getattr(level, "has_reference", False) or grid is None or grid.numel() != 2:  # noqa: PLR2004
+            return "training"
+        height, width = (int(v) for v in grid.tolist())
+        return f"{height}x{width}"
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

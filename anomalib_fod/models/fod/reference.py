@@ -5,8 +5,10 @@ the whole training set through the frozen backbone with the model in eval mode a
 pre-processor applied exactly as in training, and stores the result in the model's buffers.
 
 - ``mean`` (paper default): the per-position mean of the 3x3-pooled features. Under DDP every
-  rank sums its shard and the sums and counts are all-reduced, so the result equals the
-  single-device mean.
+  rank sums its own shard ``rank, rank + world_size, ...`` of the training set and the sums and
+  counts are all-reduced, so the result equals the single-device mean. The trainer's
+  ``DistributedSampler`` is not used for this pass: it pads the dataset to a multiple of the
+  world size by repeating images, which would count those images twice.
 - ``coreset``: a greedy k-center coreset of all pooled training tokens (as many as there are
   token positions), each keeping the grid position it came from, so the inter target stays a
   Gaussian over positions. Single device only.
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from anomalib.models.components import KCenterGreedy
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
@@ -52,13 +55,41 @@ def iterate_pooled_features(
         yield model.extract_features(images)
 
 
-def mean_reference(features: Iterable[list[torch.Tensor]], trainer: Trainer | None = None) -> list[torch.Tensor]:
-    """Per-position mean ``(C_i, h_i, w_i)`` of each level over all batches (and all ranks)."""
+def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
+    """Rank ``rank``'s share of ``loader``'s dataset, in order and without padding.
+
+    Samples ``rank, rank + world_size, ...``: over all ranks every sample is seen exactly once
+    (a ``DistributedSampler`` would repeat samples to even out the shards). Uses the loader's
+    batch size, collate function and workers. A rank left without samples (fewer samples than
+    ranks) gets sample 0, which :func:`mean_reference` is told to weigh with zero.
+    """
+    indices = list(range(rank, len(loader.dataset), world_size)) or [0]
+    return DataLoader(
+        Subset(loader.dataset, indices),
+        batch_size=loader.batch_size or 1,
+        shuffle=False,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+    )
+
+
+def mean_reference(
+    features: Iterable[list[torch.Tensor]],
+    trainer: Trainer | None = None,
+    weight: float = 1.0,
+) -> list[torch.Tensor]:
+    """Per-position mean ``(C_i, h_i, w_i)`` of each level over all batches (and all ranks).
+
+    ``weight=0`` makes this rank contribute shapes but no data to the all-reduce (an empty shard).
+    """
     sums: list[torch.Tensor] | None = None
     count = None
     for levels in features:
+        if weight == 0:
+            levels = [f[:0] for f in levels]  # noqa: PLW2901 - keep the shapes, drop the samples
         if sums is None:
-            sums = [torch.zeros_like(f[0], dtype=torch.float64) for f in levels]
+            sums = [torch.zeros(f.shape[1:], dtype=torch.float64, device=f.device) for f in levels]
             count = torch.zeros((), dtype=torch.float64, device=levels[0].device)
         for total, f in zip(sums, levels, strict=True):
             total += f.double().sum(dim=0)
@@ -69,6 +100,9 @@ def mean_reference(features: Iterable[list[torch.Tensor]], trainer: Trainer | No
     if trainer is not None and trainer.world_size > 1:
         sums = [trainer.strategy.reduce(s, reduce_op="sum") for s in sums]
         count = trainer.strategy.reduce(count, reduce_op="sum")
+    if count <= 0:
+        msg = "the training set is empty: FOD needs normal training images to compute its reference features."
+        raise RuntimeError(msg)
     return [(s / count).float() for s in sums]
 
 
@@ -122,19 +156,36 @@ class ReferenceFeatureCallback(Callback):
             msg = "reference='coreset' is single-device only; use reference='mean' with DDP."
             raise RuntimeError(msg)
         transform = pl_module.pre_processor.transform if pl_module.pre_processor is not None else None
+        batches, weight = self._batches(trainer)
         was_training = model.training
         model.eval()
         try:
             features = iterate_pooled_features(
                 model,
-                trainer.train_dataloader,
+                batches,
                 transform,
                 pl_module.device,
                 progress=trainer.is_global_zero,
             )
             if self.mode == "mean":
-                model.set_mean_reference(mean_reference(features, trainer))
+                model.set_mean_reference(mean_reference(features, trainer, weight))
             else:
                 model.set_reference_tokens(*coreset_reference(features))
         finally:
             model.train(was_training)
+
+    @staticmethod
+    def _batches(trainer: Trainer) -> tuple[Iterable, float]:
+        """The training batches this rank sums, and their weight (0 for an empty DDP shard)."""
+        loader = trainer.train_dataloader
+        if trainer.world_size <= 1:
+            return loader, 1.0
+        if not isinstance(loader, DataLoader):
+            logger.warning(
+                "FOD: the training data is not a single DataLoader; under DDP its padded distributed "
+                "sampler may count a few images twice in the reference mean.",
+            )
+            return loader, 1.0
+        rank, world_size = trainer.global_rank, trainer.world_size
+        weight = 1.0 if rank < len(loader.dataset) else 0.0
+        return shard_loader(loader, rank, world_size), weight

@@ -24,6 +24,10 @@ class FodTrainOutput:
     grids: list[tuple[int, int]]
 
 
+# Fewer tokens per side leave the Gaussian priors and correlations nothing to work with.
+MIN_TOKENS_PER_SIDE = 2
+
+
 def to_tokens(features: torch.Tensor) -> torch.Tensor:
     """``(B, C, h, w)`` -> ``(B, h * w, C)`` row-major tokens."""
     return features.flatten(2).transpose(1, 2)
@@ -125,6 +129,18 @@ class FodModel(nn.Module):
         for level, feats, pos, grid in zip(self.levels, features, positions, grids, strict=True):
             level.set_reference(feats, pos, grid)
 
+    def _check_grids(self, grids: list[tuple[int, int]]) -> None:
+        smallest = min(min(grid) for grid in grids)
+        if smallest < MIN_TOKENS_PER_SIDE:
+            stride = max(self.feature_extractor.strides)
+            msg = (
+                f"the input is too small for backbone layers {self.feature_extractor.layers}: the coarsest level "
+                f"(stride {stride}) gives a {grids[-1][0]}x{grids[-1][1]} token grid. FOD needs at least "
+                f"{MIN_TOKENS_PER_SIDE} tokens per side, i.e. images of at least {MIN_TOKENS_PER_SIDE * stride} px "
+                "per side (set image_size)."
+            )
+            raise ValueError(msg)
+
     def forward_features(
         self,
         features: Sequence[torch.Tensor],
@@ -137,6 +153,7 @@ class FodModel(nn.Module):
         """
         tokens = [to_tokens(f) for f in features]
         grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
+        self._check_grids(grids)
         need_intra, need_inter = (
             (True, True) if (self.training or keep_maps) else self.anomaly_map_generator.needed_branches
         )

@@ -1,0 +1,270 @@
+"""``anomalib-fod predict-folder``: run an exported OpenVINO model over a folder of images.
+
+Example:
+    anomalib-fod predict-folder --model results/weights/openvino/model.xml \\
+        --input images/ --output predictions/ --device CPU
+
+Every image file under ``--input`` (recursively) is read, converted to RGB floats in ``[0, 1]``
+(as anomalib's own readers do), resized with antialiasing to the model's input size (read from
+the model, which FOD exports with a fixed size) and passed through the model. The command
+writes
+
+- ``<output>/predictions.csv`` with ``path, pred_score, pred_label`` per image;
+- ``<output>/overlays/<relative path>.png``: the anomaly map as a heat map over the image, at the
+  image's original size.
+
+Grey, RGB, RGBA, palette, 16-bit and JPEG files are all accepted. A file that cannot be read
+(corrupt, truncated, not an image) is reported by name on stderr and skipped. The exit status is
+non-zero only when no image at all could be processed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2.functional import resize
+from tqdm.auto import tqdm
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+CSV_NAME = "predictions.csv"
+OVERLAY_DIR = "overlays"
+OVERLAY_ALPHA = 0.45
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+UINT16_MAX = 65535.0
+
+
+class ModelInputError(ValueError):
+    """The model's input is not a fixed-size ``(N, 3, H, W)`` image tensor."""
+
+
+@dataclass
+class Prediction:
+    """One image's result."""
+
+    path: Path
+    pred_score: float
+    pred_label: bool | None
+    anomaly_map: np.ndarray  # (h, w) at the model's input size
+
+
+def find_images(root: Path, exclude: Path | None = None) -> list[Path]:
+    """Image files under ``root`` (or ``root`` itself), sorted, skipping anything inside ``exclude``."""
+    if root.is_file():
+        return [root]
+    exclude = exclude.resolve() if exclude is not None else None
+    files = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if exclude is not None and path.resolve().is_relative_to(exclude):
+            continue
+        files.append(path)
+    return files
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """Read an image file as ``(H, W, 3)`` float32 RGB in ``[0, 1]``.
+
+    8-bit images go through Pillow's RGB conversion exactly like ``anomalib.data.utils.read_image``
+    (alpha is dropped, palettes are expanded, grey is replicated). 16-bit (and 32-bit integer)
+    grey images are scaled from their full 16-bit range instead of being clipped at 255.
+
+    Raises:
+        OSError: unreadable, truncated or unsupported file (Pillow's errors are ``OSError``s).
+    """
+    with Image.open(path) as image:
+        image.load()  # decode now so a truncated file fails here
+        if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+            grey = np.asarray(image, dtype=np.float32)
+            scale = UINT16_MAX if grey.max(initial=0.0) <= UINT16_MAX else float(grey.max())
+            grey = np.clip(grey / scale, 0.0, 1.0)
+            return np.repeat(grey[..., None], 3, axis=-1)
+        if image.mode == "F":
+            grey = np.asarray(image, dtype=np.float32)
+            peak = float(grey.max(initial=0.0))
+            grey = np.clip(grey / (255.0 if peak > 1.0 else 1.0), 0.0, 1.0)
+            return np.repeat(grey[..., None], 3, axis=-1)
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")  # Pillow's recommended path for palette transparency
+        rgb = image.convert("RGB")
+        return np.asarray(rgb, dtype=np.float32) / 255.0
+
+
+def to_model_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(H, W, 3)`` float image -> ``(1, 3, h, w)`` at ``size`` (bilinear, antialiased, as in training)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if tuple(tensor.shape[-2:]) != tuple(size):
+        tensor = resize(tensor, list(size), antialias=True)
+    return tensor.unsqueeze(0).contiguous().numpy()
+
+
+def heat_map_overlay(image: np.ndarray, anomaly_map: np.ndarray, alpha: float = OVERLAY_ALPHA) -> Image.Image:
+    """Blend a ``jet`` heat map of ``anomaly_map`` (values in ``[0, 1]``) over ``image`` at its own size."""
+    from matplotlib import colormaps  # noqa: PLC0415 - only needed when writing overlays
+
+    height, width = image.shape[:2]
+    heat = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
+    heat = torch.nn.functional.interpolate(heat, size=(height, width), mode="bilinear", align_corners=False)
+    heat = np.clip(heat[0, 0].numpy(), 0.0, 1.0)
+    colours = colormaps["jet"](heat)[..., :3].astype(np.float32)
+    blended = (1.0 - alpha) * image + alpha * colours
+    return Image.fromarray(np.clip(blended * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+
+def overlay_paths(images: Sequence[Path], root: Path, output: Path) -> dict[Path, Path]:
+    """``<output>/overlays/<relative path with .png>``; inputs differing only in extension keep it."""
+    base = root if root.is_dir() else root.parent
+    relative = {path: path.relative_to(base) for path in images}
+    targets: dict[Path, list[Path]] = {}
+    for path, rel in relative.items():
+        targets.setdefault(rel.with_suffix(".png"), []).append(path)
+    result = {}
+    for target, sources in targets.items():
+        for path in sources:
+            rel = relative[path]
+            name = target if len(sources) == 1 else rel.with_name(f"{rel.stem}_{rel.suffix.lstrip('.')}.png")
+            result[path] = output / OVERLAY_DIR / name
+    return result
+
+
+class OpenVINOModel:
+    """A compiled OpenVINO anomaly model with a fixed ``(N, 3, H, W)`` input.
+
+    Args:
+        path: ``.xml`` (with its ``.bin``) or ``.onnx`` file.
+        device: OpenVINO device, e.g. ``"CPU"``.
+    """
+
+    def __init__(self, path: Path, device: str = "CPU") -> None:
+        import openvino as ov  # noqa: PLC0415 - optional dependency
+
+        core = ov.Core()
+        model = core.read_model(str(path))
+        shape = model.input(0).get_partial_shape()
+        if shape.rank.is_dynamic or shape.rank.get_length() != 4:  # noqa: PLR2004
+            msg = f"{path}: expected a (N, 3, H, W) image input, got {shape}."
+            raise ModelInputError(msg)
+        if not (shape[2].is_static and shape[3].is_static):
+            msg = (
+                f"{path}: the model's input height/width are dynamic ({shape}); export it with a fixed "
+                "input_size (FOD exports always have one)."
+            )
+            raise ModelInputError(msg)
+        self.size = (shape[2].get_length(), shape[3].get_length())
+        self.batch_is_dynamic = shape[0].is_dynamic
+        if not self.batch_is_dynamic and shape[0].get_length() != 1:
+            msg = f"{path}: batch size {shape[0].get_length()} is fixed; predict-folder needs batch 1 or dynamic."
+            raise ModelInputError(msg)
+        self.compiled = core.compile_model(model, device)
+        self.output_names = {name for output in self.compiled.outputs for name in output.get_names()}
+        if "anomaly_map" not in self.output_names or "pred_score" not in self.output_names:
+            msg = f"{path}: expected outputs 'pred_score' and 'anomaly_map', got {sorted(self.output_names)}."
+            raise ModelInputError(msg)
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one ``(1, 3, H, W)`` batch; outputs by name."""
+        result = self.compiled(batch)
+        return {name: result[name] for name in self.output_names}
+
+
+def predict_images(
+    model: OpenVINOModel,
+    images: Iterable[Path],
+    output: Path,
+    root: Path,
+    progress: bool = True,
+) -> tuple[list[Prediction], list[tuple[Path, str]]]:
+    """Predict every image, writing overlays; return predictions and ``(path, reason)`` of skipped files."""
+    images = list(images)
+    targets = overlay_paths(images, root, output)
+    predictions, skipped = [], []
+    for path in tqdm(images, desc="predict-folder", unit="img", disable=not progress, file=sys.stderr):
+        try:
+            image = load_rgb(path)
+        except (OSError, SyntaxError, ValueError) as error:  # Pillow raises these for bad files
+            reason = f"{type(error).__name__}: {error}"
+            skipped.append((path, reason))
+            tqdm.write(f"predict-folder: skipping {path}: {reason}", file=sys.stderr)
+            continue
+        outputs = model(to_model_input(image, model.size))
+        anomaly_map = np.asarray(outputs["anomaly_map"], dtype=np.float32).reshape(model.size)
+        label = outputs.get("pred_label")
+        prediction = Prediction(
+            path=path,
+            pred_score=float(np.asarray(outputs["pred_score"]).reshape(-1)[0]),
+            pred_label=None if label is None else bool(np.asarray(label).reshape(-1)[0]),
+            anomaly_map=anomaly_map,
+        )
+        target = targets[path]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        heat_map_overlay(image, anomaly_map).save(target)
+        predictions.append(prediction)
+    return predictions, skipped
+
+
+def write_csv(predictions: Sequence[Prediction], path: Path) -> None:
+    """``path, pred_score, pred_label`` (label as 0/1, empty when the model has no threshold)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path", "pred_score", "pred_label"])
+        for prediction in predictions:
+            label = "" if prediction.pred_label is None else int(prediction.pred_label)
+            writer.writerow([str(prediction.path), f"{prediction.pred_score:.6f}", label])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``anomalib-fod predict-folder``."""
+    parser = argparse.ArgumentParser(
+        prog="anomalib-fod predict-folder",
+        description="Run an exported OpenVINO anomaly model over all images in a folder (recursively); "
+        "write heat-map overlays and a CSV of scores and labels.",
+    )
+    parser.add_argument("--model", required=True, type=Path, help="exported model: model.xml (or .onnx)")
+    parser.add_argument("--input", required=True, type=Path, help="folder of images (searched recursively)")
+    parser.add_argument("--output", required=True, type=Path, help="folder for predictions.csv and overlays/")
+    parser.add_argument("--device", default="CPU", help="OpenVINO device (default: CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 when at least one image was processed)."""
+    args = build_parser().parse_args(argv)
+    if not args.model.is_file():
+        print(f"predict-folder: model file {args.model} not found.", file=sys.stderr)
+        return 2
+    if not args.input.exists():
+        print(f"predict-folder: input {args.input} does not exist.", file=sys.stderr)
+        return 2
+    images = find_images(args.input, exclude=args.output)
+    if not images:
+        print(f"predict-folder: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {args.input}.", file=sys.stderr)
+        return 1
+    try:
+        model = OpenVINOModel(args.model, args.device)
+    except ModelInputError as error:
+        print(f"predict-folder: {error}", file=sys.stderr)
+        return 2
+    predictions, skipped = predict_images(model, images, args.output, args.input, progress=not args.no_progress)
+    csv_path = args.output / CSV_NAME
+    if predictions:
+        write_csv(predictions, csv_path)
+    print(
+        f"predict-folder: {len(predictions)} image(s) processed, {len(skipped)} skipped"
+        + (f"; results in {csv_path}" if predictions else ""),
+        file=sys.stderr,
+    )
+    return 0 if predictions else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Constants and helpers shared by the test modules (import as ``from fod_helpers import ...``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+# One intra-op thread unless FOD_TEST_THREADS says otherwise (conftest applies it; the CLI tests pass it
+# to their subprocesses as OMP_NUM_THREADS). On CPUs shared with other jobs, OpenMP's two-thread barriers
+# wait for a descheduled core at every op: one forward of the tiny model at 64 px took 0.08 s with 1
+# thread and 2.7 s with 2 threads on a loaded 2-core machine.
+TEST_THREADS = int(os.environ.get("FOD_TEST_THREADS", "1"))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED_DATA_ROOT = REPO_ROOT / "anomalib_fod" / "data"  # holds the battery_weld category
+
+# Small Transformers: the behaviour under test does not depend on the width.
+TINY = {"d_models": (32, 64), "num_heads": 2, "num_layers": 1}
+DUMMY_SIZE = 64
+DUMMY_COUNTS = {"n_train": 10, "n_test_good": 4, "n_test_bad": 6}
+# 10 training images in batches of 3 and 10 test images in batches of 4: both last batches are partial.
+TRAIN_BATCH, EVAL_BATCH = 3, 4
+
+
+def set_random_references(model: torch.nn.Module, height: int, width: int, batch: int = 2) -> None:
+    """Give a ``FodModel`` mean references computed from random images of ``height x width``."""
+    generator = torch.Generator().manual_seed(123)
+    images = torch.randn(batch, 3, height, width, generator=generator)
+    model.set_mean_reference([f.mean(dim=0) for f in model.extract_features(images)])
+
+
+def make_datamodule(root: Path, category: str, train_batch_size: int, eval_batch_size: int):
+    from anomalib.data import MVTecAD
+
+    return MVTecAD(
+        root=root,
+        category=category,
+        train_batch_size=train_batch_size,
+        eval_batch_size=eval_batch_size,
+        num_workers=0,
+    )
+
+
+def make_engine(root: Path, max_epochs: int = 1, **kwargs):
+    from anomalib.engine import Engine
+
+    return Engine(
+        default_root_dir=root,
+        logger=False,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
