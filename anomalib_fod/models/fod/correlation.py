@@ -15,7 +15,7 @@ LOG_EPS = 1e-4
 
 
 def sigma_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Map raw sigma projections to the paper's range ``(~0, 2)``.
+    """Map raw sigma projections to the paper's range ``(~1e-5, 3 ** (1 + 1e-5) - 1 ~ 2.00003)``.
 
     ``sigma = 3 ** (sigmoid(5 * s) + 1e-5) - 1``: steep in ``s`` so a query can switch between
     a point-like and a wide prior within a few updates.
