@@ -248,8 +248,9 @@ class Fod(AnomalibModule):
         check_datamodule(getattr(trainer, "datamodule", None), progress=None if trainer.is_global_zero else False)
         if trainer.max_epochs == 1000 and trainer.max_steps == -1:  # noqa: PLR2004 - Lightning's default
             logger.warning(
-                "FOD: no max_epochs given, Lightning will train 1000 epochs. The paper converges in "
-                "about 10 epochs: pass --trainer.max_epochs 10 (or Engine(max_epochs=10)).",
+                "FOD: no max_epochs given, Lightning will train 1000 epochs. FOD needs a few hundred "
+                "optimizer steps (e.g. 15 epochs of 200 images at batch 4): pass --trainer.max_epochs 15 "
+                "(or Engine(max_epochs=15)); see the README's 'Batch size and epochs'.",
             )
 
     def on_train_start(self) -> None:
