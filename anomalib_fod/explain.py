@@ -157,7 +157,6 @@ def explain_image(
         ValueError: ``level`` or ``token`` out of range.
     """
     from anomalib_fod.models.fod.anomaly_map import reconstruction_score  # noqa: PLC0415
-    from anomalib_fod.models.fod.torch_model import to_tokens  # noqa: PLC0415
 
     fod = model.model
     if not 0 <= level < len(fod.levels):
@@ -171,15 +170,8 @@ def explain_image(
         batch = model.pre_processor.transform(batch)
     size = (int(batch.shape[-2]), int(batch.shape[-1]))
 
-    # FodModel.forward_features with keep_maps=True, keeping the per-level outputs it would discard.
-    features = fod.extract_features(batch)
-    tokens = [to_tokens(f) for f in features]
-    grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
-    fod._check_grids(grids)  # noqa: SLF001 - the model's own input check
-    outputs = [
-        transformer(t, h, w, need_intra=True, need_inter=True, keep_maps=True)
-        for transformer, t, (h, w) in zip(fod.levels, tokens, grids, strict=True)
-    ]
+    run = fod.run_levels(fod.extract_features(batch), keep_maps=True)
+    tokens, outputs, grids = run.tokens, run.levels, run.grids
     generator = fod.anomaly_map_generator
     anomaly_map, pred_score = generator(tokens, outputs, grids, size)
     anomaly_map = anomaly_map[0, 0].float().cpu()

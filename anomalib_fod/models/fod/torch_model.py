@@ -141,15 +141,11 @@ class FodModel(nn.Module):
             )
             raise ValueError(msg)
 
-    def forward_features(
-        self,
-        features: Sequence[torch.Tensor],
-        image_size: tuple[int, int] | None = None,
-        keep_maps: bool = False,
-    ) -> FodTrainOutput | InferenceBatch:
-        """Run the Transformers (and, in eval mode, the scoring) on pooled backbone features.
+    def run_levels(self, features: Sequence[torch.Tensor], keep_maps: bool = False) -> FodTrainOutput:
+        """Run every level's Transformer on pooled backbone features ``(B, C_i, h_i, w_i)``.
 
-        Split from :meth:`forward` so cached backbone features can be fed directly.
+        Computes all branch statistics in training or with ``keep_maps`` (figures), otherwise only
+        those the scoring reads.
         """
         tokens = [to_tokens(f) for f in features]
         grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
@@ -161,8 +157,21 @@ class FodModel(nn.Module):
             level(t, h, w, need_intra, need_inter, keep_maps)
             for level, t, (h, w) in zip(self.levels, tokens, grids, strict=True)
         ]
+        return FodTrainOutput(tokens, outputs, grids)
+
+    def forward_features(
+        self,
+        features: Sequence[torch.Tensor],
+        image_size: tuple[int, int] | None = None,
+    ) -> FodTrainOutput | InferenceBatch:
+        """Run the Transformers (and, in eval mode, the scoring) on pooled backbone features.
+
+        Split from :meth:`forward` so cached backbone features can be fed directly.
+        """
+        output = self.run_levels(features)
+        tokens, outputs, grids = output.tokens, output.levels, output.grids
         if self.training:
-            return FodTrainOutput(tokens, outputs, grids)
+            return output
         if image_size is None:
             msg = "image_size is needed to build the anomaly map."
             raise ValueError(msg)
