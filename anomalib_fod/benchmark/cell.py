@@ -275,6 +275,7 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
         "cost": cost,
         "rss_scope": rss_scope,
         "weights": weights,
+        "hparams": plain_hparams(model),
         "checkpoint": str(checkpoint),
         "predictions": spec.predictions_path.name,
         "started": started,
@@ -285,6 +286,17 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
     write_json(spec.result_path, result)
     spec.error_path.unlink(missing_ok=True)
     return result
+
+
+def plain_hparams(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's saved hyper-parameters that are plain data (what the cell actually trained)."""
+    plain = (bool, int, float, str, type(None))
+    hparams = getattr(model, "hparams", {})
+    return {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in hparams.items()
+        if isinstance(value, plain) or (isinstance(value, (list, tuple)) and all(isinstance(v, plain) for v in value))
+    }
 
 
 def record_failure(spec: CellSpec, error: BaseException, rss_scope: str) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from .export import check_static_export, default_export_size
 from .loss import FodLoss
 from .reference import REFERENCE_MODES, ReferenceFeatureCallback, ReferenceMode
 from .torch_model import FodModel
+from .transformer import FeedForwardMode, FusionMode
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ ARCHITECTURE_HPARAMS = (
     "with_intra",
     "with_inter",
     "out_projection",
+    "fusion",
+    "ffn",
+    "learnable_temperature",
+    "relative_position_bias",
 )
 
 
@@ -106,6 +111,13 @@ class Fod(AnomalibModule):
             multi-head attention; the paper's code computed it and discarded the result, which
             ``False`` reproduces.
         blur_sigma: Gaussian blur of the anomaly map (paper: 4).
+        fusion: how a layer combines its intra and inter branches: ``"subtract"`` (FOD's
+            I2Correlation) or ``"concat_mlp"`` (ED: concatenation, Linear 2D->4D, ReLU, Linear 4D->D).
+        ffn: ``"mlp"`` (FOD) or ``"dwconv_median"`` (ED: depth-wise 3x3 conv over the token grid and
+            a learned per-channel share of the median token).
+        learnable_temperature: learn each attention's logit scale, from ``1/sqrt(head dim)`` (ED).
+        relative_position_bias: learned bias of the query-to-key offset in every attention (ED
+            option, off in ED's default).
         learning_rate: Adam learning rate (paper: 1e-4).
         cache_features: keep the frozen backbone's pooled features of each training image after
             its first epoch (see ``feature_cache.py``); switched off automatically when the
@@ -137,6 +149,10 @@ class Fod(AnomalibModule):
         reference: ReferenceMode = "mean",
         out_projection: bool = True,
         blur_sigma: float = 4.0,
+        fusion: FusionMode = "subtract",
+        ffn: FeedForwardMode = "mlp",
+        learnable_temperature: bool = False,
+        relative_position_bias: bool = False,
         learning_rate: float = 1e-4,
         cache_features: bool = True,
         image_size: Sequence[int] | None = None,
@@ -175,6 +191,10 @@ class Fod(AnomalibModule):
             scoring=scoring,
             blur_sigma=blur_sigma,
             reference=reference,
+            fusion=fusion,
+            ffn=ffn,
+            learnable_temperature=learnable_temperature,
+            relative_position_bias=relative_position_bias,
         )
         self.loss = FodLoss(kl_weight=kl_weight, entropy_weight=entropy_weight, with_entropy=with_entropy)
         self.reference = reference

@@ -12,7 +12,7 @@ from torch import nn
 from anomalib_fod.backbone import FeatureExtractor
 
 from .anomaly_map import AnomalyMapGenerator, ScoringMode
-from .transformer import FodTransformer, LevelOutput, grid_coordinates
+from .transformer import FeedForwardMode, FodTransformer, FusionMode, LevelOutput, grid_coordinates
 
 
 @dataclass
@@ -53,6 +53,10 @@ class FodModel(nn.Module):
         scoring: ``"rec_div"``, ``"rec"`` or ``"div"``.
         blur_sigma: Gaussian blur on the anomaly map.
         reference: ``"mean"`` or ``"coreset"`` reference features.
+        fusion: ``"subtract"`` (FOD) or ``"concat_mlp"`` (ED) fusion of intra and inter branches.
+        ffn: ``"mlp"`` (FOD) or ``"dwconv_median"`` (ED) feed-forward.
+        learnable_temperature: learned attention logit scale (ED).
+        relative_position_bias: learned relative-position bias in the attentions (ED option).
 
     Shapes:
         training: ``(B, 3, H, W)`` -> :class:`FodTrainOutput`;
@@ -76,6 +80,10 @@ class FodModel(nn.Module):
         scoring: ScoringMode = "rec_div",
         blur_sigma: float = 4.0,
         reference: str = "mean",
+        fusion: FusionMode = "subtract",
+        ffn: FeedForwardMode = "mlp",
+        learnable_temperature: bool = False,
+        relative_position_bias: bool = False,
     ) -> None:
         super().__init__()
         self.feature_extractor = FeatureExtractor(backbone, layers, pre_trained, weights_path)
@@ -97,6 +105,10 @@ class FodModel(nn.Module):
                 with_inter,
                 out_projection,
                 reference,
+                fusion,
+                ffn,
+                learnable_temperature,
+                relative_position_bias,
             )
             for c, d in zip(channels, d_models, strict=True)
         )

@@ -9,12 +9,18 @@ per-token statistics of each branch (symmetric KL to the target and entropy) rat
 
 Everything that depends on the token grid (positions, distances, positional embeddings) is
 derived from the feature-map size at call time, so any input size works.
+
+ED ("Emphasize Differences") changes three parts of this Transformer; each is a setting here so
+ED is a preset of FOD rather than a second copy of it: ``fusion="concat_mlp"`` (instead of
+subtracting the branches), ``learnable_temperature`` / ``relative_position_bias`` in the attention,
+and ``ffn="dwconv_median"``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from anomalib.models.components import DynamicBufferMixin
@@ -124,6 +130,56 @@ def branch_stats(attention: torch.Tensor, target: torch.Tensor, keep_maps: bool 
     return BranchStats(kl_attention, kl_target, ent, maps)
 
 
+FusionMode = Literal["subtract", "concat_mlp"]
+FeedForwardMode = Literal["mlp", "dwconv_median"]
+FUSION_MODES: tuple[str, ...] = ("subtract", "concat_mlp")
+FEED_FORWARD_MODES: tuple[str, ...] = ("mlp", "dwconv_median")
+
+
+@dataclass
+class RelativeOffsets:
+    """Integer (row, column) offsets between queries and keys, indexed into a table of unique offsets.
+
+    Attributes:
+        table: ``(T, 2)`` float unique offsets ``(dy, dx)``, ``T = (2h - 1)(2w - 1)``.
+        index: ``(L, S)`` long: row of ``table`` holding the offset of query ``l`` to key ``s``.
+    """
+
+    table: torch.Tensor
+    index: torch.Tensor
+
+
+def relative_offsets(queries: torch.Tensor, keys: torch.Tensor, height: int, width: int) -> RelativeOffsets:
+    """Offsets of ``(S, 2)`` key positions from ``(L, 2)`` query positions on a ``height x width`` grid."""
+    dy = torch.arange(-(height - 1), height, device=queries.device, dtype=torch.float32)
+    dx = torch.arange(-(width - 1), width, device=queries.device, dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1).reshape(-1, 2)
+    diff = (keys[None, :, :] - queries[:, None, :]).round().long()  # (L, S, 2)
+    index = (diff[..., 0] + height - 1) * (2 * width - 1) + (diff[..., 1] + width - 1)
+    return RelativeOffsets(table, index)
+
+
+class RelativePositionBias(nn.Module):
+    """Learned attention bias per head as a function of the query-to-key offset (ED, optional).
+
+    A small MLP of log-scaled offsets (as in Swin V2's continuous position bias) rather than a
+    table of free parameters, so the same weights serve every grid size. Its output layer starts
+    at zero: the bias is off until training finds a use for it.
+    """
+
+    def __init__(self, num_heads: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, num_heads))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, offsets: RelativeOffsets) -> torch.Tensor:
+        """``(H, L, S)`` bias added to the attention logits."""
+        scaled = torch.sign(offsets.table) * torch.log2(1.0 + offsets.table.abs())
+        per_offset = self.mlp(scaled).transpose(0, 1)  # (H, T)
+        return per_offset[:, offsets.index]
+
+
 class CorrelationAttention(nn.Module):
     """Multi-head attention that also returns its attention map and a learned Gaussian target.
 
@@ -134,6 +190,9 @@ class CorrelationAttention(nn.Module):
         out_projection: apply the output projection. The paper's code computes it and throws
             the result away; ``False`` reproduces that.
         dropout: dropout on the attention probabilities.
+        learnable_temperature: learn the logit scale (ED), initialised to ``1 / sqrt(head dim)``
+            and kept positive through its logarithm.
+        relative_position_bias: add a learned bias of the query-to-key offset to the logits (ED).
     """
 
     def __init__(
@@ -143,6 +202,8 @@ class CorrelationAttention(nn.Module):
         with_target: bool = True,
         out_projection: bool = True,
         dropout: float = 0.0,
+        learnable_temperature: bool = False,
+        relative_position_bias: bool = False,
     ) -> None:
         super().__init__()
         if d_model % num_heads:
@@ -150,6 +211,8 @@ class CorrelationAttention(nn.Module):
             raise ValueError(msg)
         self.num_heads = num_heads
         self.scale = (d_model // num_heads) ** -0.5
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(self.scale))) if learnable_temperature else None
+        self.position_bias = RelativePositionBias(num_heads) if relative_position_bias else None
         self.query = nn.Linear(d_model, d_model)
         self.key = nn.Linear(d_model, d_model)
         self.value = nn.Linear(d_model, d_model)
@@ -166,6 +229,7 @@ class CorrelationAttention(nn.Module):
         x: torch.Tensor,
         context: torch.Tensor,
         geometry: KeyGeometry | None = None,
+        offsets: RelativeOffsets | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Attend from ``x`` to ``context``.
 
@@ -174,15 +238,23 @@ class CorrelationAttention(nn.Module):
             context: ``(B, S, D)`` or ``(1, S, D)`` keys/values (a batch of 1 is broadcast).
             geometry: query/key distances; the target is computed only when given (and this
                 attention has a sigma projection).
+            offsets: query-to-key offsets, needed with ``relative_position_bias``.
 
         Returns:
             ``(B, L, D)`` output, ``(B, H, L, S)`` attention, ``(B, H, L, S)`` target or ``None``.
         """
         batch, length, width = x.shape
-        query = self._heads(self.query(x)) * self.scale
+        scale = self.scale if self.log_temperature is None else self.log_temperature.exp()
+        query = self._heads(self.query(x)) * scale
         key = self._heads(self.key(context))
         value = self._heads(self.value(context))
-        attention = torch.softmax(query @ key.transpose(-2, -1), dim=-1)
+        logits = query @ key.transpose(-2, -1)
+        if self.position_bias is not None:
+            if offsets is None:
+                msg = "relative_position_bias needs the query-to-key offsets."
+                raise ValueError(msg)
+            logits = logits + self.position_bias(offsets).to(logits.dtype)
+        attention = torch.softmax(logits, dim=-1)
         out = (self.dropout(attention) @ value.to(attention.dtype)).transpose(1, 2).reshape(batch, length, width)
         out = self.proj(out)
         target = None
@@ -202,18 +274,68 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(hidden, d_model)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, L, D)`` -> ``(B, L, D)``."""
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """``(B, L, D)`` tokens of a ``height x width`` grid -> ``(B, L, D)``."""
+        del height, width
         return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+def lower_median(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Lower median along ``dim`` (``torch.median``'s convention), kept as a size-1 dimension.
+
+    Written with a sort because ONNX has no median operator and a sort exports everywhere.
+    """
+    middle = (x.shape[dim] - 1) // 2
+    return x.sort(dim=dim).values.narrow(dim, middle, 1)
+
+
+class ConvFeedForward(nn.Module):
+    """ED's feed-forward: fc1 -> depth-wise 3x3 conv over the token grid -> GELU -> + global median -> fc2.
+
+    The depth-wise convolution gives each token its neighbourhood; the median over all tokens of
+    the image (scaled per channel, starting at zero) adds a robust image-level context that a few
+    anomalous tokens cannot shift.
+    """
+
+    def __init__(self, d_model: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.conv = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1, groups=hidden)
+        self.act = nn.GELU()
+        self.median_scale = nn.Parameter(torch.zeros(hidden))
+        self.fc2 = nn.Linear(hidden, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """``(B, L, D)`` tokens of a ``height x width`` grid -> ``(B, L, D)``."""
+        batch, length, _ = x.shape
+        hidden = self.fc1(x).transpose(1, 2).reshape(batch, -1, height, width)
+        hidden = self.act(self.conv(hidden)).flatten(2).transpose(1, 2)  # (B, L, hidden)
+        hidden = hidden + self.median_scale * lower_median(hidden, dim=1)
+        return self.drop(self.fc2(hidden))
+
+
+class ConcatFusion(nn.Module):
+    """ED's fusion of the two branches: ``Linear(2D -> 4D) -> ReLU -> Linear(4D -> D)`` on their concatenation."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * d_model, 4 * d_model), nn.ReLU(), nn.Linear(4 * d_model, d_model))
+
+    def forward(self, intra: torch.Tensor, inter: torch.Tensor) -> torch.Tensor:
+        """Two ``(B, L, D)`` branch outputs -> ``(B, L, D)``."""
+        return self.mlp(torch.cat((intra, inter), dim=-1))
 
 
 class I2CorrelationLayer(nn.Module):
     """One encoder layer with intra (self) and inter (cross, to references) correlations.
 
-    With both branches the layer's residual input is ``(x + intra) - (x + inter)``: the
-    I2Correlation of the paper, which makes the features depend on how an image's own
-    correlations differ from its correlations to normal references. With one branch it is the
-    usual ``x + branch``; with none (patch-wise ablation) plain self-attention.
+    With both branches and ``fusion="subtract"`` the layer's residual input is
+    ``(x + intra) - (x + inter)``: the I2Correlation of the paper, which makes the features depend
+    on how an image's own correlations differ from its correlations to normal references.
+    ``fusion="concat_mlp"`` (ED) instead feeds both residual branches, concatenated, through an
+    MLP, which can learn the difference and more. With one branch it is the usual
+    ``x + branch``; with none (patch-wise ablation) plain self-attention.
     """
 
     def __init__(
@@ -225,20 +347,37 @@ class I2CorrelationLayer(nn.Module):
         with_intra: bool = True,
         with_inter: bool = True,
         out_projection: bool = True,
+        fusion: FusionMode = "subtract",
+        ffn: FeedForwardMode = "mlp",
+        learnable_temperature: bool = False,
+        relative_position_bias: bool = False,
     ) -> None:
         super().__init__()
+        if fusion not in FUSION_MODES:
+            msg = f"fusion must be one of {FUSION_MODES}, got {fusion!r}."
+            raise ValueError(msg)
+        if ffn not in FEED_FORWARD_MODES:
+            msg = f"ffn must be one of {FEED_FORWARD_MODES}, got {ffn!r}."
+            raise ValueError(msg)
         self.with_intra = with_intra
         self.with_inter = with_inter
         inter_only = with_inter and not with_intra
+        attention_args = {
+            "out_projection": out_projection,
+            "dropout": dropout,
+            "learnable_temperature": learnable_temperature,
+            "relative_position_bias": relative_position_bias,
+        }
         self.self_attention = (
-            None
-            if inter_only
-            else CorrelationAttention(d_model, num_heads, with_intra, out_projection, dropout)
+            None if inter_only else CorrelationAttention(d_model, num_heads, with_intra, **attention_args)
         )
         self.cross_attention = (
-            CorrelationAttention(d_model, num_heads, True, out_projection, dropout) if with_inter else None
+            CorrelationAttention(d_model, num_heads, True, **attention_args) if with_inter else None
         )
-        self.ffn = FeedForward(d_model, ffn_ratio * d_model, dropout)
+        both = with_intra and with_inter
+        self.fusion = ConcatFusion(d_model) if (both and fusion == "concat_mlp") else None
+        feed_forward = ConvFeedForward if ffn == "dwconv_median" else FeedForward
+        self.ffn = feed_forward(d_model, ffn_ratio * d_model, dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
@@ -250,37 +389,51 @@ class I2CorrelationLayer(nn.Module):
         intra_geometry: KeyGeometry | None,
         inter_geometry: KeyGeometry | None,
         keep_maps: bool = False,
+        grid: tuple[int, int] | None = None,
+        intra_offsets: RelativeOffsets | None = None,
+        inter_offsets: RelativeOffsets | None = None,
     ) -> tuple[torch.Tensor, BranchStats | None, BranchStats | None]:
         """Run one layer.
 
         Args:
-            x: ``(B, L, D)`` image tokens.
+            x: ``(B, L, D)`` image tokens of a ``grid = (height, width)`` grid.
             reference: ``(1, S, D)`` embedded reference tokens (inter branch only).
             intra_geometry: distances for the intra target; ``None`` skips target and statistics
                 (inference does not need them when scoring uses the inter branch).
             inter_geometry: distances for the inter target; ``None`` skips them likewise.
             keep_maps: also return the attention and target maps (for figures).
+            grid: token grid ``(height, width)`` of ``x``; needed by ``ffn="dwconv_median"``.
+            intra_offsets: query-to-key offsets of the self-attention (relative position bias).
+            inter_offsets: query-to-reference offsets of the cross-attention (likewise).
 
         Returns:
             ``(B, L, D)`` tokens, intra statistics or ``None``, inter statistics or ``None``.
         """
         intra = inter = None
-        branch = None
+        intra_out = inter_out = None
         if self.self_attention is not None:
-            intra_out, attention, target = self.self_attention(x, x, intra_geometry)
+            intra_out, attention, target = self.self_attention(x, x, intra_geometry, intra_offsets)
             if target is not None:
                 intra = branch_stats(attention, target, keep_maps)
-            branch = self.dropout(intra_out)
+            intra_out = self.dropout(intra_out)
         if self.cross_attention is not None:
-            inter_out, attention, target = self.cross_attention(x, reference, inter_geometry)
+            inter_out, attention, target = self.cross_attention(x, reference, inter_geometry, inter_offsets)
             if target is not None:
                 inter = branch_stats(attention, target, keep_maps)
             inter_out = self.dropout(inter_out)
-            # (x + intra) - (x + inter): the residual x cancels, as in the paper.
-            branch = inter_out if branch is None else branch - inter_out
-        new_x = branch if (self.with_intra and self.with_inter) else x + branch
+        if intra_out is not None and inter_out is not None:
+            if self.fusion is None:
+                new_x = intra_out - inter_out  # (x + intra) - (x + inter): the residual x cancels
+            else:
+                new_x = self.fusion(x + intra_out, x + inter_out)
+        else:
+            new_x = x + (intra_out if intra_out is not None else inter_out)
         y = self.norm1(new_x)
-        return self.norm2(y + self.ffn(y)), intra, inter
+        height, width = grid if grid is not None else (0, 0)
+        if isinstance(self.ffn, ConvFeedForward) and grid is None:
+            msg = "ffn='dwconv_median' needs the token grid."
+            raise ValueError(msg)
+        return self.norm2(y + self.ffn(y, height, width)), intra, inter
 
 
 class TokenEmbedding(nn.Module):
@@ -316,6 +469,10 @@ class FodTransformer(DynamicBufferMixin, nn.Module):
         out_projection: apply attention output projections (see ``CorrelationAttention``).
         reference: ``"mean"`` (one reference per grid position, enabling the factorised
             target) or ``"coreset"`` (references at arbitrary positions).
+        fusion: ``"subtract"`` (FOD) or ``"concat_mlp"`` (ED) fusion of the two branches.
+        ffn: ``"mlp"`` (FOD) or ``"dwconv_median"`` (ED) feed-forward.
+        learnable_temperature: learned attention logit scale (ED).
+        relative_position_bias: learned relative-position bias in the attentions (ED option).
     """
 
     def __init__(
@@ -330,6 +487,10 @@ class FodTransformer(DynamicBufferMixin, nn.Module):
         with_inter: bool = True,
         out_projection: bool = True,
         reference: str = "mean",
+        fusion: FusionMode = "subtract",
+        ffn: FeedForwardMode = "mlp",
+        learnable_temperature: bool = False,
+        relative_position_bias: bool = False,
     ) -> None:
         super().__init__()
         if d_model % 4:
@@ -339,10 +500,23 @@ class FodTransformer(DynamicBufferMixin, nn.Module):
         self.with_intra = with_intra
         self.with_inter = with_inter
         self.reference = reference
+        self.relative_position_bias = relative_position_bias
         self.embedding = TokenEmbedding(in_channels, d_model)
         self.ref_embedding = TokenEmbedding(in_channels, d_model) if with_inter else None
         self.layers = nn.ModuleList(
-            I2CorrelationLayer(d_model, num_heads, ffn_ratio, dropout, with_intra, with_inter, out_projection)
+            I2CorrelationLayer(
+                d_model,
+                num_heads,
+                ffn_ratio,
+                dropout,
+                with_intra,
+                with_inter,
+                out_projection,
+                fusion,
+                ffn,
+                learnable_temperature,
+                relative_position_bias,
+            )
             for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(d_model)
@@ -414,9 +588,23 @@ class FodTransformer(DynamicBufferMixin, nn.Module):
                     inter_geometry = grid_geometry(coords, height, width)
                 else:
                     inter_geometry = KeyGeometry(*squared_distances(coords, ref_pos), separable=False)
+        intra_offsets = inter_offsets = None
+        if self.relative_position_bias:
+            intra_offsets = relative_offsets(coords, coords, height, width)
+            if self.with_inter:
+                inter_offsets = relative_offsets(coords, self.ref_positions.float(), height, width)
         output = LevelOutput(reconstruction=tokens)
         for layer in self.layers:
-            x, intra, inter = layer(x, reference, intra_geometry, inter_geometry, keep_maps)
+            x, intra, inter = layer(
+                x,
+                reference,
+                intra_geometry,
+                inter_geometry,
+                keep_maps,
+                (height, width),
+                intra_offsets,
+                inter_offsets,
+            )
             if intra is not None:
                 output.intra.append(intra)
             if inter is not None:

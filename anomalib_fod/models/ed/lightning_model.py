@@ -1,0 +1,54 @@
+"""ED ("Emphasize Differences") as a preset of FOD's settings.
+
+ED keeps FOD's backbone, references, three discrepancies (patch-wise, intra, inter), minimax
+loss and scoring, and changes three parts of the Transformer. Each of them is a ``Fod`` setting,
+so ``Ed`` is only a different set of defaults and shares every line of model code with FOD:
+
+===========================  ===================================  ===========================================
+part                         FOD                                  ED (``Ed`` defaults)
+===========================  ===================================  ===========================================
+branch fusion                ``fusion="subtract"``: intra-inter   ``fusion="concat_mlp"``: concat, MLP 2D->4D->D
+attention                    fixed scale ``1/sqrt(head dim)``     ``learnable_temperature=True`` (init the same);
+                                                                  ``relative_position_bias`` optional, off
+feed-forward                 ``ffn="mlp"``                        ``ffn="dwconv_median"``: fc1, depth-wise 3x3
+                                                                  conv, GELU, + scale x median token, fc2
+===========================  ===================================  ===========================================
+
+Any of them can be switched back, e.g. ``Ed(fusion="subtract")`` is FOD with ED's attention and
+feed-forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anomalib_fod.models.fod.lightning_model import Fod
+from anomalib_fod.models.fod.transformer import FeedForwardMode, FusionMode
+
+
+class Ed(Fod):
+    """ED: Emphasize Differences -- FOD with concat+MLP fusion, learnable temperature and a DW-conv FFN.
+
+    Args:
+        fusion: ``"concat_mlp"`` (ED) or ``"subtract"`` (FOD).
+        ffn: ``"dwconv_median"`` (ED) or ``"mlp"`` (FOD).
+        learnable_temperature: learned attention logit scale (ED: on).
+        relative_position_bias: learned relative-position bias (ED: optional, off by default).
+        **kwargs: every other :class:`~anomalib_fod.Fod` argument (backbone, image_size, ...).
+    """
+
+    def __init__(
+        self,
+        fusion: FusionMode = "concat_mlp",
+        ffn: FeedForwardMode = "dwconv_median",
+        learnable_temperature: bool = True,
+        relative_position_bias: bool = False,
+        **kwargs: Any,  # noqa: ANN401 - Fod's arguments
+    ) -> None:
+        super().__init__(
+            fusion=fusion,
+            ffn=ffn,
+            learnable_temperature=learnable_temperature,
+            relative_position_bias=relative_position_bias,
+            **kwargs,
+        )
