@@ -122,6 +122,10 @@ class Fod(AnomalibModule):
         cache_features: keep the frozen backbone's pooled features of each training image after
             its first epoch (see ``feature_cache.py``); switched off automatically when the
             datamodule has training augmentations. Results are identical either way.
+        compile_transformers: compile each level's Transformer with ``torch.compile`` (in place,
+            so checkpoints keep their keys) when training or inference starts. Worth it for long GPU
+            runs; the first steps pay the compilation (tens of seconds), which a short CPU run never
+            wins back. Results are the same up to floating-point reordering.
         image_size: ``(height, width)`` (or one int) of the default pre-processor; 256x256 when
             ``None``. Ignored when a ``pre_processor`` instance is given. Any size works as long
             as the stride-16 level has a few tokens (>= 64 px per side).
@@ -155,6 +159,7 @@ class Fod(AnomalibModule):
         relative_position_bias: bool = False,
         learning_rate: float = 1e-4,
         cache_features: bool = True,
+        compile_transformers: bool = False,
         image_size: Sequence[int] | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -200,6 +205,7 @@ class Fod(AnomalibModule):
         self.reference = reference
         self.learning_rate = learning_rate
         self.cache_features = cache_features
+        self.compile_transformers = compile_transformers
         self._feature_cache = FeatureCache()
 
     @classmethod
@@ -256,10 +262,14 @@ class Fod(AnomalibModule):
         return optim.Adam(params, lr=self.learning_rate)
 
     def setup(self, stage: str) -> None:
-        """On CPU, keep freed correlation maps in the allocator (see ``keep_freed_memory_on_cpu``)."""
+        """On CPU, keep freed correlation maps in the allocator; compile the Transformers if asked."""
         del stage
         if self.device.type == "cpu":
             keep_freed_memory_on_cpu()
+        if self.compile_transformers:
+            for level in self.model.levels:
+                if not getattr(level, "_compiled_call_impl", None):
+                    level.compile()
 
     def on_fit_start(self) -> None:
         """Check the data (empty training set, unreadable files) and warn about 1000 default epochs."""

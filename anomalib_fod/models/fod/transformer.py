@@ -124,8 +124,17 @@ class LevelOutput:
 
 
 def branch_stats(attention: torch.Tensor, target: torch.Tensor, keep_maps: bool = False) -> BranchStats:
-    """Symmetric KLs (with the minimax detach pattern) and entropy of ``(B, H, L, S)`` maps."""
-    kl_attention, kl_target, ent = correlation_stats(attention, target)
+    """Symmetric KLs (with the minimax detach pattern) and entropy of ``(B, H, L, S)`` maps.
+
+    Always in float32, also under bf16/fp16 autocast: the logarithms of near-zero probabilities
+    and the sums over ``S`` keys lose too much in 8 mantissa bits.
+    """
+    device_type = attention.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            kl_attention, kl_target, ent = correlation_stats(attention.float(), target.float())
+    else:
+        kl_attention, kl_target, ent = correlation_stats(attention, target)
     maps = (attention, target) if keep_maps else None
     return BranchStats(kl_attention, kl_target, ent, maps)
 
@@ -259,7 +268,9 @@ class CorrelationAttention(nn.Module):
         out = self.proj(out)
         target = None
         if self.sigma is not None and geometry is not None:
-            sigma = sigma_from_logits(self.sigma(x).view(batch, length, self.num_heads, 2).transpose(1, 2))
+            # float32: in bf16, 3 ** (sigmoid + 1e-5) - 1 rounds small sigmas to 0 (an infinite prior).
+            logits = self.sigma(x).float().view(batch, length, self.num_heads, 2).transpose(1, 2)
+            sigma = sigma_from_logits(logits)
             target = geometry.target(sigma)
         return out, attention, target
 
