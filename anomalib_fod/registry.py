@@ -12,8 +12,8 @@ def register_with_anomalib() -> None:
     """Expose the plugin's models as ``anomalib.models.<Name>``."""
     import anomalib.models  # noqa: PLC0415 - keep import-time cost where it is needed
 
-    from .models import Ed, Fod  # noqa: PLC0415
+    from .models import Cdo, Ed, Fod  # noqa: PLC0415
 
-    for model in (Fod, Ed):
+    for model in (Fod, Ed, Cdo):
         if getattr(anomalib.models, model.__name__, None) is not model:
             setattr(anomalib.models, model.__name__, model)

@@ -6,6 +6,8 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -40,3 +42,19 @@ def keep_freed_memory_on_cpu(threshold_bytes: int = 1 << 30) -> bool:
     if ok:
         logger.info("glibc malloc: mmap/trim thresholds raised to %d bytes for FOD's large maps", threshold_bytes)
     return ok
+
+
+def as_image_size(size: Sequence[int] | int) -> tuple[int, int]:
+    """``256`` or ``[256]`` or ``[h, w]`` -> ``(h, w)``; a clear error for anything else or < 32 px."""
+    values = [int(size)] if isinstance(size, int) else [int(v) for v in size]
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 32:  # noqa: PLR2004 - the stride-16 level needs 2x2 cells
+        msg = f"image_size must be one or two integers >= 32, got {size!r}."
+        raise ValueError(msg)
+    return values[0], values[1]
+
+
+def plain_value(value: Any) -> Any:  # noqa: ANN401
+    """Lists and tuples compare equal (YAML gives lists, Python code tuples)."""
+    return list(value) if isinstance(value, (list, tuple)) else value

@@ -68,6 +68,7 @@ class ModelSpec:
     init_args: dict[str, Any] = field(default_factory=dict)
     max_epochs: int = 1
     timeout_s: float | None = None
+    layers: tuple[str, ...] | None = None  # this model's own feature layers (same backbone), else the shared ones
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,8 @@ class CellSpec:
         for key in ("index", "total", "run_dir"):
             relevant.pop(key)
         relevant["model"].pop("timeout_s")
+        if relevant["model"].get("layers") is None:  # absent before per-model layers existed
+            relevant["model"].pop("layers", None)
         blob = json.dumps(relevant, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -223,7 +226,7 @@ def _model(index: int, data: object) -> ModelSpec:
     section = f"models[{index}]"
     _require(isinstance(data, dict), f"{section} must be a mapping.")
     assert isinstance(data, dict)
-    _check_keys(section, data, {"name", "class_path", "init_args", "max_epochs", "timeout_s"})
+    _check_keys(section, data, {"name", "class_path", "init_args", "max_epochs", "timeout_s", "layers"})
     _require(isinstance(data.get("class_path"), str), f"{section}.class_path is required (e.g. anomalib.models.Padim).")
     init_args = dict(data.get("init_args") or {})
     shared = sorted(set(init_args) & set(SHARED_MODEL_ARGS))
@@ -237,12 +240,18 @@ def _model(index: int, data: object) -> ModelSpec:
     timeout = data.get("timeout_s")
     _require(timeout is None or (isinstance(timeout, int | float) and timeout > 0), f"{section}.timeout_s must be > 0.")
     name = _name(section, data.get("name", data["class_path"].rsplit(".", 1)[-1]))
+    layers = data.get("layers")
+    _require(
+        layers is None or (isinstance(layers, list) and layers and all(isinstance(v, str) for v in layers)),
+        f"{section}.layers must be a list of layer names of the shared backbone.",
+    )
     return ModelSpec(
         name=name,
         class_path=data["class_path"],
         init_args=init_args,
         max_epochs=max_epochs,
         timeout_s=timeout,
+        layers=tuple(layers) if layers else None,
     )
 
 
@@ -335,7 +344,7 @@ def expand_cells(config: BenchmarkConfig, run_dir: Path) -> list[CellSpec]:
             seed=seed,
             image_size=config.image_size,
             backbone=config.backbone,
-            layers=config.layers,
+            layers=model.layers or config.layers,
             weights_path=resolve_path(config.weights_path) if config.weights_path else None,
             accelerator=config.accelerator,
             openvino=config.openvino,

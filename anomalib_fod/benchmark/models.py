@@ -1,7 +1,7 @@
 """Build every benchmarked model on the same backbone, layers, weights and input size.
 
-FOD takes the backbone, layers and image size directly and loads its ImageNet weights offline
-itself. anomalib's models (PatchCore, PaDiM, CFLOW, ...) build a ``TimmFeatureExtractor`` that
+The plugin's models (FOD, ED, CDO) take the backbone, layers and image size directly and load
+their ImageNet weights offline themselves. anomalib's models (PatchCore, PaDiM, CFLOW, ...) build a ``TimmFeatureExtractor`` that
 can only fetch weights from the network; they are constructed with ``pre_trained=False`` and
 :func:`load_imagenet_weights` then copies the same offline ImageNet weights into every timm
 feature extractor they hold.
@@ -96,10 +96,11 @@ def load_imagenet_weights(model: nn.Module, backbone: str, weights_path: str | N
     return loaded
 
 
-def _is_fod(model_class: type) -> bool:
-    from anomalib_fod import Fod  # noqa: PLC0415
+def _loads_own_weights(model_class: type) -> bool:
+    """The plugin's models (FOD, ED, CDO) take the backbone, layers and image size and load offline."""
+    from anomalib_fod import Cdo, Fod  # noqa: PLC0415
 
-    return isinstance(model_class, type) and issubclass(model_class, Fod)
+    return isinstance(model_class, type) and issubclass(model_class, (Fod, Cdo))
 
 
 def build_model(
@@ -126,7 +127,7 @@ def build_model(
         raise TypeError(msg)
     kwargs = dict(init_args)
     kwargs.setdefault("visualizer", False)
-    if _is_fod(model_class):
+    if _loads_own_weights(model_class):
         model = model_class(
             backbone=backbone,
             layers=list(layers),
@@ -135,7 +136,7 @@ def build_model(
             image_size=list(image_size),
             **kwargs,
         )
-        return model, {"weights": "Fod's own offline loader", "extractors": ["model"]}
+        return model, {"weights": f"{model_class.__name__}'s own offline loader", "extractors": ["model"]}
 
     parameters = inspect.signature(model_class.__init__).parameters
     needed = [p for p in ("backbone", "layers", "pre_trained", "pre_processor") if p not in parameters]

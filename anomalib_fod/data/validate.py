@@ -120,7 +120,7 @@ def inspect_image_files(
     if progress is None:
         progress = len(unique) >= PROGRESS_MIN_FILES
     workers = workers or max(1, min(8, os.cpu_count() or 1))
-    bar = tqdm(total=len(unique), desc="FOD: checking image files", unit="file", disable=not progress, leave=False)
+    bar = tqdm(total=len(unique), desc="checking training image files", unit="file", disable=not progress, leave=False)
     with bar, ThreadPoolExecutor(max_workers=workers) as pool:
         results = []
         for result in pool.map(check_image_file, unique):

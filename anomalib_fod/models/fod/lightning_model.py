@@ -29,7 +29,7 @@ from torch import nn, optim
 
 from anomalib_fod.callbacks import ResumableInterruptCallback
 from anomalib_fod.data.validate import check_datamodule
-from anomalib_fod.utils import keep_freed_memory_on_cpu
+from anomalib_fod.utils import as_image_size, keep_freed_memory_on_cpu, plain_value
 
 from .anomaly_map import ScoringMode
 from .feature_cache import FeatureCache
@@ -62,22 +62,6 @@ ARCHITECTURE_HPARAMS = (
     "learnable_temperature",
     "relative_position_bias",
 )
-
-
-def _plain(value: Any) -> Any:  # noqa: ANN401
-    """Lists and tuples compare equal (YAML gives lists, Python code tuples)."""
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def _as_size(size: Sequence[int] | int) -> tuple[int, int]:
-    """``256`` or ``[256]`` or ``[h, w]`` -> ``(h, w)``."""
-    values = [int(size)] if isinstance(size, int) else [int(v) for v in size]
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2 or min(values) < 32:  # noqa: PLR2004
-        msg = f"image_size must be one or two integers >= 32, got {size!r}."
-        raise ValueError(msg)
-    return values[0], values[1]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -167,7 +151,7 @@ class Fod(AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         if image_size is not None and pre_processor is True:
-            pre_processor = self.configure_pre_processor(_as_size(image_size))
+            pre_processor = self.configure_pre_processor(as_image_size(image_size))
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -229,7 +213,7 @@ class Fod(AnomalibModule):
         differing = {
             key: (saved[key], self.hparams.get(key))
             for key in ARCHITECTURE_HPARAMS
-            if key in saved and _plain(saved[key]) != _plain(self.hparams.get(key))
+            if key in saved and plain_value(saved[key]) != plain_value(self.hparams.get(key))
         }
         if differing:
             details = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in differing.items())
