@@ -168,6 +168,8 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
 
     started = datetime.now(UTC).isoformat(timespec="seconds")
     cell_start = time.perf_counter()
+    # Recorded before training: the git commit is the code this cell imported, not a later one.
+    started_environment = environment()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     spec.work_dir.mkdir(parents=True, exist_ok=True)
@@ -280,7 +282,7 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
         "predictions": spec.predictions_path.name,
         "started": started,
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-        "environment": environment(),
+        "environment": started_environment,
         "spec": spec.to_dict(),
     }
     write_json(spec.result_path, result)
