@@ -137,7 +137,9 @@ def export_and_time(
             ExportType.OPENVINO,
             export_root=spec.work_dir / "export",
             input_size=tuple(spec.image_size),
-            onnx_kwargs={"opset_version": ONNX_OPSET},
+            # Static batch 1 (the latency measured): with anomalib's default dynamic batch axis,
+            # torch 2.14's exporter specialises PatchCore's batch to the example's 2.
+            onnx_kwargs={"opset_version": ONNX_OPSET, "dynamic_axes": {}},
         )
         if xml is None or not Path(xml).is_file():
             msg = f"Engine.export returned {xml!r}, no model.xml"
