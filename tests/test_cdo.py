@@ -33,7 +33,7 @@ from anomalib_fod.models.cdo import Cdo, CdoLoss, WhiteNoiseGenerator
 from anomalib_fod.models.cdo.anomaly_map import AnomalyMapGenerator, top_fraction_mean
 from anomalib_fod.models.cdo.loss import level_discrepancies, margin_loss
 from anomalib_fod.models.cdo.synthetic import IMAGENET_MEAN, IMAGENET_STD, PerlinGenerator
-from anomalib_fod.models.fod.lightning_model import NonFiniteLossError
+from anomalib_fod.models.base import NonFiniteLossError
 
 SIZE = (DUMMY_SIZE, DUMMY_SIZE)
 

@@ -15,13 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
-from anomalib.models import AnomalibModule
-from anomalib.post_processing import PostProcessor
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -29,23 +24,13 @@ from torch import nn, optim
 from torchvision.transforms import v2
 
 from anomalib_fod.callbacks import ResumableInterruptCallback
-from anomalib_fod.data.validate import check_datamodule
-from anomalib_fod.models.fod.lightning_model import NonFiniteLossError
-from anomalib_fod.utils import as_image_size, plain_value
+from anomalib_fod.models.base import ONNX_OPSET, OfflineBackboneModule
 
 from .loss import CdoLoss
 from .synthetic import ANOMALY_SOURCES, AnomalySource, make_anomaly_generator
 from .torch_model import CdoModel
 
 logger = logging.getLogger(__name__)
-
-# torch >= 2.9's dynamo exporter emits opset 18; asking for less triggers a down-conversion
-# that fails with a warning and leaves the model at 18 anyway.
-ONNX_OPSET = 18
-
-# Settings that change parameter shapes: a checkpoint only fits a model built with them.
-ARCHITECTURE_HPARAMS = ("backbone", "layers")
-
 
 def normalisation_of(pre_processor: nn.Module | None) -> tuple[list[float], list[float]]:
     """``(mean, std)`` of the ``Normalize`` in a pre-processor's transform; identity if there is none.
@@ -63,7 +48,7 @@ def normalisation_of(pre_processor: nn.Module | None) -> tuple[list[float], list
     return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
 
 
-class Cdo(AnomalibModule):
+class Cdo(OfflineBackboneModule):
     """CDO: Collaborative Discrepancy Optimization for reliable image anomaly localization (TII 2023).
 
     A frozen ImageNet teacher and a student of the same architecture trained from scratch on
@@ -91,6 +76,12 @@ class Cdo(AnomalibModule):
             (``True``: defaults, ``False``: none, or an instance).
     """
 
+    DISPLAY_NAME = "CDO"
+    ARCHITECTURE_HPARAMS = ("backbone", "layers")  # what changes parameter shapes
+    EPOCHS_HINT = (
+        "The original recipe trains 50 epochs at batch 16: pass --trainer.max_epochs (or Engine(max_epochs=...))."
+    )
+
     def __init__(
         self,
         backbone: str = "tf_efficientnet_lite0",
@@ -107,9 +98,8 @@ class Cdo(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if image_size is not None and pre_processor is True:
-            pre_processor = self.configure_pre_processor(as_image_size(image_size))
         super().__init__(
+            image_size=image_size,
             pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
@@ -132,48 +122,6 @@ class Cdo(AnomalibModule):
         self.anomaly_generator = make_anomaly_generator(anomaly_source, *normalisation_of(self.pre_processor))
         self.learning_rate = learning_rate
 
-    @classmethod
-    def load_from_checkpoint(
-        cls,
-        checkpoint_path: str | Path,
-        *args: Any,  # noqa: ANN401
-        **kwargs: Any,  # noqa: ANN401
-    ) -> Cdo:
-        """Load a checkpoint without touching the network.
-
-        The teacher's weights are part of the checkpoint's state dict, so the rebuilt model is
-        created with ``pre_trained=False`` (no download, no weight package needed).
-        """
-        kwargs.setdefault("pre_trained", False)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, with the differing settings named, a checkpoint of another architecture."""
-        saved = checkpoint.get("hyper_parameters", {})
-        differing = {
-            key: (saved[key], self.hparams.get(key))
-            for key in ARCHITECTURE_HPARAMS
-            if key in saved and plain_value(saved[key]) != plain_value(self.hparams.get(key))
-        }
-        if differing:
-            details = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in differing.items())
-            msg = (
-                f"this checkpoint was trained with other CDO settings ({details}). Build the model with "
-                "the checkpoint's settings, or load it with Cdo.load_from_checkpoint(path)."
-            )
-            raise ValueError(msg)
-        super().on_load_checkpoint(checkpoint)
-
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize to ``image_size`` (default 256x256) and normalise with ImageNet statistics."""
-        return super().configure_pre_processor(image_size or (256, 256))
-
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        """anomalib's one-class post-processor (thresholds and min-max from validation)."""
-        return PostProcessor()
-
     def configure_callbacks(self) -> Sequence[Callback]:
         """anomalib's component callbacks plus the interrupted-run checkpoint.
 
@@ -189,17 +137,10 @@ class Cdo(AnomalibModule):
         return optim.Adam(self.model.student.parameters(), lr=self.learning_rate)
 
     def on_fit_start(self) -> None:
-        """Check the data, follow the pre-processor's normalisation, warn about 1000 default epochs."""
-        trainer = self.trainer
-        # Clear errors now instead of a nameless PIL/sampler crash mid-epoch (see data/validate.py).
-        check_datamodule(getattr(trainer, "datamodule", None), progress=None if trainer.is_global_zero else False)
+        """The shared data check and epochs warning; follow the pre-processor's normalisation."""
+        super().on_fit_start()
         # The pre-processor may have been swapped (or restored from a checkpoint) after __init__.
         self.anomaly_generator.set_normalisation(*normalisation_of(self.pre_processor))
-        if trainer.max_epochs == 1000 and trainer.max_steps == -1:  # noqa: PLR2004 - Lightning's default
-            logger.warning(
-                "CDO: no max_epochs given, Lightning will train 1000 epochs. The original recipe trains "
-                "50 epochs at batch 16: pass --trainer.max_epochs (or Engine(max_epochs=...)).",
-            )
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One step on pre-processed normal images with synthetic anomalies pasted in."""
@@ -207,25 +148,12 @@ class Cdo(AnomalibModule):
         images, masks = self.anomaly_generator(batch.image)
         features = self.model(images)
         loss, parts = self.loss(features.teacher, features.student, masks)
-        if not torch.isfinite(loss):
-            values = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-            msg = (
-                f"CDO loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
-                f"({values}). Try a lower learning_rate, check the input images for NaN/inf, or train "
-                "in float32 if mixed precision is on."
-            )
-            raise NonFiniteLossError(msg)
+        self.check_finite(loss, parts)
         batch_size = batch.image.shape[0]
         self.log("train_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
         for name, value in parts.items():
             self.log(f"train_{name}", value, prog_bar=False, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Predict scores and maps; the post-processor learns thresholds from these."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
 
     def to_onnx(
         self,
@@ -252,13 +180,3 @@ class Cdo(AnomalibModule):
             logger.info("CDO: exporting with the fixed input size %dx%d (the training size).", *input_size)
         kwargs.setdefault("opset_version", ONNX_OPSET)
         return super().to_onnx(export_root, model_file_name, (int(input_size[0]), int(input_size[1])), **kwargs)
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation: it would only score the untrained, random student."""
-        return {"num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """CDO trains on normal images only (its anomalies are synthetic)."""
-        return LearningType.ONE_CLASS

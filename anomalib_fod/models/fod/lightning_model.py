@@ -16,20 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
-from anomalib.models import AnomalibModule
-from anomalib.post_processing import PostProcessor
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
 
 from anomalib_fod.callbacks import ResumableInterruptCallback
-from anomalib_fod.data.validate import check_datamodule
-from anomalib_fod.utils import as_image_size, keep_freed_memory_on_cpu, plain_value
+from anomalib_fod.models.base import ONNX_OPSET, NonFiniteLossError, OfflineBackboneModule
+from anomalib_fod.utils import keep_freed_memory_on_cpu
 
 from .anomaly_map import ScoringMode
 from .feature_cache import FeatureCache
@@ -41,10 +37,7 @@ from .transformer import FeedForwardMode, FusionMode
 
 logger = logging.getLogger(__name__)
 
-# torch >= 2.9's dynamo exporter emits opset 18; asking for less triggers a down-conversion
-# that fails with a warning and leaves the model at 18 anyway.
-ONNX_OPSET = 18
-
+__all__ = ["ONNX_OPSET", "Fod", "NonFiniteLossError"]
 
 # Settings that change parameter or buffer shapes: a checkpoint only fits a model built with them.
 ARCHITECTURE_HPARAMS = (
@@ -64,11 +57,7 @@ ARCHITECTURE_HPARAMS = (
 )
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Raised when a training loss is NaN or infinite."""
-
-
-class Fod(AnomalibModule):
+class Fod(OfflineBackboneModule):
     """FOD: Focus the Discrepancy -- intra- and inter-correlation learning (ICCV 2023).
 
     Args:
@@ -117,6 +106,13 @@ class Fod(AnomalibModule):
             (``True``: defaults, ``False``: none, or an instance).
     """
 
+    DISPLAY_NAME = "FOD"
+    ARCHITECTURE_HPARAMS = ARCHITECTURE_HPARAMS
+    EPOCHS_HINT = (
+        "FOD needs a few hundred optimizer steps (e.g. 15 epochs of 200 images at batch 4): pass "
+        "--trainer.max_epochs 15 (or Engine(max_epochs=15)); see the README's 'Batch size and epochs'."
+    )
+
     def __init__(
         self,
         backbone: str = "tf_efficientnet_lite0",
@@ -150,9 +146,8 @@ class Fod(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if image_size is not None and pre_processor is True:
-            pre_processor = self.configure_pre_processor(as_image_size(image_size))
         super().__init__(
+            image_size=image_size,
             pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
@@ -192,48 +187,6 @@ class Fod(AnomalibModule):
         self.compile_transformers = compile_transformers
         self._feature_cache = FeatureCache()
 
-    @classmethod
-    def load_from_checkpoint(
-        cls,
-        checkpoint_path: str | Path,
-        *args: Any,  # noqa: ANN401
-        **kwargs: Any,  # noqa: ANN401
-    ) -> Fod:
-        """Load a checkpoint without touching the network.
-
-        The backbone weights are part of the checkpoint's state dict, so the rebuilt model is
-        created with ``pre_trained=False`` (no download, no weight package needed).
-        """
-        kwargs.setdefault("pre_trained", False)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, with the differing settings named, a checkpoint of another architecture."""
-        saved = checkpoint.get("hyper_parameters", {})
-        differing = {
-            key: (saved[key], self.hparams.get(key))
-            for key in ARCHITECTURE_HPARAMS
-            if key in saved and plain_value(saved[key]) != plain_value(self.hparams.get(key))
-        }
-        if differing:
-            details = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in differing.items())
-            msg = (
-                f"this checkpoint was trained with other FOD settings ({details}). Build the model with "
-                "the checkpoint's settings, or load it with Fod.load_from_checkpoint(path)."
-            )
-            raise ValueError(msg)
-        super().on_load_checkpoint(checkpoint)
-
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize to ``image_size`` (default 256x256) and normalise with ImageNet statistics."""
-        return super().configure_pre_processor(image_size or (256, 256))
-
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        """anomalib's one-class post-processor (thresholds and min-max from validation)."""
-        return PostProcessor()
-
     def configure_callbacks(self) -> Sequence[Callback]:
         """anomalib's component callbacks plus the reference-feature callback."""
         callbacks = super().configure_callbacks()
@@ -254,18 +207,6 @@ class Fod(AnomalibModule):
             for level in self.model.levels:
                 if not getattr(level, "_compiled_call_impl", None):
                     level.compile()
-
-    def on_fit_start(self) -> None:
-        """Check the data (empty training set, unreadable files) and warn about 1000 default epochs."""
-        trainer = self.trainer
-        # Clear errors now instead of a nameless PIL/sampler crash mid-epoch (see data/validate.py).
-        check_datamodule(getattr(trainer, "datamodule", None), progress=None if trainer.is_global_zero else False)
-        if trainer.max_epochs == 1000 and trainer.max_steps == -1:  # noqa: PLR2004 - Lightning's default
-            logger.warning(
-                "FOD: no max_epochs given, Lightning will train 1000 epochs. FOD needs a few hundred "
-                "optimizer steps (e.g. 15 epochs of 200 images at batch 4): pass --trainer.max_epochs 15 "
-                "(or Engine(max_epochs=15)); see the README's 'Batch size and epochs'.",
-            )
 
     def on_train_start(self) -> None:
         """Decide whether backbone features can be cached (not with training augmentations)."""
@@ -296,25 +237,12 @@ class Fod(AnomalibModule):
         del args, kwargs
         output = self.model.forward_features(self._training_features(batch))
         loss, parts = self.loss(output.tokens, output.levels)
-        if not torch.isfinite(loss):
-            values = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-            msg = (
-                f"FOD loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
-                f"({values}). Try a lower learning_rate, check the input images for NaN/inf, or train "
-                "in float32 if mixed precision is on."
-            )
-            raise NonFiniteLossError(msg)
+        self.check_finite(loss, parts)
         batch_size = batch.image.shape[0]
         self.log("train_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
         for name, value in parts.items():
             self.log(f"train_{name}", value, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Predict scores and maps; the post-processor learns thresholds from these."""
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
 
     def to_onnx(
         self,
@@ -345,14 +273,3 @@ class Fod(AnomalibModule):
             return "training"
         height, width = (int(v) for v in grid.tolist())
         return f"{height}x{width}"
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation: the reference features exist only once training has started."""
-        return {"num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """FOD trains on normal images only."""
-        return LearningType.ONE_CLASS
-

@@ -1,0 +1,153 @@
+"""What the plugin's anomalib models (FOD, ED, CDO) share: one base class instead of copies.
+
+Each model trains on normal images from a frozen, offline-loaded ImageNet backbone, so each
+needs the same things around its own training step: an ``image_size`` shortcut for the
+pre-processor, checkpoint loading that never touches the network and refuses another
+architecture by name, a data check before the first epoch, a clear error on a non-finite loss,
+and an InferenceBatch-returning validation step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+
+from anomalib_fod.data.validate import check_datamodule
+from anomalib_fod.utils import as_image_size, plain_value
+
+logger = logging.getLogger(__name__)
+
+# torch >= 2.9's dynamo exporter emits opset 18; asking for less triggers a down-conversion
+# that fails with a warning and leaves the model at 18 anyway.
+ONNX_OPSET = 18
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a training loss is NaN or infinite."""
+
+
+class OfflineBackboneModule(AnomalibModule):
+    """Base of the plugin's one-class models; subclasses set the class attributes below.
+
+    Attributes:
+        DISPLAY_NAME: name in messages, e.g. ``"FOD"``.
+        ARCHITECTURE_HPARAMS: settings that change parameter or buffer shapes: a checkpoint only
+            fits a model built with the same values.
+        EPOCHS_HINT: what to pass instead of Lightning's default of 1000 epochs.
+    """
+
+    DISPLAY_NAME: ClassVar[str] = "model"
+    ARCHITECTURE_HPARAMS: ClassVar[tuple[str, ...]] = ("backbone", "layers")
+    EPOCHS_HINT: ClassVar[str] = "pass --trainer.max_epochs (or Engine(max_epochs=...))."
+
+    def __init__(
+        self,
+        image_size: Sequence[int] | None = None,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if image_size is not None and pre_processor is True:
+            pre_processor = self.configure_pre_processor(as_image_size(image_size))
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | Path,
+        *args: Any,  # noqa: ANN401
+        **kwargs: Any,  # noqa: ANN401
+    ) -> OfflineBackboneModule:
+        """Load a checkpoint without touching the network.
+
+        The backbone weights are part of the checkpoint's state dict, so the rebuilt model is
+        created with ``pre_trained=False`` (no download, no weight package needed).
+        """
+        kwargs.setdefault("pre_trained", False)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with the differing settings named, a checkpoint of another architecture."""
+        saved = checkpoint.get("hyper_parameters", {})
+        differing = {
+            key: (saved[key], self.hparams.get(key))
+            for key in self.ARCHITECTURE_HPARAMS
+            if key in saved and plain_value(saved[key]) != plain_value(self.hparams.get(key))
+        }
+        if differing:
+            details = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in differing.items())
+            msg = (
+                f"this checkpoint was trained with other {self.DISPLAY_NAME} settings ({details}). Build the "
+                f"model with the checkpoint's settings, or load it with {type(self).__name__}.load_from_checkpoint(path)."
+            )
+            raise ValueError(msg)
+        super().on_load_checkpoint(checkpoint)
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize to ``image_size`` (default 256x256) and normalise with ImageNet statistics."""
+        return super().configure_pre_processor(image_size or (256, 256))
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """anomalib's one-class post-processor (thresholds and min-max from validation)."""
+        return PostProcessor()
+
+    def on_fit_start(self) -> None:
+        """Check the data (empty training set, unreadable files) and warn about 1000 default epochs."""
+        trainer = self.trainer
+        # Clear errors now instead of a nameless PIL/sampler crash mid-epoch (see data/validate.py).
+        check_datamodule(getattr(trainer, "datamodule", None), progress=None if trainer.is_global_zero else False)
+        if trainer.max_epochs == 1000 and trainer.max_steps == -1:  # noqa: PLR2004 - Lightning's default
+            logger.warning(
+                "%s: no max_epochs given, Lightning will train 1000 epochs. %s",
+                self.DISPLAY_NAME,
+                self.EPOCHS_HINT,
+            )
+
+    def check_finite(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        """Stop with the step, the loss terms and a hint when the loss is NaN or infinite."""
+        if torch.isfinite(loss):
+            return
+        values = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+        msg = (
+            f"{self.DISPLAY_NAME} loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
+            f"({values}). Try a lower learning_rate, check the input images for NaN/inf, or train "
+            "in float32 if mixed precision is on."
+        )
+        raise NonFiniteLossError(msg)
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Predict scores and maps; the post-processor learns thresholds from these."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No sanity validation: an untrained model's scores mean nothing (and FOD has no references yet)."""
+        return {"num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Trained on normal images only."""
+        return LearningType.ONE_CLASS
