@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
+import pytest
 import torch
 
 # One intra-op thread unless FOD_TEST_THREADS says otherwise (conftest applies it; the CLI tests pass it
@@ -58,3 +60,15 @@ def make_engine(root: Path, max_epochs: int = 1, **kwargs):
     )
 
 
+def block_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every connection attempt fail and put the Hugging Face hub offline."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        del args, kwargs
+        msg = "network access attempted in an offline test"
+        raise OSError(msg)
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

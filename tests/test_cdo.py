@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from fod_helpers import (
     EMBEDDED_DATA_ROOT,
     EVAL_BATCH,
     TRAIN_BATCH,
+    block_network,
     make_datamodule,
     make_engine,
 )
@@ -384,20 +384,6 @@ def test_fit_and_test_on_dummy_data(trained_cdo: TrainedCdo) -> None:
         assert torch.isfinite(batch.pred_score).all()
         assert batch.anomaly_map.shape[-2:] == SIZE
     assert math.isfinite(float(model.post_processor.image_threshold))
-
-
-def block_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every connection attempt fail and put the Hugging Face hub offline."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        del args, kwargs
-        msg = "network access attempted in an offline test"
-        raise OSError(msg)
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def dummy_test_images(dataset: Path) -> torch.Tensor:

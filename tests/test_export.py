@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -39,6 +38,7 @@ from PIL import Image
 import anomalib_fod
 from anomalib_fod import Fod
 from anomalib_fod.models.fod.export import DynamicExportError
+from fod_helpers import block_network
 
 pytest.importorskip("openvino")
 pytest.importorskip("onnxscript")
@@ -52,20 +52,6 @@ ONNX_OPSET = 18
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def block_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every connection attempt fail and put the Hugging Face hub offline."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        del args, kwargs
-        msg = "network access attempted in an offline test"
-        raise OSError(msg)
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 class _Records(logging.Handler):
