@@ -18,7 +18,6 @@ import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
-from anomalib.models import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
@@ -39,8 +38,12 @@ class NonFiniteLossError(FloatingPointError):
     """Raised when a training loss is NaN or infinite."""
 
 
-class OfflineBackboneModule(AnomalibModule):
-    """Base of the plugin's one-class models; subclasses set the class attributes below.
+class OfflineBackboneModule:
+    """Mixin of the plugin's one-class models: ``class Fod(OfflineBackboneModule, AnomalibModule)``.
+
+    A mixin, not an ``AnomalibModule`` subclass: anomalib finds models by name among the *direct*
+    subclasses of ``AnomalibModule`` (``get_model("fod")``, ``anomalib benchmark``), so each model
+    must list ``AnomalibModule`` as its own base. Subclasses set the class attributes below.
 
     Attributes:
         DISPLAY_NAME: name in messages, e.g. ``"FOD"``.

@@ -17,6 +17,7 @@ from typing import Any
 
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
+from anomalib.models import AnomalibModule
 from anomalib.visualization import Visualizer
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -48,7 +49,7 @@ def normalisation_of(pre_processor: nn.Module | None) -> tuple[list[float], list
     return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
 
 
-class Cdo(OfflineBackboneModule):
+class Cdo(OfflineBackboneModule, AnomalibModule):
     """CDO: Collaborative Discrepancy Optimization for reliable image anomaly localization (TII 2023).
 
     A frozen ImageNet teacher and a student of the same architecture trained from scratch on

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
+from anomalib.models import AnomalibModule
 from anomalib.visualization import Visualizer
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -57,7 +58,7 @@ ARCHITECTURE_HPARAMS = (
 )
 
 
-class Fod(OfflineBackboneModule):
+class Fod(OfflineBackboneModule, AnomalibModule):
     """FOD: Focus the Discrepancy -- intra- and inter-correlation learning (ICCV 2023).
 
     Args:
