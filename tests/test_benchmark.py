@@ -179,7 +179,11 @@ def test_anomalib_get_model_resolves_fod(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def benchmark_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One harness run (2 cells, in-process) and its rerun, with their stdout."""
+    """Harness runs on 2 cells (in-process), with their stdout.
+
+    ``--models Patchcore`` first, then the whole config (only Fod left to run), then a rerun
+    (nothing left), then ``--models Fod`` whose report must still show both cells.
+    """
     import contextlib
     import io
 
@@ -191,17 +195,27 @@ def benchmark_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     config_path.write_text(yaml.safe_dump(_config(dataset, root / "run")), encoding="utf-8")
     cells = root / "run" / "cells"
 
-    def run() -> tuple[int, str]:
+    def run(*extra: str) -> tuple[int, str]:
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):
-            code = main(["--config", str(config_path)])
+            code = main(["--config", str(config_path), *extra])
         return code, buffer.getvalue()
 
+    selective = run("--models", "Patchcore")
+    selective_report = json.loads((root / "run" / "results.json").read_text())
     first = run()
     first_mtimes = {p.name: p.stat().st_mtime_ns for p in cells.glob("*.json")}
     second = run()
-    outputs, codes = [first[1], second[1]], [first[0], second[0]]
-    return {"run_dir": root / "run", "outputs": outputs, "codes": codes, "mtimes": first_mtimes}
+    last = run("--models", "Fod")
+    outputs, codes = [first[1], second[1], selective[1], last[1]], [first[0], second[0], selective[0], last[0]]
+    return {
+        "run_dir": root / "run",
+        "outputs": outputs,
+        "codes": codes,
+        "mtimes": first_mtimes,
+        "selective_report": selective_report,
+        "config": config_path,
+    }
 
 
 def test_harness_exact_auroc_matches_sklearn(benchmark_run: dict) -> None:
@@ -230,7 +244,20 @@ def test_harness_exact_auroc_matches_sklearn(benchmark_run: dict) -> None:
         assert (run_dir / name).stat().st_size > 0
     table = (run_dir / "results.md").read_text()
     assert "| dummy | Fod | 0 |" in table and "| dummy | Patchcore | 0 |" in table
-    assert "[1/2] dummy / Fod / seed 0" in benchmark_run["outputs"][0]
+    assert "[1/2] dummy / Fod / seed 0: running" in benchmark_run["outputs"][0]
+
+
+def test_harness_model_selection(benchmark_run: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--models`` runs only those cells; every report still lists the config's finished cells."""
+    first, _, selective, last = benchmark_run["outputs"]
+    assert benchmark_run["codes"][2:] == [0, 0]
+    assert "benchmark: 1 of 2 cells" in selective
+    assert "[2/2] dummy / Patchcore / seed 0: running" in selective and "Fod" not in selective
+    assert [c["model"] for c in benchmark_run["selective_report"]["cells"]] == ["Patchcore"]
+    assert "[2/2] dummy / Patchcore / seed 0: skipped (done)" in first  # the whole run reused it
+    assert "[1/2] dummy / Fod / seed 0: skipped (done)" in last and "Patchcore" not in last.split("report:")[0]
+    assert main(["--config", str(benchmark_run["config"]), "--models", "Fod", "Cflow"]) == 2
+    assert "unknown model(s) ['Cflow']" in capsys.readouterr().err
 
 
 def test_harness_rerun_skips_finished_cells(benchmark_run: dict) -> None:

@@ -3,6 +3,7 @@
 Examples:
     anomalib-fod benchmark --config benchmarks/bottle.yaml            # run or resume
     anomalib-fod benchmark --config benchmarks/bottle.yaml --force    # recompute every cell
+    anomalib-fod benchmark --config benchmarks/bottle.yaml --models Fod Patchcore   # only these models
     anomalib-fod benchmark --anomalib-config my_anomalib_benchmark.yaml --max-epochs 10
 """
 
@@ -33,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, help="run folder (default: the config's output_dir)")
     parser.add_argument("--force", action="store_true", help="recompute cells that already finished")
     parser.add_argument(
+        "--models", nargs="+", metavar="NAME", help="run only these models of the config (the report still shows all)"
+    )
+    parser.add_argument("--datasets", nargs="+", metavar="NAME", help="run only these datasets of the config")
+    parser.add_argument(
         "--max-epochs",
         type=int,
         help="with --anomalib-config: epochs for models that do not fix their own (sets PL_TRAINER_MAX_EPOCHS)",
@@ -61,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     run_dir = Path(resolve_path(args.output if args.output is not None else config.output_dir))
-    results = run_benchmark(config, run_dir, force=args.force)
+    try:
+        results = run_benchmark(config, run_dir, force=args.force, models=args.models, datasets=args.datasets)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0 if all(r.get("status") == "ok" for r in results) else 1
 
 

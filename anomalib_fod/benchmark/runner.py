@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,26 +125,43 @@ def _file_logging(run_dir: Path) -> logging.Handler:
     return handler
 
 
+def _check_selection(kind: str, chosen: Sequence[str] | None, known: set[str]) -> None:
+    unknown = sorted(set(chosen or ()) - known)
+    if unknown:
+        raise ValueError(f"unknown {kind}(s) {unknown}; the config has {sorted(known)}")
+
+
 def run_benchmark(
     config: BenchmarkConfig,
     run_dir: Path,
     force: bool = False,
     echo: Callable[[str], None] | None = None,
+    models: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) every cell of ``config`` under ``run_dir`` and write the report.
+    """Run (or resume) the cells of ``config`` under ``run_dir`` and write the report.
 
     Args:
         config: the validated benchmark config.
         run_dir: output folder (``cells/`` results, ``work/`` scratch, reports).
         force: recompute cells that already finished.
         echo: where progress lines go (default: ``tqdm.write`` to stdout).
+        models: run only these models (names as in the config); ``None`` runs all.
+        datasets: run only these datasets; ``None`` runs all.
+
+    The report always covers the whole config: cells left out by ``models``/``datasets``
+    appear with their stored results when they finished earlier (so two selections can run
+    side by side, e.g. one per CPU core, and either report shows both).
 
     Returns:
-        One record per cell, finished or failed, in run order.
+        One record per cell that is in the report, finished or failed, in run order.
     """
     from .environment import environment  # noqa: PLC0415
     from .report import write_report  # noqa: PLC0415
 
+    all_cells = expand_cells(config, run_dir)
+    _check_selection("model", models, {cell.model.name for cell in all_cells})
+    _check_selection("dataset", datasets, {cell.dataset.name for cell in all_cells})
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = _file_logging(run_dir)
 
@@ -152,8 +169,12 @@ def run_benchmark(
         logger.info(message)
         (echo or (lambda m: tqdm.write(m, file=sys.stdout)))(message)
 
-    cells = expand_cells(config, run_dir)
-    say(f"benchmark: {len(cells)} cells -> {run_dir}")
+    def selected(cell: CellSpec) -> bool:
+        return (models is None or cell.model.name in models) and (datasets is None or cell.dataset.name in datasets)
+
+    cells = [cell for cell in all_cells if selected(cell)]
+    left_out = [cell for cell in all_cells if not selected(cell)]
+    say(f"benchmark: {len(cells)} of {len(all_cells)} cells -> {run_dir}")
     for dataset in {cell.dataset.name: cell.dataset for cell in cells}.values():
         if ensure_dummy_dataset(dataset):
             say(f"generated the synthetic dataset '{dataset.name}' under {dataset.init_args['root']}")
@@ -181,6 +202,10 @@ def run_benchmark(
                 say(f"{header}: {_summary(result, time.perf_counter() - start)}")
                 results.append(result)
                 bar.update()
+        stored = {cell.cell_id: load_finished(cell) for cell in left_out}
+        results += [result for result in stored.values() if result is not None]
+        order = {cell.cell_id: cell.index for cell in all_cells}
+        results.sort(key=lambda result: order[result["cell_id"]])
         paths = write_report(run_dir, results, config, environment())
         say("report: " + ", ".join(str(p) for p in paths))
     finally:
