@@ -165,6 +165,8 @@ def test_anomalib_get_model_resolves_fod(tmp_path: Path) -> None:
     assert isinstance(get_model({"class_path": "Fod", "init_args": tiny}), anomalib_fod.Fod)
     assert isinstance(get_model({"class_path": "anomalib.models.Fod", "init_args": tiny}), anomalib_fod.Fod)
     assert isinstance(get_model("fod", **tiny), anomalib_fod.Fod)
+    assert type(get_model("ed", **tiny)) is anomalib_fod.Ed
+    assert type(get_model("cdo", pre_trained=False, image_size=[64, 64])) is anomalib_fod.Cdo
     args = {
         "seed": 0,
         "model": {"class_path": "Fod", "init_args": tiny},
@@ -285,3 +287,29 @@ def test_harness_cell_subprocess(tmp_path: Path) -> None:
     cell = json.loads((tmp_path / "run" / "cells" / "dummy__Patchcore__seed0.json").read_text())
     assert cell["status"] == "ok" and cell["rss_scope"] == "cell process"
     assert (tmp_path / "run" / "work" / "dummy__Patchcore__seed0" / "cell.log").read_text().count("[cell]") >= 4
+
+
+def test_harness_test_curve_leaves_training_unchanged(tmp_path: Path) -> None:
+    """``test_curve: true`` records one point per epoch and the cell's final numbers stay bit-identical."""
+    from anomalib_fod.data.dummy import make_dummy_mvtec
+
+    dataset = make_dummy_mvtec(tmp_path / "data", category="dummy", n_train=10, n_test_good=4, n_test_bad=6, size=(64, 64))
+    records = {}
+    for curve in (False, True):
+        config = _config(dataset, tmp_path / f"run_{curve}")
+        config["models"] = [{**config["models"][0], "max_epochs": 2, "test_curve": curve}]
+        config_path = tmp_path / f"curve_{curve}.yaml"
+        config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        assert main(["--config", str(config_path)]) == 0
+        records[curve] = json.loads((tmp_path / f"run_{curve}" / "cells" / "dummy__Fod__seed0.json").read_text())
+    plain, tracked = records[False], records[True]
+    assert plain["test_curve"] is None
+    points = tracked["test_curve"]["points"]
+    assert [p["epoch"] for p in points] == [1, 2]
+    assert all(0.0 <= p[key] <= 1.0 for p in points for key in ("image_auroc", "pixel_auroc", "pixel_aupro"))
+    # The curve's last point scores the same final model as the cell's own metrics.
+    assert points[-1]["image_auroc"] == tracked["metrics"]["image_auroc"]
+    assert tracked["metrics"] == plain["metrics"]
+    assert plain["fingerprint"] != tracked["fingerprint"]
+    scores = [np.load(tmp_path / f"run_{c}" / "cells" / records[c]["predictions"])["scores"] for c in (False, True)]
+    np.testing.assert_array_equal(scores[0], scores[1])

@@ -34,6 +34,7 @@ from torch import nn
 
 from .config import CellSpec
 from .cost import model_device, openvino_latency, peak_gpu_mb, peak_rss_mb, size_mb, torch_throughput
+from .curve import TestCurve
 from .environment import environment
 from .jsonio import write_json
 from .metrics import exact_metrics
@@ -187,7 +188,9 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
     )
     # A model's trainer_arguments override the Engine's (PatchCore and PaDiM fix one epoch).
     epochs_planned = int(model.trainer_arguments.get("max_epochs") or spec.model.max_epochs)
+    curve = TestCurve(datamodule) if spec.model.test_curve else None
     engine = Engine(
+        callbacks=[curve] if curve is not None else None,
         default_root_dir=spec.work_dir / "engine",
         logger=False,
         max_epochs=spec.model.max_epochs,
@@ -202,7 +205,8 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
     print(f"[cell] {spec.label}: fit", flush=True)
     start = time.perf_counter()
     engine.fit(model, datamodule=datamodule)
-    fit_s = time.perf_counter() - start
+    # The curve's evaluations are not training time.
+    fit_s = time.perf_counter() - start - (curve.seconds if curve is not None else 0.0)
     epochs = int(engine.trainer.current_epoch)
     rss_fit = peak_rss_mb()
     checkpoint = _checkpoint(engine, spec.work_dir)
@@ -277,6 +281,7 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
         "metrics": metrics,
         "anomalib_metrics": anomalib_metrics,
         "cost": cost,
+        "test_curve": None if curve is None else {"points": curve.points, "seconds": curve.seconds},
         "rss_scope": rss_scope,
         "weights": weights,
         "hparams": plain_hparams(model),

@@ -69,6 +69,7 @@ class ModelSpec:
     max_epochs: int = 1
     timeout_s: float | None = None
     layers: tuple[str, ...] | None = None  # this model's own feature layers (same backbone), else the shared ones
+    test_curve: bool = False  # test metrics after every epoch (reporting only; see benchmark/curve.py)
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,8 @@ class CellSpec:
         relevant["model"].pop("timeout_s")
         if relevant["model"].get("layers") is None:  # absent before per-model layers existed
             relevant["model"].pop("layers", None)
+        if not relevant["model"].get("test_curve"):  # absent before the curve existed
+            relevant["model"].pop("test_curve", None)
         blob = json.dumps(relevant, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -226,7 +229,7 @@ def _model(index: int, data: object) -> ModelSpec:
     section = f"models[{index}]"
     _require(isinstance(data, dict), f"{section} must be a mapping.")
     assert isinstance(data, dict)
-    _check_keys(section, data, {"name", "class_path", "init_args", "max_epochs", "timeout_s", "layers"})
+    _check_keys(section, data, {"name", "class_path", "init_args", "max_epochs", "timeout_s", "layers", "test_curve"})
     _require(isinstance(data.get("class_path"), str), f"{section}.class_path is required (e.g. anomalib.models.Padim).")
     init_args = dict(data.get("init_args") or {})
     shared = sorted(set(init_args) & set(SHARED_MODEL_ARGS))
@@ -245,6 +248,8 @@ def _model(index: int, data: object) -> ModelSpec:
         layers is None or (isinstance(layers, list) and layers and all(isinstance(v, str) for v in layers)),
         f"{section}.layers must be a list of layer names of the shared backbone.",
     )
+    test_curve = data.get("test_curve", False)
+    _require(isinstance(test_curve, bool), f"{section}.test_curve must be true or false.")
     return ModelSpec(
         name=name,
         class_path=data["class_path"],
@@ -252,6 +257,7 @@ def _model(index: int, data: object) -> ModelSpec:
         max_epochs=max_epochs,
         timeout_s=timeout,
         layers=tuple(layers) if layers else None,
+        test_curve=test_curve,
     )
 
 

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from anomalib.models.components import AnomalibModule
+
 from anomalib_fod.models.fod.lightning_model import Fod
 from anomalib_fod.models.fod.transformer import FeedForwardMode, FusionMode
 
 
-class Ed(Fod):
+class Ed(Fod, AnomalibModule):  # AnomalibModule again: anomalib's get_model only sees its direct subclasses
     """ED: Emphasize Differences -- FOD with concat+MLP fusion, learnable temperature and a DW-conv FFN.
 
     Args:
