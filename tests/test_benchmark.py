@@ -311,5 +311,9 @@ def test_harness_test_curve_leaves_training_unchanged(tmp_path: Path) -> None:
     assert points[-1]["image_auroc"] == tracked["metrics"]["image_auroc"]
     assert tracked["metrics"] == plain["metrics"]
     assert plain["fingerprint"] != tracked["fingerprint"]
+    report = (tmp_path / "run_True" / "results.md").read_text()
+    assert "### Convergence: dummy / Fod / seed 0" in report and "\n| 2 | " in report
+    assert (tmp_path / "run_True" / "curves.png").stat().st_size > 0
+    assert not (tmp_path / "run_False" / "curves.png").exists()
     scores = [np.load(tmp_path / f"run_{c}" / "cells" / records[c]["predictions"])["scores"] for c in (False, True)]
     np.testing.assert_array_equal(scores[0], scores[1])

@@ -1,4 +1,7 @@
-"""Benchmark report: results.csv (one row per cell), results.json, results.md and results.png."""
+"""Benchmark report: results.csv (one row per cell), results.json, results.md and results.png.
+
+Cells with a ``test_curve`` also get a convergence table in results.md and ``curves.png``.
+"""
 
 from __future__ import annotations
 
@@ -211,22 +214,76 @@ def chart(path: Path, summary: Sequence[dict[str, Any]]) -> None:
     plt.close(figure)
 
 
+def curve_markdown(results: Sequence[dict[str, Any]]) -> str:
+    """Per-epoch test metrics of the cells that recorded a curve (empty string if none did)."""
+    lines = []
+    for result in results:
+        curve = result.get("test_curve") or {}
+        if not curve.get("points"):
+            continue
+        lines += [
+            "",
+            f"### Convergence: {result['dataset']} / {result['model']} / seed {result['seed']}",
+            "",
+            "Test metrics after every epoch, for reporting only (the cell evaluates its last epoch; pixel metrics",
+            f"here at the model's output size). Evaluation time, excluded from fit s: {curve['seconds']:.0f} s.",
+            "",
+            "| epoch | image AUROC | pixel AUROC | AUPRO@0.3 |",
+            "|---|---|---|---|",
+        ]
+        for point in curve["points"]:
+            values = [point.get(key) for key in ("image_auroc", "pixel_auroc", "pixel_aupro")]
+            cells = ["–" if _number(v) is None else f"{v:.4f}" for v in values]
+            lines.append(f"| {point['epoch']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def curve_chart(path: Path, results: Sequence[dict[str, Any]]) -> bool:
+    """Image and pixel AUROC vs. epoch for every cell with a curve; ``False`` when there is none."""
+    curves = [r for r in results if (r.get("test_curve") or {}).get("points")]
+    if not curves:
+        return False
+    import matplotlib as mpl  # noqa: PLC0415
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for result in curves:
+        points = result["test_curve"]["points"]
+        label = f"{result['dataset']} / {result['model']} / seed {result['seed']}"
+        epochs = [p["epoch"] for p in points]
+        for axis, key in zip(axes, ("image_auroc", "pixel_auroc"), strict=True):
+            axis.plot(epochs, [p[key] for p in points], marker="o", label=label)
+    for axis, title in zip(axes, ("image AUROC (exact) vs. epoch", "pixel AUROC (exact) vs. epoch"), strict=True):
+        axis.set_xlabel("epoch")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
 def write_report(
     run_dir: Path,
     results: Sequence[dict[str, Any]],
     config: BenchmarkConfig,
     environment: dict[str, Any],
 ) -> list[Path]:
-    """Write results.csv, results.json, results.md and results.png; return their paths."""
+    """Write results.csv, results.json, results.md, results.png (and curves.png); return their paths."""
     rows = [flatten(r) for r in results]
     summary = aggregate(rows)
     paths = [run_dir / name for name in ("results.csv", "results.json", "results.md", "results.png")]
     write_csv(paths[0], rows)
     report = {"environment": environment, "config": asdict(config), "summary": summary, "cells": list(results)}
     write_json(paths[1], report)
-    paths[2].write_text(markdown(summary, rows, environment), encoding="utf-8")
+    paths[2].write_text(markdown(summary, rows, environment) + curve_markdown(results), encoding="utf-8")
     if summary:
         chart(paths[3], summary)
     else:
         paths.pop()
+    if curve_chart(run_dir / "curves.png", results):
+        paths.append(run_dir / "curves.png")
     return paths
