@@ -125,7 +125,7 @@ def test_shipped_configs_parse() -> None:
     from anomalib_fod.benchmark import load_config
 
     root = Path(__file__).resolve().parents[1] / "benchmarks"
-    for name in ("bottle", "battery_weld", "tiny", "ablation", "ablation_cpu"):
+    for name in ("bottle", "bottle_batch1", "battery_weld", "tiny", "ablation", "ablation_cpu"):
         config = load_config(root / f"{name}.yaml")
         assert config.backbone == "tf_efficientnet_lite0"
         assert config.layers == ("blocks.2", "blocks.4")
