@@ -293,7 +293,9 @@ def test_harness_test_curve_leaves_training_unchanged(tmp_path: Path) -> None:
     """``test_curve: true`` records one point per epoch and the cell's final numbers stay bit-identical."""
     from anomalib_fod.data.dummy import make_dummy_mvtec
 
-    dataset = make_dummy_mvtec(tmp_path / "data", category="dummy", n_train=10, n_test_good=4, n_test_bad=6, size=(64, 64))
+    # 96 px images for a 64 px model: the curve must resize as Engine.test does (antialiased), not
+    # as the export transform does, or its last point would not match the cell's own metrics.
+    dataset = make_dummy_mvtec(tmp_path / "data", category="dummy", n_train=10, n_test_good=4, n_test_bad=6, size=(96, 96))
     records = {}
     for curve in (False, True):
         config = _config(dataset, tmp_path / f"run_{curve}")
@@ -317,3 +319,15 @@ def test_harness_test_curve_leaves_training_unchanged(tmp_path: Path) -> None:
     assert not (tmp_path / "run_False" / "curves.png").exists()
     scores = [np.load(tmp_path / f"run_{c}" / "cells" / records[c]["predictions"])["scores"] for c in (False, True)]
     np.testing.assert_array_equal(scores[0], scores[1])
+
+
+def test_curve_uses_the_test_transform_not_the_export_one() -> None:
+    """The curve scores images as ``Engine.test`` does (antialiased resize), not as an exported model."""
+    from anomalib_fod import Fod
+    from anomalib_fod.benchmark.curve import test_transform
+
+    model = Fod(pre_trained=False, image_size=[64, 64], visualizer=False, **TINY_FOD)
+    images = torch.rand(2, 3, 96, 96)
+    expected = model.pre_processor.transform(images)
+    np.testing.assert_array_equal(test_transform(model, images).numpy(), expected.numpy())
+    assert not torch.allclose(model.pre_processor(images), expected, atol=1e-3)  # the export transform differs

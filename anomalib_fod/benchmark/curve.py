@@ -21,6 +21,19 @@ from tqdm import tqdm
 from .metrics import exact_metrics
 
 
+def test_transform(pl_module: pl.LightningModule, images: torch.Tensor) -> torch.Tensor:
+    """The pre-processing ``Engine.test``/``predict`` apply (the pre-processor's ``transform``).
+
+    Not ``pre_processor(images)``: that is the *export* transform (resizing without antialiasing,
+    what an exported model does), which differs from what the model was trained and tested with.
+    """
+    pre_processor = getattr(pl_module, "pre_processor", None)
+    if not pre_processor:
+        return images
+    transform = getattr(pre_processor, "transform", None)
+    return transform(images) if transform is not None else pre_processor(images)
+
+
 class TestCurve(pl.Callback):
     """After each training epoch, exact image/pixel AUROC and AUPRO of the raw outputs on the test set.
 
@@ -66,8 +79,7 @@ class TestCurve(pl.Callback):
         scores, labels, maps, masks = [], [], [], []
         for batch in self.datamodule.test_dataloader():
             images = batch.image.to(pl_module.device)
-            if pl_module.pre_processor:
-                images = pl_module.pre_processor(images)
+            images = test_transform(pl_module, images)
             output = pl_module.model(images)  # raw: no post-processor
             scores.append(output.pred_score.detach().flatten().float().cpu())
             labels.append(batch.gt_label.flatten().int().cpu())
