@@ -10,7 +10,7 @@ to look at when a dataset goes wrong.
         --root ../shared/datasets/mvtec_ad --category bottle
 
 Exact image AUROC (scikit-learn, raw scores, image score = max of the blurred map) and pixel AUROC
-at the model's input size (masks resized with nearest-neighbour). Prints a Markdown table; ``--json``
+at the model's input size (images and masks pre-processed as ``Engine.test`` does). Prints a Markdown table; ``--json``
 also writes the numbers.
 """
 
@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F  # noqa: N812
 from tqdm import tqdm
 
 # (row label, scoring, with_intra, with_inter): which statistics AnomalyMapGenerator reads.
@@ -50,13 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
 @torch.no_grad()
 def collect(model: Any, loader: Any) -> dict[str, Any]:  # noqa: ANN401 - Fod and an anomalib loader
     """Per level tokens, grids and full branch statistics of every test image."""
-    from anomalib_fod.benchmark.curve import test_transform  # noqa: PLC0415
+    from anomalib_fod.benchmark.curve import preprocess_as_test  # noqa: PLC0415
     from anomalib_fod.models.fod.torch_model import to_tokens  # noqa: PLC0415
 
     fod = model.model
     records: dict[str, Any] = {"tokens": [], "outputs": [], "labels": [], "masks": []}
     for batch in tqdm(loader, desc="scoring the test set", unit="batch"):
-        images = test_transform(model, batch.image)  # as Engine.test/predict, not the export transform
+        batch = preprocess_as_test(model, batch)  # as Engine.test/predict, not the export transform
+        images = batch.image
         features = fod.extract_features(images)
         tokens = [to_tokens(f) for f in features]
         grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
@@ -66,8 +66,7 @@ def collect(model: Any, loader: Any) -> dict[str, Any]:  # noqa: ANN401 - Fod an
         records["grids"] = grids
         records["size"] = (int(images.shape[-2]), int(images.shape[-1]))
         records["labels"].append(batch.gt_label.flatten().int())
-        mask = batch.gt_mask.float().reshape(images.shape[0], 1, *batch.gt_mask.shape[-2:])
-        records["masks"].append(F.interpolate(mask, size=records["size"], mode="nearest")[:, 0] > 0.5)  # noqa: PLR2004
+        records["masks"].append(batch.gt_mask.reshape(images.shape[0], *records["size"]).bool())
     return records
 
 

@@ -309,8 +309,9 @@ def test_harness_test_curve_leaves_training_unchanged(tmp_path: Path) -> None:
     points = tracked["test_curve"]["points"]
     assert [p["epoch"] for p in points] == [1, 2]
     assert all(0.0 <= p[key] <= 1.0 for p in points for key in ("image_auroc", "pixel_auroc", "pixel_aupro"))
-    # The curve's last point scores the same final model as the cell's own metrics.
-    assert points[-1]["image_auroc"] == tracked["metrics"]["image_auroc"]
+    # The curve's last point scores the same final model, pre-processed the same way, as the cell's own metrics.
+    for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+        assert points[-1][key] == tracked["metrics"][key], key
     assert tracked["metrics"] == plain["metrics"]
     assert plain["fingerprint"] != tracked["fingerprint"]
     report = (tmp_path / "run_True" / "results.md").read_text()
@@ -323,11 +324,14 @@ def test_harness_test_curve_leaves_training_unchanged(tmp_path: Path) -> None:
 
 def test_curve_uses_the_test_transform_not_the_export_one() -> None:
     """The curve scores images as ``Engine.test`` does (antialiased resize), not as an exported model."""
+    from types import SimpleNamespace
+
     from anomalib_fod import Fod
-    from anomalib_fod.benchmark.curve import test_transform
+    from anomalib_fod.benchmark.curve import preprocess_as_test
 
     model = Fod(pre_trained=False, image_size=[64, 64], visualizer=False, **TINY_FOD)
     images = torch.rand(2, 3, 96, 96)
     expected = model.pre_processor.transform(images)
-    np.testing.assert_array_equal(test_transform(model, images).numpy(), expected.numpy())
+    batch = preprocess_as_test(model, SimpleNamespace(image=images, gt_mask=None))
+    np.testing.assert_array_equal(batch.image.numpy(), expected.numpy())
     assert not torch.allclose(model.pre_processor(images), expected, atol=1e-3)  # the export transform differs

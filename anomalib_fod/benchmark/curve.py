@@ -15,31 +15,29 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from .metrics import exact_metrics
 
 
-def test_transform(pl_module: pl.LightningModule, images: torch.Tensor) -> torch.Tensor:
-    """The pre-processing ``Engine.test``/``predict`` apply (the pre-processor's ``transform``).
+def preprocess_as_test(pl_module: pl.LightningModule, batch: Any) -> Any:  # noqa: ANN401 - anomalib batch
+    """Pre-process ``batch`` in place as ``Engine.test``/``predict`` do, images and masks together.
 
-    Not ``pre_processor(images)``: that is the *export* transform (resizing without antialiasing,
+    That is the pre-processor's ``transform`` (what its ``on_test_batch_start`` applies), not
+    ``pre_processor(images)``: the latter is the *export* transform (resizing without antialiasing,
     what an exported model does), which differs from what the model was trained and tested with.
     """
-    pre_processor = getattr(pl_module, "pre_processor", None)
-    if not pre_processor:
-        return images
-    transform = getattr(pre_processor, "transform", None)
-    return transform(images) if transform is not None else pre_processor(images)
+    transform = getattr(getattr(pl_module, "pre_processor", None), "transform", None)
+    if transform:
+        batch.image, batch.gt_mask = transform(batch.image, batch.gt_mask)
+    return batch
 
 
 class TestCurve(pl.Callback):
     """After each training epoch, exact image/pixel AUROC and AUPRO of the raw outputs on the test set.
 
-    Pixel metrics are computed at the model's output size (masks resized with nearest-neighbour),
-    which keeps an epoch's evaluation cheap; the final numbers of a cell use the full-size masks,
-    so the last point of the curve can differ from them slightly.
+    Images and masks are pre-processed and collected exactly as the cell's own ``Engine.predict``
+    pass does (pixel metrics at the model's input size), so the last point equals the cell's metrics.
 
     Args:
         datamodule: the cell's anomalib datamodule (its ``test_dataloader`` is used).
@@ -76,23 +74,12 @@ class TestCurve(pl.Callback):
     def _evaluate(self, pl_module: pl.LightningModule) -> dict[str, float]:
         if getattr(self.datamodule, "test_data", None) is None:
             self.datamodule.setup("test")
-        scores, labels, maps, masks = [], [], [], []
+        from .cell import collect_predictions  # noqa: PLC0415 - cell imports this module
+
+        predictions = []
         for batch in self.datamodule.test_dataloader():
-            images = batch.image.to(pl_module.device)
-            images = test_transform(pl_module, images)
-            output = pl_module.model(images)  # raw: no post-processor
-            scores.append(output.pred_score.detach().flatten().float().cpu())
-            labels.append(batch.gt_label.flatten().int().cpu())
-            if output.anomaly_map is not None and batch.gt_mask is not None:
-                anomaly_map = output.anomaly_map.detach().float().cpu().reshape(images.shape[0], -1, *output.anomaly_map.shape[-2:])[:, 0]
-                mask = batch.gt_mask.float().reshape(images.shape[0], 1, *batch.gt_mask.shape[-2:])
-                mask = nn.functional.interpolate(mask, size=anomaly_map.shape[-2:], mode="nearest")[:, 0] > 0.5  # noqa: PLR2004
-                maps.append(anomaly_map)
-                masks.append(mask)
-        has_maps = bool(maps) and len(maps) == len(scores)
-        return exact_metrics(
-            torch.cat(scores).numpy(),
-            torch.cat(labels).numpy(),
-            torch.cat(maps).numpy() if has_maps else None,
-            torch.cat(masks).numpy() if has_maps else None,
-        )
+            batch = preprocess_as_test(pl_module, batch)
+            output = pl_module.model(batch.image.to(pl_module.device))  # raw: no post-processor
+            predictions.append(batch.update(in_place=False, pred_score=output.pred_score, anomaly_map=output.anomaly_map))
+        raw = collect_predictions(predictions)
+        return exact_metrics(raw["scores"], raw["labels"], raw["maps"], raw["masks"])
