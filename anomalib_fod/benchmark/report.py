@@ -188,7 +188,14 @@ def chart(path: Path, summary: Sequence[dict[str, Any]]) -> None:
         axis.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
         axis.set_title(title)
         axis.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize="small")
+    # One legend for both bar panels, below them: inside an axis it hides the tallest bars.
+    figure.legend(
+        *axes[0].get_legend_handles_labels(),
+        loc="lower center",
+        bbox_to_anchor=(1 / 3, 0.0),
+        ncol=min(len(models), 6),
+        fontsize="small",
+    )
     markers = "osD^v<>ph*"
     for entry in summary:
         if entry.get("fit_s") is None or entry.get("image_auroc") is None:
@@ -209,7 +216,7 @@ def chart(path: Path, summary: Sequence[dict[str, Any]]) -> None:
     axes[2].grid(alpha=0.3)
     if datasets:
         axes[2].legend(fontsize="small")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0.0, 0.08, 1.0, 1.0))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
