@@ -79,9 +79,10 @@ def test_dummy_test_and_predict(trained_dummy):
         {"with_inter": False},
         {"with_intra": False},
         {"reference": "coreset"},
-        {"with_entropy": False, "out_projection": False},
+        {"with_entropy": False},
+        {"out_projection": True},
     ],
-    ids=["patch-only", "intra-only", "inter-only", "coreset", "paper-code-variant"],
+    ids=["patch-only", "intra-only", "inter-only", "coreset", "no-entropy", "out-projection"],
 )
 def test_variants_train_and_predict(dummy_dataset, tmp_path, settings):
     seed_everything(0)

@@ -387,7 +387,11 @@ def test_openvino_fp16_drift(exports: Exports, images: Path, lightning_outputs: 
     print("\nOpenVINO FP16 vs Lightning:", json.dumps(drift))
     margin = min(abs(score - 0.5) for score in lightning_outputs.score.values())
     print(f"smallest distance of a normalised score to the 0.5 threshold: {margin:.4f}")
-    assert drift["label_flips"] == 0
+    # FP16 may flip a label only where the score itself moved across the threshold: an image whose
+    # FP32 score lies closer to 0.5 than its FP16 drift (this test model has a score 2e-4 from it).
+    for name, label in lightning_outputs.label.items():
+        if fp16_outputs.label[name] != label:
+            assert abs(lightning_outputs.score[name] - 0.5) <= abs(fp16_outputs.score[name] - lightning_outputs.score[name])
     # Sanity bounds only (scores and maps are normalised to [0, 1]). FP16 weights, mostly those of
     # the backbone, move the features; this 1-epoch test model measured score 0.09, map 0.08.
     assert drift["score_max_abs"] < 0.25

@@ -81,9 +81,10 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         entropy_weight: ``lambda2`` (paper: 0.5).
         scoring: ``"rec_div"`` (paper), ``"rec"`` or ``"div"``.
         reference: ``"mean"`` (paper) or ``"coreset"`` reference features.
-        out_projection: apply the attention output projection. ``True`` (default) is standard
-            multi-head attention; the paper's code computed it and discarded the result, which
-            ``False`` reproduces.
+        out_projection: apply an output projection after each attention. ``False`` (default)
+            matches the paper's code, which computed the projection and discarded it. Applying
+            it (standard multi-head attention) made FOD learn to separate defects more slowly and
+            less reliably in our measurements (README, "Deliberate differences").
         blur_sigma: Gaussian blur of the anomaly map (paper: 4).
         fusion: how a layer combines its intra and inter branches: ``"subtract"`` (FOD's
             I2Correlation) or ``"concat_mlp"`` (ED: concatenation, Linear 2D->4D, ReLU, Linear 4D->D).
@@ -132,7 +133,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         entropy_weight: float = 0.5,
         scoring: ScoringMode = "rec_div",
         reference: ReferenceMode = "mean",
-        out_projection: bool = True,
+        out_projection: bool = False,
         blur_sigma: float = 4.0,
         fusion: FusionMode = "subtract",
         ffn: FeedForwardMode = "mlp",

@@ -49,7 +49,7 @@ class FodModel(nn.Module):
         dropout: dropout probability in the Transformers.
         with_intra: intra-correlation branch.
         with_inter: inter-correlation branch.
-        out_projection: apply attention output projections (the paper's code discards them).
+        out_projection: apply attention output projections (off, as in the paper's code; see README).
         scoring: ``"rec_div"``, ``"rec"`` or ``"div"``.
         blur_sigma: Gaussian blur on the anomaly map.
         reference: ``"mean"`` or ``"coreset"`` reference features.
@@ -76,7 +76,7 @@ class FodModel(nn.Module):
         dropout: float = 0.0,
         with_intra: bool = True,
         with_inter: bool = True,
-        out_projection: bool = True,
+        out_projection: bool = False,
         scoring: ScoringMode = "rec_div",
         blur_sigma: float = 4.0,
         reference: str = "mean",
