@@ -134,8 +134,28 @@ def test_fod_defaults_are_the_papers():
     assert (hparams.kl_weight, hparams.entropy_weight) == (0.5, 0.5)
     assert (hparams.scoring, hparams.reference) == ("rec_div", "mean")
     assert hparams.learning_rate == 1e-4
+    # The paper's code computes the attention output projection and discards it; so do we (README).
+    assert hparams.out_projection is False
+    attention = fod.model.levels[0].layers[0].self_attention
+    assert isinstance(attention.proj, torch.nn.Identity)
     assert fod.trainer_arguments["num_sanity_val_steps"] == 0
     # only the Transformers are optimised
     optimizer = fod.configure_optimizers()
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert optimised == {id(p) for p in fod.model.levels.parameters()}
+
+
+@pytest.mark.parametrize(("steps", "warns"), [(150, True), (200, False), (float("inf"), False)])
+def test_too_few_optimizer_steps_warn(steps, warns, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    fod = Fod(pre_trained=False, **TINY)
+    fod._trainer = SimpleNamespace(estimated_stepping_batches=steps)  # noqa: SLF001 - only this property is read
+    with caplog.at_level(logging.WARNING, logger="anomalib_fod.models.fod.lightning_model"):
+        fod._warn_few_steps()  # noqa: SLF001
+    messages = [r.getMessage() for r in caplog.records]
+    assert bool(messages) == warns
+    if warns:
+        assert "only 150 optimizer steps" in messages[0]
+        assert "train_batch_size" in messages[0]

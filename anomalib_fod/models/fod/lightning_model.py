@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ from .torch_model import FodModel
 from .transformer import FeedForwardMode, FusionMode
 
 logger = logging.getLogger(__name__)
+
+# Fewer optimizer steps than this leave FOD's minimax game under-trained (see _warn_few_steps).
+MIN_RECOMMENDED_STEPS = 200
 
 __all__ = ["ONNX_OPSET", "Fod", "NonFiniteLossError"]
 
@@ -211,13 +215,32 @@ class Fod(OfflineBackboneModule, AnomalibModule):
                     level.compile()
 
     def on_train_start(self) -> None:
-        """Decide whether backbone features can be cached (not with training augmentations)."""
+        """Warn about too few optimizer steps; decide whether backbone features can be cached."""
+        self._warn_few_steps()
         self._feature_cache.clear()
         datamodule = getattr(self.trainer, "datamodule", None)
         augmented = datamodule is not None and getattr(datamodule, "train_augmentations", None) is not None
         self._use_cache = self.cache_features and not augmented
         if self.cache_features and augmented:
             logger.info("FOD: training augmentations present, backbone features are not cached.")
+
+    def _warn_few_steps(self) -> None:
+        """FOD learns per optimizer step, not per image: say so when a run takes too few steps.
+
+        A large batch makes an epoch cheaper on a GPU but leaves the minimax game few updates
+        (anomalib's datamodules default to batch 32: 7 steps per epoch on 209 images).
+        """
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps) or steps >= MIN_RECOMMENDED_STEPS:
+            return
+        logger.warning(
+            "%s: this run takes only %d optimizer steps. FOD learns per step: on MVTec bottle at batch 1 it "
+            "separated defects at 0.76-0.82 image AUROC after 100 steps and 0.83-0.89 after 209, and the paper's "
+            "code reached its best after 1000-1500 steps. Use a smaller train_batch_size (1-4) or more epochs; "
+            "see the README's 'Batch size and epochs'.",
+            self.DISPLAY_NAME,
+            int(steps),
+        )
 
     def on_train_epoch_end(self) -> None:
         """Report what the feature cache holds after the first epoch."""
