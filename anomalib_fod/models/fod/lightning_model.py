@@ -87,8 +87,8 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         reference: ``"mean"`` (paper) or ``"coreset"`` reference features.
         out_projection: apply an output projection after each attention. ``False`` (default)
             matches the paper's code, which computed the projection and discarded it. Applying
-            it (standard multi-head attention) made FOD learn to separate defects more slowly and
-            less reliably in our measurements (README, "Deliberate differences").
+            it (standard multi-head attention) made FOD leave chance in its first epoch less
+            reliably in our measurements (README, "Deliberate differences").
         blur_sigma: Gaussian blur of the anomaly map (paper: 4).
         fusion: how a layer combines its intra and inter branches: ``"subtract"`` (FOD's
             I2Correlation) or ``"concat_mlp"`` (ED: concatenation, Linear 2D->4D, ReLU, Linear 4D->D).

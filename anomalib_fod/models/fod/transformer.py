@@ -197,8 +197,8 @@ class CorrelationAttention(nn.Module):
         num_heads: attention heads.
         with_target: predict per-query sigmas and the Gaussian target correlation.
         out_projection: apply an output projection. Off by default, as in the paper's code (which
-            computes it and throws the result away): with it, FOD learned to separate defects more
-            slowly and less reliably (README, "Deliberate differences").
+            computes it and throws the result away): with it, FOD left chance in its first epoch
+            less reliably (README, "Deliberate differences").
         dropout: dropout on the attention probabilities.
         learnable_temperature: learn the logit scale (ED), initialised to ``1 / sqrt(head dim)``
             and kept positive through its logarithm.
