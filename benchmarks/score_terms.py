@@ -6,6 +6,12 @@ their product (``rec_div``, the paper's score), each on both levels and on each 
 below 0.5 AUROC ranks defective images *below* normal ones, which points at the part of the model
 to look at when a dataset goes wrong.
 
+The reconstruction term is also split into its two parts, the MSE and ``1 - cos``, alone and times
+the divergence. ``--train-residuals`` adds one more pass over the training images and a variant of
+the MSE in which each channel's squared error is divided by that channel's mean squared error on the
+training set, so no channel counts more because the backbone happens to make it larger or harder to
+reconstruct on normal data.
+
     python benchmarks/score_terms.py --checkpoint RUN/work/<cell>/engine/.../model.ckpt \
         --root ../shared/datasets/mvtec_ad --category bottle
 
@@ -34,6 +40,18 @@ TERMS = (
     ("rec x div, intra", "rec_div", True, False),
 )
 
+# (row label, part of the reconstruction term, times the divergence): rows of PartGenerator.
+PART_TERMS = (
+    ("rec: MSE part", "mse", False),
+    ("rec: 1 - cos part", "cos", False),
+    ("MSE part x div", "mse", True),
+    ("1 - cos part x div", "cos", True),
+)
+TRAIN_RESIDUAL_TERMS = (
+    ("rec: MSE / train residual", "mse_norm", False),
+    ("MSE / train residual x div", "mse_norm", True),
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
@@ -43,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--category", required=True, help="category folder under --root")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument(
+        "--train-residuals",
+        action="store_true",
+        help="also score the MSE normalised per channel by the training set's mean squared error (one more pass)",
+    )
     return parser
 
 
@@ -70,13 +93,69 @@ def collect(model: Any, loader: Any) -> dict[str, Any]:  # noqa: ANN401 - Fod an
     return records
 
 
-def score(records: dict[str, Any], term: tuple[str, str, bool, bool], levels: list[int], blur: float) -> dict[str, float]:
-    """Exact metrics of one scoring term on the given levels."""
+@torch.no_grad()
+def train_residual_scales(model: Any, loader: Any) -> list[torch.Tensor]:  # noqa: ANN401 - Fod and an anomalib loader
+    """Per level ``(C,)`` mean squared reconstruction error of every channel over all training tokens."""
+    from anomalib_fod.benchmark.curve import preprocess_as_test  # noqa: PLC0415
+    from anomalib_fod.models.fod.torch_model import to_tokens  # noqa: PLC0415
+
+    fod = model.model
+    sums: list[torch.Tensor | float] = [0.0] * len(fod.levels)
+    counts = [0] * len(fod.levels)
+    for batch in tqdm(loader, desc="training residuals", unit="batch"):
+        batch = preprocess_as_test(model, batch)
+        for i, (level, feature) in enumerate(zip(fod.levels, fod.extract_features(batch.image), strict=True)):
+            tokens = to_tokens(feature)
+            output = level(tokens, int(feature.shape[-2]), int(feature.shape[-1]), False, False, False)
+            sums[i] = sums[i] + (tokens.float() - output.reconstruction.float()).square().sum(dim=(0, 1))
+            counts[i] += tokens.shape[0] * tokens.shape[1]
+    return [total / count for total, count in zip(sums, counts, strict=True)]
+
+
+def _part_generator_class() -> type:
+    from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator  # noqa: PLC0415
+
+    class PartGenerator(AnomalyMapGenerator):
+        """One part of the reconstruction term (optionally times the divergence), combined as the model does."""
+
+        def __init__(self, part: str, with_div: bool, with_intra: bool, with_inter: bool, blur: float, scales: list[torch.Tensor] | None) -> None:
+            super().__init__("rec_div" if with_div else "rec", with_intra, with_inter, blur)
+            self.part = part
+            self.scales = scales
+            self._level = 0
+
+        def forward(self, tokens: list[torch.Tensor], *args: Any) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN401
+            self._level = 0  # token_scores sees the levels in order
+            return super().forward(tokens, *args)
+
+        def token_scores(self, tokens: torch.Tensor, output: Any) -> torch.Tensor:  # noqa: ANN401
+            error = tokens.float() - output.reconstruction.float()
+            if self.part == "mse":
+                value = error.square().mean(dim=-1)
+            elif self.part == "cos":
+                value = 1.0 - torch.nn.functional.cosine_similarity(tokens.float(), output.reconstruction.float(), dim=-1)
+            else:
+                value = (error.square() / self.scales[self._level]).mean(dim=-1)
+            self._level += 1
+            return value * self.divergence_score(output) if self.scoring == "rec_div" else value
+
+    return PartGenerator
+
+
+def score(
+    records: dict[str, Any],
+    term: tuple[str, str, bool, bool],
+    levels: list[int],
+    blur: float,
+    generator: Any = None,  # noqa: ANN401 - an AnomalyMapGenerator
+) -> dict[str, float]:
+    """Exact metrics of one scoring term on the given levels (or of ``generator`` when given)."""
     from anomalib_fod.benchmark.metrics import exact_metrics  # noqa: PLC0415
     from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator  # noqa: PLC0415
 
-    _, scoring, with_intra, with_inter = term
-    generator = AnomalyMapGenerator(scoring, with_intra, with_inter, blur)
+    if generator is None:
+        _, scoring, with_intra, with_inter = term
+        generator = AnomalyMapGenerator(scoring, with_intra, with_inter, blur)
     scores, maps = [], []
     for tokens, outputs in zip(records["tokens"], records["outputs"], strict=True):
         anomaly_map, pred = generator(
@@ -116,13 +195,29 @@ def main(argv: list[str] | None = None) -> int:
     n_levels = len(records["grids"])
     level_sets = {"all levels": list(range(n_levels))} | {f"level {i} only": [i] for i in range(n_levels)}
     rows = []
+    own = model.model.anomaly_map_generator
     for term in TERMS:
-        generator = model.model.anomaly_map_generator
-        if (term[2] and not generator.with_intra) or (term[3] and not generator.with_inter):
+        if (term[2] and not own.with_intra) or (term[3] and not own.with_inter):
             continue
         for name, levels in level_sets.items():
             metrics = score(records, term, levels, blur)
             rows.append({"term": term[0], "levels": name, **metrics})
+    part_terms = list(PART_TERMS)
+    scales = None
+    if args.train_residuals:
+        train = datamodule.train_data
+        loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, collate_fn=train.collate_fn)
+        scales = train_residual_scales(model, loader)
+        part_terms += TRAIN_RESIDUAL_TERMS
+    part_generator = _part_generator_class()
+    for label, part, with_div in part_terms:
+        if with_div and not (own.with_intra or own.with_inter):
+            continue
+        for name, levels in level_sets.items():
+            level_scales = None if scales is None else [scales[i] for i in levels]
+            generator = part_generator(part, with_div, own.with_intra, own.with_inter, blur, level_scales)
+            metrics = score(records, (label, "", False, False), levels, blur, generator)
+            rows.append({"term": label, "levels": name, **metrics})
     print("| term | levels | image AUROC | pixel AUROC | AUPRO@0.3 |")
     print("|---|---|---|---|---|")
     for row in rows:

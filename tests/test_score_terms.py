@@ -27,9 +27,12 @@ def test_score_terms_table_and_paper_row_match_the_model(trained_dummy, tmp_path
     trained_dummy.engine.trainer.save_checkpoint(checkpoint)
     out = tmp_path / "terms.json"
     argv = ["--checkpoint", str(checkpoint), "--root", str(trained_dummy.dataset.parent)]
-    assert script.main([*argv, "--category", trained_dummy.dataset.name, "--batch-size", "3", "--json", str(out)]) == 0
+    category = ["--category", trained_dummy.dataset.name]
+    assert script.main([*argv, *category, "--batch-size", "3", "--json", str(out), "--train-residuals"]) == 0
     rows = json.loads(out.read_text())
-    assert len(rows) == 5 * 3  # five terms x (all levels, level 0, level 1)
+    # (five model terms + four parts + two train-normalised parts) x (all levels, level 0, level 1)
+    assert len(rows) == (5 + 4 + 2) * 3
+    assert {r["term"] for r in rows} >= {"rec: MSE part", "rec: 1 - cos part", "MSE / train residual x div"}
     assert "| rec x div, inter (paper) | all levels |" in capsys.readouterr().out
     # The paper row on all levels is the model's own image score.
     model = trained_dummy.model.eval()
@@ -41,3 +44,35 @@ def test_score_terms_table_and_paper_row_match_the_model(trained_dummy, tmp_path
     own = roc_auc_score(torch.cat(labels).numpy(), torch.cat(scores).numpy())
     paper = next(r for r in rows if r["term"].endswith("(paper)") and r["levels"] == "all levels")
     np.testing.assert_allclose(paper["image_auroc"], own, atol=1e-12)
+
+
+def test_reconstruction_parts_add_up_to_the_model_term(trained_dummy) -> None:  # noqa: ANN001
+    """Upsampling, level mean and blur are linear, so the MSE map plus the 1 - cos map is the rec map."""
+    from anomalib_fod.benchmark.curve import preprocess_as_test
+    from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator
+
+    script = _load_script()
+    model = trained_dummy.model.eval()
+    records = script.collect(model, trained_dummy.datamodule.test_dataloader())
+    tokens, outputs = records["tokens"][0], records["outputs"][0]
+    args = (tokens, outputs, records["grids"], records["size"])
+    part = script._part_generator_class()  # noqa: SLF001
+    rec, _ = AnomalyMapGenerator("rec", True, True, 4.0)(*args)
+    mse, _ = part("mse", False, True, True, 4.0, None)(*args)
+    cos, _ = part("cos", False, True, True, 4.0, None)(*args)
+    torch.testing.assert_close(mse + cos, rec, rtol=1e-5, atol=1e-6)
+    # Unit per-channel scales leave the MSE as it is; the scales of the training pass are per channel.
+    ones = [torch.ones(t.shape[-1]) for t in tokens]
+    unit, _ = part("mse_norm", True, True, True, 4.0, ones)(*args)
+    plain, _ = part("mse", True, True, True, 4.0, None)(*args)
+    torch.testing.assert_close(unit, plain)
+    # Batches of 3 (the last one short) average to the per-channel mean over all training tokens at once.
+    train = trained_dummy.datamodule.train_data
+    batched = torch.utils.data.DataLoader(train, batch_size=3, collate_fn=train.collate_fn)
+    scales = script.train_residual_scales(model, batched)
+    whole = preprocess_as_test(model, next(iter(torch.utils.data.DataLoader(train, batch_size=len(train), collate_fn=train.collate_fn))))
+    with torch.no_grad():
+        for level, feature, scale in zip(model.model.levels, model.model.extract_features(whole.image), scales, strict=True):
+            flat = feature.flatten(2).transpose(1, 2)
+            output = level(flat, int(feature.shape[-2]), int(feature.shape[-1]), False, False, False)
+            torch.testing.assert_close(scale, (flat - output.reconstruction).square().mean(dim=(0, 1)), rtol=1e-4, atol=1e-7)
