@@ -113,7 +113,7 @@ def train_residual_scales(model: Any, loader: Any) -> list[torch.Tensor]:  # noq
 
 
 def _part_generator_class() -> type:
-    from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator  # noqa: PLC0415
+    from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator, reconstruction_parts  # noqa: PLC0415
 
     class PartGenerator(AnomalyMapGenerator):
         """One part of the reconstruction term (optionally times the divergence), combined as the model does."""
@@ -129,33 +129,22 @@ def _part_generator_class() -> type:
             return super().forward(tokens, *args)
 
         def token_scores(self, tokens: torch.Tensor, output: Any) -> torch.Tensor:  # noqa: ANN401
-            error = tokens.float() - output.reconstruction.float()
-            if self.part == "mse":
-                value = error.square().mean(dim=-1)
-            elif self.part == "cos":
-                value = 1.0 - torch.nn.functional.cosine_similarity(tokens.float(), output.reconstruction.float(), dim=-1)
-            else:
+            if self.part == "mse_norm":
+                error = tokens.float() - output.reconstruction.float()
                 value = (error.square() / self.scales[self._level]).mean(dim=-1)
+            else:
+                mse, cosine_distance = reconstruction_parts(tokens, output.reconstruction)
+                value = mse if self.part == "mse" else cosine_distance
             self._level += 1
             return value * self.divergence_score(output) if self.scoring == "rec_div" else value
 
     return PartGenerator
 
 
-def score(
-    records: dict[str, Any],
-    term: tuple[str, str, bool, bool],
-    levels: list[int],
-    blur: float,
-    generator: Any = None,  # noqa: ANN401 - an AnomalyMapGenerator
-) -> dict[str, float]:
-    """Exact metrics of one scoring term on the given levels (or of ``generator`` when given)."""
+def score(records: dict[str, Any], generator: Any, levels: list[int]) -> dict[str, float]:  # noqa: ANN401
+    """Exact metrics of one ``AnomalyMapGenerator`` (or subclass) on the given levels."""
     from anomalib_fod.benchmark.metrics import exact_metrics  # noqa: PLC0415
-    from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator  # noqa: PLC0415
 
-    if generator is None:
-        _, scoring, with_intra, with_inter = term
-        generator = AnomalyMapGenerator(scoring, with_intra, with_inter, blur)
     scores, maps = [], []
     for tokens, outputs in zip(records["tokens"], records["outputs"], strict=True):
         anomaly_map, pred = generator(
@@ -180,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     from anomalib.data import MVTecAD  # noqa: PLC0415
 
     import anomalib_fod  # noqa: PLC0415
+    from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator  # noqa: PLC0415
 
     model = anomalib_fod.Fod.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
     blur = float(model.hparams.get("blur_sigma", 4.0))
@@ -199,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     for term in TERMS:
         if (term[2] and not own.with_intra) or (term[3] and not own.with_inter):
             continue
+        generator = AnomalyMapGenerator(term[1], term[2], term[3], blur)
         for name, levels in level_sets.items():
-            metrics = score(records, term, levels, blur)
-            rows.append({"term": term[0], "levels": name, **metrics})
+            rows.append({"term": term[0], "levels": name, **score(records, generator, levels)})
     part_terms = list(PART_TERMS)
     scales = None
     if args.train_residuals:
@@ -216,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, levels in level_sets.items():
             level_scales = None if scales is None else [scales[i] for i in levels]
             generator = part_generator(part, with_div, own.with_intra, own.with_inter, blur, level_scales)
-            metrics = score(records, (label, "", False, False), levels, blur, generator)
-            rows.append({"term": label, "levels": name, **metrics})
+            rows.append({"term": label, "levels": name, **score(records, generator, levels)})
     print("| term | levels | image AUROC | pixel AUROC | AUPRO@0.3 |")
     print("|---|---|---|---|---|")
     for row in rows:

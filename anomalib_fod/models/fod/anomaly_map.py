@@ -32,12 +32,18 @@ ScoringMode = Literal["rec", "div", "rec_div"]
 SCORING_MODES = ("rec", "div", "rec_div")
 
 
-def reconstruction_score(tokens: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-    """Per-token MSE + (1 - cosine), ``(B, L, C)`` x2 -> ``(B, L)``."""
+def reconstruction_parts(tokens: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token MSE and ``1 - cosine``, ``(B, L, C)`` x2 -> two ``(B, L)``."""
     tokens = tokens.float()
     reconstruction = reconstruction.float()
     mse = (tokens - reconstruction).square().mean(dim=-1)
-    return mse + 1.0 - F.cosine_similarity(tokens, reconstruction, dim=-1)
+    return mse, 1.0 - F.cosine_similarity(tokens, reconstruction, dim=-1)
+
+
+def reconstruction_score(tokens: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """Per-token MSE + (1 - cosine), ``(B, L, C)`` x2 -> ``(B, L)``."""
+    mse, cosine_distance = reconstruction_parts(tokens, reconstruction)
+    return mse + cosine_distance
 
 
 def mean_divergence(stats: list[BranchStats]) -> torch.Tensor:
