@@ -335,3 +335,83 @@ def test_curve_uses_the_test_transform_not_the_export_one() -> None:
     batch = preprocess_as_test(model, SimpleNamespace(image=images, gt_mask=None))
     np.testing.assert_array_equal(batch.image.numpy(), expected.numpy())
     assert not torch.allclose(model.pre_processor(images), expected, atol=1e-3)  # the export transform differs
+
+
+def test_harness_resumes_an_interrupted_cell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cell killed after epoch 1 of 3 resumes from its per-epoch checkpoint and ends as an uninterrupted one."""
+    from anomalib_fod.benchmark.resume import RESUME_CHECKPOINT, CellCheckpoint, find_resume_point
+    from anomalib_fod.data.dummy import make_dummy_mvtec
+
+    dataset = make_dummy_mvtec(tmp_path / "data", category="dummy", n_train=10, n_test_good=4, n_test_bad=6, size=(64, 64))
+
+    def write_config(name: str) -> Path:
+        config = _config(dataset, tmp_path / name)
+        config["models"] = [{**config["models"][0], "max_epochs": 3, "test_curve": True}]
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        return path
+
+    def record(name: str) -> dict:
+        return json.loads((tmp_path / name / "cells" / "dummy__Fod__seed0.json").read_text())
+
+    assert main(["--config", str(write_config("straight"))]) == 0
+    straight = record("straight")
+    assert straight["resumed"] is None
+
+    save_epoch = CellCheckpoint.on_train_epoch_end
+
+    def killed_after_first_epoch(self: CellCheckpoint, trainer, pl_module) -> None:  # noqa: ANN001
+        save_epoch(self, trainer, pl_module)
+        raise RuntimeError("killed")
+
+    config_path = write_config("interrupted")
+    work_dir = tmp_path / "interrupted" / "work" / "dummy__Fod__seed0"
+    with monkeypatch.context() as patch:
+        patch.setattr(CellCheckpoint, "on_train_epoch_end", killed_after_first_epoch)
+        main(["--config", str(config_path)])
+    error = json.loads((tmp_path / "interrupted" / "cells" / "dummy__Fod__seed0.error.json").read_text())
+    assert "killed" in error["error"]
+    assert (work_dir / RESUME_CHECKPOINT).is_file()
+    assert find_resume_point(work_dir, "other settings", {}) is None
+
+    assert main(["--config", str(config_path)]) == 0
+    resumed = record("interrupted")
+    assert resumed["resumed"]["epochs_done"] == 1 and not resumed["resumed"]["adopted"]
+    assert resumed["resumed"]["fit_s_before"] > 0
+    assert resumed["cost"]["epochs"] == 3
+    # Same batches, same weights: bit-identical numbers and curve, the first point from the checkpoint.
+    assert resumed["metrics"] == straight["metrics"]
+    assert resumed["test_curve"]["points"] == straight["test_curve"]["points"]
+    scores = [np.load(tmp_path / name / "cells" / "dummy__Fod__seed0.npz")["scores"] for name in ("straight", "interrupted")]
+    np.testing.assert_array_equal(scores[0], scores[1])
+    assert not (work_dir / RESUME_CHECKPOINT).exists()  # a finished cell keeps only the engine's checkpoint
+
+    # The finished fit's own checkpoint carries the fingerprint; --force must not reuse it.
+    assert main(["--config", str(config_path), "--force"]) == 0
+    assert record("interrupted")["resumed"] is None
+
+
+def test_resume_adopts_only_matching_legacy_checkpoints(tmp_path: Path) -> None:
+    """A checkpoint without a cell fingerprint is adopted only if its hyper-parameters match; its fit time is unknown."""
+    from anomalib_fod.benchmark.resume import find_resume_point
+
+    lightning_dir = tmp_path / "engine" / "Fod" / "MVTecAD" / "dummy" / "v0" / "weights" / "lightning"
+    lightning_dir.mkdir(parents=True)
+    checkpoint = {
+        "epoch": 4,
+        "global_step": 50,
+        "hyper_parameters": {"num_layers": 3, "d_models": [256, 512], "fusion": "subtract"},
+        "callbacks": {},
+        "loops": {
+            "fit_loop": {
+                "epoch_progress": {"current": {"processed": 4, "completed": 4}},
+                "epoch_loop.batch_progress": {"is_last_batch": True},
+            },
+        },
+    }
+    torch.save(checkpoint, lightning_dir / "model.ckpt")
+    hparams = {"num_layers": 3, "d_models": (256, 512), "fusion": "subtract"}
+    point = find_resume_point(tmp_path, "abc", hparams)
+    assert point is not None and point.adopted and point.fit_s_before is None
+    assert (point.global_step, point.epochs_done) == (50, 5)
+    assert find_resume_point(tmp_path, "abc", {**hparams, "fusion": "concat_mlp"}) is None

@@ -38,6 +38,7 @@ from .curve import TestCurve
 from .environment import environment
 from .jsonio import write_json
 from .metrics import exact_metrics
+from .resume import RESUME_CHECKPOINT, CellCheckpoint, discard_resume_state, find_resume_point
 
 # The exported graph is built with torch's dynamo exporter, which emits opset 18.
 ONNX_OPSET = 18
@@ -189,8 +190,11 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
     # A model's trainer_arguments override the Engine's (PatchCore and PaDiM fix one epoch).
     epochs_planned = int(model.trainer_arguments.get("max_epochs") or spec.model.max_epochs)
     curve = TestCurve(datamodule) if spec.model.test_curve else None
+    # After the curve: the per-epoch checkpoint then holds the epoch's curve point.
+    clock = CellCheckpoint(spec.work_dir / RESUME_CHECKPOINT, spec.fingerprint())
+    resume = find_resume_point(spec.work_dir, spec.fingerprint(), plain_hparams(model))
     engine = Engine(
-        callbacks=[curve] if curve is not None else None,
+        callbacks=[*([curve] if curve is not None else []), clock],
         default_root_dir=spec.work_dir / "engine",
         logger=False,
         max_epochs=spec.model.max_epochs,
@@ -202,11 +206,17 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
         enable_model_summary=False,
     )
 
-    print(f"[cell] {spec.label}: fit", flush=True)
-    start = time.perf_counter()
-    engine.fit(model, datamodule=datamodule)
-    # The curve's evaluations are not training time.
-    fit_s = time.perf_counter() - start - (curve.seconds if curve is not None else 0.0)
+    if resume is None:
+        print(f"[cell] {spec.label}: fit", flush=True)
+    else:
+        print(f"[cell] {spec.label}: fit, resumed after {resume.epochs_done} epochs from {resume.checkpoint}", flush=True)
+    start = clock.started = time.perf_counter()
+    engine.fit(model, datamodule=datamodule, ckpt_path=None if resume is None else resume.checkpoint)
+    fit_s_here = time.perf_counter() - start
+    # Earlier processes' fit time comes with the checkpoint (unknown for an adopted one); the
+    # curve's evaluations, restored with it, are not training time.
+    fit_before = 0.0 if resume is None else resume.fit_s_before
+    fit_s = math.nan if fit_before is None else fit_before + fit_s_here - (curve.seconds if curve is not None else 0.0)
     epochs = int(engine.trainer.current_epoch)
     rss_fit = peak_rss_mb()
     checkpoint = _checkpoint(engine, spec.work_dir)
@@ -254,6 +264,7 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
 
     cost = {
         "fit_s": fit_s,
+        "fit_s_this_process": fit_s_here,
         "test_s": test_s,
         "predict_s": predict_s,
         "timing_s": timing_s,
@@ -283,6 +294,7 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
         "cost": cost,
         "test_curve": None if curve is None else {"points": curve.points, "seconds": curve.seconds},
         "rss_scope": rss_scope,
+        "resumed": None if resume is None else resume.to_dict(),
         "weights": weights,
         "hparams": plain_hparams(model),
         "checkpoint": str(checkpoint),
@@ -294,6 +306,7 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
     }
     write_json(spec.result_path, result)
     spec.error_path.unlink(missing_ok=True)
+    discard_resume_state(spec.work_dir)  # the engine's final checkpoint stays
     return result
 
 

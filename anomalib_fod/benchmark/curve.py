@@ -49,6 +49,15 @@ class TestCurve(pl.Callback):
         self.points: list[dict[str, float]] = []
         self.seconds = 0.0
 
+    def state_dict(self) -> dict[str, Any]:
+        """The points and seconds so far travel with every checkpoint, so a resumed cell keeps them."""
+        return {"points": list(self.points), "seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the curve of the checkpoint a cell resumes from."""
+        self.points = list(state_dict["points"])
+        self.seconds = float(state_dict["seconds"])
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Evaluate, then restore the model's mode and every random-number state."""
         start = time.perf_counter()

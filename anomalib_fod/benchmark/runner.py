@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .config import BenchmarkConfig, CellSpec, expand_cells
 from .data import ensure_dummy_dataset
 from .jsonio import write_json
+from .resume import discard_training
 
 logger = logging.getLogger("anomalib_fod.benchmark")
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
@@ -190,8 +191,11 @@ def run_benchmark(
                     results.append(finished)
                     bar.update()
                     continue
-                if cell.result_path.is_file() and not force:
-                    say(f"{header}: settings changed since the stored result, recomputing")
+                if force or cell.result_path.is_file():
+                    # Recomputing on purpose, or for other settings: no checkpoint of it may be resumed.
+                    if not force:
+                        say(f"{header}: settings changed since the stored result, recomputing")
+                    discard_training(cell.work_dir)
                 say(f"{header}: running")
                 cell.result_path.unlink(missing_ok=True)
                 start = time.perf_counter()
