@@ -29,6 +29,7 @@ from anomalib_fod.models.fod.transformer import (
     RelativePositionBias,
     grid_coordinates,
     lower_median,
+    sorted_lower_median,
     relative_offsets,
 )
 
@@ -134,10 +135,23 @@ def test_relative_position_bias_depends_only_on_the_offset() -> None:
         attention(torch.randn(1, h * w, 8), torch.randn(1, h * w, 8))
 
 
-def test_lower_median_matches_torch_median() -> None:
+def test_lower_median_eager_and_export_paths_agree() -> None:
+    """The eager median and the sort the exported graph uses: same values, same gradient."""
+    torch.manual_seed(0)
     x = torch.randn(3, 7, 5)
     for length in (6, 7):
-        torch.testing.assert_close(lower_median(x[:, :length], dim=1)[:, 0], x[:, :length].median(dim=1).values)
+        part = x[:, :length]
+        expected = torch.sort(part, dim=1).values[:, (length - 1) // 2]
+        torch.testing.assert_close(lower_median(part, dim=1)[:, 0], expected, rtol=0, atol=0)
+        torch.testing.assert_close(sorted_lower_median(part, dim=1)[:, 0], expected, rtol=0, atol=0)
+        weights = torch.randn(3, 1, 5)
+        grads = []
+        for median in (lower_median, sorted_lower_median):
+            leaf = part.clone().requires_grad_(True)
+            (median(leaf, dim=1) * weights).sum().backward()
+            grads.append(leaf.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+        assert (grads[0] != 0).sum() == 3 * 5  # one token per (image, channel) gets the gradient
 
 
 def test_conv_feed_forward_is_local_plus_median() -> None:

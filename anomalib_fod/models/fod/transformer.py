@@ -295,8 +295,17 @@ class FeedForward(nn.Module):
 def lower_median(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Lower median along ``dim`` (``torch.median``'s convention), kept as a size-1 dimension.
 
-    Written with a sort because ONNX has no median operator and a sort exports everywhere.
+    Eager code uses ``torch.median`` (a selection: on a CPU 7x faster than sorting the ``(B, L, 4D)``
+    activations of a stride-8 level, a tenth of an ED training step). Graphs being exported or
+    compiled take :func:`sorted_lower_median`, because ONNX has no median operator.
     """
+    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return sorted_lower_median(x, dim)
+    return x.median(dim=dim, keepdim=True).values
+
+
+def sorted_lower_median(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`lower_median` written with a sort, which every exporter supports."""
     middle = (x.shape[dim] - 1) // 2
     return x.sort(dim=dim).values.narrow(dim, middle, 1)
 
