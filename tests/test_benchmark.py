@@ -337,7 +337,9 @@ def test_curve_uses_the_test_transform_not_the_export_one() -> None:
     assert not torch.allclose(model.pre_processor(images), expected, atol=1e-3)  # the export transform differs
 
 
-def test_harness_resumes_an_interrupted_cell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_harness_resumes_an_interrupted_cell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A cell killed after epoch 1 of 3 resumes from its per-epoch checkpoint and ends as an uninterrupted one."""
     from anomalib_fod.benchmark.resume import RESUME_CHECKPOINT, CellCheckpoint, find_resume_point
     from anomalib_fod.data.dummy import make_dummy_mvtec
@@ -374,7 +376,11 @@ def test_harness_resumes_an_interrupted_cell(tmp_path: Path, monkeypatch: pytest
     assert (work_dir / RESUME_CHECKPOINT).is_file()
     assert find_resume_point(work_dir, "other settings", {}) is None
 
+    capsys.readouterr()
     assert main(["--config", str(config_path)]) == 0
+    log = capsys.readouterr().out
+    assert "fit, resumed after 1 epochs" in log
+    assert "[cell] epoch 1/3" not in log and "[cell] epoch 3/3 trained" in log
     resumed = record("interrupted")
     assert resumed["resumed"]["epochs_done"] == 1 and not resumed["resumed"]["adopted"]
     assert resumed["resumed"]["fit_s_before"] > 0

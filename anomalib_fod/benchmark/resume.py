@@ -75,6 +75,12 @@ class CellCheckpoint(pl.Callback):
         partial = self.path.with_name(self.path.name + ".partial")
         trainer.save_checkpoint(partial)
         os.replace(partial, self.path)
+        # The cell log's progress line: a long fit otherwise shows nothing for hours.
+        print(
+            f"[cell] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} trained, "
+            f"{self.fit_seconds:.0f} s of fitting so far, resumable from {self.path.name}",
+            flush=True,
+        )
 
 
 @dataclass(frozen=True)
