@@ -156,7 +156,6 @@ def explain_image(
     Raises:
         ValueError: ``level`` or ``token`` out of range.
     """
-    from anomalib_fod.models.fod.anomaly_map import reconstruction_score  # noqa: PLC0415
 
     fod = model.model
     if not 0 <= level < len(fod.levels):
@@ -201,7 +200,7 @@ def explain_image(
     for level_tokens, level_output, (height, width) in zip(tokens, outputs, grids, strict=True):
         parts = {"score": generator.token_scores(level_tokens, level_output)}
         if generator.scoring != "div":
-            parts["rec"] = reconstruction_score(level_tokens, level_output.reconstruction)
+            parts["rec"] = generator.reconstruction_score(level_tokens, level_output)
         if generator.scoring != "rec":
             parts["div"] = generator.divergence_score(level_output)
         components.append({k: v[0].reshape(height, width).float().cpu().numpy() for k, v in parts.items()})

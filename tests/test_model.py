@@ -113,6 +113,7 @@ def test_ablations_build_the_right_modules_and_predict(with_intra, with_inter, s
     ("kwargs", "match"),
     [
         ({"scoring": "foo"}, "scoring"),
+        ({"reconstruction_term": "l1"}, "reconstruction_term"),
         ({"reference": "foo"}, "reference"),
         ({"scoring": "div", "with_intra": False, "with_inter": False}, "branch"),
         ({"scoring": "rec_div", "with_intra": False, "with_inter": False}, "branch"),
@@ -132,7 +133,7 @@ def test_fod_defaults_are_the_papers():
     assert tuple(hparams.d_models) == (256, 512)
     assert (hparams.num_heads, hparams.num_layers, hparams.ffn_ratio) == (8, 3, 4)
     assert (hparams.kl_weight, hparams.entropy_weight) == (0.5, 0.5)
-    assert (hparams.scoring, hparams.reference) == ("rec_div", "mean")
+    assert (hparams.scoring, hparams.reference, hparams.reconstruction_term) == ("rec_div", "mean", "mse_cos")
     assert hparams.learning_rate == 1e-4
     # The paper's code computes the attention output projection and discards it; so do we (README).
     assert hparams.out_projection is False
@@ -159,3 +160,40 @@ def test_too_few_optimizer_steps_warn(steps, warns, caplog):
     if warns:
         assert "only 150 optimizer steps" in messages[0]
         assert "train_batch_size" in messages[0]
+
+
+def test_reconstruction_term_rescores_the_same_trained_outputs(model):
+    """``reconstruction_term`` changes only what ``rec`` is: MSE + (1 - cos), 1 - cos, or MSE."""
+    import torch.nn.functional as F  # noqa: N812, PLC0415
+
+    from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator  # noqa: PLC0415
+
+    set_random_references(model, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        features = model.extract_features(torch.randn(2, 3, 64, 64))
+        run = model.run_levels(features)
+    tokens, level = run.tokens[0], run.levels[0]
+    mse = (tokens - level.reconstruction).square().mean(dim=-1)
+    cos = 1.0 - F.cosine_similarity(tokens, level.reconstruction, dim=-1)
+    expected = {"mse_cos": mse + cos, "cos": cos, "mse": mse}
+    div = AnomalyMapGenerator().divergence_score(level)
+    for term, rec in expected.items():
+        for scoring, want in (("rec", rec), ("rec_div", rec * div)):
+            generator = AnomalyMapGenerator(scoring=scoring, reconstruction_term=term)
+            torch.testing.assert_close(generator.token_scores(tokens, level), want)
+    maps = {
+        term: AnomalyMapGenerator(reconstruction_term=term)(run.tokens, run.levels, run.grids, (64, 64))[0]
+        for term in expected
+    }
+    assert not torch.allclose(maps["cos"], maps["mse_cos"]) and not torch.allclose(maps["mse"], maps["mse_cos"])
+
+
+def test_reconstruction_term_can_be_changed_when_loading_a_checkpoint(tmp_path):
+    fod = Fod(pre_trained=False, visualizer=False, **TINY)
+    set_random_references(fod.model, 64, 64)
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": fod.state_dict(), "hyper_parameters": dict(fod.hparams), "pytorch-lightning_version": "2.6.0"}, path)
+    rescored = Fod.load_from_checkpoint(path, reconstruction_term="cos")
+    assert rescored.model.anomaly_map_generator.reconstruction_term == "cos"
+    assert rescored.hparams["reconstruction_term"] == "cos"

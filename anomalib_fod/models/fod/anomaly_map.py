@@ -10,6 +10,12 @@ Per level and token (paper, eq. 11):
   anomalous). The softmax and max run over the tokens of each image.
 - ``rec_div = rec * div`` (default), ``rec`` or ``div`` alone (the paper's ablation rows).
 
+``reconstruction_term`` chooses what ``rec`` is: ``"mse_cos"`` (the paper's sum, default),
+``"cos"`` (``1 - cos`` alone) or ``"mse"`` (the MSE alone). The MSE depends on the feature scale,
+the cosine does not; on our checkpoints the stride-8 MSE ranked defects below normal images while
+the cosine half separated them (benchmarks/RESULTS.md). Scoring only: a trained model can be
+re-scored with another term without retraining.
+
 With both branches the divergence is the inter one: the paper reports that the intra branch
 helps through training and scoring with inter alone is slightly better.
 
@@ -30,6 +36,8 @@ from .transformer import BranchStats, LevelOutput
 
 ScoringMode = Literal["rec", "div", "rec_div"]
 SCORING_MODES = ("rec", "div", "rec_div")
+ReconstructionTerm = Literal["mse_cos", "cos", "mse"]
+RECONSTRUCTION_TERMS = ("mse_cos", "cos", "mse")
 
 
 def reconstruction_parts(tokens: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,9 +48,20 @@ def reconstruction_parts(tokens: torch.Tensor, reconstruction: torch.Tensor) -> 
     return mse, 1.0 - F.cosine_similarity(tokens, reconstruction, dim=-1)
 
 
-def reconstruction_score(tokens: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-    """Per-token MSE + (1 - cosine), ``(B, L, C)`` x2 -> ``(B, L)``."""
+def reconstruction_score(
+    tokens: torch.Tensor,
+    reconstruction: torch.Tensor,
+    term: ReconstructionTerm = "mse_cos",
+) -> torch.Tensor:
+    """Per-token reconstruction discrepancy, ``(B, L, C)`` x2 -> ``(B, L)``.
+
+    ``term``: ``"mse_cos"`` MSE + (1 - cosine) (paper), ``"cos"`` or ``"mse"`` alone.
+    """
     mse, cosine_distance = reconstruction_parts(tokens, reconstruction)
+    if term == "cos":
+        return cosine_distance
+    if term == "mse":
+        return mse
     return mse + cosine_distance
 
 
@@ -59,6 +78,7 @@ class AnomalyMapGenerator(nn.Module):
         with_intra: the model has the intra branch.
         with_inter: the model has the inter branch.
         blur_sigma: sigma of the Gaussian blur on the final map (0 switches it off).
+        reconstruction_term: ``"mse_cos"`` (paper), ``"cos"`` or ``"mse"``: what ``rec`` is.
     """
 
     def __init__(
@@ -67,11 +87,16 @@ class AnomalyMapGenerator(nn.Module):
         with_intra: bool = True,
         with_inter: bool = True,
         blur_sigma: float = 4.0,
+        reconstruction_term: ReconstructionTerm = "mse_cos",
     ) -> None:
         super().__init__()
         if scoring not in SCORING_MODES:
             msg = f"scoring must be one of {SCORING_MODES}, got {scoring!r}."
             raise ValueError(msg)
+        if reconstruction_term not in RECONSTRUCTION_TERMS:
+            msg = f"reconstruction_term must be one of {RECONSTRUCTION_TERMS}, got {reconstruction_term!r}."
+            raise ValueError(msg)
+        self.reconstruction_term = reconstruction_term
         if scoring != "rec" and not (with_intra or with_inter):
             msg = f"scoring={scoring!r} needs a correlation branch: set with_intra or with_inter, or scoring='rec'."
             raise ValueError(msg)
@@ -100,11 +125,15 @@ class AnomalyMapGenerator(nn.Module):
     def token_scores(self, tokens: torch.Tensor, output: LevelOutput) -> torch.Tensor:
         """Score of every token of one level, ``(B, L)``."""
         if self.scoring == "rec":
-            return reconstruction_score(tokens, output.reconstruction)
+            return self.reconstruction_score(tokens, output)
         div = self.divergence_score(output)
         if self.scoring == "div":
             return div
-        return reconstruction_score(tokens, output.reconstruction) * div
+        return self.reconstruction_score(tokens, output) * div
+
+    def reconstruction_score(self, tokens: torch.Tensor, output: LevelOutput) -> torch.Tensor:
+        """The ``rec`` term of one level with this generator's ``reconstruction_term``, ``(B, L)``."""
+        return reconstruction_score(tokens, output.reconstruction, self.reconstruction_term)
 
     def forward(
         self,

@@ -29,7 +29,7 @@ from anomalib_fod.callbacks import ResumableInterruptCallback
 from anomalib_fod.models.base import ONNX_OPSET, NonFiniteLossError, OfflineBackboneModule
 from anomalib_fod.utils import keep_freed_memory_on_cpu
 
-from .anomaly_map import ScoringMode
+from .anomaly_map import ReconstructionTerm, ScoringMode
 from .feature_cache import FeatureCache
 from .export import check_static_export, default_export_size
 from .loss import FodLoss
@@ -84,6 +84,9 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         kl_weight: ``lambda1`` (paper: 0.5).
         entropy_weight: ``lambda2`` (paper: 0.5).
         scoring: ``"rec_div"`` (paper), ``"rec"`` or ``"div"``.
+        reconstruction_term: what the ``rec`` scoring term is: ``"mse_cos"`` (paper: MSE + 1 - cos),
+            ``"cos"`` (1 - cos alone: scale-free) or ``"mse"``. Scoring only, so a trained model can be
+            re-scored with another one (``Fod.load_from_checkpoint(path, reconstruction_term="cos")``).
         reference: ``"mean"`` (paper) or ``"coreset"`` reference features.
         out_projection: apply an output projection after each attention. ``False`` (default)
             matches the paper's code, which computed the projection and discarded it. Applying
@@ -136,6 +139,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         kl_weight: float = 0.5,
         entropy_weight: float = 0.5,
         scoring: ScoringMode = "rec_div",
+        reconstruction_term: ReconstructionTerm = "mse_cos",
         reference: ReferenceMode = "mean",
         out_projection: bool = False,
         blur_sigma: float = 4.0,
@@ -185,6 +189,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             ffn=ffn,
             learnable_temperature=learnable_temperature,
             relative_position_bias=relative_position_bias,
+            reconstruction_term=reconstruction_term,
         )
         self.loss = FodLoss(kl_weight=kl_weight, entropy_weight=entropy_weight, with_entropy=with_entropy)
         self.reference = reference

@@ -11,7 +11,7 @@ from torch import nn
 
 from anomalib_fod.backbone import FeatureExtractor
 
-from .anomaly_map import AnomalyMapGenerator, ScoringMode
+from .anomaly_map import AnomalyMapGenerator, ReconstructionTerm, ScoringMode
 from .transformer import FeedForwardMode, FodTransformer, FusionMode, LevelOutput, grid_coordinates
 
 
@@ -52,6 +52,7 @@ class FodModel(nn.Module):
         out_projection: apply attention output projections (off, as in the paper's code; see README).
         scoring: ``"rec_div"``, ``"rec"`` or ``"div"``.
         blur_sigma: Gaussian blur on the anomaly map.
+        reconstruction_term: ``"mse_cos"`` (paper), ``"cos"`` or ``"mse"``: the ``rec`` scoring term.
         reference: ``"mean"`` or ``"coreset"`` reference features.
         fusion: ``"subtract"`` (FOD) or ``"concat_mlp"`` (ED) fusion of intra and inter branches.
         ffn: ``"mlp"`` (FOD) or ``"dwconv_median"`` (ED) feed-forward.
@@ -84,6 +85,7 @@ class FodModel(nn.Module):
         ffn: FeedForwardMode = "mlp",
         learnable_temperature: bool = False,
         relative_position_bias: bool = False,
+        reconstruction_term: ReconstructionTerm = "mse_cos",
     ) -> None:
         super().__init__()
         self.feature_extractor = FeatureExtractor(backbone, layers, pre_trained, weights_path)
@@ -112,7 +114,9 @@ class FodModel(nn.Module):
             )
             for c, d in zip(channels, d_models, strict=True)
         )
-        self.anomaly_map_generator = AnomalyMapGenerator(scoring, with_intra, with_inter, blur_sigma)
+        self.anomaly_map_generator = AnomalyMapGenerator(
+            scoring, with_intra, with_inter, blur_sigma, reconstruction_term
+        )
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:
