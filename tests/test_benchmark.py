@@ -391,6 +391,8 @@ def test_harness_resumes_an_interrupted_cell(
     scores = [np.load(tmp_path / name / "cells" / "dummy__Fod__seed0.npz")["scores"] for name in ("straight", "interrupted")]
     np.testing.assert_array_equal(scores[0], scores[1])
     assert not (work_dir / RESUME_CHECKPOINT).exists()  # a finished cell keeps only the engine's checkpoint
+    report = (tmp_path / "interrupted" / "results.md").read_text()
+    assert "## Resumed cells" in report and "dummy / Fod / seed 0: resumed after 1 epoch(s)" in report
 
     # The finished fit's own checkpoint carries the fingerprint; --force must not reuse it.
     assert main(["--config", str(config_path), "--force"]) == 0

@@ -60,6 +60,9 @@ def flatten(result: dict[str, Any]) -> dict[str, Any]:
     row.update({f"anomalib_{k}": v for k, v in result.get("anomalib_metrics", {}).items()})
     row.update(result.get("cost", {}))
     row["rss_scope"] = result.get("rss_scope")
+    resumed = result.get("resumed") or {}
+    row["resumed_after_epochs"] = resumed.get("epochs_done")
+    row["resumed_adopted"] = resumed.get("adopted")
     row["error"] = result.get("error")
     row["finished"] = result.get("finished")
     return row
@@ -137,6 +140,20 @@ def markdown(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], 
     if failed:
         lines += ["", "## Failed cells", ""]
         lines += [f"- {r['dataset']} / {r['model']} / seed {r['seed']}: {r.get('error')}" for r in failed]
+    resumed = [r for r in rows if r.get("status") == "ok" and r.get("resumed_after_epochs") is not None]
+    if resumed:
+        lines += ["", "## Resumed cells", ""]
+        lines += [
+            f"- {r['dataset']} / {r['model']} / seed {r['seed']}: resumed after {r['resumed_after_epochs']} "
+            f"epoch(s); "
+            + (
+                "adopted a checkpoint written before cells were resumable: fit time unknown, and the "
+                "peak RSS covers evaluation only"
+                if r.get("resumed_adopted")
+                else "fit s adds up every process's fit time; peak RSS is the last process's"
+            )
+            for r in resumed
+        ]
     export_errors = [r for r in rows if r.get("status") == "ok" and r.get("openvino_error") not in (None, "disabled")]
     if export_errors:
         lines += ["", "## OpenVINO export/latency errors", ""]
