@@ -129,19 +129,22 @@ def auroc_figure(path: Path, summary: dict, datasets: list[str], rows: list[str]
     figure, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 4.6), squeeze=False)
     positions = np.arange(len(rows))
     for axis, dataset in zip(axes[0], datasets, strict=True):
+        lowest = 1.0
         for offset, (metric, label) in zip((-0.2, 0.2), METRICS[:2], strict=True):
             entries = [summary.get((dataset, row), {}).get(metric) for row in rows]
             means = [e[0] if e else np.nan for e in entries]
             stds = [e[1] if e else 0.0 for e in entries]
+            lowest = min([lowest, *[m for m in means if not np.isnan(m)]])
             axis.bar(positions + offset, means, 0.4, yerr=stds if any(stds) else None, label=label, capsize=2)
         paper = [PAPER_IMAGE_AUROC.get(row, ("", np.nan))[1] for row in rows]
         axis.scatter(positions, paper, marker="_", s=300, color="black", label="paper image AUROC (MVTec AD)", zorder=3)
         axis.set_xticks(positions, rows, rotation=35, ha="right", fontsize="small")
-        axis.set_ylim(0.4, 1.0)
+        # Rows below chance are a finding: the axis must show their bars, not cut them off.
+        axis.set_ylim(min(0.4, np.floor((lowest - 0.05) * 10) / 10), 1.0)
         axis.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
         axis.set_title(f"{dataset}: ablation rows (exact AUROC)")
         axis.grid(axis="y", alpha=0.3)
-        axis.legend(fontsize="small", loc="lower right")
+        axis.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
