@@ -273,8 +273,11 @@ def test_harness_rerun_skips_finished_cells(benchmark_run: dict) -> None:
 
 
 @pytest.mark.slow
-def test_harness_cell_subprocess(tmp_path: Path) -> None:
-    """``isolate_cells: true``: the cell runs in ``python -m anomalib_fod.benchmark.cell`` with its own peak RSS."""
+def test_harness_cell_subprocess(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``isolate_cells: true``: the cell runs in ``python -m anomalib_fod.benchmark.cell`` with its own peak RSS.
+
+    Its progress lines reach the harness's output while it runs.
+    """
     from anomalib_fod.data.dummy import make_dummy_mvtec
 
     counts = {"n_train": 6, "n_test_good": 2, "n_test_bad": 2}
@@ -287,6 +290,9 @@ def test_harness_cell_subprocess(tmp_path: Path) -> None:
     cell = json.loads((tmp_path / "run" / "cells" / "dummy__Patchcore__seed0.json").read_text())
     assert cell["status"] == "ok" and cell["rss_scope"] == "cell process"
     assert (tmp_path / "run" / "work" / "dummy__Patchcore__seed0" / "cell.log").read_text().count("[cell]") >= 4
+    output = capsys.readouterr().out
+    assert "  [cell] dummy / Patchcore / seed 0: fit\n" in output
+    assert "  [cell] dummy / Patchcore / seed 0: predict (raw scores)\n" in output
 
 
 def test_harness_test_curve_leaves_training_unchanged(tmp_path: Path) -> None:

@@ -52,11 +52,31 @@ def _failure(cell: CellSpec, message: str, rss_scope: str) -> dict[str, Any]:
     return result
 
 
-def run_isolated(cell: CellSpec, timeout_s: float | None) -> dict[str, Any]:
+def _progress_lines(log_path: Path, offset: int) -> tuple[list[str], int]:
+    """The complete ``[cell]``/``[curve]`` lines written to ``log_path`` after byte ``offset``."""
+    try:
+        with log_path.open("rb") as log:
+            log.seek(offset)
+            chunk = log.read()
+    except OSError:
+        return [], offset
+    complete = chunk[: chunk.rfind(b"\n") + 1]
+    lines = complete.decode("utf-8", errors="replace").splitlines()
+    return [line for line in lines if line.startswith(("[cell]", "[curve]"))], offset + len(complete)
+
+
+def run_isolated(
+    cell: CellSpec,
+    timeout_s: float | None,
+    echo: Callable[[str], None] | None = None,
+    poll_s: float = 2.0,
+) -> dict[str, Any]:
     """Run ``cell`` in ``python -m anomalib_fod.benchmark.cell`` and read the JSON it writes.
 
-    Output goes to ``work/<cell>/cell.log``. On timeout the whole process group of the child
-    (its data-loader workers included) is killed and the cell is recorded as failed.
+    Output goes to ``work/<cell>/cell.log``; its progress lines (stage, each trained epoch, the test
+    curve) are passed to ``echo`` as they appear, so a fit of hours is not silent. On timeout the
+    whole process group of the child (its data-loader workers included) is killed and the cell is
+    recorded as failed.
     """
     cell.work_dir.mkdir(parents=True, exist_ok=True)
     spec_path = cell.work_dir / "spec.json"
@@ -71,8 +91,19 @@ def run_isolated(cell: CellSpec, timeout_s: float | None) -> dict[str, Any]:
         process = subprocess.Popen(  # noqa: S603 - fixed command, our own interpreter
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+        started, offset = time.monotonic(), 0
         try:
-            code = process.wait(timeout=timeout_s)
+            while True:
+                try:
+                    code = process.wait(timeout=poll_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    if timeout_s is not None and time.monotonic() - started > timeout_s:
+                        raise
+                finally:
+                    lines, offset = _progress_lines(log_path, offset)
+                    for line in lines:
+                        (echo or print)(f"  {line}")
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
@@ -200,7 +231,7 @@ def run_benchmark(
                 cell.result_path.unlink(missing_ok=True)
                 start = time.perf_counter()
                 if config.isolate_cells:
-                    result = run_isolated(cell, cell.model.timeout_s or config.cell_timeout_s)
+                    result = run_isolated(cell, cell.model.timeout_s or config.cell_timeout_s, echo=say)
                 else:
                     result = run_in_process(cell)
                 say(f"{header}: {_summary(result, time.perf_counter() - start)}")
