@@ -74,15 +74,15 @@ def parse_steps(text: str) -> list[int]:
 @torch.no_grad()
 def cache_features(model: Any, loader: Any, desc: str) -> dict[str, Any]:  # noqa: ANN401 - Fod and a loader
     """Pooled backbone features per level ``(N, C_i, h_i, w_i)``, labels ``(N,)`` and masks ``(N, H, W)``."""
-    from anomalib_fod.benchmark.curve import preprocess_as_test  # noqa: PLC0415
+    from anomalib_fod.benchmark.curve import feature_batches, labels_and_masks  # noqa: PLC0415
 
     features, labels, masks = [], [], []
-    for batch in tqdm(loader, desc=desc, unit="batch"):
-        batch = preprocess_as_test(model, batch)
-        features.append(model.model.extract_features(batch.image))
-        labels.append(batch.gt_label.flatten().int())
-        if batch.gt_mask is not None:
-            masks.append(batch.gt_mask.reshape(batch.image.shape[0], *batch.image.shape[-2:]).bool())
+    for batch, pooled in feature_batches(model, loader, desc):
+        features.append(pooled)
+        batch_labels, batch_masks = labels_and_masks(batch)
+        labels.append(batch_labels)
+        if batch_masks is not None:
+            masks.append(batch_masks)
     return {
         "features": [torch.cat([f[level] for f in features]) for level in range(len(features[0]))],
         "labels": torch.cat(labels),

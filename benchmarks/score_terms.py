@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 # (row label, scoring, with_intra, with_inter): which statistics AnomalyMapGenerator reads.
 TERMS = (
@@ -72,39 +71,37 @@ def build_parser() -> argparse.ArgumentParser:
 @torch.no_grad()
 def collect(model: Any, loader: Any) -> dict[str, Any]:  # noqa: ANN401 - Fod and an anomalib loader
     """Per level tokens, grids and full branch statistics of every test image."""
-    from anomalib_fod.benchmark.curve import preprocess_as_test  # noqa: PLC0415
+    from anomalib_fod.benchmark.curve import feature_batches, labels_and_masks  # noqa: PLC0415
     from anomalib_fod.models.fod.torch_model import to_tokens  # noqa: PLC0415
 
     fod = model.model
     records: dict[str, Any] = {"tokens": [], "outputs": [], "labels": [], "masks": []}
-    for batch in tqdm(loader, desc="scoring the test set", unit="batch"):
-        batch = preprocess_as_test(model, batch)  # as Engine.test/predict, not the export transform
-        images = batch.image
-        features = fod.extract_features(images)
+    # Pre-processed as Engine.test/predict do, not with the export transform.
+    for batch, features in feature_batches(model, loader, "scoring the test set"):
         tokens = [to_tokens(f) for f in features]
         grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
         outputs = [level(t, h, w, True, True, False) for level, t, (h, w) in zip(fod.levels, tokens, grids, strict=True)]
         records["tokens"].append(tokens)
         records["outputs"].append(outputs)
         records["grids"] = grids
-        records["size"] = (int(images.shape[-2]), int(images.shape[-1]))
-        records["labels"].append(batch.gt_label.flatten().int())
-        records["masks"].append(batch.gt_mask.reshape(images.shape[0], *records["size"]).bool())
+        records["size"] = (int(batch.image.shape[-2]), int(batch.image.shape[-1]))
+        labels, masks = labels_and_masks(batch)
+        records["labels"].append(labels)
+        records["masks"].append(masks)
     return records
 
 
 @torch.no_grad()
 def train_residual_scales(model: Any, loader: Any) -> list[torch.Tensor]:  # noqa: ANN401 - Fod and an anomalib loader
     """Per level ``(C,)`` mean squared reconstruction error of every channel over all training tokens."""
-    from anomalib_fod.benchmark.curve import preprocess_as_test  # noqa: PLC0415
+    from anomalib_fod.benchmark.curve import feature_batches  # noqa: PLC0415
     from anomalib_fod.models.fod.torch_model import to_tokens  # noqa: PLC0415
 
     fod = model.model
     sums: list[torch.Tensor | float] = [0.0] * len(fod.levels)
     counts = [0] * len(fod.levels)
-    for batch in tqdm(loader, desc="training residuals", unit="batch"):
-        batch = preprocess_as_test(model, batch)
-        for i, (level, feature) in enumerate(zip(fod.levels, fod.extract_features(batch.image), strict=True)):
+    for _, features in feature_batches(model, loader, "training residuals"):
+        for i, (level, feature) in enumerate(zip(fod.levels, features, strict=True)):
             tokens = to_tokens(feature)
             output = level(tokens, int(feature.shape[-2]), int(feature.shape[-1]), False, False, False)
             sums[i] = sums[i] + (tokens.float() - output.reconstruction.float()).square().sum(dim=(0, 1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,6 +32,30 @@ def preprocess_as_test(pl_module: pl.LightningModule, batch: Any) -> Any:  # noq
     if transform:
         batch.image, batch.gt_mask = transform(batch.image, batch.gt_mask)
     return batch
+
+
+def feature_batches(
+    pl_module: pl.LightningModule, loader: Iterable[Any], desc: str
+) -> Iterator[tuple[Any, list[torch.Tensor]]]:
+    """Each batch of ``loader`` pre-processed as ``Engine.test`` does, with its pooled backbone features.
+
+    For the scripts that score a FOD model outside the engine (``benchmarks/score_terms.py``,
+    ``benchmarks/convergence_probe.py``): one progress bar, one pre-processing path.
+
+    Yields:
+        ``(batch, features)``: the pre-processed anomalib batch and per level ``(B, C_i, h_i, w_i)``.
+    """
+    for batch in tqdm(loader, desc=desc, unit="batch"):
+        batch = preprocess_as_test(pl_module, batch)
+        yield batch, pl_module.model.extract_features(batch.image)
+
+
+def labels_and_masks(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:  # noqa: ANN401 - anomalib batch
+    """``(B,)`` int labels and ``(B, H, W)`` bool masks (``None`` without masks) of a pre-processed batch."""
+    labels = batch.gt_label.flatten().int()
+    if batch.gt_mask is None:
+        return labels, None
+    return labels, batch.gt_mask.reshape(batch.image.shape[0], *batch.image.shape[-2:]).bool()
 
 
 class TestCurve(pl.Callback):
