@@ -39,7 +39,8 @@ TERMS = (
     ("rec x div, intra", "rec_div", True, False),
 )
 
-# (row label, part of the reconstruction term, times the divergence): rows of PartGenerator.
+# (row label, part of the reconstruction term, times the divergence): the model's reconstruction_term
+# setting, or (mse_norm) the MSE normalised per channel by the training residuals.
 PART_TERMS = (
     ("rec: MSE part", "mse", False),
     ("rec: 1 - cos part", "cos", False),
@@ -109,33 +110,28 @@ def train_residual_scales(model: Any, loader: Any) -> list[torch.Tensor]:  # noq
     return [total / count for total, count in zip(sums, counts, strict=True)]
 
 
-def _part_generator_class() -> type:
-    from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator, reconstruction_parts  # noqa: PLC0415
+def _normalised_mse_generator_class() -> type:
+    from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator  # noqa: PLC0415
 
-    class PartGenerator(AnomalyMapGenerator):
-        """One part of the reconstruction term (optionally times the divergence), combined as the model does."""
+    class NormalisedMseGenerator(AnomalyMapGenerator):
+        """The model's scoring with ``rec`` = MSE with each channel divided by its training mean squared error."""
 
-        def __init__(self, part: str, with_div: bool, with_intra: bool, with_inter: bool, blur: float, scales: list[torch.Tensor] | None) -> None:
-            super().__init__("rec_div" if with_div else "rec", with_intra, with_inter, blur)
-            self.part = part
+        def __init__(self, scoring: str, with_intra: bool, with_inter: bool, blur: float, scales: list[torch.Tensor]) -> None:
+            super().__init__(scoring, with_intra, with_inter, blur)
             self.scales = scales
             self._level = 0
 
         def forward(self, tokens: list[torch.Tensor], *args: Any) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN401
-            self._level = 0  # token_scores sees the levels in order
+            self._level = 0  # reconstruction_score sees the levels in order, once each
             return super().forward(tokens, *args)
 
-        def token_scores(self, tokens: torch.Tensor, output: Any) -> torch.Tensor:  # noqa: ANN401
-            if self.part == "mse_norm":
-                error = tokens.float() - output.reconstruction.float()
-                value = (error.square() / self.scales[self._level]).mean(dim=-1)
-            else:
-                mse, cosine_distance = reconstruction_parts(tokens, output.reconstruction)
-                value = mse if self.part == "mse" else cosine_distance
+        def reconstruction_score(self, tokens: torch.Tensor, output: Any) -> torch.Tensor:  # noqa: ANN401
+            error = tokens.float() - output.reconstruction.float()
+            value = (error.square() / self.scales[self._level]).mean(dim=-1)
             self._level += 1
-            return value * self.divergence_score(output) if self.scoring == "rec_div" else value
+            return value
 
-    return PartGenerator
+    return NormalisedMseGenerator
 
 
 def score(records: dict[str, Any], generator: Any, levels: list[int]) -> dict[str, float]:  # noqa: ANN401
@@ -196,13 +192,16 @@ def main(argv: list[str] | None = None) -> int:
         loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, collate_fn=train.collate_fn)
         scales = train_residual_scales(model, loader)
         part_terms += TRAIN_RESIDUAL_TERMS
-    part_generator = _part_generator_class()
+    normalised_mse = _normalised_mse_generator_class()
     for label, part, with_div in part_terms:
         if with_div and not (own.with_intra or own.with_inter):
             continue
+        scoring = "rec_div" if with_div else "rec"
         for name, levels in level_sets.items():
-            level_scales = None if scales is None else [scales[i] for i in levels]
-            generator = part_generator(part, with_div, own.with_intra, own.with_inter, blur, level_scales)
+            if part == "mse_norm":
+                generator = normalised_mse(scoring, own.with_intra, own.with_inter, blur, [scales[i] for i in levels])
+            else:  # the model's own reconstruction_term setting
+                generator = AnomalyMapGenerator(scoring, own.with_intra, own.with_inter, blur, reconstruction_term=part)
             rows.append({"term": label, "levels": name, **score(records, generator, levels)})
     print("| term | levels | image AUROC | pixel AUROC | AUPRO@0.3 |")
     print("|---|---|---|---|---|")

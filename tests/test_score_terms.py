@@ -56,15 +56,15 @@ def test_reconstruction_parts_add_up_to_the_model_term(trained_dummy) -> None:  
     records = script.collect(model, trained_dummy.datamodule.test_dataloader())
     tokens, outputs = records["tokens"][0], records["outputs"][0]
     args = (tokens, outputs, records["grids"], records["size"])
-    part = script._part_generator_class()  # noqa: SLF001
+    normalised_mse = script._normalised_mse_generator_class()  # noqa: SLF001
     rec, _ = AnomalyMapGenerator("rec", True, True, 4.0)(*args)
-    mse, _ = part("mse", False, True, True, 4.0, None)(*args)
-    cos, _ = part("cos", False, True, True, 4.0, None)(*args)
+    mse, _ = AnomalyMapGenerator("rec", True, True, 4.0, reconstruction_term="mse")(*args)
+    cos, _ = AnomalyMapGenerator("rec", True, True, 4.0, reconstruction_term="cos")(*args)
     torch.testing.assert_close(mse + cos, rec, rtol=1e-5, atol=1e-6)
     # Unit per-channel scales leave the MSE as it is; the scales of the training pass are per channel.
     ones = [torch.ones(t.shape[-1]) for t in tokens]
-    unit, _ = part("mse_norm", True, True, True, 4.0, ones)(*args)
-    plain, _ = part("mse", True, True, True, 4.0, None)(*args)
+    unit, _ = normalised_mse("rec_div", True, True, 4.0, ones)(*args)
+    plain, _ = AnomalyMapGenerator("rec_div", True, True, 4.0, reconstruction_term="mse")(*args)
     torch.testing.assert_close(unit, plain)
     # Batches of 3 (the last one short) average to the per-channel mean over all training tokens at once.
     train = trained_dummy.datamodule.train_data
