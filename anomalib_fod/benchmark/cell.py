@@ -210,13 +210,13 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
         print(f"[cell] {spec.label}: fit", flush=True)
     else:
         print(f"[cell] {spec.label}: fit, resumed after {resume.epochs_done} epochs from {resume.checkpoint}", flush=True)
-    start = clock.started = time.perf_counter()
+    clock.start()
     engine.fit(model, datamodule=datamodule, ckpt_path=None if resume is None else resume.checkpoint)
-    fit_s_here = time.perf_counter() - start
-    # Earlier processes' fit time comes with the checkpoint (unknown for an adopted one); the
-    # curve's evaluations, restored with it, are not training time.
-    fit_before = 0.0 if resume is None else resume.fit_s_before
-    fit_s = math.nan if fit_before is None else fit_before + fit_s_here - (curve.seconds if curve is not None else 0.0)
+    fit_s_here = clock.seconds_here
+    # Earlier processes' fit time comes with the checkpoint into the clock (unknown for an adopted
+    # one); the curve's evaluations, restored with it, are not training time.
+    adopted = resume is not None and resume.adopted
+    fit_s = math.nan if adopted else clock.fit_seconds - (curve.seconds if curve is not None else 0.0)
     epochs = int(engine.trainer.current_epoch)
     rss_fit = peak_rss_mb()
     checkpoint = _checkpoint(engine, spec.work_dir)

@@ -55,10 +55,19 @@ class CellCheckpoint(pl.Callback):
         self.seconds_before = 0.0
         self.started = time.perf_counter()
 
+    def start(self) -> None:
+        """Start this process's part of the clock (call right before ``fit``)."""
+        self.started = time.perf_counter()
+
+    @property
+    def seconds_here(self) -> float:
+        """Wall seconds of fitting in this process."""
+        return time.perf_counter() - self.started
+
     @property
     def fit_seconds(self) -> float:
         """Wall seconds of fitting so far, over every process that trained this cell."""
-        return self.seconds_before + time.perf_counter() - self.started
+        return self.seconds_before + self.seconds_here
 
     def state_dict(self) -> dict[str, Any]:
         """Fingerprint and cumulative fit seconds, stored in the checkpoint."""
@@ -67,7 +76,6 @@ class CellCheckpoint(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the fit clock of the checkpoint (its fingerprint was checked before resuming)."""
         self.seconds_before = float(state_dict["fit_seconds"])
-        self.started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Save the full training state; a crash while writing leaves the previous one intact."""
