@@ -286,12 +286,18 @@ def test_harness_cell_subprocess(tmp_path: Path, capsys: pytest.CaptureFixture[s
     config["models"] = config["models"][1:]  # PatchCore only: the cost is the process start-up
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    # The log of an earlier, interrupted attempt must survive the rerun that resumes it.
+    log_path = tmp_path / "run" / "work" / "dummy__Patchcore__seed0" / "cell.log"
+    log_path.parent.mkdir(parents=True)
+    log_path.write_text("[cell] dummy / Patchcore / seed 0: fit\nearlier attempt, killed\n", encoding="utf-8")
     assert main(["--config", str(config_path)]) == 0
     cell = json.loads((tmp_path / "run" / "cells" / "dummy__Patchcore__seed0.json").read_text())
     assert cell["status"] == "ok" and cell["rss_scope"] == "cell process"
-    assert (tmp_path / "run" / "work" / "dummy__Patchcore__seed0" / "cell.log").read_text().count("[cell]") >= 4
+    log = log_path.read_text()
+    assert log.startswith("[cell] dummy / Patchcore / seed 0: fit\nearlier attempt, killed\n=====")
+    assert log.count("cell process started") == 1 and log.count("[cell]") >= 5
     output = capsys.readouterr().out
-    assert "  [cell] dummy / Patchcore / seed 0: fit\n" in output
+    assert output.count("  [cell] dummy / Patchcore / seed 0: fit\n") == 1  # not echoed again from the old attempt
     assert "  [cell] dummy / Patchcore / seed 0: predict (raw scores)\n" in output
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,8 @@ def run_isolated(
 ) -> dict[str, Any]:
     """Run ``cell`` in ``python -m anomalib_fod.benchmark.cell`` and read the JSON it writes.
 
-    Output goes to ``work/<cell>/cell.log``; its progress lines (stage, each trained epoch, the test
+    Output is appended to ``work/<cell>/cell.log`` under a header line per attempt, so a resumed cell
+    keeps the log of the attempt it resumes; its progress lines (stage, each trained epoch, the test
     curve) are passed to ``echo`` as they appear, so a fit of hours is not silent. On timeout the
     whole process group of the child (its data-loader workers included) is killed and the cell is
     recorded as failed.
@@ -86,12 +88,16 @@ def run_isolated(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "anomalib_fod.benchmark.cell", "--spec", str(spec_path)]
     cell.error_path.unlink(missing_ok=True)
-    with log_path.open("w", encoding="utf-8") as log:
+    with log_path.open("a", encoding="utf-8") as log:
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        log.write(f"===== {stamp}: cell process started =====\n")
+        log.flush()
+        first_offset = log_path.stat().st_size
         # Own session: on timeout the whole group (data-loader workers included) is killed.
         process = subprocess.Popen(  # noqa: S603 - fixed command, our own interpreter
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-        started, offset = time.monotonic(), 0
+        started, offset = time.monotonic(), first_offset
         try:
             while True:
                 try:
