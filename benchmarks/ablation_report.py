@@ -9,7 +9,7 @@ Writes into ``--output`` (default: the run folder):
   next to the paper's MVTec AD image AUROC, then the paper's three conclusions checked on these
   numbers (each line says whether it holds and by how much);
 - ``ablation_auroc.png``: image and pixel AUROC per row and dataset;
-- ``ablation_full_model.png``: for the full model (first dataset, first seed), a normal and a
+- ``ablation_full_model_<dataset>.png``: for the full model (each dataset, first seed), a normal and a
   defective test image with their per-token intra- and inter-correlation KL (stride-8 level,
   averaged over layers and heads) and the distribution of the learned sigmas.
 
@@ -168,8 +168,8 @@ def _example_images(cell: dict[str, Any]) -> tuple[torch.Tensor, list[str], np.n
     return images, [Path(item.image_path).name for item in items], masks
 
 
-def full_model_figure(path: Path, cells: list[dict[str, Any]]) -> str:
-    """Per-token intra/inter KL on a normal and a defective image, and the learned sigmas."""
+def full_model_figure(path: Path, cells: list[dict[str, Any]], dataset: str) -> str:
+    """Per-token intra/inter KL on a normal and a defective image of ``dataset``, and the learned sigmas."""
     import matplotlib as mpl  # noqa: PLC0415
 
     mpl.use("Agg")
@@ -178,9 +178,9 @@ def full_model_figure(path: Path, cells: list[dict[str, Any]]) -> str:
     from anomalib_fod import Fod  # noqa: PLC0415
     from anomalib_fod.models.fod.correlation import sigma_from_logits  # noqa: PLC0415
 
-    full = sorted((c for c in cells if c["model"] == "Full-RecDiv"), key=lambda c: (c["dataset"], c["seed"]))
+    full = sorted((c for c in cells if c["model"] == "Full-RecDiv" and c["dataset"] == dataset), key=lambda c: c["seed"])
     if not full:
-        return "no finished full-model cell"
+        return f"{dataset}: no finished full-model cell"
     cell = full[0]
     model = Fod.load_from_checkpoint(cell["checkpoint"]).eval()
     images, names, masks = _example_images(cell)
@@ -262,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     auroc_figure(output / "ablation_auroc.png", summary, datasets, rows)
-    lines.append(f"Full-model figure: {full_model_figure(output / 'ablation_full_model.png', cells)}.")
+    for dataset in datasets:
+        figure = output / f"ablation_full_model_{dataset}.png"
+        lines.append(f"Full-model figure `{figure.name}`: {full_model_figure(figure, cells, dataset)}.")
     (output / "ablation.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return 0
