@@ -396,6 +396,8 @@ def test_harness_resumes_an_interrupted_cell(
     resumed = record("interrupted")
     assert resumed["resumed"]["epochs_done"] == 1 and not resumed["resumed"]["adopted"]
     assert resumed["resumed"]["fit_s_before"] > 0
+    # This process's training is part of the whole; neither counts the curve's evaluations.
+    assert 0 < resumed["cost"]["fit_s_this_process"] <= resumed["cost"]["fit_s"]
     assert resumed["cost"]["epochs"] == 3
     # Same batches, same weights: bit-identical numbers and curve, the first point from the checkpoint.
     assert resumed["metrics"] == straight["metrics"]

@@ -212,7 +212,7 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
         print(f"[cell] {spec.label}: fit, resumed after {resume.epochs_done} epochs from {resume.checkpoint}", flush=True)
     clock.start()
     engine.fit(model, datamodule=datamodule, ckpt_path=None if resume is None else resume.checkpoint)
-    fit_s_here = clock.seconds_here
+    fit_s_here = clock.seconds_here - (curve.seconds_here if curve is not None else 0.0)
     # Earlier processes' fit time comes with the checkpoint into the clock (unknown for an adopted
     # one); the curve's evaluations, restored with it, are not training time.
     adopted = resume is not None and resume.adopted

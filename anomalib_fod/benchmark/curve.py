@@ -73,6 +73,8 @@ class TestCurve(pl.Callback):
         self.datamodule = datamodule
         self.points: list[dict[str, float]] = []
         self.seconds = 0.0
+        # This process's share: a resumed cell's own fit time must exclude only its own evaluations.
+        self.seconds_here = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         """The points and seconds so far travel with every checkpoint, so a resumed cell keeps them."""
@@ -97,7 +99,9 @@ class TestCurve(pl.Callback):
                 pl_module.train(was_training)
         random.setstate(python_state)
         np.random.set_state(numpy_state)  # noqa: NPY002
-        self.seconds += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.seconds += elapsed
+        self.seconds_here += elapsed
         self.points.append({"epoch": trainer.current_epoch + 1, **metrics})
         tqdm.write(
             f"[curve] epoch {trainer.current_epoch + 1}: image AUROC {metrics['image_auroc']:.4f}, "
