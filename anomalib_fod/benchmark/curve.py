@@ -72,9 +72,15 @@ class TestCurve(pl.Callback):
         super().__init__()
         self.datamodule = datamodule
         self.points: list[dict[str, float]] = []
-        self.seconds = 0.0
-        # This process's share: a resumed cell's own fit time must exclude only its own evaluations.
+        # Kept apart, as CellCheckpoint keeps its fit clock: a resumed cell's own fit time must
+        # exclude only this process's evaluations.
+        self.seconds_before = 0.0
         self.seconds_here = 0.0
+
+    @property
+    def seconds(self) -> float:
+        """Wall seconds of evaluation so far, over every process that trained this cell."""
+        return self.seconds_before + self.seconds_here
 
     def state_dict(self) -> dict[str, Any]:
         """The points and seconds so far travel with every checkpoint, so a resumed cell keeps them."""
@@ -83,7 +89,7 @@ class TestCurve(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the curve of the checkpoint a cell resumes from."""
         self.points = list(state_dict["points"])
-        self.seconds = float(state_dict["seconds"])
+        self.seconds_before = float(state_dict["seconds"])
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Evaluate, then restore the model's mode and every random-number state."""
@@ -99,9 +105,7 @@ class TestCurve(pl.Callback):
                 pl_module.train(was_training)
         random.setstate(python_state)
         np.random.set_state(numpy_state)  # noqa: NPY002
-        elapsed = time.perf_counter() - start
-        self.seconds += elapsed
-        self.seconds_here += elapsed
+        self.seconds_here += time.perf_counter() - start
         self.points.append({"epoch": trainer.current_epoch + 1, **metrics})
         tqdm.write(
             f"[curve] epoch {trainer.current_epoch + 1}: image AUROC {metrics['image_auroc']:.4f}, "

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,7 @@ def run_isolated(
     command = [sys.executable, "-m", "anomalib_fod.benchmark.cell", "--spec", str(spec_path)]
     cell.error_path.unlink(missing_ok=True)
     with log_path.open("a", encoding="utf-8") as log:
-        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
         log.write(f"===== {stamp}: cell process started =====\n")
         log.flush()
         first_offset = log_path.stat().st_size
