@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from anomalib.models.components import DynamicBufferMixin
 from torch import nn
 
-from .correlation import correlation_stats, gaussian_target, separable_gaussian_target, sigma_from_logits
+from .blocked_attention import correlation_attention_inference, correlation_attention_training, target_block
+from .correlation import KeyGeometry, correlation_stats, sigma_from_logits
 
 
 def grid_coordinates(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
@@ -34,26 +36,6 @@ def grid_coordinates(height: int, width: int, device: torch.device | None = None
     rows = torch.arange(height, device=device, dtype=torch.float32)
     cols = torch.arange(width, device=device, dtype=torch.float32)
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)
-
-
-@dataclass
-class KeyGeometry:
-    """Squared distances between query and key positions, for the Gaussian targets.
-
-    ``separable=True``: the keys form a full row-major ``h x w`` grid and ``rows`` / ``cols`` are
-    ``(L, h)`` / ``(L, w)`` distances to each key row / column (the cheap, factorised target).
-    ``separable=False``: keys anywhere; ``rows`` / ``cols`` are full ``(L, S)`` distance maps.
-    """
-
-    rows: torch.Tensor
-    cols: torch.Tensor
-    separable: bool
-
-    def target(self, sigma: torch.Tensor) -> torch.Tensor:
-        """``(B, H, L, S)`` row-normalised Gaussian target for ``(B, H, L, 2)`` sigmas."""
-        if self.separable:
-            return separable_gaussian_target(sigma, self.rows, self.cols)
-        return gaussian_target(sigma, self.rows, self.cols)
 
 
 def grid_geometry(queries: torch.Tensor, height: int, width: int) -> KeyGeometry:
@@ -240,40 +222,88 @@ class CorrelationAttention(nn.Module):
         context: torch.Tensor,
         geometry: KeyGeometry | None = None,
         offsets: RelativeOffsets | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        keep_maps: bool = False,
+    ) -> tuple[torch.Tensor, BranchStats | None]:
         """Attend from ``x`` to ``context``.
 
         Args:
             x: ``(B, L, D)`` queries.
             context: ``(B, S, D)`` or ``(1, S, D)`` keys/values (a batch of 1 is broadcast).
-            geometry: query/key distances; the target is computed only when given (and this
-                attention has a sigma projection).
+            geometry: query/key distances; the target and the branch statistics are computed only
+                when given (and this attention has a sigma projection).
             offsets: query-to-key offsets, needed with ``relative_position_bias``.
+            keep_maps: also return the ``(B, H, L, S)`` attention and target maps (for figures).
 
         Returns:
-            ``(B, L, D)`` output, ``(B, H, L, S)`` attention, ``(B, H, L, S)`` target or ``None``.
+            ``(B, L, D)`` output, and the branch statistics or ``None``.
         """
         batch, length, width = x.shape
         scale = self.scale if self.log_temperature is None else self.log_temperature.exp()
         query = self._heads(self.query(x)) * scale
         key = self._heads(self.key(context))
         value = self._heads(self.value(context))
-        logits = query @ key.transpose(-2, -1)
-        if self.position_bias is not None:
-            if offsets is None:
+        with_stats = self.sigma is not None and geometry is not None
+        if self._needs_maps(keep_maps):
+            if self.position_bias is not None and offsets is None:
                 msg = "relative_position_bias needs the query-to-key offsets."
                 raise ValueError(msg)
+            out, stats = self._plain(query, key, value, x, geometry if with_stats else None, offsets, keep_maps)
+        elif not with_stats:
+            # Only the output is needed: a fused kernel that never writes the (B, H, L, S) map.
+            key, value = key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
+            out = F.scaled_dot_product_attention(query, key, value, scale=1.0)
+            stats = None
+        else:
+            inv = self._target_scales(x)
+            if torch.is_grad_enabled() and (query.requires_grad or inv.requires_grad):
+                out, kl_attention, kl_target, entropy = correlation_attention_training(query, key, value, inv, geometry)
+                stats = BranchStats(kl_attention, kl_target, entropy)
+            else:
+                out, divergence, entropy = correlation_attention_inference(query, key, value, inv, geometry)
+                stats = BranchStats(divergence, divergence, entropy)
+        out = out.transpose(1, 2).reshape(batch, length, width)
+        return self.proj(out), stats
+
+    def _needs_maps(self, keep_maps: bool) -> bool:
+        """Whether this call must materialise its maps (the plain path).
+
+        Figures need the maps; a position bias is itself an ``(H, L, S)`` map; attention dropout
+        would need its mask in the backward; and a graph being compiled for training leaves the
+        fusion to the compiler (the blocked path's autograd function is opaque to it).
+        """
+        if keep_maps or self.position_bias is not None:
+            return True
+        if self.training and self.dropout.p > 0:
+            return True
+        return torch.is_grad_enabled() and torch.compiler.is_compiling()
+
+    def _target_scales(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, L, 2)`` float32 ``1 / (2 sigma^2)`` of every query's Gaussian target."""
+        batch, length, _ = x.shape
+        # float32: in bf16, 3 ** (sigmoid + 1e-5) - 1 rounds small sigmas to 0 (an infinite prior).
+        logits = self.sigma(x).float().view(batch, length, self.num_heads, 2).transpose(1, 2)
+        return 0.5 / sigma_from_logits(logits).square()
+
+    def _plain(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        x: torch.Tensor,
+        geometry: KeyGeometry | None,
+        offsets: RelativeOffsets | None,
+        keep_maps: bool,
+    ) -> tuple[torch.Tensor, BranchStats | None]:
+        """The straightforward computation over full ``(B, H, L, S)`` maps (the reference of the fast paths)."""
+        logits = query @ key.transpose(-2, -1)
+        if self.position_bias is not None:
             logits = logits + self.position_bias(offsets).to(logits.dtype)
         attention = torch.softmax(logits, dim=-1)
-        out = (self.dropout(attention) @ value.to(attention.dtype)).transpose(1, 2).reshape(batch, length, width)
-        out = self.proj(out)
-        target = None
-        if self.sigma is not None and geometry is not None:
-            # float32: in bf16, 3 ** (sigmoid + 1e-5) - 1 rounds small sigmas to 0 (an infinite prior).
-            logits = self.sigma(x).float().view(batch, length, self.num_heads, 2).transpose(1, 2)
-            sigma = sigma_from_logits(logits)
-            target = geometry.target(sigma)
-        return out, attention, target
+        out = self.dropout(attention) @ value.to(attention.dtype)
+        if geometry is None:
+            return out, None
+        target, _ = target_block(self._target_scales(x), geometry)
+        return out, branch_stats(attention, target, keep_maps)
 
 
 class FeedForward(nn.Module):
@@ -433,14 +463,10 @@ class I2CorrelationLayer(nn.Module):
         intra = inter = None
         intra_out = inter_out = None
         if self.self_attention is not None:
-            intra_out, attention, target = self.self_attention(x, x, intra_geometry, intra_offsets)
-            if target is not None:
-                intra = branch_stats(attention, target, keep_maps)
+            intra_out, intra = self.self_attention(x, x, intra_geometry, intra_offsets, keep_maps)
             intra_out = self.dropout(intra_out)
         if self.cross_attention is not None:
-            inter_out, attention, target = self.cross_attention(x, reference, inter_geometry, inter_offsets)
-            if target is not None:
-                inter = branch_stats(attention, target, keep_maps)
+            inter_out, inter = self.cross_attention(x, reference, inter_geometry, inter_offsets, keep_maps)
             inter_out = self.dropout(inter_out)
         if intra_out is not None and inter_out is not None:
             if self.fusion is None:
