@@ -112,8 +112,8 @@ def test_inference_matches_the_plain_path(separable: bool) -> None:
 
 def test_block_rows_bounds_the_block_size() -> None:
     cpu = torch.device("cpu")
-    assert block_rows(1, 8, 1024, 1024, cpu, elements=1 << 18) == 32
-    assert block_rows(64, 8, 1024, 1024, cpu, elements=1 << 18) == 1  # never zero rows
+    assert block_rows(1, 8, 1024, 1024, cpu, elements=1 << 20) == 128
+    assert block_rows(64, 8, 1024, 1024, cpu, elements=1 << 18) == 32  # never thinner than 32 rows
     assert block_rows(1, 1, 10, 10, cpu, elements=1 << 20) == 10  # never more rows than exist
 
 

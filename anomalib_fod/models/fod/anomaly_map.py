@@ -153,9 +153,18 @@ class AnomalyMapGenerator(nn.Module):
         Returns:
             ``(B, 1, H, W)`` anomaly map and ``(B,)`` image scores.
         """
+        scores = [self.token_scores(t, o) for t, o in zip(tokens, outputs, strict=True)]
+        return self.combine_levels(scores, grids, image_size)
+
+    def combine_levels(
+        self,
+        scores: list[torch.Tensor],
+        grids: list[tuple[int, int]],
+        image_size: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-level token scores ``(B, L_i)`` -> ``(B, 1, H, W)`` map (upsampled, averaged, blurred), ``(B,)`` max."""
         maps = []
-        for level_tokens, output, (height, width) in zip(tokens, outputs, grids, strict=True):
-            score = self.token_scores(level_tokens, output)
+        for score, (height, width) in zip(scores, grids, strict=True):
             score = score.reshape(score.shape[0], 1, height, width)
             maps.append(F.interpolate(score, size=image_size, mode="bilinear", align_corners=True))
         anomaly_map = torch.stack(maps).mean(dim=0)
