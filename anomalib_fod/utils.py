@@ -7,8 +7,10 @@ import ctypes.util
 import logging
 import os
 import sys
+import dataclasses
+import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
@@ -67,3 +69,23 @@ def as_image_size(size: Sequence[int] | int) -> tuple[int, int]:
 def plain_value(value: Any) -> Any:  # noqa: ANN401
     """Lists and tuples compare equal (YAML gives lists, Python code tuples)."""
     return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def literal_choices(annotation: Any) -> tuple[Any, ...] | None:  # noqa: ANN401
+    """The values of a ``Literal[...]`` annotation (``None`` for any other annotation)."""
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
+
+
+def check_choice(name: str, value: Any, annotation: Any) -> None:  # noqa: ANN401
+    """Raise ``ValueError`` when ``value`` is not one of the ``Literal`` ``annotation``'s values."""
+    choices = literal_choices(annotation)
+    if choices is not None and value not in choices:
+        msg = f"{name} must be one of {choices}, got {value!r}."
+        raise ValueError(msg)
+
+
+def check_choices(instance: Any) -> None:  # noqa: ANN401
+    """Check every ``Literal``-typed field of a dataclass instance (``typing.get_args`` on its hints)."""
+    hints = typing.get_type_hints(type(instance))
+    for field in dataclasses.fields(instance):
+        check_choice(field.name, getattr(instance, field.name), hints[field.name])

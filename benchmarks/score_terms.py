@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +117,8 @@ def _normalised_mse_generator_class() -> type:
     class NormalisedMseGenerator(AnomalyMapGenerator):
         """The model's scoring with ``rec`` = MSE with each channel divided by its training mean squared error."""
 
-        def __init__(self, scoring: str, with_intra: bool, with_inter: bool, blur: float, scales: list[torch.Tensor]) -> None:
-            super().__init__(scoring, with_intra, with_inter, blur)
+        def __init__(self, settings: Any, scales: list[torch.Tensor]) -> None:  # noqa: ANN401 - FodSettings
+            super().__init__(settings)
             self.scales = scales
             self._level = 0
 
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import anomalib_fod  # noqa: PLC0415
     from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator  # noqa: PLC0415
+    from anomalib_fod.models.fod.settings import FodSettings  # noqa: PLC0415
 
     model = anomalib_fod.Fod.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
     blur = float(model.hparams.get("blur_sigma", 4.0))
@@ -182,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     for term in TERMS:
         if (term[2] and not own.with_intra) or (term[3] and not own.with_inter):
             continue
-        generator = AnomalyMapGenerator(term[1], term[2], term[3], blur)
+        generator = AnomalyMapGenerator(
+            FodSettings(scoring=term[1], with_intra=term[2], with_inter=term[3], blur_sigma=blur)
+        )
         for name, levels in level_sets.items():
             rows.append({"term": term[0], "levels": name, **score(records, generator, levels)})
     part_terms = list(PART_TERMS)
@@ -197,11 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         if with_div and not (own.with_intra or own.with_inter):
             continue
         scoring = "rec_div" if with_div else "rec"
+        settings = FodSettings(scoring=scoring, with_intra=own.with_intra, with_inter=own.with_inter, blur_sigma=blur)
         for name, levels in level_sets.items():
             if part == "mse_norm":
-                generator = normalised_mse(scoring, own.with_intra, own.with_inter, blur, [scales[i] for i in levels])
+                generator = normalised_mse(settings, [scales[i] for i in levels])
             else:  # the model's own reconstruction_term setting
-                generator = AnomalyMapGenerator(scoring, own.with_intra, own.with_inter, blur, reconstruction_term=part)
+                generator = AnomalyMapGenerator(replace(settings, reconstruction_term=part))
             rows.append({"term": label, "levels": name, **score(records, generator, levels)})
     print("| term | levels | image AUROC | pixel AUROC | AUPRO@0.3 |")
     print("|---|---|---|---|---|")

@@ -18,6 +18,7 @@ from anomalib_fod.models.fod.blocked_attention import (
     correlation_attention_training,
 )
 from anomalib_fod.models.fod.correlation import KeyGeometry, correlation_stats, sigma_from_logits
+from anomalib_fod.models.fod.settings import FodSettings
 from anomalib_fod.models.fod.transformer import (
     CorrelationAttention,
     FodTransformer,
@@ -121,7 +122,7 @@ def test_block_rows_bounds_the_block_size() -> None:
 def test_attention_module_fast_path_matches_its_plain_path(training: bool) -> None:
     """The module's blocked / fused path and the map-keeping path give the same output and statistics."""
     torch.manual_seed(0)
-    attention = CorrelationAttention(16, 4).train(training)
+    attention = CorrelationAttention(16, FodSettings(num_heads=4)).train(training)
     x = torch.randn(2, HEIGHT * WIDTH, 16, requires_grad=True)
     reference = torch.randn(1, HEIGHT * WIDTH, 16)
     geo = geometry(True)
@@ -140,7 +141,7 @@ def test_attention_module_fast_path_matches_its_plain_path(training: bool) -> No
 def test_level_training_step_matches_the_plain_path() -> None:
     """A whole level's loss terms and parameter gradients: blocked against materialised maps."""
     torch.manual_seed(0)
-    level = FodTransformer(in_channels=12, d_model=16, num_heads=4, num_layers=2)
+    level = FodTransformer(12, 16, FodSettings(num_heads=4, num_layers=2))
     level.set_reference(torch.randn(HEIGHT * WIDTH, 12), grid_coordinates(HEIGHT, WIDTH), (HEIGHT, WIDTH))
     tokens = torch.randn(2, HEIGHT * WIDTH, 12)
 

