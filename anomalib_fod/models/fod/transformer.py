@@ -241,7 +241,7 @@ class CorrelationAttention(nn.Module):
             stats = None
         else:
             inv = self._target_scales(x)
-            if torch.is_grad_enabled() and (query.requires_grad or inv.requires_grad):
+            if self.training and torch.is_grad_enabled():
                 out, kl_attention, kl_target, entropy = correlation_attention_training(query, key, value, inv, geometry)
                 stats = BranchStats(kl_attention, kl_target, entropy)
             else:
@@ -259,9 +259,9 @@ class CorrelationAttention(nn.Module):
         """
         if keep_maps or self.position_bias is not None:
             return True
-        if self.training and self.dropout.p > 0:
-            return True
-        return torch.is_grad_enabled() and torch.compiler.is_compiling()
+        if not self.training:
+            return False
+        return self.dropout.p > 0 or (torch.is_grad_enabled() and torch.compiler.is_compiling())
 
     def _target_scales(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, L, 2)`` float32 ``1 / (2 sigma^2)`` of every query's Gaussian target."""
