@@ -332,9 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu"))
     if device.type == "cpu":
-        from anomalib_fod.utils import keep_freed_memory_on_cpu  # noqa: PLC0415
+        from anomalib_fod.allocator import keep_freed_memory_on_cpu  # noqa: PLC0415
 
-        keep_freed_memory_on_cpu()  # what Fod.setup does for training on a CPU
+        keep_freed_memory_on_cpu()  # what anomalib-fod demo and the benchmark cells do on a CPU
     if args.single:
         row = bench_one(args, args.single[0], int(args.single[1]), device, args.rate)
         print(json.dumps(row))

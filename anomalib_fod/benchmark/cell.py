@@ -32,6 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from anomalib_fod.allocator import keep_freed_memory_on_cpu
+from anomalib_fod.callbacks import ResumableInterruptCallback
+
 from .config import CellSpec
 from .cost import model_device, openvino_latency, peak_gpu_mb, peak_rss_mb, size_mb, torch_throughput
 from .curve import TestCurve
@@ -194,7 +197,8 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
     clock = CellCheckpoint(spec.work_dir / RESUME_CHECKPOINT, spec.fingerprint())
     resume = find_resume_point(spec.work_dir, spec.fingerprint(), plain_hparams(model))
     engine = Engine(
-        callbacks=[*([curve] if curve is not None else []), clock],
+        # The harness opts in to the replayable data order: a killed cell resumes from its last epoch.
+        callbacks=[*([curve] if curve is not None else []), ResumableInterruptCallback(), clock],
         default_root_dir=spec.work_dir / "engine",
         logger=False,
         max_epochs=spec.model.max_epochs,
@@ -358,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     spec = CellSpec.from_dict(json.loads(args.spec.read_text(encoding="utf-8")))
     startup_s = _process_age_s()
+    keep_freed_memory_on_cpu()  # the cell's own process: reuse FOD's large freed maps (see allocator.py)
     try:
         run_cell(spec, rss_scope="cell process", startup_s=startup_s)
     except Exception as error:  # noqa: BLE001 - recorded for the harness, exit code says it failed

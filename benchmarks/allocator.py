@@ -1,0 +1,162 @@
+"""FOD training-step time on a CPU under each memory-allocator setting (glibc default, mallopt, env, LD_PRELOAD).
+
+    python benchmarks/allocator.py                          # 256x256, batch 2, 5 timed steps, 2 rounds
+    python benchmarks/allocator.py --steps 3 --rounds 1 --image-size 128
+
+Every setting runs in its own process (an allocator is process-wide), one after the other, and the
+whole set is repeated ``--rounds`` times so a busy machine shows up as spread rather than as a
+difference between settings. Each process builds the default FOD (EfficientNet-Lite0, random
+weights: timing does not depend on them), gives it mean references of random images and times
+``--steps`` training steps (backbone, both level Transformers forward and backward, one Adam step)
+after one warm-up step, as ``benchmarks/speed.py`` does. Reported per setting: the median step time
+of each round and the peak resident memory. Settings whose library is not installed are skipped.
+
+The settings:
+
+- ``glibc``: the default allocator. Blocks of 32 MiB and more (FOD's stride-8 correlation maps at
+  256x256) are served with ``mmap`` and unmapped on ``free``, so every new map page-faults in again.
+- ``mallopt``: :func:`anomalib_fod.allocator.keep_freed_memory_on_cpu`, what ``anomalib-fod demo``
+  and the benchmark's cell processes apply (mmap and trim thresholds raised to 1 GiB).
+- ``env``: the same thresholds through glibc's environment variables
+  ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824``: no code involved.
+- ``jemalloc`` / ``tcmalloc``: ``LD_PRELOAD`` of ``libjemalloc.so.2`` / ``libtcmalloc_minimal.so.4``
+  (Debian/Ubuntu packages ``libjemalloc2`` / ``libtcmalloc-minimal4``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+LIBRARY_DIRS = (Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib/aarch64-linux-gnu"), Path("/usr/lib"))
+THRESHOLD = str(1 << 30)
+SETTINGS: dict[str, dict[str, str]] = {
+    "glibc": {},
+    "mallopt": {},
+    "env": {"MALLOC_MMAP_THRESHOLD_": THRESHOLD, "MALLOC_TRIM_THRESHOLD_": THRESHOLD},
+    "jemalloc": {"LD_PRELOAD": "libjemalloc.so.2"},
+    "tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4"},
+}
+
+
+def _library(name: str) -> Path | None:
+    return next((folder / name for folder in LIBRARY_DIRS if (folder / name).is_file()), None)
+
+
+def _environment(setting: str) -> dict[str, str] | None:
+    """The child's environment for ``setting``; ``None`` when its library is missing."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    extra = dict(SETTINGS[setting])
+    if "LD_PRELOAD" in extra:
+        library = _library(extra["LD_PRELOAD"])
+        if library is None:
+            return None
+        extra["LD_PRELOAD"] = str(library)
+    return {**env, **extra}
+
+
+def time_steps(setting: str, image_size: int, batch: int, steps: int) -> dict[str, float]:
+    """Median training-step time and peak RSS in this process (run as the child of :func:`main`)."""
+    import psutil  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from anomalib_fod import Fod  # noqa: PLC0415
+
+    if setting == "mallopt":
+        from anomalib_fod.allocator import keep_freed_memory_on_cpu  # noqa: PLC0415
+
+        if not keep_freed_memory_on_cpu():
+            msg = "mallopt refused the thresholds"
+            raise RuntimeError(msg)
+    torch.manual_seed(0)
+    model = Fod(pre_trained=False, image_size=image_size, visualizer=False)
+    fod = model.model
+    images = torch.randn(batch, 3, image_size, image_size)
+    with torch.no_grad():
+        fod.set_mean_reference([f.mean(dim=0) for f in fod.extract_features(images)])
+    optimizer = torch.optim.Adam([p for p in fod.parameters() if p.requires_grad], lr=1e-4)
+    fod.train()
+
+    def step() -> None:
+        output = fod.forward_features(fod.extract_features(images))
+        loss, _ = model.loss(output.tokens, output.levels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    process = psutil.Process()
+    peak = [process.memory_info().rss]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    done.set()
+    sampler.join()
+    return {"step_s": statistics.median(times), "steps": times, "peak_rss_mb": peak[0] / 2**20}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every setting in a child process, ``--rounds`` times, and print a Markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=2, help="how often the whole set of settings runs")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(time_steps(args.child, args.image_size, args.batch, args.steps)))
+        return 0
+
+    results: dict[str, list[dict[str, float]]] = {setting: [] for setting in args.settings}
+    for round_index in range(args.rounds):
+        for setting in args.settings:
+            env = _environment(setting)
+            if env is None:
+                print(f"round {round_index + 1}: {setting}: library not installed, skipped", flush=True)
+                continue
+            command = [sys.executable, __file__, "--child", setting, "--image-size", str(args.image_size)]
+            command += ["--batch", str(args.batch), "--steps", str(args.steps)]
+            child = subprocess.run(command, env=env, capture_output=True, text=True, check=False)  # noqa: S603
+            if child.returncode != 0:
+                print(f"round {round_index + 1}: {setting} failed:\n{child.stderr[-2000:]}", flush=True)
+                continue
+            row = json.loads(child.stdout.strip().splitlines()[-1])
+            results[setting].append(row)
+            print(f"round {round_index + 1}: {setting}: {row['step_s']:.2f} s/step, {row['peak_rss_mb']:.0f} MB", flush=True)
+
+    print(f"\nFOD training step, {args.image_size}x{args.image_size}, batch {args.batch}, "
+          f"{os.environ.get('OMP_NUM_THREADS', 'default')} OMP threads, median of {args.steps} steps per round\n")
+    print("| allocator | s/step per round | peak RSS MB |")
+    print("|---|---|---|")
+    for setting, rows in results.items():
+        if rows:
+            per_round = ", ".join(f"{row['step_s']:.2f}" for row in rows)
+            print(f"| {setting} | {per_round} | {max(row['peak_rss_mb'] for row in rows):.0f} |")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
