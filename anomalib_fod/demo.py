@@ -39,18 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def exact_auroc(predictions: list) -> tuple[float, float]:
-    """Image and pixel AUROC on raw (un-normalised, un-clamped) scores with scikit-learn."""
-    import torch  # noqa: PLC0415
-    from sklearn.metrics import roc_auc_score  # noqa: PLC0415
-
-    scores = torch.cat([p.pred_score.flatten() for p in predictions]).float().cpu().numpy()
-    labels = torch.cat([p.gt_label.flatten() for p in predictions]).int().cpu().numpy()
-    maps = torch.cat([p.anomaly_map.flatten() for p in predictions]).float().cpu().numpy()
-    masks = torch.cat([p.gt_mask.flatten() for p in predictions]).int().cpu().numpy()
-    return float(roc_auc_score(labels, scores)), float(roc_auc_score(masks, maps))
-
-
 def run(args: argparse.Namespace) -> dict[str, float]:
     """Fit, test and predict; print the metrics and where the heat-maps are."""
     import warnings  # noqa: PLC0415
@@ -61,7 +49,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     from lightning.pytorch import seed_everything  # noqa: PLC0415
 
     from anomalib_fod import Fod  # noqa: PLC0415
-    from anomalib_fod.benchmark.cell import raw_post_processing  # noqa: PLC0415
+    from anomalib_fod.evaluation import collect_predictions, image_auroc, pixel_auroc, raw_post_processing  # noqa: PLC0415
 
     seed_everything(args.seed, workers=True)
     datamodule = MVTecAD(
@@ -87,8 +75,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
     # Engine.predict normalises and clamps scores to [0, 1]: switch that off for exact metrics.
     with raw_post_processing(model):
-        predictions = engine.predict(model=model, datamodule=datamodule, return_predictions=True)
-    image_auroc, pixel_auroc = exact_auroc(predictions)
+        raw = collect_predictions(engine.predict(model=model, datamodule=datamodule, return_predictions=True))
+    image_score, pixel_score = image_auroc(raw["scores"], raw["labels"]), pixel_auroc(raw["maps"], raw["masks"])
     total_time = time.perf_counter() - start
 
     run_dir = Path(engine.trainer.default_root_dir)
@@ -96,13 +84,13 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     checkpoint = engine.trainer.checkpoint_callback.best_model_path if engine.trainer.checkpoint_callback else ""
     print("\nFOD demo on battery_weld (real weld images, 93 defective / 35 good test images)")
     print(f"  input {args.image_size[0]}x{args.image_size[1]}, {args.epochs} epochs, fit {fit_time:.0f} s")
-    print(f"  image AUROC  {image_auroc:.4f} (exact, raw scores)   anomalib: {metrics.get('image_AUROC', float('nan')):.4f}")
-    print(f"  pixel AUROC  {pixel_auroc:.4f} (exact, raw scores)   anomalib: {metrics.get('pixel_AUROC', float('nan')):.4f}")
+    print(f"  image AUROC  {image_score:.4f} (exact, raw scores)   anomalib: {metrics.get('image_AUROC', float('nan')):.4f}")
+    print(f"  pixel AUROC  {pixel_score:.4f} (exact, raw scores)   anomalib: {metrics.get('pixel_AUROC', float('nan')):.4f}")
     print(f"  heat-map images: {images_dir.resolve()}")
     if checkpoint:
         print(f"  checkpoint:      {Path(checkpoint).resolve()}")
     print(f"  wall time {total_time:.0f} s")
-    return {"image_auroc": image_auroc, "pixel_auroc": pixel_auroc, "fit_seconds": fit_time, "total_seconds": total_time}
+    return {"image_auroc": image_score, "pixel_auroc": pixel_score, "fit_seconds": fit_time, "total_seconds": total_time}
 
 
 def main(argv: list[str] | None = None) -> None:

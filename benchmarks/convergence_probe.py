@@ -102,7 +102,7 @@ def index_stream(count: int, batch: int, generator: torch.Generator) -> Iterator
 @torch.no_grad()
 def evaluate(model: Any, test: dict[str, Any], batch: int = 8) -> dict[str, float]:  # noqa: ANN401 - Fod
     """Exact metrics of the model's current state on the cached test features."""
-    from anomalib_fod.benchmark.metrics import exact_metrics  # noqa: PLC0415
+    from anomalib_fod.evaluation import exact_metrics  # noqa: PLC0415
 
     fod = model.model
     fod.eval()

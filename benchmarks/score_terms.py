@@ -137,7 +137,7 @@ def _normalised_mse_generator_class() -> type:
 
 def score(records: dict[str, Any], generator: Any, levels: list[int]) -> dict[str, float]:  # noqa: ANN401
     """Exact metrics of one ``AnomalyMapGenerator`` (or subclass) on the given levels."""
-    from anomalib_fod.benchmark.metrics import exact_metrics  # noqa: PLC0415
+    from anomalib_fod.evaluation import exact_metrics  # noqa: PLC0415
 
     scores, maps = [], []
     for tokens, outputs in zip(records["tokens"], records["outputs"], strict=True):
