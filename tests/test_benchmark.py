@@ -117,7 +117,11 @@ def _config(dataset_root: Path, run_dir: Path, **overrides: object) -> dict:
         (lambda c: c["models"][1]["init_args"].update(backbone="resnet18"), "shared by every model"),
         (lambda c: c["datasets"][0]["init_args"].update(val_split_mode="from_test"), "same_as_test"),
         (lambda c: c["models"].append(dict(c["models"][0])), "duplicate model names"),
-        (lambda c: c.update(epochs=3), "unknown keys"),
+        (lambda c: c.update(epochs=3), "'epochs' is not accepted"),
+        (lambda c: c["models"][0].update(max_epochs="two"), r"models\[0\].*max_epochs"),
+        (lambda c: c["models"][0].update(max_epochs=0), "max_epochs must be"),
+        (lambda c: c.update(image_size=[16, 16]), "image_size"),
+        (lambda c: c.update(datasets=[]), "datasets must be a non-empty list"),
     ],
 )
 def test_config_errors(tmp_path: Path, change, message: str) -> None:  # noqa: ANN001
@@ -125,6 +129,26 @@ def test_config_errors(tmp_path: Path, change, message: str) -> None:  # noqa: A
     change(config)
     with pytest.raises(BenchmarkConfigError, match=message):
         parse_config(config)
+
+
+def test_fingerprints_of_stored_results_stay_valid() -> None:
+    """Cells keep the fingerprints the harness gave them before its config became jsonargparse dataclasses.
+
+    A changed fingerprint would make every finished cell of a stored run train again.
+    """
+    from anomalib_fod.benchmark.config import expand_cells
+
+    data = {
+        "seeds": [0],
+        "image_size": [64, 64],
+        "datasets": [{"name": "dummy", "class_path": "anomalib.data.MVTecAD", "init_args": {"root": "/data", "category": "dummy"}}],
+        "models": [
+            {"name": "Fod", "class_path": "anomalib_fod.Fod", "max_epochs": 2, "init_args": {"d_models": [32, 64]}},
+            {"class_path": "anomalib.models.Patchcore", "test_curve": True, "layers": ["blocks.1"]},
+        ],
+    }
+    cells = expand_cells(parse_config(data), Path("/run"))
+    assert [cell.fingerprint() for cell in cells] == ["aa136528a5a0d48a", "b9a121517179514a"]  # computed by the old harness
 
 
 def test_shipped_configs_parse() -> None:

@@ -111,3 +111,41 @@ def test_plugin_cli_trains_fod_by_short_name(dummy_dataset, tmp_path):
     result = run_train("anomalib-fod", config, tmp_path)
     check_run(result, tmp_path / "results")
     assert "image_AUROC" in result.stdout + result.stderr  # it also ran the test stage
+
+
+# --------------------------------------------------------------------------- the plugin's own commands
+
+
+def test_plugin_commands_keep_their_argparse_spelling() -> None:
+    """``--image-size 64 96``, ``--models A B`` and a bare ``--force`` reach the typed functions as before."""
+    from anomalib_fod import demo, explain
+    from anomalib_fod.benchmark.__main__ import benchmark
+    from anomalib_fod.typed_cli import function_parser, to_jsonargparse_argv
+
+    def parse(function, argv):  # noqa: ANN001, ANN202
+        return function_parser(function, "test").parse_args(to_jsonargparse_argv(argv, function))
+
+    args = parse(demo.demo, ["--epochs", "1", "--image-size", "64", "96", "--batch-size", "2", "--output", "out"])
+    assert (args.epochs, tuple(args.image_size), args.batch_size, str(args.output)) == (1, (64, 96), 2, "out")
+    args = parse(benchmark, ["--config", "b.yaml", "--models", "Fod", "Patchcore", "--force", "--max-epochs", "3"])
+    assert (args.models, args.force, args.max_epochs, args.datasets) == (["Fod", "Patchcore"], True, 3, None)
+    args = parse(benchmark, ["--config", "b.yaml", "--datasets", "bottle", "--force", "false"])
+    assert (args.datasets, args.force) == (["bottle"], False)
+    args = parse(explain.explain, ["--checkpoint", "m.ckpt", "--image", "a.png", "--token", "2", "5"])
+    assert ([str(p) for p in args.image], tuple(args.token)) == (["a.png"], (2, 5))
+    # jsonargparse's own spelling works as well
+    assert parse(demo.demo, ["--image_size=[32, 48]"]).image_size == (32, 48)
+
+
+def test_plugin_commands_report_bad_options_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from anomalib_fod import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--epochs", "many"])
+    assert exit_info.value.code == 2
+    assert "epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in cli.PLUGIN_COMMANDS)

@@ -16,12 +16,10 @@ next run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 import traceback
-import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from torch import nn
 from anomalib_fod.allocator import keep_freed_memory_on_cpu
 from anomalib_fod.callbacks import ResumableInterruptCallback
 from anomalib_fod.evaluation import collect_predictions, exact_metrics, raw_post_processing
+from anomalib_fod.typed_cli import run_function
 
 from .config import CellSpec
 from .cost import model_device, openvino_latency, peak_gpu_mb, peak_rss_mb, size_mb, torch_throughput
@@ -300,23 +299,30 @@ def _process_age_s() -> float | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m anomalib_fod.benchmark.cell --spec SPEC.json``."""
-    parser = argparse.ArgumentParser(prog="python -m anomalib_fod.benchmark.cell", description=__doc__.split("\n")[0])
-    parser.add_argument("--spec", type=Path, required=True, help="cell spec JSON written by the harness")
-    args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    spec = CellSpec.from_dict(json.loads(args.spec.read_text(encoding="utf-8")))
+def cell(spec: Path) -> int:
+    """Run one benchmark cell in this process (the harness starts one process per cell).
+
+    Args:
+        spec: cell spec JSON written by the harness.
+
+    Returns:
+        0 when the cell finished, 1 when it failed (its error JSON says why).
+    """
+    cell_spec = CellSpec.from_dict(json.loads(spec.read_text(encoding="utf-8")))
     startup_s = _process_age_s()
     keep_freed_memory_on_cpu()  # the cell's own process: reuse FOD's large freed maps (see allocator.py)
     try:
-        run_cell(spec, rss_scope="cell process", startup_s=startup_s)
+        run_cell(cell_spec, rss_scope="cell process", startup_s=startup_s)
     except Exception as error:  # noqa: BLE001 - recorded for the harness, exit code says it failed
-        record_failure(spec, error, rss_scope="cell process")
+        record_failure(cell_spec, error, rss_scope="cell process")
         traceback.print_exc()
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m anomalib_fod.benchmark.cell --spec SPEC.json``."""
+    return run_function(cell, argv, prog="python -m anomalib_fod.benchmark.cell")
 
 
 if __name__ == "__main__":
