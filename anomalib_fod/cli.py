@@ -2,6 +2,8 @@
 
 - ``anomalib-fod train|test|export|predict|fit|validate ... --model Fod`` behaves exactly like
   ``anomalib ... --model anomalib_fod.Fod`` (anomalib's own CLI after registering the plugin).
+  ``--config`` also takes the name of a config shipped with the package, e.g. ``--config mvtec_ad``
+  (:mod:`anomalib_fod.configs`).
 - ``demo``, ``benchmark``, ``predict-folder`` and ``explain`` are typed functions (see
   :data:`PLUGIN_COMMANDS`) parsed by jsonargparse: ``anomalib-fod demo --help``.
 """
@@ -83,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     import anomalib_fod  # noqa: F401, PLC0415 - registers the models
     from anomalib.cli.cli import main as anomalib_main  # noqa: PLC0415
 
-    sys.argv = [sys.argv[0], *args]
+    from anomalib_fod.configs import resolve_config_argument  # noqa: PLC0415
+
+    sys.argv = [sys.argv[0], *resolve_config_argument(args)]
     anomalib_main()
 
 

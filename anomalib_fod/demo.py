@@ -13,9 +13,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-DATA_ROOT = Path(__file__).parent / "data"
-DEMO_CATEGORY = "battery_weld"
-
 
 def demo(
     epochs: int = 8,
@@ -41,21 +38,15 @@ def demo(
     Returns:
         ``image_auroc``, ``pixel_auroc`` (exact, raw scores), ``fit_seconds``, ``total_seconds``.
     """
-    from anomalib.data import MVTecAD  # noqa: PLC0415
     from anomalib.engine import Engine  # noqa: PLC0415
     from lightning.pytorch import seed_everything  # noqa: PLC0415
 
     from anomalib_fod import Fod  # noqa: PLC0415
+    from anomalib_fod.data import BatteryWeld  # noqa: PLC0415
     from anomalib_fod.evaluation import collect_predictions, image_auroc, pixel_auroc, raw_post_processing  # noqa: PLC0415
 
     seed_everything(seed, workers=True)
-    datamodule = MVTecAD(
-        root=DATA_ROOT,
-        category=DEMO_CATEGORY,
-        train_batch_size=batch_size,
-        eval_batch_size=16,
-        num_workers=0,
-    )
+    datamodule = BatteryWeld(train_batch_size=batch_size, eval_batch_size=16, num_workers=0)
     model = Fod(image_size=tuple(image_size))
     engine = Engine(
         max_epochs=epochs,

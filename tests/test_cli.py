@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -149,3 +150,52 @@ def test_plugin_commands_report_bad_options_by_name(capsys: pytest.CaptureFixtur
     assert exit_info.value.code == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in cli.PLUGIN_COMMANDS)
+
+
+def test_shipped_configs_resolve_by_name_and_parse(tmp_path: Path) -> None:
+    """``--config mvtec_ad`` names a YAML inside the package (so it works from a wheel); every one parses."""
+    from anomalib_fod.configs import available, config_path, resolve_config_argument
+
+    names = available()
+    assert {"mvtec_ad", "fod", "demo_battery_weld", "cdo_battery_weld", "folder", "btad", "mvtec3d"} <= set(names)
+    resolved = resolve_config_argument(["train", "--config", "mvtec_ad", "-c=fod.yaml", "--data.category", "carpet"])
+    assert resolved[2] == str(config_path("mvtec_ad")) and resolved[3] == f"-c={config_path('fod')}"
+    own = tmp_path / "mvtec_ad"
+    own.write_text("{}")
+    assert resolve_config_argument(["--config", str(own)])[1] == str(own)  # an existing file wins
+    assert resolve_config_argument(["--config", "nope"])[1] == "nope"  # anomalib reports it
+    for name in names:
+        config = yaml.safe_load(config_path(name).read_text())
+        for section in ("model", "data"):  # both classes import (the data needs no path of a checkout)
+            module, _, cls = config[section]["class_path"].rpartition(".")
+            assert hasattr(importlib.import_module(module), cls), (name, section)
+        assert "../" not in config_path(name).read_text()  # nothing outside the package
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_configs_and_the_demo_data(tmp_path: Path) -> None:
+    """Build the wheel from a copy of the tracked sources and look inside it."""
+    import zipfile
+
+    from fod_helpers import REPO_ROOT
+
+    source = tmp_path / "source"
+    tracked = subprocess.run(  # noqa: S603 - git, fixed arguments
+        ["git", "ls-files", "pyproject.toml", "README.md", "anomalib_fod"],  # noqa: S607
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    for name in tracked:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, source / name)
+    result = subprocess.run(  # noqa: S603 - this interpreter's pip
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(source)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("anomalib_fod-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {Path(n).name for n in names if n.startswith("anomalib_fod/configs/") and n.endswith(".yaml")}
+    assert shipped == {Path(n).name for n in tracked if n.startswith("anomalib_fod/configs/") and n.endswith(".yaml")}
+    assert "anomalib_fod/data/battery_weld/ATTRIBUTION.md" in names
+    pngs = [n for n in names if n.startswith("anomalib_fod/data/battery_weld/") and n.endswith(".png")]
+    assert len(pngs) == 37 + 128 + 93  # train, test images and the defect masks
