@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import importlib
-import re
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,13 +37,6 @@ class Command:
         module, _, name = self.target.partition(":")
         return getattr(importlib.import_module(module), name)
 
-
-# Deprecation notices raised inside anomalib 2.7's own imports, which a user of these commands can do
-# nothing about (the test suite hides the same ones, see pyproject.toml); every other one is shown.
-THIRD_PARTY_NOTICES: tuple[tuple[str, type[Warning]], ...] = (
-    ("Importing from timm.models.layers is deprecated", FutureWarning),
-    ("The anomalib.models.components.dinov2 package is deprecated", FutureWarning),
-)
 
 PLUGIN_COMMANDS: dict[str, Command] = {
     "demo": Command("anomalib_fod.demo:demo", own_process=True),
@@ -84,8 +75,6 @@ def plugin_help() -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run a plugin command, or register the plugin and hand over to anomalib's CLI."""
-    for message, category in THIRD_PARTY_NOTICES:
-        warnings.filterwarnings("ignore", message=re.escape(message), category=category)
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in PLUGIN_COMMANDS:
         sys.exit(run_command(args[0], args[1:]))

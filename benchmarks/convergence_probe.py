@@ -6,7 +6,7 @@ the model's learning rate, the model's own minimax loss) and the test set is sco
 count in ``--eval-at``. No Lightning, no export, no per-epoch bookkeeping. Reporting only: the test
 set selects nothing here either.
 
-    python benchmarks/convergence_probe.py --root ../shared/datasets/mvtec_ad --category bottle \
+    python benchmarks/convergence_probe.py --root datasets/mvtec_ad --category bottle \
         --eval-at 100,209 --set out_projection=true --json probe.json
 
 Images and masks are pre-processed as ``Engine.test`` does (the model's pre-processor transform).

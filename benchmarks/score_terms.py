@@ -13,7 +13,7 @@ training set, so no channel counts more because the backbone happens to make it 
 reconstruct on normal data.
 
     python benchmarks/score_terms.py --checkpoint RUN/work/<cell>/engine/.../model.ckpt \
-        --root ../shared/datasets/mvtec_ad --category bottle
+        --root datasets/mvtec_ad --category bottle
 
 Exact image AUROC (scikit-learn, raw scores, image score = max of the blurred map) and pixel AUROC
 at the model's input size (images and masks pre-processed as ``Engine.test`` does). Prints a Markdown table; ``--json``

@@ -21,7 +21,7 @@ Transformers separately), the dense matmul rate this machine reaches (fp32, or b
 memory exceeds 80% of the available RAM are skipped on CPU (an OOM kill would lose every result),
 and said so.
 
-The original FOD code trains at about 7 images/s on an H100 (batch 1; ``../shared/ANCHORS.md``) and
+The original FOD code trains at about 7 images/s on an H100 (batch 1; its reference run, see benchmarks/RESULTS.md) and
 does not run on a CPU; on CUDA the report gives our training throughput as a multiple of that.
 """
 
@@ -43,7 +43,7 @@ import torch
 
 from anomalib_fod.benchmark.environment import cpu_model
 
-ORIGINAL_H100_TRAIN_IMG_S = 7.0  # ../shared/ANCHORS.md: 0.13-0.15 s per batch-1 step on an H100
+ORIGINAL_H100_TRAIN_IMG_S = 7.0  # the original code's reference run: 0.13-0.15 s per batch-1 step on an H100
 
 
 class PeakRss:

@@ -34,11 +34,5 @@ class BatteryWeld(MVTecAD):
         num_workers: int = 0,
         **kwargs: Any,  # noqa: ANN401 - MVTecAD's arguments
     ) -> None:
-        super().__init__(
-            root=EMBEDDED_ROOT,
-            category=BATTERY_WELD,
-            train_batch_size=train_batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            **kwargs,
-        )
+        loading = {"train_batch_size": train_batch_size, "eval_batch_size": eval_batch_size, "num_workers": num_workers}
+        super().__init__(root=EMBEDDED_ROOT, category=BATTERY_WELD, **loading, **kwargs)

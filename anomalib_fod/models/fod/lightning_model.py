@@ -68,7 +68,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         out_projection: apply an output projection after each attention. ``False`` (default)
             matches the paper's code, which computed the projection and discarded it. Applying
             it (standard multi-head attention) made FOD leave chance in its first epoch less
-            reliably in our measurements (README, "Deliberate differences").
+            reliably in our measurements (docs/differences.md).
         blur_sigma: Gaussian blur of the anomaly map (paper: 4).
         fusion: how a layer combines its intra and inter branches: ``"subtract"`` (FOD's
             I2Correlation) or ``"concat_mlp"`` (ED: concatenation, Linear 2D->4D, ReLU, Linear 4D->D).
@@ -100,7 +100,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
     ARCHITECTURE_HPARAMS = FodSettings.architecture_names()
     EPOCHS_HINT = (
         "FOD needs a few hundred optimizer steps (e.g. 15 epochs of 200 images at batch 4): pass "
-        "--trainer.max_epochs 15 (or Engine(max_epochs=15)); see the README's 'Batch size and epochs'."
+        "--trainer.max_epochs 15 (or Engine(max_epochs=15)); see docs/training.md, 'Batch size and epochs'."
     )
 
     def __init__(
@@ -213,7 +213,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             "%s: this run takes only %d optimizer steps. FOD learns per step: on MVTec bottle at batch 1 it "
             "separated defects at 0.76-0.82 image AUROC after 100 steps and 0.83-0.89 after 209, and the paper's "
             "code reached its best after 1000-1500 steps. Use a smaller train_batch_size (1-4) or more epochs; "
-            "see the README's 'Batch size and epochs'.",
+            "see docs/training.md, 'Batch size and epochs'.",
             self.DISPLAY_NAME,
             int(steps),
         )
