@@ -1,7 +1,7 @@
 """FOD training-step time on a CPU under each memory-allocator setting (glibc default, mallopt, env, LD_PRELOAD).
 
     python benchmarks/allocator.py                          # 256x256, batch 2, 5 timed steps, 2 rounds
-    python benchmarks/allocator.py --steps 3 --rounds 1 --image-size 128
+    python benchmarks/allocator.py --steps 3 --rounds 1 --image-size 128 --json-path out.json
 
 Every setting runs in its own process (an allocator is process-wide), one after the other, and the
 whole set is repeated ``--rounds`` times so a busy machine shows up as spread rather than as a
@@ -25,7 +25,6 @@ The settings:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -113,49 +112,69 @@ def time_steps(setting: str, image_size: int, batch: int, steps: int) -> dict[st
     return {"step_s": statistics.median(times), "steps": times, "peak_rss_mb": peak[0] / 2**20}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run every setting in a child process, ``--rounds`` times, and print a Markdown table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per process (after one warm-up)")
-    parser.add_argument("--rounds", type=int, default=2, help="how often the whole set of settings runs")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--json", type=Path, help="also write the measurements here")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(time_steps(args.child, args.image_size, args.batch, args.steps)))
-        return 0
+def allocator_benchmark(
+    image_size: int = 256,
+    batch: int = 2,
+    steps: int = 5,
+    rounds: int = 2,
+    settings: list[str] | None = None,
+    json_path: Path | None = None,
+    child: str | None = None,
+) -> int:
+    """Time FOD training steps under each allocator setting, each in its own process; print a Markdown table.
 
-    results: dict[str, list[dict[str, float]]] = {setting: [] for setting in args.settings}
-    for round_index in range(args.rounds):
-        for setting in args.settings:
+    Args:
+        image_size: input side in pixels.
+        batch: training batch size.
+        steps: timed steps per process (after one warm-up step).
+        rounds: how often the whole set of settings runs.
+        settings: which settings (default: all of glibc, mallopt, env, jemalloc, tcmalloc).
+        json_path: also write the measurements here.
+        child: internal: time this one setting in this process and print its JSON row.
+    """
+    if child is not None:
+        print(json.dumps(time_steps(child, image_size, batch, steps)))
+        return 0
+    chosen = settings or list(SETTINGS)
+    unknown = sorted(set(chosen) - set(SETTINGS))
+    if unknown:
+        print(f"unknown settings {unknown}; choose from {list(SETTINGS)}", file=sys.stderr)
+        return 2
+    results: dict[str, list[dict[str, float]]] = {setting: [] for setting in chosen}
+    for round_index in range(rounds):
+        for setting in chosen:
             env = _environment(setting)
             if env is None:
                 print(f"round {round_index + 1}: {setting}: library not installed, skipped", flush=True)
                 continue
-            command = [sys.executable, __file__, "--child", setting, "--image-size", str(args.image_size)]
-            command += ["--batch", str(args.batch), "--steps", str(args.steps)]
-            child = subprocess.run(command, env=env, capture_output=True, text=True, check=False)  # noqa: S603
-            if child.returncode != 0:
-                print(f"round {round_index + 1}: {setting} failed:\n{child.stderr[-2000:]}", flush=True)
+            command = [sys.executable, __file__, "--child", setting, "--image-size", str(image_size)]
+            command += ["--batch", str(batch), "--steps", str(steps)]
+            process = subprocess.run(command, env=env, capture_output=True, text=True, check=False)  # noqa: S603
+            if process.returncode != 0:
+                print(f"round {round_index + 1}: {setting} failed:\n{process.stderr[-2000:]}", flush=True)
                 continue
-            row = json.loads(child.stdout.strip().splitlines()[-1])
+            row = json.loads(process.stdout.strip().splitlines()[-1])
             results[setting].append(row)
             print(f"round {round_index + 1}: {setting}: {row['step_s']:.2f} s/step, {row['peak_rss_mb']:.0f} MB", flush=True)
 
-    print(f"\nFOD training step, {args.image_size}x{args.image_size}, batch {args.batch}, "
-          f"{os.environ.get('OMP_NUM_THREADS', 'default')} OMP threads, median of {args.steps} steps per round\n")
+    threads = os.environ.get("OMP_NUM_THREADS", "default")
+    print(f"\nFOD training step, {image_size}x{image_size}, batch {batch}, {threads} OMP threads, median of {steps} steps per round\n")
     print("| allocator | s/step per round | peak RSS MB |")
     print("|---|---|---|")
     for setting, rows in results.items():
         if rows:
             per_round = ", ".join(f"{row['step_s']:.2f}" for row in rows)
             print(f"| {setting} | {per_round} | {max(row['peak_rss_mb'] for row in rows):.0f} |")
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line (argparse spelling, e.g. ``--steps 3 --settings glibc tcmalloc``), parsed by jsonargparse."""
+    from anomalib_fod.typed_cli import run_function  # noqa: PLC0415
+
+    return run_function(allocator_benchmark, sys.argv[1:] if argv is None else argv, prog="benchmarks/allocator.py")
 
 
 if __name__ == "__main__":
