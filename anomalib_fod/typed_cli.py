@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -82,8 +83,12 @@ def function_parser(function: Callable[..., Any], prog: str) -> ArgumentParser:
 
 
 def run_function(function: Callable[..., Any], argv: Sequence[str] | None, prog: str) -> int:
-    """Parse ``argv`` for ``function``, call it and return an exit status (its own, if it returns an int)."""
+    """Parse ``argv`` (``None``: the process's arguments) for ``function``, call it, return an exit status.
+
+    The status is the function's own if it returns an int, else 0.
+    """
     parser = function_parser(function, prog)
-    config = parser.parse_args(to_jsonargparse_argv(list(argv or []), function))
+    args = sys.argv[1:] if argv is None else list(argv)
+    config = parser.parse_args(to_jsonargparse_argv(args, function))
     result = function(**parser.instantiate_classes(config).as_dict())
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

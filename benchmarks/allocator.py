@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line (argparse spelling, e.g. ``--steps 3 --settings glibc tcmalloc``), parsed by jsonargparse."""
     from anomalib_fod.typed_cli import run_function  # noqa: PLC0415
 
-    return run_function(allocator_benchmark, sys.argv[1:] if argv is None else argv, prog="benchmarks/allocator.py")
+    return run_function(allocator_benchmark, argv, prog="benchmarks/allocator.py")
 
 
 if __name__ == "__main__":

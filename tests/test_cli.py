@@ -199,3 +199,14 @@ def test_wheel_ships_the_configs_and_the_demo_data(tmp_path: Path) -> None:
     assert "anomalib_fod/data/battery_weld/ATTRIBUTION.md" in names
     pngs = [n for n in names if n.startswith("anomalib_fod/data/battery_weld/") and n.endswith(".png")]
     assert len(pngs) == 37 + 128 + 93  # train, test images and the defect masks
+
+
+def test_module_entry_points_read_the_process_arguments(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
+    """``python -m anomalib_fod.benchmark.cell --spec X`` calls ``main()`` without argv: sys.argv counts."""
+    from anomalib_fod.benchmark import cell
+
+    monkeypatch.setattr(sys, "argv", ["cell", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        cell.main()
+    assert exit_info.value.code == 0
+    assert "--spec" in capsys.readouterr().out
