@@ -1,6 +1,6 @@
 """Memory per image of FOD (default settings) for training and inference, and GPU batch sizes.
 
-Three ways, from exact to empirical (numbers in README "Memory and GPU sizing"):
+Three ways, from exact to empirical (numbers in docs/speed_and_memory.md, "Memory and GPU sizing"):
 
 - ``analytic``: the ``(B, H, L, S)`` correlation maps dominate. Training keeps 4 maps per branch,
   layer and level for the backward pass (softmax output = attention, Gaussian target, and the

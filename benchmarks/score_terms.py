@@ -13,7 +13,7 @@ training set, so no channel counts more because the backbone happens to make it 
 reconstruct on normal data.
 
     python benchmarks/score_terms.py --checkpoint RUN/work/<cell>/engine/.../model.ckpt \
-        --root ../shared/datasets/mvtec_ad --category bottle
+        --root datasets/mvtec_ad --category bottle
 
 Exact image AUROC (scikit-learn, raw scores, image score = max of the blurred map) and pixel AUROC
 at the model's input size (images and masks pre-processed as ``Engine.test`` does). Prints a Markdown table; ``--json``
@@ -137,7 +137,7 @@ def _normalised_mse_generator_class() -> type:
 
 def score(records: dict[str, Any], generator: Any, levels: list[int]) -> dict[str, float]:  # noqa: ANN401
     """Exact metrics of one ``AnomalyMapGenerator`` (or subclass) on the given levels."""
-    from anomalib_fod.benchmark.metrics import exact_metrics  # noqa: PLC0415
+    from anomalib_fod.evaluation import exact_metrics  # noqa: PLC0415
 
     scores, maps = [], []
     for tokens, outputs in zip(records["tokens"], records["outputs"], strict=True):

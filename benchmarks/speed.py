@@ -25,7 +25,7 @@ e.g. a ``git worktree`` of an older commit) in alternation with this one, agains
 memory exceeds 80% of the available RAM are skipped on CPU (an OOM kill would lose every result),
 and said so.
 
-The original FOD code trains at about 7 images/s on an H100 (batch 1; ``../shared/ANCHORS.md``) and
+The original FOD code trains at about 7 images/s on an H100 (batch 1; its reference run, see benchmarks/RESULTS.md) and
 does not run on a CPU; on CUDA the report gives our training throughput as a multiple of that.
 """
 
@@ -48,7 +48,7 @@ import torch
 
 from anomalib_fod.benchmark.environment import cpu_model
 
-ORIGINAL_H100_TRAIN_IMG_S = 7.0  # ../shared/ANCHORS.md: 0.13-0.15 s per batch-1 step on an H100
+ORIGINAL_H100_TRAIN_IMG_S = 7.0  # the original code's reference run: 0.13-0.15 s per batch-1 step on an H100
 
 
 class PeakRss:
@@ -383,7 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu"))
     if device.type == "cpu" and args.allocator == "mallopt":
-        from anomalib_fod.utils import keep_freed_memory_on_cpu  # noqa: PLC0415
+        try:  # where the setting lives since it is opt-in; older versions (a --baseline) kept it in utils
+            from anomalib_fod.allocator import keep_freed_memory_on_cpu  # noqa: PLC0415
+        except ImportError:
+            from anomalib_fod.utils import keep_freed_memory_on_cpu  # noqa: PLC0415
 
         keep_freed_memory_on_cpu()
     if args.single:

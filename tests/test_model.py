@@ -138,7 +138,7 @@ def test_fod_defaults_are_the_papers():
     assert (hparams.kl_weight, hparams.entropy_weight) == (0.5, 0.5)
     assert (hparams.scoring, hparams.reference, hparams.reconstruction_term) == ("rec_div", "mean", "mse_cos")
     assert hparams.learning_rate == 1e-4
-    # The paper's code computes the attention output projection and discards it; so do we (README).
+    # The paper's code computes the attention output projection and discards it; so do we (docs/differences.md).
     assert hparams.out_projection is False
     attention = fod.model.levels[0].layers[0].self_attention
     assert isinstance(attention.proj, torch.nn.Identity)

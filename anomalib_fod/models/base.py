@@ -26,7 +26,6 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from anomalib_fod.callbacks import ResumableInterruptCallback
 from anomalib_fod.data.validate import check_datamodule
 from anomalib_fod.utils import as_image_size, plain_value
 
@@ -165,8 +164,8 @@ class OfflineBackboneModule:
         return [*callbacks, *self.training_callbacks()]
 
     def training_callbacks(self) -> list[Callback]:
-        """The model's own callbacks: a resumable checkpoint when training is interrupted."""
-        return [ResumableInterruptCallback()]
+        """Callbacks the model cannot train without (none here; FOD adds its reference features)."""
+        return []
 
     def log_loss(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], batch_size: int) -> None:
         """Stop on a non-finite loss; log the loss per step and epoch and its terms per epoch."""

@@ -12,24 +12,25 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib.data import Batch
+from anomalib.data import AnomalibDataset, Batch
 from anomalib.models import AnomalibModule
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from anomalib_fod.models.base import ONNX_OPSET, NonFiniteLossError, OfflineBackboneModule
-from anomalib_fod.utils import keep_freed_memory_on_cpu
 
 from .export import check_static_export, default_export_size
-from .feature_cache import FeatureCache
+from .feature_cache import FeatureCache, is_deterministic
 from .loss import FodLoss
-from .reference import ReferenceFeatureCallback
+from .reference import ReferenceFeatureCallback, shard_loader
 from .settings import FeedForwardMode, FodSettings, FusionMode, ReconstructionTerm, ReferenceMode, ScoringMode
 from .torch_model import FodModel
 
@@ -67,7 +68,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         out_projection: apply an output projection after each attention. ``False`` (default)
             matches the paper's code, which computed the projection and discarded it. Applying
             it (standard multi-head attention) made FOD leave chance in its first epoch less
-            reliably in our measurements (README, "Deliberate differences").
+            reliably in our measurements (docs/differences.md).
         blur_sigma: Gaussian blur of the anomaly map (paper: 4).
         fusion: how a layer combines its intra and inter branches: ``"subtract"`` (FOD's
             I2Correlation) or ``"concat_mlp"`` (ED: concatenation, Linear 2D->4D, ReLU, Linear 4D->D).
@@ -77,9 +78,11 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         relative_position_bias: learned bias of the query-to-key offset in every attention (ED
             option, off in ED's default).
         learning_rate: Adam learning rate (paper: 1e-4).
-        cache_features: keep the frozen backbone's pooled features of each training image after
-            its first epoch (see ``feature_cache.py``); switched off automatically when the
-            datamodule has training augmentations. Results are identical either way.
+        cache_features: compute the frozen backbone's pooled features of every training image once,
+            in CPU memory, when training starts (see ``feature_cache.py``). Used only when the
+            dataset's augmentations and the pre-processor's transform are known to be deterministic
+            (otherwise the features are computed every step, and the log says why). Results equal
+            those without the cache up to floating-point rounding.
         compile_transformers: compile each level's Transformer with ``torch.compile`` (in place,
             so checkpoints keep their keys) when training or inference starts. Worth it for long GPU
             runs; the first steps pay the compilation (tens of seconds), which a short CPU run never
@@ -97,7 +100,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
     ARCHITECTURE_HPARAMS = FodSettings.architecture_names()
     EPOCHS_HINT = (
         "FOD needs a few hundred optimizer steps (e.g. 15 epochs of 200 images at batch 4): pass "
-        "--trainer.max_epochs 15 (or Engine(max_epochs=15)); see the README's 'Batch size and epochs'."
+        "--trainer.max_epochs 15 (or Engine(max_epochs=15)); see docs/training.md, 'Batch size and epochs'."
     )
 
     def __init__(
@@ -135,8 +138,8 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         self._feature_cache = FeatureCache()
 
     def training_callbacks(self) -> list[Callback]:
-        """The reference-feature callback (before the first step) and the base's callbacks."""
-        return [ReferenceFeatureCallback(self.model.settings.reference), *super().training_callbacks()]
+        """The reference-feature callback: it fills the inter branch's references before the first step."""
+        return [*super().training_callbacks(), ReferenceFeatureCallback(self.model.settings.reference)]
 
     def configure_optimizers(self) -> optim.Optimizer:
         """Adam over the Transformers (the backbone is frozen)."""
@@ -144,24 +147,58 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         return optim.Adam(params, lr=self.learning_rate)
 
     def setup(self, stage: str) -> None:
-        """On CPU, keep freed correlation maps in the allocator; compile the Transformers if asked."""
+        """Compile the Transformers if asked."""
         del stage
-        if self.device.type == "cpu":
-            keep_freed_memory_on_cpu()
         if self.compile_transformers:
             for level in self.model.levels:
                 if not getattr(level, "_compiled_call_impl", None):
                     level.compile()
 
     def on_train_start(self) -> None:
-        """Warn about too few optimizer steps; decide whether backbone features can be cached."""
+        """Warn about too few optimizer steps; cache the backbone features when that is safe."""
         self._warn_few_steps()
         self._feature_cache.clear()
-        datamodule = getattr(self.trainer, "datamodule", None)
-        augmented = datamodule is not None and getattr(datamodule, "train_augmentations", None) is not None
-        self._use_cache = self.cache_features and not augmented
-        if self.cache_features and augmented:
-            logger.info("FOD: training augmentations present, backbone features are not cached.")
+        self._use_cache = False
+        if not self.cache_features:
+            return
+        blocker = self._feature_cache_blocker()
+        if blocker is not None:
+            logger.info("FOD: backbone features are not cached: %s.", blocker)
+            return
+        self._use_cache = True
+        self._fill_feature_cache()
+        logger.info(
+            "FOD feature cache: %d images, %.1f MB of CPU memory",
+            len(self._feature_cache),
+            self._feature_cache.nbytes / 2**20,
+        )
+
+    def _feature_cache_blocker(self) -> str | None:
+        """Why cached features could differ from fresh ones (``None``: they cannot)."""
+        loader = self.trainer.train_dataloader
+        if not isinstance(loader, DataLoader) or not isinstance(loader.dataset, AnomalibDataset):
+            return "the training data is not a single anomalib dataset, so its transforms are unknown"
+        if not is_deterministic(loader.dataset.augmentations):
+            return "the training set has random (or unknown) augmentations"
+        if not is_deterministic(getattr(self.pre_processor, "transform", None)):
+            return "the pre-processor's transform is not known to be deterministic"
+        return None
+
+    def _fill_feature_cache(self) -> None:
+        """One ordered pass over this device's share of the training set (as the training steps see it)."""
+        trainer = self.trainer
+        loader = shard_loader(trainer.train_dataloader, trainer.global_rank, trainer.world_size)
+        transform = getattr(self.pre_processor, "transform", None)
+
+        def batches() -> Iterator[tuple[list[str], torch.Tensor]]:
+            for batch in tqdm(loader, desc="FOD feature cache", disable=not trainer.is_global_zero, leave=False):
+                images = batch.image.to(self.device)
+                yield list(batch.image_path), transform(images) if transform else images
+
+        # Iterating a DataLoader draws from the global RNG; the training order must not depend on the cache.
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            self._feature_cache.fill(batches(), self.model.extract_features)
 
     def _warn_few_steps(self) -> None:
         """FOD learns per optimizer step, not per image: say so when a run takes too few steps.
@@ -176,19 +213,10 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             "%s: this run takes only %d optimizer steps. FOD learns per step: on MVTec bottle at batch 1 it "
             "separated defects at 0.76-0.82 image AUROC after 100 steps and 0.83-0.89 after 209, and the paper's "
             "code reached its best after 1000-1500 steps. Use a smaller train_batch_size (1-4) or more epochs; "
-            "see the README's 'Batch size and epochs'.",
+            "see docs/training.md, 'Batch size and epochs'.",
             self.DISPLAY_NAME,
             int(steps),
         )
-
-    def on_train_epoch_end(self) -> None:
-        """Report what the feature cache holds after the first epoch."""
-        if getattr(self, "_use_cache", False) and self.current_epoch == 0 and len(self._feature_cache):
-            logger.info(
-                "FOD feature cache: %d images, %.1f MB",
-                len(self._feature_cache),
-                self._feature_cache.nbytes / 2**20,
-            )
 
     def _training_features(self, batch: Batch) -> list[torch.Tensor]:
         paths = batch.image_path if getattr(self, "_use_cache", False) else None

@@ -1,0 +1,62 @@
+"""Opt-in glibc allocator setting for CPU training, applied only by the plugin's own commands.
+
+FOD's stride-8 correlation maps are ``8 x 1024 x 1024`` floats (32 MiB) per image at 256x256.
+glibc serves blocks that large with ``mmap`` and unmaps them on ``free``, so each new map
+page-faults its memory in again. Raising glibc's mmap and trim thresholds lets freed blocks be
+reused instead. This changes the allocator of the whole process, so the library never does it:
+``anomalib-fod demo`` and the benchmark's cell processes call :func:`keep_freed_memory_on_cpu`;
+in any other process use the standard switches instead (``docs/speed_and_memory.md`` has the
+measured effect of each): ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``, or jemalloc
+or tcmalloc through ``LD_PRELOAD``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+
+logger = logging.getLogger(__name__)
+
+# mallopt parameter numbers (glibc's malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+_applied = False
+
+
+def keep_freed_memory_on_cpu(threshold_bytes: int = 1 << 30) -> bool:
+    """Raise glibc's mmap and trim thresholds so freed large blocks are reused, once per process.
+
+    The process keeps its peak memory instead of shrinking. The kept memory is handed back
+    (``malloc_trim``) right before every ``fork``: a data-loader worker forked from a process
+    holding gigabytes of freed maps would share those pages copy-on-write, and every later step of
+    the parent would copy them (that doubled a benchmark cell's memory until the OOM killer
+    stopped it).
+
+    Args:
+        threshold_bytes: blocks below this size come from the heap and stay there when freed.
+
+    Returns:
+        Whether the setting is in effect (``False`` off Linux/glibc).
+    """
+    global _applied  # noqa: PLW0603 - a process-wide setting, applied once by an entry point
+    if _applied:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    applied = bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold_bytes))
+    if applied and hasattr(libc, "malloc_trim"):
+        trim = libc.malloc_trim
+        os.register_at_fork(before=lambda: trim(0))
+    if applied:
+        logger.info("glibc malloc: mmap/trim thresholds raised to %d bytes for FOD's large maps", threshold_bytes)
+    _applied = applied
+    return applied
