@@ -43,7 +43,7 @@ import yaml
 from tqdm import tqdm
 
 # Candidates whose un-blurred pixel AUROC is also reported (it costs one more pass over every pixel).
-UNBLURRED = ("paper", "cos", "nmse_pc", "maha_r", "nmse_pc_klr")
+UNBLURRED = ("paper", "cos", "nmse_pc", "maha_r", "maha_pc", "maha_z_klz")
 SHRINK = 0.1  # share of the level's mean variance added to every per-position variance (few images)
 
 
@@ -90,6 +90,9 @@ class TrainStats:
     residual_precision: torch.Tensor  # (C, C), level-shared
     feature_mean: torch.Tensor  # (L, C)
     feature_precision: torch.Tensor  # (C, C)
+    position_precision: torch.Tensor  # (L, C, C), per-position covariance shrunk towards the shared one
+    maha_mean: torch.Tensor  # (L,) of the training images' own maha_r
+    maha_std: torch.Tensor  # (L,)
     divergence_mean: torch.Tensor  # (L,)
     divergence_std: torch.Tensor  # (L,)
 
@@ -102,6 +105,18 @@ def _precision(centred: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(cov).float()
 
 
+def _position_precision(centred: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """``(L, C, C)`` inverse covariances of ``(N, L, C)`` centred samples, each shrunk towards ``shared``.
+
+    The weight of the shared covariance is ``C / (N + C)``: with as few images as channels, half of it.
+    """
+    count, _, channels = centred.shape
+    per_position = torch.einsum("nlc,nld->lcd", centred.double(), centred.double()) / max(1, count - 1)
+    weight = channels / (count + channels)
+    cov = (1 - weight) * per_position + weight * shared.double()
+    return torch.linalg.inv(cov).float()
+
+
 def train_stats(obs: Observation) -> list[TrainStats]:
     """Per-level statistics of the training images (no test image is involved)."""
     stats = []
@@ -109,15 +124,20 @@ def train_stats(obs: Observation) -> list[TrainStats]:
         var = residual.var(dim=0, unbiased=False)
         mean = residual.mean(dim=0)
         feature_mean = tokens.mean(dim=0)
+        precision = _precision((residual - mean).flatten(0, 1))
+        maha = _mahalanobis(residual - mean, precision)
         stats.append(
             TrainStats(
                 channel_msq=residual.square().mean(dim=(0, 1)),
                 position_mean=mean,
                 position_var=var + SHRINK * var.mean(),
                 residual_mean=mean,
-                residual_precision=_precision((residual - mean).flatten(0, 1)),
+                residual_precision=precision,
                 feature_mean=feature_mean,
                 feature_precision=_precision((tokens - feature_mean).flatten(0, 1)),
+                position_precision=_position_precision(residual - mean, torch.linalg.inv(precision.double()).float()),
+                maha_mean=maha.mean(dim=0),
+                maha_std=maha.std(dim=0) + 1e-6,
                 divergence_mean=divergence.mean(dim=0),
                 divergence_std=divergence.std(dim=0) + 1e-6,
             )
@@ -154,6 +174,14 @@ def candidates() -> dict[str, Callable[[Observation, list[TrainStats], int], tor
     def feat_maha(o: Observation, s: list[TrainStats], i: int) -> torch.Tensor:
         return _mahalanobis(o.tokens[i] - s[i].feature_mean, s[i].feature_precision)
 
+    def maha_pc(o: Observation, s: list[TrainStats], i: int) -> torch.Tensor:
+        centred = o.residual[i] - s[i].residual_mean
+        quadratic = torch.einsum("nlc,lcd,nld->nl", centred, s[i].position_precision, centred)
+        return quadratic.clamp_min(0).sqrt()
+
+    def maha_z(o: Observation, s: list[TrainStats], i: int) -> torch.Tensor:
+        return (maha_r(o, s, i) - s[i].maha_mean) / s[i].maha_std
+
     def klz(o: Observation, s: list[TrainStats], i: int) -> torch.Tensor:
         return (o.divergence[i] - s[i].divergence_mean) / s[i].divergence_std
 
@@ -182,6 +210,10 @@ def candidates() -> dict[str, Callable[[Observation, list[TrainStats], int], tor
         "klr": klr,
         "nmse_pc_klr": times(nmse_pc, klr),
         "cos_klr": times(cos, klr),
+        "maha_pc": maha_pc,
+        "maha_z": maha_z,
+        "maha_z_klz": plus(maha_z, klz),
+        "maha_z_klz_half": lambda o, s, i: maha_z(o, s, i) + 0.5 * klz(o, s, i),
         "feat_maha": feat_maha,  # diagnostic: PaDiM-like distance of the input features, no Transformer
     }
 
@@ -192,14 +224,17 @@ def score_all(
     stats: list[TrainStats],
     data: dict[str, Any],
     grids: list[tuple[int, int]],
+    wanted: set[str] | None = None,
 ) -> Iterator[tuple[str, dict[str, float]]]:
     """Exact metrics of every candidate on the test observations."""
-    from anomalib_fod.benchmark.metrics import image_auroc, pixel_auroc  # noqa: PLC0415
+    from anomalib_fod.evaluation import image_auroc, pixel_auroc  # noqa: PLC0415
 
     labels = data["labels"].numpy()
     masks = data["masks"].numpy() if data["masks"] is not None else None
     blur = generator.blur
     for name, rule in candidates().items():
+        if wanted and name not in wanted:
+            continue
         token_scores = [rule(test, stats, i) for i in range(len(grids))]
         row: dict[str, float] = {}
         for blurred in (True, False) if name in UNBLURRED else (True,):
@@ -236,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model setting (YAML value)")
     parser.add_argument("--max-train-stats", type=int, default=200, help="training images for the statistics")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--save-final", action="store_true", help="keep the last step's weights (fp16)")
+    parser.add_argument("--save-checkpoints", action="store_true", help="keep the weights of every step count (fp16)")
+    parser.add_argument("--candidates", nargs="*", default=None, help="score only these candidates")
     return parser
 
 
@@ -304,18 +340,17 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
                         p.copy_(a)
             stats = train_stats(observe(scored, train_subset))
             test_obs = observe(scored, test["features"])
-            for candidate, metrics in score_all(scored.anomaly_map_generator, test_obs, stats, test, grids):
+            wanted = set(args.candidates) if args.candidates else None
+            for candidate, metrics in score_all(scored.anomaly_map_generator, test_obs, stats, test, grids, wanted):
                 row = {"dataset": name, "seed": seed, "batch": args.batch, "step": step, "images_seen": step * args.batch,
                        "weights": label, "candidate": candidate, "train_seconds": round(seconds, 1),
                        "settings": args.set, "image_size": list(args.image_size), **metrics}
                 with rows_file.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
+        if args.save_checkpoints:
+            torch.save({k: v.half() for k, v in fod.state_dict().items()}, args.out / f"{name}_seed{seed}_step{step}.pt")
         progress.write(f"{name} seed {seed} step {step}: scored ({seconds:.0f} s of training so far)")
     progress.close()
-    if args.save_final:
-        state = {k: v.half() for k, v in fod.state_dict().items()}
-        torch.save({"state": state, "averages": {d: [a.half() for a in v] for d, v in averages.items()}},
-                   args.out / f"{name}_seed{seed}.pt")
     with rows_file.open("a") as handle:
         handle.write(json.dumps({"dataset": name, "seed": seed, "final": True, "train_seconds": seconds}) + "\n")
 
