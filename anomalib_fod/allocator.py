@@ -1,13 +1,14 @@
-"""Opt-in glibc allocator setting for CPU training, applied only by the plugin's own commands.
+"""Opt-in glibc allocator setting for CPU training; nothing in the plugin applies it any more.
 
-FOD's stride-8 correlation maps are ``8 x 1024 x 1024`` floats (32 MiB) per image at 256x256.
+FOD used to materialise ``8 x 1024 x 1024``-float (32 MiB) correlation maps per image at 256x256.
 glibc serves blocks that large with ``mmap`` and unmaps them on ``free``, so each new map
-page-faults its memory in again. Raising glibc's mmap and trim thresholds lets freed blocks be
-reused instead. This changes the allocator of the whole process, so the library never does it:
-``anomalib-fod demo`` and the benchmark's cell processes call :func:`keep_freed_memory_on_cpu`;
-in any other process use the standard switches instead (``docs/speed_and_memory.md`` has the
-measured effect of each): ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``, or jemalloc
-or tcmalloc through ``LD_PRELOAD``.
+page-faulted its memory in again, and raising glibc's mmap and trim thresholds (this function)
+made a training step 2-4x faster. Since the attention runs in cache-sized query blocks
+(``models/fod/blocked_attention.py``) no tensor is that large and the setting makes no measurable
+difference (``benchmarks/allocator.py``, figures in ``docs/speed_and_memory.md``). It stays for
+measuring that, and for a user whose own process allocates such blocks; it changes the allocator
+of the whole process, so only call it in a process you own. The standard switches do the same:
+``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``, or jemalloc or tcmalloc through ``LD_PRELOAD``.
 """
 
 from __future__ import annotations

@@ -21,16 +21,13 @@ from anomalib_fod.typed_cli import function_parser, run_function
 
 @dataclass(frozen=True)
 class Command:
-    """A plugin command: the typed function it runs, and whether it owns its process.
+    """A plugin command: the typed function it runs.
 
     Attributes:
         target: ``"module:function"``.
-        own_process: the command is the process's whole job (a training run), so it applies the
-            CPU allocator setting of :mod:`anomalib_fod.allocator`; library calls never do.
     """
 
     target: str
-    own_process: bool = False
 
     def function(self) -> Callable[..., Any]:
         """Import and return the command's function."""
@@ -39,8 +36,8 @@ class Command:
 
 
 PLUGIN_COMMANDS: dict[str, Command] = {
-    "demo": Command("anomalib_fod.demo:demo", own_process=True),
-    "benchmark": Command("anomalib_fod.benchmark.__main__:benchmark", own_process=True),
+    "demo": Command("anomalib_fod.demo:demo"),
+    "benchmark": Command("anomalib_fod.benchmark.__main__:benchmark"),
     "predict-folder": Command("anomalib_fod.deploy:predict_folder"),
     "explain": Command("anomalib_fod.explain:explain"),
 }
@@ -49,10 +46,6 @@ PLUGIN_COMMANDS: dict[str, Command] = {
 def run_command(name: str, argv: Sequence[str] | None = None) -> int:
     """Run plugin command ``name`` with argparse-style ``argv``; return its exit status."""
     command = PLUGIN_COMMANDS[name]
-    if command.own_process:
-        from anomalib_fod.allocator import keep_freed_memory_on_cpu  # noqa: PLC0415
-
-        keep_freed_memory_on_cpu()
     return run_function(command.function(), argv, prog=f"anomalib-fod {name}")
 
 

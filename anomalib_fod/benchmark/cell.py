@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from anomalib_fod.allocator import keep_freed_memory_on_cpu
 from anomalib_fod.callbacks import ResumableInterruptCallback
 from anomalib_fod.evaluation import collect_predictions, exact_metrics, raw_post_processing
 from anomalib_fod.typed_cli import run_function
@@ -310,7 +309,6 @@ def cell(spec: Path) -> int:
     """
     cell_spec = CellSpec.from_dict(json.loads(spec.read_text(encoding="utf-8")))
     startup_s = _process_age_s()
-    keep_freed_memory_on_cpu()  # the cell's own process: reuse FOD's large freed maps (see allocator.py)
     try:
         run_cell(cell_spec, rss_scope="cell process", startup_s=startup_s)
     except Exception as error:  # noqa: BLE001 - recorded for the harness, exit code says it failed

@@ -30,6 +30,7 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.models.components import GaussianBlur2d
 from torch import nn
 
+from .residual_statistics import ResidualStatistics
 from .settings import FodSettings, ReconstructionTerm
 from .transformer import BranchStats, LevelOutput
 
@@ -85,10 +86,16 @@ class AnomalyMapGenerator(nn.Module):
         self.scoring = scoring
         self.with_intra = with_intra
         self.with_inter = with_inter
+        self.statistics = nn.ModuleList(ResidualStatistics() for _ in settings.d_models)
         self.blur = None
         if blur_sigma > 0:
             kernel = 2 * int(4.0 * blur_sigma + 0.5) + 1
             self.blur = GaussianBlur2d(sigma=blur_sigma, channels=1, kernel_size=kernel)
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether scoring reads the residual statistics of the training images."""
+        return self.reconstruction_term == "mahalanobis" and self.scoring != "div"
 
     @property
     def needed_branches(self) -> tuple[bool, bool]:
@@ -104,17 +111,19 @@ class AnomalyMapGenerator(nn.Module):
             return weights.amax(dim=-1, keepdim=True) - weights
         return torch.softmax(-mean_divergence(output.intra), dim=-1)
 
-    def token_scores(self, tokens: torch.Tensor, output: LevelOutput) -> torch.Tensor:
-        """Score of every token of one level, ``(B, L)``."""
+    def token_scores(self, tokens: torch.Tensor, output: LevelOutput, level: int = 0) -> torch.Tensor:
+        """Score of every token of level ``level``, ``(B, L)``."""
         if self.scoring == "rec":
-            return self.reconstruction_score(tokens, output)
+            return self.reconstruction_score(tokens, output, level)
         div = self.divergence_score(output)
         if self.scoring == "div":
             return div
-        return self.reconstruction_score(tokens, output) * div
+        return self.reconstruction_score(tokens, output, level) * div
 
-    def reconstruction_score(self, tokens: torch.Tensor, output: LevelOutput) -> torch.Tensor:
-        """The ``rec`` term of one level with this generator's ``reconstruction_term``, ``(B, L)``."""
+    def reconstruction_score(self, tokens: torch.Tensor, output: LevelOutput, level: int = 0) -> torch.Tensor:
+        """The ``rec`` term of level ``level`` with this generator's ``reconstruction_term``, ``(B, L)``."""
+        if self.reconstruction_term == "mahalanobis":
+            return self.statistics[level](tokens.float() - output.reconstruction.float())
         return reconstruction_score(tokens, output.reconstruction, self.reconstruction_term)
 
     def forward(
@@ -135,7 +144,7 @@ class AnomalyMapGenerator(nn.Module):
         Returns:
             ``(B, 1, H, W)`` anomaly map and ``(B,)`` image scores.
         """
-        scores = [self.token_scores(t, o) for t, o in zip(tokens, outputs, strict=True)]
+        scores = [self.token_scores(t, o, i) for i, (t, o) in enumerate(zip(tokens, outputs, strict=True))]
         return self.combine_levels(scores, grids, image_size)
 
     def combine_levels(

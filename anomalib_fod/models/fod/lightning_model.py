@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib.data import AnomalibDataset, Batch
+from anomalib.data import AnomalibDataModule, AnomalibDataset, Batch
 from anomalib.models import AnomalibModule
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -30,7 +30,8 @@ from anomalib_fod.models.base import ONNX_OPSET, NonFiniteLossError, OfflineBack
 from .export import check_static_export, default_export_size
 from .feature_cache import FeatureCache, is_deterministic
 from .loss import FodLoss
-from .reference import ReferenceFeatureCallback, shard_loader
+from .reference import ReferenceFeatureCallback, iterate_pooled_features, shard_loader
+from .residual_statistics import ResidualStatisticsCallback, fit_statistics
 from .settings import FeedForwardMode, FodSettings, FusionMode, ReconstructionTerm, ReferenceMode, ScoringMode
 from .torch_model import FodModel
 
@@ -62,8 +63,11 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         entropy_weight: ``lambda2`` (paper: 0.5).
         scoring: ``"rec_div"`` (paper), ``"rec"`` or ``"div"``.
         reconstruction_term: what the ``rec`` scoring term is: ``"mse_cos"`` (paper: MSE + 1 - cos),
-            ``"cos"`` (1 - cos alone: scale-free) or ``"mse"``. Scoring only, so a trained model can be
-            re-scored with another one (``Fod.load_from_checkpoint(path, reconstruction_term="cos")``).
+            ``"cos"`` (1 - cos alone: scale-free), ``"mse"``, or ``"mahalanobis"`` (the residual's
+            Mahalanobis distance under a Gaussian model of the training images' residuals, fitted after
+            training: see ``residual_statistics.py``). Scoring only, so a trained model can be re-scored
+            with another one (``Fod.load_from_checkpoint(path, reconstruction_term="cos")``; for
+            ``"mahalanobis"`` then call :meth:`fit_residual_statistics`).
         reference: ``"mean"`` (paper) or ``"coreset"`` reference features.
         out_projection: apply an output projection after each attention. ``False`` (default)
             matches the paper's code, which computed the projection and discarded it. Applying
@@ -138,8 +142,26 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         self._feature_cache = FeatureCache()
 
     def training_callbacks(self) -> list[Callback]:
-        """The reference-feature callback: it fills the inter branch's references before the first step."""
-        return [*super().training_callbacks(), ReferenceFeatureCallback(self.model.settings.reference)]
+        """The references before the first step; the residual statistics (when scoring reads them) after steps."""
+        return [
+            *super().training_callbacks(),
+            ReferenceFeatureCallback(self.model.settings.reference),
+            ResidualStatisticsCallback(),
+        ]
+
+    def fit_residual_statistics(self, datamodule: AnomalibDataModule) -> None:
+        """Fit the residual statistics on ``datamodule``'s training images, e.g. to re-score a checkpoint.
+
+        Example:
+            >>> model = Fod.load_from_checkpoint("model.ckpt", reconstruction_term="mahalanobis")  # doctest: +SKIP
+            >>> model.fit_residual_statistics(datamodule)  # doctest: +SKIP
+        """
+        datamodule.setup("fit")
+        transform = getattr(self.pre_processor, "transform", None)
+        batches = iterate_pooled_features(
+            self.model, datamodule.train_dataloader(), transform, self.device, desc="FOD residual statistics"
+        )
+        fit_statistics(self.model, batches)
 
     def configure_optimizers(self) -> optim.Optimizer:
         """Adam over the Transformers (the backbone is frozen)."""

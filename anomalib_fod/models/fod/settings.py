@@ -16,7 +16,7 @@ from typing import Any, Literal
 from anomalib_fod.utils import check_choices
 
 ScoringMode = Literal["rec", "div", "rec_div"]
-ReconstructionTerm = Literal["mse_cos", "cos", "mse"]
+ReconstructionTerm = Literal["mse_cos", "cos", "mse", "mahalanobis"]
 ReferenceMode = Literal["mean", "coreset"]
 FusionMode = Literal["subtract", "concat_mlp"]
 FeedForwardMode = Literal["mlp", "dwconv_median"]
