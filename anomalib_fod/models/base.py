@@ -145,12 +145,17 @@ class OfflineBackboneModule:
         """anomalib's one-class post-processor (thresholds and min-max from validation)."""
         return PostProcessor()
 
+    @property
+    def stops_itself(self) -> bool:
+        """Whether the model ends training by itself (a step budget), so Lightning's epoch default is harmless."""
+        return False
+
     def on_fit_start(self) -> None:
         """Check the data (empty training set, unreadable files) and warn about 1000 default epochs."""
         trainer = self.trainer
         # Clear errors now instead of a nameless PIL/sampler crash mid-epoch (see data/validate.py).
         check_datamodule(getattr(trainer, "datamodule", None), progress=None if trainer.is_global_zero else False)
-        if trainer.max_epochs == 1000 and trainer.max_steps == -1:  # noqa: PLR2004 - Lightning's default
+        if trainer.max_epochs == 1000 and trainer.max_steps == -1 and not self.stops_itself:  # noqa: PLR2004
             logger.warning(
                 "%s: no max_epochs given, Lightning will train 1000 epochs. %s",
                 self.DISPLAY_NAME,

@@ -82,6 +82,9 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         relative_position_bias: learned bias of the query-to-key offset in every attention (ED
             option, off in ED's default).
         learning_rate: Adam learning rate (paper: 1e-4).
+        training_steps: stop training after this many optimizer steps, whatever ``max_epochs`` says
+            (``None``: the trainer's limits decide, as for other anomalib models). FOD learns per step,
+            so a budget in steps means the same training on a small and a large dataset.
         cache_features: compute the frozen backbone's pooled features of every training image once,
             in CPU memory, when training starts (see ``feature_cache.py``). Used only when the
             dataset's augmentations and the pre-processor's transform are known to be deterministic
@@ -129,6 +132,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         learnable_temperature: bool = False,
         relative_position_bias: bool = False,
         learning_rate: float = 1e-4,
+        training_steps: int | None = None,
         cache_features: bool = True,
         compile_transformers: bool = False,
         **kwargs: Any,  # noqa: ANN401 - OfflineBackboneModule's arguments
@@ -137,6 +141,10 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         # The hyper-parameters hold every argument of this class and its bases, by name.
         self.model = FodModel(FodSettings.from_hparams(self.hparams))
         self.loss = FodLoss(kl_weight=kl_weight, entropy_weight=entropy_weight, with_entropy=with_entropy)
+        if training_steps is not None and training_steps < 1:
+            msg = f"training_steps must be a positive number of optimizer steps or None, got {training_steps}."
+            raise ValueError(msg)
+        self.training_steps = training_steps
         self.cache_features = cache_features
         self.compile_transformers = compile_transformers
         self._feature_cache = FeatureCache()
@@ -222,6 +230,17 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         with torch.random.fork_rng(devices=cuda):
             self._feature_cache.fill(batches(), self.model.extract_features)
 
+    @property
+    def stops_itself(self) -> bool:
+        """With ``training_steps`` FOD ends training itself, whatever the epoch count."""
+        return self.training_steps is not None
+
+    def on_train_batch_end(self, outputs: STEP_OUTPUT, batch: Batch, batch_idx: int) -> None:
+        """Stop after ``training_steps`` optimizer steps (Lightning then validates, as at an epoch's end)."""
+        del outputs, batch, batch_idx
+        if self.training_steps is not None and self.global_step >= self.training_steps:
+            self.trainer.should_stop = True
+
     def _warn_few_steps(self) -> None:
         """FOD learns per optimizer step, not per image: say so when a run takes too few steps.
 
@@ -229,6 +248,16 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         (anomalib's datamodules default to batch 32: 7 steps per epoch on 209 images).
         """
         steps = self.trainer.estimated_stepping_batches
+        if self.training_steps is not None and math.isfinite(steps) and steps < self.training_steps:
+            logger.warning(
+                "%s: the trainer's limits (max_epochs/max_steps) stop this run after %d optimizer steps, before "
+                "training_steps=%d. Raise max_epochs (or leave it unset: FOD stops itself).",
+                self.DISPLAY_NAME,
+                int(steps),
+                self.training_steps,
+            )
+        if self.training_steps is not None:
+            steps = min(steps, self.training_steps)
         if not math.isfinite(steps) or steps >= MIN_RECOMMENDED_STEPS:
             return
         logger.warning(
