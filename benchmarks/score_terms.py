@@ -120,17 +120,10 @@ def _normalised_mse_generator_class() -> type:
         def __init__(self, settings: Any, scales: list[torch.Tensor]) -> None:  # noqa: ANN401 - FodSettings
             super().__init__(settings)
             self.scales = scales
-            self._level = 0
 
-        def forward(self, tokens: list[torch.Tensor], *args: Any) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN401
-            self._level = 0  # reconstruction_score sees the levels in order, once each
-            return super().forward(tokens, *args)
-
-        def reconstruction_score(self, tokens: torch.Tensor, output: Any) -> torch.Tensor:  # noqa: ANN401
+        def reconstruction_score(self, tokens: torch.Tensor, output: Any, level: int = 0) -> torch.Tensor:  # noqa: ANN401
             error = tokens.float() - output.reconstruction.float()
-            value = (error.square() / self.scales[self._level]).mean(dim=-1)
-            self._level += 1
-            return value
+            return (error.square() / self.scales[level]).mean(dim=-1)
 
     return NormalisedMseGenerator
 
