@@ -1,12 +1,15 @@
-"""Export rules for FOD: a fixed image size, checked before anomalib's exporter runs.
+"""Export rules shared by the plugin's models: which image sizes an exported graph accepts.
 
-FOD's inter-correlation branch compares every image token with reference features computed
-on the token grid of the training images, and both its positional encodings and its Gaussian
-target correlations are built from that grid. An exported graph therefore needs the image size
-the model was trained with (the pre-processor's output size). A dynamic height/width would
-either break the reference grid (no resize in the graph) or resize inside the graph without
-antialiasing (which differs from the training pipeline), so it is refused with an explanation.
-The batch axis stays dynamic.
+A model whose pre-processor resizes every image to a fixed ``(height, width)`` (the default) is
+exported for images of *any* size: the graph's input height and width are dynamic and the graph
+resizes to the training size with the training filter (see ``pre_processing.py``), so its
+results match ``Engine.predict`` on the same files. The anomaly map comes back at the training
+size, as anomalib's own exports return it at the pre-processed size.
+
+A graph has a fixed input size when the user asks for one (``input_size=(H, W)``, anomalib's
+meaning: a static input shape) or when the pre-processor does not resize to a fixed size; the
+models then need their training size (FOD's reference token grid, CDO's top-k score and the
+fitted normalisation), so a dynamic height/width is refused with the reason.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ SPATIAL_AXES = (2, 3)
 
 
 class DynamicExportError(ValueError):
-    """Raised when a dynamic image height/width is requested for a FOD export."""
+    """Raised when a graph for images of any size is requested but cannot be exact."""
 
 
 def _is_dynamic(dimension: object) -> bool:
@@ -67,47 +70,48 @@ def dynamic_spatial_axes(kwargs: Mapping[str, Any]) -> list[int]:
     return sorted(axes)
 
 
-def _why(grid: str) -> str:
-    return (
-        f"FOD's reference features (inter-correlation branch) were computed on the {grid} token grid of "
-        "the training images, and its positional encodings and target correlations are built from that "
-        "grid, so the exported graph needs a fixed image size."
-    )
-
-
-def check_static_export(kwargs: Mapping[str, Any], grid: str = "training") -> None:
-    """Refuse a dynamic height/width in ONNX export arguments, saying why.
+def export_input_size(
+    input_size: Sequence[int] | None,
+    onnx_kwargs: Mapping[str, Any],
+    training_resize: tuple[int, int] | None,
+    model_input_size: Sequence[int] | None,
+    model_name: str,
+    fixed_size_reason: str,
+) -> tuple[int, int] | None:
+    """The ``input_size`` to hand to anomalib's exporter: ``None`` for a graph that takes any size.
 
     Args:
-        kwargs: the keyword arguments meant for ``torch.onnx.export``.
-        grid: the reference token grid, e.g. ``"16x16"``, for the message.
+        input_size: what the user asked for (``None``: not given).
+        onnx_kwargs: the keyword arguments meant for ``torch.onnx.export``.
+        training_resize: the fixed size the pre-processor resizes every image to, if any.
+        model_input_size: the pre-processor's output size (anomalib's ``model.input_size``).
+        model_name: for messages, e.g. ``"FOD"``.
+        fixed_size_reason: why the model needs its training size, for messages.
 
     Raises:
-        DynamicExportError: if height or width is marked dynamic.
+        DynamicExportError: dynamic height/width requested without a fixed-size resize to do it
+            exactly, or no size known at all.
     """
-    axes = dynamic_spatial_axes(kwargs)
-    if axes:
-        names = " and ".join("height" if axis == 2 else "width" for axis in axes)  # noqa: PLR2004
+    spatial = dynamic_spatial_axes(onnx_kwargs)
+    user_spec = "dynamic_axes" in onnx_kwargs or "dynamic_shapes" in onnx_kwargs
+    if spatial and training_resize is None:
+        names = " and ".join("height" if axis == 2 else "width" for axis in spatial)  # noqa: PLR2004
         msg = (
-            f"FOD cannot be exported with a dynamic image {names}. {_why(grid)} Export with "
-            "input_size=(H, W) (default: the training size) and no height/width in dynamic_axes/"
-            "dynamic_shapes (a dynamic batch axis is fine), then resize images to that size before "
-            "inference (`anomalib-fod predict-folder` does this)."
+            f"{model_name} cannot be exported with a dynamic image {names}: its pre-processor does not resize "
+            f"every image to a fixed size, and {fixed_size_reason} Export with input_size=(H, W) and no "
+            "height/width in dynamic_axes/dynamic_shapes (a dynamic batch axis is fine), or train with a "
+            "pre-processor that resizes to (height, width) (the default): such a model exports a graph for "
+            "images of any size."
         )
         raise DynamicExportError(msg)
-
-
-def default_export_size(model_input_size: Sequence[int] | None, grid: str = "training") -> tuple[int, int]:
-    """The fixed export size used when ``input_size`` is not given: the pre-processor's output size.
-
-    Raises:
-        DynamicExportError: if the pre-processor does not resize to a fixed size.
-    """
+    if input_size is not None:
+        return int(input_size[0]), int(input_size[1])
+    if training_resize is not None and (spatial or not user_spec):
+        return None
     if model_input_size is None:
         msg = (
-            f"FOD needs input_size=(H, W) for export: {_why(grid)} The model's pre-processor does not "
-            "resize to a fixed size, so pass the image size the model was trained with."
+            f"{model_name} needs input_size=(H, W) for export: its pre-processor does not resize to a fixed "
+            f"size, and {fixed_size_reason} Pass the image size the model was trained with."
         )
         raise DynamicExportError(msg)
-    height, width = (int(v) for v in model_input_size)
-    return height, width
+    return int(model_input_size[0]), int(model_input_size[1])

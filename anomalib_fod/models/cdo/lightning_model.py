@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
@@ -25,7 +23,7 @@ from torch import nn, optim
 from torchvision.transforms import v2
 
 from anomalib_fod.callbacks import ResumableInterruptCallback
-from anomalib_fod.models.base import ONNX_OPSET, OfflineBackboneModule
+from anomalib_fod.models.base import OfflineBackboneModule
 
 from .loss import CdoLoss
 from .synthetic import ANOMALY_SOURCES, AnomalySource, make_anomaly_generator
@@ -81,6 +79,10 @@ class Cdo(OfflineBackboneModule, AnomalibModule):
     ARCHITECTURE_HPARAMS = ("backbone", "layers")  # what changes parameter shapes
     EPOCHS_HINT = (
         "The original recipe trains 50 epochs at batch 16: pass --trainer.max_epochs (or Engine(max_epochs=...))."
+    )
+    FIXED_SIZE_REASON = (
+        "CDO's score averages a fixed number of top pixels and the post-processor's normalisation was fitted "
+        "at the training size."
     )
 
     def __init__(
@@ -155,29 +157,3 @@ class Cdo(OfflineBackboneModule, AnomalibModule):
         for name, value in parts.items():
             self.log(f"train_{name}", value, prog_bar=False, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
-
-    def to_onnx(
-        self,
-        export_root: Path | str,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        **kwargs: Any,  # noqa: ANN401 - passed through to torch.onnx.export
-    ) -> Path:
-        """Export to ONNX with a fixed image size (also the first step of ``to_openvino``).
-
-        ``input_size=None`` means the pre-processor's output size (the training size): the score
-        averages a fixed number of top pixels and the post-processor's min-max normalisation was
-        fitted at that size, so a graph for exactly that size is what was validated. The batch
-        axis stays dynamic. ``opset_version`` defaults to 18, the opset torch's exporter emits.
-        """
-        if input_size is None:
-            if self.input_size is None:
-                msg = (
-                    "CDO needs input_size=(H, W) for export: the model's pre-processor does not resize to a "
-                    "fixed size, so pass the image size the model was trained with."
-                )
-                raise ValueError(msg)
-            input_size = (int(self.input_size[0]), int(self.input_size[1]))
-            logger.info("CDO: exporting with the fixed input size %dx%d (the training size).", *input_size)
-        kwargs.setdefault("opset_version", ONNX_OPSET)
-        return super().to_onnx(export_root, model_file_name, (int(input_size[0]), int(input_size[1])), **kwargs)
