@@ -17,20 +17,23 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from anomalib import LearningType
-from anomalib.data import Batch, InferenceBatch
+from anomalib import LearningType, TaskType
+from anomalib.data import AnomalibDataModule, Batch, InferenceBatch
+from anomalib.deploy import CompressionType
 from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
+from torchmetrics import Metric
 
 from anomalib_fod.data.validate import check_datamodule
 from anomalib_fod.utils import as_image_size, plain_value
 
 from .export import export_input_size
 from .pre_processing import pre_process, training_resize
+from .quantization import QUANTIZED_COMPRESSIONS, quantize_int8
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +59,17 @@ class OfflineBackboneModule:
             fits a model built with the same values.
         EPOCHS_HINT: what to pass instead of Lightning's default of 1000 epochs.
         FIXED_SIZE_REASON: why the model needs its training image size, for export messages.
+        INT8_QUANTIZED_TYPES: OpenVINO op types that ``INT8_PTQ``/``INT8_ACQ`` quantize.
+        INT8_FLOAT_MODULES: torch name prefixes of layers of those types that stay float32 (the
+            scoring head's blur); see ``quantization.py``.
     """
 
     DISPLAY_NAME: ClassVar[str] = "model"
     ARCHITECTURE_HPARAMS: ClassVar[tuple[str, ...]] = ("backbone", "layers")
     EPOCHS_HINT: ClassVar[str] = "pass --trainer.max_epochs (or Engine(max_epochs=...))."
     FIXED_SIZE_REASON: ClassVar[str] = "the model needs the image size it was trained with."
+    INT8_QUANTIZED_TYPES: ClassVar[tuple[str, ...]] = ("Convolution", "GroupConvolution")
+    INT8_FLOAT_MODULES: ClassVar[tuple[str, ...]] = ("model.anomaly_map_generator.",)
 
     def __init__(
         self,
@@ -216,6 +224,32 @@ class OfflineBackboneModule:
             )
         kwargs.setdefault("opset_version", ONNX_OPSET)
         return super().to_onnx(export_root, model_file_name, size, **kwargs)
+
+    def _compress_ov_model(
+        self,
+        model: Any,  # noqa: ANN401 - openvino.Model, an optional dependency
+        compression_type: CompressionType | None = None,
+        datamodule: AnomalibDataModule | None = None,
+        metric: Metric | None = None,
+        task: TaskType | None = None,
+        max_drop: float = 0.01,
+    ) -> Any:  # noqa: ANN401
+        """NNCF compression of the exported model (``to_openvino`` calls this).
+
+        ``INT8_PTQ`` and ``INT8_ACQ`` quantize only ``INT8_QUANTIZED_TYPES`` (``quantization.py``
+        says why); ``INT8`` (weights only) is anomalib's.
+        """
+        if compression_type in QUANTIZED_COMPRESSIONS:
+            return quantize_int8(
+                model,
+                compression_type,
+                datamodule,
+                self.INT8_QUANTIZED_TYPES,
+                self.INT8_FLOAT_MODULES,
+                metric,
+                max_drop,
+            )
+        return super()._compress_ov_model(model, compression_type, datamodule, metric, task, max_drop)
 
     def _fixed_size_reason(self) -> str:
         """Why this model needs its training image size (for export messages)."""
