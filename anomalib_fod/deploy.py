@@ -23,7 +23,6 @@ non-zero only when no image at all could be processed.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from collections.abc import Iterable, Sequence
@@ -240,41 +239,38 @@ def write_csv(predictions: Sequence[Prediction], path: Path) -> None:
             writer.writerow([str(prediction.path), f"{prediction.pred_score:.6f}", label])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Arguments of ``anomalib-fod predict-folder``."""
-    parser = argparse.ArgumentParser(
-        prog="anomalib-fod predict-folder",
-        description="Run an exported OpenVINO anomaly model over all images in a folder (recursively); "
-        "write heat-map overlays and a CSV of scores and labels.",
-    )
-    parser.add_argument("--model", required=True, type=Path, help="exported model: model.xml (or .onnx)")
-    parser.add_argument("--input", required=True, type=Path, help="folder of images (searched recursively)")
-    parser.add_argument("--output", required=True, type=Path, help="folder for predictions.csv and overlays/")
-    parser.add_argument("--device", default="CPU", help="OpenVINO device (default: CPU)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser
+def predict_folder(model: Path, input: Path, output: Path, device: str = "CPU", no_progress: bool = False) -> int:  # noqa: A002 - the option is --input
+    """Run an exported OpenVINO anomaly model over all images in a folder (recursively).
 
+    Writes heat-map overlays and a CSV of scores and labels.
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 when at least one image was processed)."""
-    args = build_parser().parse_args(argv)
-    if not args.model.is_file():
-        print(f"predict-folder: model file {args.model} not found.", file=sys.stderr)
+    Args:
+        model: exported model: model.xml (or .onnx).
+        input: folder of images (searched recursively).
+        output: folder for predictions.csv and overlays/.
+        device: OpenVINO device.
+        no_progress: hide the progress bar.
+
+    Returns:
+        0 when at least one image was processed, 1 when none was, 2 for a missing model or input.
+    """
+    if not model.is_file():
+        print(f"predict-folder: model file {model} not found.", file=sys.stderr)
         return 2
-    if not args.input.exists():
-        print(f"predict-folder: input {args.input} does not exist.", file=sys.stderr)
+    if not input.exists():
+        print(f"predict-folder: input {input} does not exist.", file=sys.stderr)
         return 2
-    images = find_images(args.input, exclude=args.output)
+    images = find_images(input, exclude=output)
     if not images:
-        print(f"predict-folder: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {args.input}.", file=sys.stderr)
+        print(f"predict-folder: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {input}.", file=sys.stderr)
         return 1
     try:
-        model = OpenVINOModel(args.model, args.device)
+        network = OpenVINOModel(model, device)
     except ModelInputError as error:
         print(f"predict-folder: {error}", file=sys.stderr)
         return 2
-    predictions, skipped = predict_images(model, images, args.output, args.input, progress=not args.no_progress)
-    csv_path = args.output / CSV_NAME
+    predictions, skipped = predict_images(network, images, output, input, progress=not no_progress)
+    csv_path = output / CSV_NAME
     if predictions:
         write_csv(predictions, csv_path)
     print(
@@ -283,6 +279,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
     return 0 if predictions else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``anomalib-fod predict-folder`` with argparse-style ``argv``; returns the exit status."""
+    from anomalib_fod.cli import run_command  # noqa: PLC0415
+
+    return run_command("predict-folder", argv)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Python::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -303,54 +302,61 @@ def output_names(paths: Sequence[Path]) -> list[str]:
     ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line options of ``anomalib-fod explain``."""
-    parser = argparse.ArgumentParser(
-        prog="anomalib-fod explain",
-        description="Write FOD's qualitative figure (anomaly map, intra/inter correlations and their targets "
-        "for one token, per-level score components) for each image.",
-    )
-    parser.add_argument("--checkpoint", type=Path, required=True, help="trained FOD checkpoint (.ckpt)")
-    parser.add_argument("--image", type=Path, nargs="+", required=True, help="one or more image files")
-    parser.add_argument("--output", type=Path, default=Path("explanations"), help="output folder")
-    parser.add_argument(
-        "--token",
-        type=int,
-        nargs=2,
-        metavar=("ROW", "COL"),
-        default=None,
-        help="query token on the level's grid (default: the token under the anomaly map's maximum)",
-    )
-    parser.add_argument("--level", type=int, default=0, help="level of the correlation maps (0: stride 8)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--dpi", type=int, default=DEFAULT_DPI, help=f"figure resolution (default: {DEFAULT_DPI})")
-    return parser
+def explain(
+    checkpoint: Path,
+    image: list[Path],
+    output: Path = Path("explanations"),
+    token: tuple[int, int] | None = None,
+    level: int = 0,
+    device: str = "cpu",
+    dpi: int = DEFAULT_DPI,
+) -> int:
+    """Write FOD's qualitative figure for each image.
 
+    The figure shows the anomaly map, the intra- and inter-correlations of one token with their
+    Gaussian targets, and the per-level score components.
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    if not args.checkpoint.is_file():
-        print(f"explain: checkpoint {args.checkpoint} not found.", file=sys.stderr)
+    Args:
+        checkpoint: trained FOD checkpoint (.ckpt).
+        image: one or more image files.
+        output: output folder.
+        token: query token (row, column) on the level's grid (default: the token under the anomaly
+            map's maximum).
+        level: level of the correlation maps (0: stride 8).
+        device: torch device.
+        dpi: figure resolution.
+
+    Returns:
+        0 when every figure was written, 1 when some image failed, 2 for missing files.
+    """
+    if not checkpoint.is_file():
+        print(f"explain: checkpoint {checkpoint} not found.", file=sys.stderr)
         return 2
-    missing = [str(p) for p in args.image if not p.is_file()]
+    missing = [str(p) for p in image if not p.is_file()]
     if missing:
         print(f"explain: image file(s) not found: {', '.join(missing)}", file=sys.stderr)
         return 2
     from anomalib_fod import Fod  # noqa: PLC0415
 
-    model = Fod.load_from_checkpoint(args.checkpoint, map_location=args.device).to(args.device)
+    model = Fod.load_from_checkpoint(checkpoint, map_location=device).to(device)
     status = 0
-    for path, name in zip(args.image, output_names(args.image), strict=True):
+    for path, name in zip(image, output_names(image), strict=True):
         try:
-            explanation = explain_image(model, path, args.token, args.level)
+            explanation = explain_image(model, path, token, level)
         except (OSError, ValueError) as error:
             print(f"explain: {path}: {error}", file=sys.stderr)
             status = 1
             continue
-        written = render_explanation(explanation, args.output / name, args.dpi)
+        written = render_explanation(explanation, output / name, dpi)
         print(f"{path}: score {explanation.pred_score:.6g}, token {explanation.token} -> {written}")
     return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``anomalib-fod explain`` with argparse-style ``argv``; returns the exit status."""
+    from anomalib_fod.cli import run_command  # noqa: PLC0415
+
+    return run_command("explain", argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ the model's learning rate, the model's own minimax loss) and the test set is sco
 count in ``--eval-at``. No Lightning, no export, no per-epoch bookkeeping. Reporting only: the test
 set selects nothing here either.
 
-    python benchmarks/convergence_probe.py --root ../shared/datasets/mvtec_ad --category bottle \
+    python benchmarks/convergence_probe.py --root datasets/mvtec_ad --category bottle \
         --eval-at 100,209 --set out_projection=true --json probe.json
 
 Images and masks are pre-processed as ``Engine.test`` does (the model's pre-processor transform).
@@ -102,7 +102,7 @@ def index_stream(count: int, batch: int, generator: torch.Generator) -> Iterator
 @torch.no_grad()
 def evaluate(model: Any, test: dict[str, Any], batch: int = 8) -> dict[str, float]:  # noqa: ANN401 - Fod
     """Exact metrics of the model's current state on the cached test features."""
-    from anomalib_fod.benchmark.metrics import exact_metrics  # noqa: PLC0415
+    from anomalib_fod.evaluation import exact_metrics  # noqa: PLC0415
 
     fod = model.model
     fod.eval()

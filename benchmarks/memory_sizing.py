@@ -1,6 +1,6 @@
 """Memory per image of FOD (default settings) for training and inference, and GPU batch sizes.
 
-Three ways, from exact to empirical (numbers in README "Memory and GPU sizing"):
+Three ways, from exact to empirical (numbers in docs/speed_and_memory.md, "Memory and GPU sizing"):
 
 - ``analytic``: the ``(B, H, L, S)`` correlation maps dominate. Training keeps 4 maps per branch,
   layer and level for the backward pass (softmax output = attention, Gaussian target, and the
@@ -56,12 +56,13 @@ def analytic(size: int) -> dict[str, float]:
 def _model(size: int, device: str):
     import torch
 
+    from anomalib_fod.models.fod.settings import FodSettings
     from anomalib_fod.models.fod.torch_model import FodModel
     from anomalib_fod.models.fod.transformer import FodTransformer
 
     if device == "meta":  # the reference grid check reads buffer values, which meta tensors lack
         FodTransformer._check_reference = lambda self, height, width, channels: None  # noqa: SLF001, ARG005
-    model = FodModel(pre_trained=False).to(device)
+    model = FodModel(FodSettings(pre_trained=False)).to(device)
     with torch.no_grad():
         features = model.extract_features(torch.zeros(1, 3, size, size, device=device))
     model.set_mean_reference([f[0] for f in features])

@@ -13,7 +13,7 @@ training set, so no channel counts more because the backbone happens to make it 
 reconstruct on normal data.
 
     python benchmarks/score_terms.py --checkpoint RUN/work/<cell>/engine/.../model.ckpt \
-        --root ../shared/datasets/mvtec_ad --category bottle
+        --root datasets/mvtec_ad --category bottle
 
 Exact image AUROC (scikit-learn, raw scores, image score = max of the blurred map) and pixel AUROC
 at the model's input size (images and masks pre-processed as ``Engine.test`` does). Prints a Markdown table; ``--json``
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -116,27 +117,20 @@ def _normalised_mse_generator_class() -> type:
     class NormalisedMseGenerator(AnomalyMapGenerator):
         """The model's scoring with ``rec`` = MSE with each channel divided by its training mean squared error."""
 
-        def __init__(self, scoring: str, with_intra: bool, with_inter: bool, blur: float, scales: list[torch.Tensor]) -> None:
-            super().__init__(scoring, with_intra, with_inter, blur)
+        def __init__(self, settings: Any, scales: list[torch.Tensor]) -> None:  # noqa: ANN401 - FodSettings
+            super().__init__(settings)
             self.scales = scales
-            self._level = 0
 
-        def forward(self, tokens: list[torch.Tensor], *args: Any) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN401
-            self._level = 0  # reconstruction_score sees the levels in order, once each
-            return super().forward(tokens, *args)
-
-        def reconstruction_score(self, tokens: torch.Tensor, output: Any) -> torch.Tensor:  # noqa: ANN401
+        def reconstruction_score(self, tokens: torch.Tensor, output: Any, level: int = 0) -> torch.Tensor:  # noqa: ANN401
             error = tokens.float() - output.reconstruction.float()
-            value = (error.square() / self.scales[self._level]).mean(dim=-1)
-            self._level += 1
-            return value
+            return (error.square() / self.scales[level]).mean(dim=-1)
 
     return NormalisedMseGenerator
 
 
 def score(records: dict[str, Any], generator: Any, levels: list[int]) -> dict[str, float]:  # noqa: ANN401
     """Exact metrics of one ``AnomalyMapGenerator`` (or subclass) on the given levels."""
-    from anomalib_fod.benchmark.metrics import exact_metrics  # noqa: PLC0415
+    from anomalib_fod.evaluation import exact_metrics  # noqa: PLC0415
 
     scores, maps = [], []
     for tokens, outputs in zip(records["tokens"], records["outputs"], strict=True):
@@ -163,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import anomalib_fod  # noqa: PLC0415
     from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator  # noqa: PLC0415
+    from anomalib_fod.models.fod.settings import FodSettings  # noqa: PLC0415
 
     model = anomalib_fod.Fod.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
     blur = float(model.hparams.get("blur_sigma", 4.0))
@@ -182,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     for term in TERMS:
         if (term[2] and not own.with_intra) or (term[3] and not own.with_inter):
             continue
-        generator = AnomalyMapGenerator(term[1], term[2], term[3], blur)
+        generator = AnomalyMapGenerator(
+            FodSettings(scoring=term[1], with_intra=term[2], with_inter=term[3], blur_sigma=blur)
+        )
         for name, levels in level_sets.items():
             rows.append({"term": term[0], "levels": name, **score(records, generator, levels)})
     part_terms = list(PART_TERMS)
@@ -197,11 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         if with_div and not (own.with_intra or own.with_inter):
             continue
         scoring = "rec_div" if with_div else "rec"
+        settings = FodSettings(scoring=scoring, with_intra=own.with_intra, with_inter=own.with_inter, blur_sigma=blur)
         for name, levels in level_sets.items():
             if part == "mse_norm":
-                generator = normalised_mse(scoring, own.with_intra, own.with_inter, blur, [scales[i] for i in levels])
+                generator = normalised_mse(settings, [scales[i] for i in levels])
             else:  # the model's own reconstruction_term setting
-                generator = AnomalyMapGenerator(scoring, own.with_intra, own.with_inter, blur, reconstruction_term=part)
+                generator = AnomalyMapGenerator(replace(settings, reconstruction_term=part))
             rows.append({"term": label, "levels": name, **score(records, generator, levels)})
     print("| term | levels | image AUROC | pixel AUROC | AUPRO@0.3 |")
     print("|---|---|---|---|---|")

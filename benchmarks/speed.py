@@ -4,6 +4,8 @@
     python benchmarks/speed.py --backbones tf_efficientnet_lite0 --batch-sizes 1 8 --repeats 3
     python benchmarks/speed.py --device cuda --precision bf16      # bf16 autocast (KL/entropy stay fp32)
     python benchmarks/speed.py --device cuda --compile             # torch.compile'd Transformers
+    git worktree add --detach ../fod-old 1cd49d8                   # an older version, timed alternately:
+    python benchmarks/speed.py --backbones tf_efficientnet_lite0 --batch-sizes 1 4 8 --baseline ../fod-old
 
 For each backbone and batch size it times, after warm-up, the median of ``--repeats`` runs of:
 
@@ -15,13 +17,15 @@ For each backbone and batch size it times, after warm-up, the median of ``--repe
 
 It reports images/s, peak memory (RSS growth over the step on CPU, ``max_memory_allocated`` on CUDA),
 the matmul/conv FLOPs per image of the inference step (``torch.utils.flop_counter``, backbone and
-Transformers separately), the dense matmul rate this machine reaches (fp32, or bf16 with
-``--precision bf16``) and the ratio of the measured inference time to the FLOP-bound time
-``FLOPs / rate``. Random weights: timing does not depend on them. Training batches whose estimated
+Transformers separately, counted on the plain attention path so fused kernels cannot hide any), the
+rate of a 1024^3 matmul on this machine and threads (fp32, or bf16 with ``--precision bf16``), and the
+ratios of the measured times to their FLOP-bound times: inference ``FLOPs / rate``, a training step
+``3 x FLOPs / rate``. ``--baseline DIR`` also times another version of the package (a source tree,
+e.g. a ``git worktree`` of an older commit) in alternation with this one, against the same rate. Random weights: timing does not depend on them. Training batches whose estimated
 memory exceeds 80% of the available RAM are skipped on CPU (an OOM kill would lose every result),
 and said so.
 
-The original FOD code trains at about 7 images/s on an H100 (batch 1; ``../shared/ANCHORS.md``) and
+The original FOD code trains at about 7 images/s on an H100 (batch 1; its reference run, see benchmarks/RESULTS.md) and
 does not run on a CPU; on CUDA the report gives our training throughput as a multiple of that.
 """
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,7 +48,7 @@ import torch
 
 from anomalib_fod.benchmark.environment import cpu_model
 
-ORIGINAL_H100_TRAIN_IMG_S = 7.0  # ../shared/ANCHORS.md: 0.13-0.15 s per batch-1 step on an H100
+ORIGINAL_H100_TRAIN_IMG_S = 7.0  # the original code's reference run: 0.13-0.15 s per batch-1 step on an H100
 
 
 class PeakRss:
@@ -100,8 +105,8 @@ def median_time(step: Callable[[], Any], device: torch.device, repeats: int, war
     return statistics.median(times)
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Dense ``size x size`` matmul throughput in FLOP/s on ``device``."""
+def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+    """Dense ``size x size`` matmul throughput in FLOP/s on ``device`` (the compute bound's rate: 1024^3)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     seconds = median_time(lambda: a @ b, device, repeats, warmup=2)
@@ -198,18 +203,31 @@ def bench_one(args: argparse.Namespace, backbone: str, batch: int, device: torch
         feats_one = [f[:1] for f in cached]
         fod.eval()
         with torch.no_grad():
-            transformer_flops = count_flops(lambda: fod.run_levels(feats_one))
+            # keep_maps takes the plain path whatever the code's fast paths are, so the count is the
+            # model's arithmetic (a fused attention kernel is invisible to the FLOP counter).
+            transformer_flops = count_flops(lambda: fod.run_levels(feats_one, keep_maps=True))
         row.update(backbone_gflop=backbone_flops / 1e9, transformer_gflop=transformer_flops / 1e9)
         flops = row
         bound = (flops["backbone_gflop"] + flops["transformer_gflop"]) * 1e9 / rate
         row["flop_bound_ms_per_img"] = bound * 1e3
         row["infer_ms_per_img"] = row["infer_s"] / batch * 1e3
         row["infer_over_flop_bound"] = row["infer_ms_per_img"] / row["flop_bound_ms_per_img"]
+        if "train_s" in row:  # a training step's bound: 3x the forward FLOPs (forward + two backward matmuls)
+            row["train_over_flop_bound"] = row["train_s"] / batch / (3 * bound)
+            cached_bound = 3 * flops["transformer_gflop"] * 1e9 / rate
+            row["train_cached_over_flop_bound"] = row["train_cached_s"] / batch / cached_bound
     return row
 
 
-def run_isolated(args: argparse.Namespace, backbone: str, batch: int, rate: float, skip_train: str) -> dict:
-    """:func:`bench_one` in a child process; its JSON row comes back on the last stdout line."""
+def run_isolated(
+    args: argparse.Namespace, backbone: str, batch: int, rate: float, skip_train: str, code: Path | None = None
+) -> dict:
+    """:func:`bench_one` in a child process; its JSON row comes back on the last stdout line.
+
+    ``code``: a source tree of another version of the package (e.g. a ``git worktree`` of an older
+    commit) that the child imports instead of this one, with the allocator setting that version's
+    ``Fod.setup`` applied on a CPU (``keep_freed_memory_on_cpu``), so its row is what it gave users.
+    """
     command = [
         sys.executable,
         __file__,
@@ -233,11 +251,19 @@ def run_isolated(args: argparse.Namespace, backbone: str, batch: int, rate: floa
         command.append("--compile")
     if skip_train:
         command += ["--skip-train", skip_train]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)  # noqa: S603 - our own script
+    env = dict(os.environ)
+    label = "current"
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH", "")]))
+        command += ["--allocator", "mallopt"]
+        label = f"baseline ({code.name})"
+    elif args.allocator != "default":
+        command += ["--allocator", args.allocator]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)  # noqa: S603 - our own script
     if done.returncode != 0:
         tail = (done.stderr or done.stdout)[-2000:]
-        return {"backbone": backbone, "batch": batch, "error": f"exit {done.returncode}: {tail}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        return {"code": label, "backbone": backbone, "batch": batch, "error": f"exit {done.returncode}: {tail}"}
+    return {"code": label, **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
 def _available_mb() -> float:
@@ -266,15 +292,17 @@ def _measure_memory(device: torch.device, step: Callable[[], Any], base_rss: int
 
 
 def _line(row: dict[str, Any]) -> str:
+    who = f"[{row.get('code', 'current')}] {row['backbone']} batch {row['batch']}"
     if "error" in row:
-        return f"{row['backbone']} batch {row['batch']}: FAILED {row['error'][-300:]}"
+        return f"{who}: FAILED {row['error'][-300:]}"
     train = (
         row.get("train_skipped")
         and f"train skipped ({row['train_skipped']})"
-        or f"train {row['train_img_s']:.2f} img/s (cached {row['train_cached_img_s']:.2f}), {row['train_peak_mb']:.0f} MiB"
+        or f"train {row['train_img_s']:.2f} img/s ({row['train_over_flop_bound']:.2f}x its bound; cached "
+        f"{row['train_cached_img_s']:.2f}), {row['train_peak_mb']:.0f} MiB"
     )
     return (
-        f"{row['backbone']} batch {row['batch']}: {train}; infer {row['infer_img_s']:.2f} img/s, "
+        f"{who}: {train}; infer {row['infer_img_s']:.2f} img/s, "
         f"{row['infer_peak_mb']:.0f} MiB; split backbone/transformer/scoring "
         f"{row['split_backbone_s']:.3f}/{row['split_transformer_s']:.3f}/{row['split_scoring_s']:.3f} s; "
         f"{row['infer_over_flop_bound']:.2f}x the FLOP-bound time"
@@ -282,27 +310,39 @@ def _line(row: dict[str, Any]) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], environment: dict[str, Any]) -> str:
-    """The results as a Markdown table with the environment above it."""
+    """The results as a Markdown table with the environment above it.
+
+    Bounds: FLOPs (matmuls and convolutions of the model's forward) divided by the measured rate of a
+    1024^3 matmul; a training step's bound is 3x its forward FLOPs (the cached step: 3x the Transformers').
+    """
     lines = [
         f"- device: {environment['device']}; threads: {environment['threads']}; precision: {environment['precision']}; "
-        f"matmul rate: {environment['matmul_gflop_s']:.0f} GFLOP/s; torch {environment['torch']}; date {environment['date']}",
+        f"matmul rate (1024^3): {environment['matmul_gflop_s']:.0f} GFLOP/s; torch {environment['torch']}; "
+        f"date {environment['date']}",
         "",
-        "| backbone | batch | train img/s | train img/s (cached features) | train peak MiB | infer img/s | "
-        "infer peak MiB | backbone / transformer / scoring s | GFLOP/img (backbone + transformer) | "
-        "infer ms/img | FLOP-bound ms/img | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| code | backbone | batch | train img/s | train / bound | train img/s (cached features) | cached / bound | "
+        "train peak MiB | infer img/s | infer peak MiB | backbone / transformer / scoring s | "
+        "GFLOP/img (backbone + transformer) | infer ms/img | FLOP-bound ms/img | infer / bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        code = r.get("code", "current")
         if "error" in r:
-            lines.append(f"| {r['backbone']} | {r['batch']} | failed: {r['error'][-120:]!r} |" + " |" * 9)
+            lines.append(f"| {code} | {r['backbone']} | {r['batch']} | failed: {r['error'][-120:]!r} |" + " |" * 11)
             continue
         train = (
-            ("skipped: " + r["train_skipped"], "–", "–")
+            ("skipped: " + r["train_skipped"], "–", "–", "–", "–")
             if "train_skipped" in r
-            else (f"{r['train_img_s']:.2f}", f"{r['train_cached_img_s']:.2f}", f"{r['train_peak_mb']:.0f}")
+            else (
+                f"{r['train_img_s']:.2f}",
+                f"{r['train_over_flop_bound']:.2f}",
+                f"{r['train_cached_img_s']:.2f}",
+                f"{r['train_cached_over_flop_bound']:.2f}",
+                f"{r['train_peak_mb']:.0f}",
+            )
         )
         lines.append(
-            f"| {r['backbone']} | {r['batch']} | {train[0]} | {train[1]} | {train[2]} | {r['infer_img_s']:.2f} | "
+            f"| {code} | {r['backbone']} | {r['batch']} | {' | '.join(train)} | {r['infer_img_s']:.2f} | "
             f"{r['infer_peak_mb']:.0f} | {r['split_backbone_s']:.3f} / {r['split_transformer_s']:.3f} / "
             f"{r['split_scoring_s']:.3f} | {r['backbone_gflop']:.2f} + {r['transformer_gflop']:.2f} | "
             f"{r['infer_ms_per_img']:.1f} | {r['flop_bound_ms_per_img']:.1f} | {r['infer_over_flop_bound']:.2f} |"
@@ -322,6 +362,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the level Transformers")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--output", type=Path, default=Path("results/speed"))
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="source tree of another version (e.g. a git worktree of an older commit): timed alternately with this one",
+    )
+    parser.add_argument(
+        "--allocator",
+        choices=["default", "mallopt"],
+        default="default",
+        help="glibc malloc as it comes, or with the mmap/trim thresholds raised (what Fod.setup did before)",
+    )
     parser.add_argument("--single", nargs=2, metavar=("BACKBONE", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--skip-train", default="", help=argparse.SUPPRESS)
@@ -331,10 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu"))
-    if device.type == "cpu":
-        from anomalib_fod.utils import keep_freed_memory_on_cpu  # noqa: PLC0415
+    if device.type == "cpu" and args.allocator == "mallopt":
+        try:  # where the setting lives since it is opt-in; older versions (a --baseline) kept it in utils
+            from anomalib_fod.allocator import keep_freed_memory_on_cpu  # noqa: PLC0415
+        except ImportError:
+            from anomalib_fod.utils import keep_freed_memory_on_cpu  # noqa: PLC0415
 
-        keep_freed_memory_on_cpu()  # what Fod.setup does for training on a CPU
+        keep_freed_memory_on_cpu()
     if args.single:
         row = bench_one(args, args.single[0], int(args.single[1]), device, args.rate)
         print(json.dumps(row))
@@ -358,11 +412,12 @@ def main(argv: list[str] | None = None) -> int:
             available = _available_mb()
             if device.type == "cpu" and per_image_mb is not None and per_image_mb * batch > 0.8 * available:
                 skip = f"needs ~{per_image_mb * batch / 1024:.1f} GiB, {available / 1024:.1f} GiB available"
-            row = run_isolated(args, backbone, batch, rate, skip)
-            if per_image_mb is None and row.get("train_peak_mb"):
-                per_image_mb = row["train_peak_mb"] / batch
-            rows.append(row)
-            print(_line(row), flush=True)
+            for code in [None, args.baseline] if args.baseline else [None]:  # alternately, same rate
+                row = run_isolated(args, backbone, batch, rate, skip, code)
+                if code is None and per_image_mb is None and row.get("train_peak_mb"):
+                    per_image_mb = row["train_peak_mb"] / batch
+                rows.append(row)
+                print(_line(row), flush=True)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "speed.json").write_text(json.dumps({"environment": environment, "rows": rows}, indent=2))
     (args.output / "speed.md").write_text(markdown(rows, environment))

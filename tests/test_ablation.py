@@ -71,7 +71,7 @@ def _grad_norms(model: Fod, images: torch.Tensor) -> tuple[dict[str, float], dic
         for name, p in model.model.named_parameters()
         if p.requires_grad
     }
-    return grads, {k: float(v) for k, v in parts.items()}, float(loss)
+    return grads, {k: float(v.detach()) for k, v in parts.items()}, float(loss.detach())
 
 
 def _group(grads: dict[str, float], fragment: str) -> list[float]:

@@ -1,51 +1,107 @@
-"""The CPU allocator setting keeps freed maps for reuse, but never lends them to forked workers."""
+"""The glibc allocator setting is opt-in: the models leave it alone, our entry points keep freed maps.
+
+Each check runs in a fresh interpreter: the setting is process-wide, so applying it inside the test
+session would change every later test (and would hide a model that applies it by itself).
+"""
 
 from __future__ import annotations
 
-import multiprocessing
+import json
+import os
+import subprocess
 import sys
-from multiprocessing.connection import Connection
+import textwrap
 
 import pytest
-import torch
-
-from anomalib_fod.utils import keep_freed_memory_on_cpu
 
 POOL_MB = 512
-PAGE = 4096
 
+_MEASURE = """
+import json, multiprocessing, torch
 
-def _resident_mb() -> float:
+POOL_MB = {pool_mb}
+
+def resident_mb():
     with open("/proc/self/statm", encoding="ascii") as statm:
-        return int(statm.read().split()[1]) * PAGE / 2**20
+        return int(statm.read().split()[1]) * 4096 / 2**20
 
-
-def _report_rss(pipe: Connection) -> None:
-    pipe.send(_resident_mb())
+def report(pipe):
+    pipe.send(resident_mb())
     pipe.close()
 
-
-def _forked_worker_mb() -> float:
-    """Resident memory of a freshly forked process (as a data-loader worker starts)."""
+def forked_worker_mb():
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
-    worker = context.Process(target=_report_rss, args=(sender,))
+    worker = context.Process(target=report, args=(sender,))
     worker.start()
     resident = receiver.recv()
     worker.join()
     return resident
 
+{prepare}
+worker_before = forked_worker_mb()
+base = resident_mb()
+block = torch.ones(POOL_MB * 2**20 // 4)  # one large map, as a FOD step makes
+del block
+kept = resident_mb()
+print(json.dumps({{"base": base, "kept": kept, "worker_before": worker_before, "worker_after": forked_worker_mb()}}))
+"""
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
-def test_freed_memory_is_kept_but_not_shared_with_forked_workers() -> None:
-    if not keep_freed_memory_on_cpu():
-        pytest.skip("not glibc")
-    worker_before = _forked_worker_mb()
-    base = _resident_mb()
-    block = torch.ones(POOL_MB * 2**20 // 4)  # one large map, as a FOD step makes
-    del block
-    kept = _resident_mb()
-    assert kept > base + POOL_MB * 3 / 4  # freed, but kept by the process for the next step
+
+def _measure(prepare: str) -> dict[str, float]:
+    script = _MEASURE.format(pool_mb=POOL_MB, prepare=textwrap.dedent(prepare))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD"):
+        env.pop(name, None)
+    result = subprocess.run(  # noqa: S603 - this interpreter, a fixed script
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+
+
+def test_models_leave_the_process_allocator_alone() -> None:
+    """Building and setting up FOD and CDO for every stage on a CPU must not keep freed memory."""
+    memory = _measure(
+        """
+        from anomalib_fod import Cdo, Fod
+        for model in (Fod(pre_trained=False, d_models=(32, 64), num_heads=2, num_layers=1), Cdo(pre_trained=False)):
+            for stage in ("fit", "validate", "test", "predict"):
+                model.setup(stage)
+        """
+    )
+    assert memory["kept"] < memory["base"] + POOL_MB / 4, memory  # glibc handed the freed block back
+
+
+def test_opt_in_keeps_freed_memory_but_not_for_forked_workers() -> None:
+    memory = _measure(
+        """
+        from anomalib_fod.allocator import keep_freed_memory_on_cpu
+        assert keep_freed_memory_on_cpu(), "glibc's mallopt refused the thresholds"
+        """
+    )
+    assert memory["kept"] > memory["base"] + POOL_MB * 3 / 4, memory  # freed, but kept for the next step
     # A worker forked now must not map the parent's freed pool (it would pin it copy-on-write).
-    worker_after = _forked_worker_mb()
-    assert worker_after < worker_before + POOL_MB / 4, (worker_before, worker_after)
+    assert memory["worker_after"] < memory["worker_before"] + POOL_MB / 4, memory
+
+
+@pytest.mark.slow
+def test_allocator_benchmark_times_each_setting_in_its_own_process(tmp_path) -> None:  # noqa: ANN001
+    """``benchmarks/allocator.py`` (the figures in docs/speed_and_memory.md) on a tiny input."""
+    import importlib.util
+
+    from fod_helpers import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("allocator_benchmark", REPO_ROOT / "benchmarks" / "allocator.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # jsonargparse resolves the annotations through the module
+    spec.loader.exec_module(script)
+    out = tmp_path / "allocators.json"
+    argv = ["--image-size", "64", "--steps", "1", "--rounds", "1", "--settings", "glibc", "env", "--json-path", str(out)]
+    assert script.main(argv) == 0
+    results = json.loads(out.read_text())
+    assert set(results) == {"glibc", "env"}
+    assert all(len(rows) == 1 and rows[0]["step_s"] > 0 and rows[0]["peak_rss_mb"] > 0 for rows in results.values())

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from anomalib_fod.benchmark import BenchmarkConfigError, main, parse_config
-from anomalib_fod.benchmark.metrics import aupro, exact_metrics, f1_max, pro_curve
+from anomalib_fod.evaluation import aupro, exact_metrics, f1_max
 
 TINY_FOD = {"d_models": [32, 64], "num_heads": 2, "num_layers": 1}
 
@@ -37,24 +37,30 @@ def synthetic_maps_and_masks(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- metrics
 
 
-@pytest.mark.parametrize("fpr_limit", [0.3, 0.05, 1.0])
-def test_aupro_matches_anomalib(fpr_limit: float) -> None:
-    from anomalib.metrics.aupro import _AUPRO
-
-    maps, masks = synthetic_maps_and_masks()
-    reference = _AUPRO(fpr_limit=fpr_limit)
-    reference.update(torch.tensor(maps, dtype=torch.float32), torch.tensor(masks))
-    assert aupro(maps, masks, fpr_limit=fpr_limit) == pytest.approx(float(reference.compute()), abs=1e-3)
-
-
-def test_aupro_bounds_and_scale_invariance() -> None:
+def test_aupro_bounds_ranking_and_missing_regions() -> None:
     maps, masks = synthetic_maps_and_masks(seed=1)
     assert aupro(masks.astype(float), masks) == pytest.approx(1.0)  # perfect maps
-    assert aupro(maps, masks) == pytest.approx(aupro(maps * 7.0 - 3.0, masks))  # ranking only
-    fpr, pro = pro_curve(maps, masks)
-    assert fpr[0] == 0.0 and pro[0] == 0.0
-    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(pro) >= 0)
+    assert aupro(1.0 - masks.astype(float), masks) == pytest.approx(0.0)  # every normal pixel ranked first
+    assert 0.0 < aupro(maps, masks) < 1.0
+    assert aupro(maps, masks) == pytest.approx(aupro(maps * 7.0 - 3.0, masks), abs=1e-6)  # ranking only
+    assert aupro(maps[:, None], masks[:, None]) == pytest.approx(aupro(maps, masks))  # (N, 1, H, W) too
     assert np.isnan(aupro(maps, np.zeros_like(masks)))  # no defect region
+
+
+def test_aupro_of_one_region_by_hand() -> None:
+    """One 2x2 defect in a 4x4 image (12 normal pixels), ranked: 2 defect pixels, 1 normal, 2 defect, the rest.
+
+    The PRO curve goes (FPR 0, PRO 0.5) -> (1/12, 0.5) -> (1/12, 1.0) -> (1, 1.0), so its area up to
+    FPR 0.3 is 0.5 * 1/12 + 1.0 * (0.3 - 1/12), divided by 0.3.
+    """
+    masks = np.zeros((1, 4, 4), dtype=np.uint8)
+    masks[0, :2, :2] = 1
+    maps = np.zeros((1, 4, 4), dtype=np.float32)
+    maps[0, 0, 0] = maps[0, 0, 1] = 1.0  # two defect pixels first
+    maps[0, 3, 3] = 0.9  # one normal pixel next
+    maps[0, 1, 0] = maps[0, 1, 1] = 0.8  # the other two defect pixels
+    expected = (0.5 * (1 / 12) + 1.0 * (0.3 - 1 / 12)) / 0.3
+    assert aupro(maps, masks, fpr_limit=0.3) == pytest.approx(expected, abs=1e-6)
 
 
 def test_f1_max_and_exact_metrics() -> None:
@@ -111,7 +117,11 @@ def _config(dataset_root: Path, run_dir: Path, **overrides: object) -> dict:
         (lambda c: c["models"][1]["init_args"].update(backbone="resnet18"), "shared by every model"),
         (lambda c: c["datasets"][0]["init_args"].update(val_split_mode="from_test"), "same_as_test"),
         (lambda c: c["models"].append(dict(c["models"][0])), "duplicate model names"),
-        (lambda c: c.update(epochs=3), "unknown keys"),
+        (lambda c: c.update(epochs=3), "'epochs' is not accepted"),
+        (lambda c: c["models"][0].update(max_epochs="two"), r"models\[0\].*max_epochs"),
+        (lambda c: c["models"][0].update(max_epochs=0), "max_epochs must be"),
+        (lambda c: c.update(image_size=[16, 16]), "image_size"),
+        (lambda c: c.update(datasets=[]), "datasets must be a non-empty list"),
     ],
 )
 def test_config_errors(tmp_path: Path, change, message: str) -> None:  # noqa: ANN001
@@ -119,6 +129,26 @@ def test_config_errors(tmp_path: Path, change, message: str) -> None:  # noqa: A
     change(config)
     with pytest.raises(BenchmarkConfigError, match=message):
         parse_config(config)
+
+
+def test_fingerprints_of_stored_results_stay_valid() -> None:
+    """Cells keep the fingerprints the harness gave them before its config became jsonargparse dataclasses.
+
+    A changed fingerprint would make every finished cell of a stored run train again.
+    """
+    from anomalib_fod.benchmark.config import expand_cells
+
+    data = {
+        "seeds": [0],
+        "image_size": [64, 64],
+        "datasets": [{"name": "dummy", "class_path": "anomalib.data.MVTecAD", "init_args": {"root": "/data", "category": "dummy"}}],
+        "models": [
+            {"name": "Fod", "class_path": "anomalib_fod.Fod", "max_epochs": 2, "init_args": {"d_models": [32, 64]}},
+            {"class_path": "anomalib.models.Patchcore", "test_curve": True, "layers": ["blocks.1"]},
+        ],
+    }
+    cells = expand_cells(parse_config(data), Path("/run"))
+    assert [cell.fingerprint() for cell in cells] == ["aa136528a5a0d48a", "b9a121517179514a"]  # computed by the old harness
 
 
 def test_shipped_configs_parse() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -111,3 +112,101 @@ def test_plugin_cli_trains_fod_by_short_name(dummy_dataset, tmp_path):
     result = run_train("anomalib-fod", config, tmp_path)
     check_run(result, tmp_path / "results")
     assert "image_AUROC" in result.stdout + result.stderr  # it also ran the test stage
+
+
+# --------------------------------------------------------------------------- the plugin's own commands
+
+
+def test_plugin_commands_keep_their_argparse_spelling() -> None:
+    """``--image-size 64 96``, ``--models A B`` and a bare ``--force`` reach the typed functions as before."""
+    from anomalib_fod import demo, explain
+    from anomalib_fod.benchmark.__main__ import benchmark
+    from anomalib_fod.typed_cli import function_parser, to_jsonargparse_argv
+
+    def parse(function, argv):  # noqa: ANN001, ANN202
+        return function_parser(function, "test").parse_args(to_jsonargparse_argv(argv, function))
+
+    args = parse(demo.demo, ["--epochs", "1", "--image-size", "64", "96", "--batch-size", "2", "--output", "out"])
+    assert (args.epochs, tuple(args.image_size), args.batch_size, str(args.output)) == (1, (64, 96), 2, "out")
+    args = parse(benchmark, ["--config", "b.yaml", "--models", "Fod", "Patchcore", "--force", "--max-epochs", "3"])
+    assert (args.models, args.force, args.max_epochs, args.datasets) == (["Fod", "Patchcore"], True, 3, None)
+    args = parse(benchmark, ["--config", "b.yaml", "--datasets", "bottle", "--force", "false"])
+    assert (args.datasets, args.force) == (["bottle"], False)
+    args = parse(explain.explain, ["--checkpoint", "m.ckpt", "--image", "a.png", "--token", "2", "5"])
+    assert ([str(p) for p in args.image], tuple(args.token)) == (["a.png"], (2, 5))
+    # jsonargparse's own spelling works as well
+    assert parse(demo.demo, ["--image_size=[32, 48]"]).image_size == (32, 48)
+
+
+def test_plugin_commands_report_bad_options_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from anomalib_fod import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--epochs", "many"])
+    assert exit_info.value.code == 2
+    assert "epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in cli.PLUGIN_COMMANDS)
+
+
+def test_shipped_configs_resolve_by_name_and_parse(tmp_path: Path) -> None:
+    """``--config mvtec_ad`` names a YAML inside the package (so it works from a wheel); every one parses."""
+    from anomalib_fod.configs import available, config_path, resolve_config_argument
+
+    names = available()
+    assert {"mvtec_ad", "fod", "demo_battery_weld", "cdo_battery_weld", "folder", "btad", "mvtec3d"} <= set(names)
+    resolved = resolve_config_argument(["train", "--config", "mvtec_ad", "-c=fod.yaml", "--data.category", "carpet"])
+    assert resolved[2] == str(config_path("mvtec_ad")) and resolved[3] == f"-c={config_path('fod')}"
+    own = tmp_path / "mvtec_ad"
+    own.write_text("{}")
+    assert resolve_config_argument(["--config", str(own)])[1] == str(own)  # an existing file wins
+    assert resolve_config_argument(["--config", "nope"])[1] == "nope"  # anomalib reports it
+    for name in names:
+        config = yaml.safe_load(config_path(name).read_text())
+        for section in ("model", "data"):  # both classes import (the data needs no path of a checkout)
+            module, _, cls = config[section]["class_path"].rpartition(".")
+            assert hasattr(importlib.import_module(module), cls), (name, section)
+        assert "../" not in config_path(name).read_text()  # nothing outside the package
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_configs_and_the_demo_data(tmp_path: Path) -> None:
+    """Build the wheel from a copy of the tracked sources and look inside it."""
+    import zipfile
+
+    from fod_helpers import REPO_ROOT
+
+    source = tmp_path / "source"
+    tracked = subprocess.run(  # noqa: S603 - git, fixed arguments
+        ["git", "ls-files", "pyproject.toml", "README.md", "anomalib_fod"],  # noqa: S607
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    for name in tracked:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, source / name)
+    result = subprocess.run(  # noqa: S603 - this interpreter's pip
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(source)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("anomalib_fod-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {Path(n).name for n in names if n.startswith("anomalib_fod/configs/") and n.endswith(".yaml")}
+    assert shipped == {Path(n).name for n in tracked if n.startswith("anomalib_fod/configs/") and n.endswith(".yaml")}
+    assert "anomalib_fod/data/battery_weld/ATTRIBUTION.md" in names
+    pngs = [n for n in names if n.startswith("anomalib_fod/data/battery_weld/") and n.endswith(".png")]
+    assert len(pngs) == 37 + 128 + 93  # train, test images and the defect masks
+
+
+def test_module_entry_points_read_the_process_arguments(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
+    """``python -m anomalib_fod.benchmark.cell --spec X`` calls ``main()`` without argv: sys.argv counts."""
+    from anomalib_fod.benchmark import cell
+
+    monkeypatch.setattr(sys, "argv", ["cell", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        cell.main()
+    assert exit_info.value.code == 0
+    assert "--spec" in capsys.readouterr().out

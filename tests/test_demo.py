@@ -11,13 +11,12 @@ from anomalib_fod import demo
 
 @pytest.mark.slow
 def test_demo_trains_tests_and_writes_heat_maps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = demo.build_parser().parse_args(["--epochs", "1", "--image-size", "64", "96", "--output", str(tmp_path)])
-    assert args.batch_size == 1  # the default: FOD needs optimizer steps more than large batches
-    result = demo.run(args)
-    for key in ("image_auroc", "pixel_auroc"):
-        assert 0.0 <= result[key] <= 1.0
+    # 3 epochs at 64x96 (111 steps, ~30 s of fitting): enough to separate defects, unlike one epoch (0.27).
+    result = demo.demo(epochs=3, image_size=(64, 96), output=tmp_path)
+    assert result["image_auroc"] > 0.65  # seed 0 on a CPU: 0.78  # noqa: PLR2004
     printed = capsys.readouterr().out
     assert f"image AUROC  {result['image_auroc']:.4f} (exact, raw scores)" in printed
+    assert "93 defective / 35 good test images" in printed
     heat_maps = list(tmp_path.rglob("images/**/*.png"))
     assert len(heat_maps) == 128  # every test image of battery_weld (35 good + 93 defective)
     checkpoints = list(tmp_path.rglob("*.ckpt"))

@@ -22,7 +22,9 @@ from torch.nn import functional as F  # noqa: N812
 
 import anomalib_fod
 from anomalib_fod import Ed, Fod
+from anomalib_fod.models.fod.settings import FodSettings
 from anomalib_fod.models.fod.transformer import (
+    grid_geometry,
     ConvFeedForward,
     CorrelationAttention,
     I2CorrelationLayer,
@@ -69,13 +71,13 @@ def test_ed_with_fod_settings_is_fod() -> None:
 def test_concat_fusion_layer_matches_reference_computation() -> None:
     torch.manual_seed(0)
     d_model, heads, (h, w) = 16, 2, (3, 4)
-    layer = I2CorrelationLayer(d_model, heads, ffn_ratio=2, fusion="concat_mlp").eval()
+    layer = I2CorrelationLayer(d_model, FodSettings(num_heads=heads, ffn_ratio=2, fusion="concat_mlp")).eval()
     x = torch.randn(2, h * w, d_model)
     reference = torch.randn(1, h * w, d_model)
     got, _, _ = layer(x, reference, None, None, grid=(h, w))
 
-    intra, _, _ = layer.self_attention(x, x)
-    inter, _, _ = layer.cross_attention(x, reference)
+    intra, _ = layer.self_attention(x, x)
+    inter, _ = layer.cross_attention(x, reference)
     mlp = layer.fusion.mlp
     hidden = F.relu(F.linear(torch.cat((x + intra, x + inter), -1), mlp[0].weight, mlp[0].bias))
     fused = F.linear(hidden, mlp[2].weight, mlp[2].bias)
@@ -88,19 +90,25 @@ def test_concat_fusion_layer_matches_reference_computation() -> None:
 
 def test_learnable_temperature_starts_at_the_fixed_scale_and_learns() -> None:
     torch.manual_seed(0)
-    fixed = CorrelationAttention(16, 4, with_target=False)
-    learned = CorrelationAttention(16, 4, with_target=False, learnable_temperature=True)
+    fixed = CorrelationAttention(16, FodSettings(num_heads=4))
+    learned = CorrelationAttention(16, FodSettings(num_heads=4, learnable_temperature=True))
     learned.load_state_dict(fixed.state_dict(), strict=False)
     assert math.isclose(learned.log_temperature.exp().item(), 1 / math.sqrt(4), rel_tol=1e-6)
     x = torch.randn(2, 6, 16)
-    out_fixed, att_fixed, _ = fixed(x, x)
-    out_learned, att_learned, _ = learned(x, x)
+    geometry = grid_geometry(grid_coordinates(2, 3), 2, 3)
+
+    def run(attention: CorrelationAttention) -> tuple[torch.Tensor, torch.Tensor]:
+        out, stats = attention(x, x, geometry, keep_maps=True)
+        return out, stats.maps[0]
+
+    out_fixed, att_fixed = run(fixed)
+    out_learned, att_learned = run(learned)
     torch.testing.assert_close(att_learned, att_fixed)
     out_learned.square().sum().backward()
     assert learned.log_temperature.grad is not None and learned.log_temperature.grad.abs() > 0
     with torch.no_grad():
         learned.log_temperature.add_(1.0)  # hotter logits: sharper attention
-    _, sharper, _ = learned(x, x)
+        _, sharper = run(learned)
     entropy = lambda p: -(p * p.clamp_min(1e-12).log()).sum(-1).mean()  # noqa: E731
     assert entropy(sharper) < entropy(att_fixed)
 
@@ -130,7 +138,7 @@ def test_relative_position_bias_depends_only_on_the_offset() -> None:
     # Moving query and key by the same step leaves the bias unchanged; another offset changes it.
     torch.testing.assert_close(bias[:, index(0, 0), index(1, 2)], bias[:, index(2, 1), index(3, 3)])
     assert not torch.allclose(bias[:, index(0, 0), index(1, 2)], bias[:, index(0, 0), index(2, 1)])
-    attention = CorrelationAttention(8, 2, with_target=False, relative_position_bias=True)
+    attention = CorrelationAttention(8, FodSettings(num_heads=2, relative_position_bias=True), with_target=False)
     with pytest.raises(ValueError, match="offsets"):
         attention(torch.randn(1, h * w, 8), torch.randn(1, h * w, 8))
 

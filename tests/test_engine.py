@@ -100,3 +100,28 @@ def test_variants_train_and_predict(dummy_dataset, tmp_path, settings):
     predictions = engine.predict(model, datamodule=datamodule)
     n_test = DUMMY_COUNTS["n_test_good"] + DUMMY_COUNTS["n_test_bad"]
     check_predictions(predictions, n_images=n_test, batch_size=4, size=(DUMMY_SIZE, DUMMY_SIZE))
+
+
+def test_step_budget_stops_training_and_fits_the_residual_statistics(dummy_dataset, tmp_path) -> None:
+    """``training_steps`` ends the fit mid-epoch whatever max_epochs says; the whitened score is ready to test."""
+    seed_everything(0)
+    datamodule = make_datamodule(dummy_dataset.parent, dummy_dataset.name, train_batch_size=2, eval_batch_size=EVAL_BATCH)
+    model = Fod(
+        pre_processor=Fod.configure_pre_processor((DUMMY_SIZE, DUMMY_SIZE)),
+        visualizer=False,
+        training_steps=3,
+        reconstruction_term="mahalanobis",
+        scoring="rec",
+        **TINY,
+    )
+    engine = make_engine(tmp_path, max_epochs=50)
+    engine.fit(model, datamodule=datamodule)
+    assert engine.trainer.global_step == 3
+    statistics = model.model.anomaly_map_generator.statistics
+    assert all(s.fitted for s in statistics)
+    # fitted on the final weights: refitting now changes nothing
+    before = [s.mean.clone() for s in statistics]
+    model.fit_residual_statistics(datamodule)
+    for s, b in zip(statistics, before, strict=True):
+        torch.testing.assert_close(s.mean, b, rtol=1e-5, atol=1e-5)
+    check_metrics(engine.test(model, datamodule=datamodule))

@@ -9,6 +9,7 @@ import torch
 
 from anomalib_fod.models.fod.correlation import entropy, symmetric_kl
 from anomalib_fod.models.fod.loss import FodLoss, reconstruction_loss
+from anomalib_fod.models.fod.settings import FodSettings
 from anomalib_fod.models.fod.torch_model import FodModel
 from anomalib_fod.models.fod.transformer import BranchStats, FodTransformer, LevelOutput, branch_stats, grid_coordinates
 
@@ -144,7 +145,7 @@ CHANNELS, LAYERS = 6, 2
 @pytest.fixture
 def level_and_output():
     torch.manual_seed(0)
-    level = FodTransformer(CHANNELS, 16, num_heads=2, num_layers=LAYERS)
+    level = FodTransformer(CHANNELS, 16, FodSettings(num_heads=2, num_layers=LAYERS))
     level.set_reference(torch.randn(12, CHANNELS), grid_coordinates(3, 4), (3, 4))
     level.train()
     return level, level(torch.randn(2, 12, CHANNELS), 3, 4)
@@ -200,7 +201,7 @@ def test_kl_attention_and_entropy_never_move_sigma(level_and_output, index, bran
 
 def test_full_loss_reaches_every_transformer_parameter_but_not_the_backbone():
     torch.manual_seed(0)
-    model = FodModel(pre_trained=False, **TINY)
+    model = FodModel(FodSettings(pre_trained=False, **TINY))
     set_random_references(model, 64, 64)
     model.train()
     output = model(torch.randn(2, 3, 64, 64))

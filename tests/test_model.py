@@ -8,6 +8,7 @@ from anomalib.data import InferenceBatch
 from fod_helpers import TINY, set_random_references
 
 from anomalib_fod import Fod
+from anomalib_fod.models.fod.settings import FodSettings
 from anomalib_fod.models.fod.torch_model import FodModel, FodTrainOutput
 
 SIZES = [(64, 64), (96, 128), (128, 96), (72, 100)]  # the last is not a multiple of the stride 16
@@ -16,7 +17,7 @@ SIZES = [(64, 64), (96, 128), (128, 96), (72, 100)]  # the last is not a multipl
 @pytest.fixture(scope="module")
 def model() -> FodModel:
     torch.manual_seed(0)
-    return FodModel(pre_trained=False, **TINY)
+    return FodModel(FodSettings(pre_trained=False, **TINY))
 
 
 def expected_grids(height: int, width: int) -> list[tuple[int, int]]:
@@ -66,7 +67,7 @@ def test_prediction_does_not_depend_on_the_batch(model):
 
 
 def test_missing_reference_is_a_clear_runtime_error():
-    fresh = FodModel(pre_trained=False, **TINY).eval()
+    fresh = FodModel(FodSettings(pre_trained=False, **TINY)).eval()
     assert not fresh.has_reference
     with torch.no_grad(), pytest.raises(RuntimeError, match="reference features are missing"):
         fresh(torch.randn(1, 3, 64, 64))
@@ -85,7 +86,9 @@ def test_other_input_size_than_the_references_is_a_clear_runtime_error(model):
 )
 def test_ablations_build_the_right_modules_and_predict(with_intra, with_inter, scoring):
     torch.manual_seed(0)
-    ablation = FodModel(pre_trained=False, with_intra=with_intra, with_inter=with_inter, scoring=scoring, **TINY)
+    ablation = FodModel(
+        FodSettings(pre_trained=False, with_intra=with_intra, with_inter=with_inter, scoring=scoring, **TINY)
+    )
     names = [name for name, _ in ablation.named_parameters()]
     assert any("cross_attention" in n for n in names) == with_inter
     assert any("ref_embedding" in n for n in names) == with_inter
@@ -135,7 +138,7 @@ def test_fod_defaults_are_the_papers():
     assert (hparams.kl_weight, hparams.entropy_weight) == (0.5, 0.5)
     assert (hparams.scoring, hparams.reference, hparams.reconstruction_term) == ("rec_div", "mean", "mse_cos")
     assert hparams.learning_rate == 1e-4
-    # The paper's code computes the attention output projection and discards it; so do we (README).
+    # The paper's code computes the attention output projection and discards it; so do we (docs/differences.md).
     assert hparams.out_projection is False
     attention = fod.model.levels[0].layers[0].self_attention
     assert isinstance(attention.proj, torch.nn.Identity)
@@ -180,10 +183,10 @@ def test_reconstruction_term_rescores_the_same_trained_outputs(model):
     div = AnomalyMapGenerator().divergence_score(level)
     for term, rec in expected.items():
         for scoring, want in (("rec", rec), ("rec_div", rec * div)):
-            generator = AnomalyMapGenerator(scoring=scoring, reconstruction_term=term)
+            generator = AnomalyMapGenerator(FodSettings(scoring=scoring, reconstruction_term=term))
             torch.testing.assert_close(generator.token_scores(tokens, level), want)
     maps = {
-        term: AnomalyMapGenerator(reconstruction_term=term)(run.tokens, run.levels, run.grids, (64, 64))[0]
+        term: AnomalyMapGenerator(FodSettings(reconstruction_term=term))(run.tokens, run.levels, run.grids, (64, 64))[0]
         for term in expected
     }
     assert not torch.allclose(maps["cos"], maps["mse_cos"]) and not torch.allclose(maps["mse"], maps["mse_cos"])

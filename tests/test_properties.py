@@ -8,6 +8,7 @@ a wide prior), one-hot and uniform maps with exact zeros, 1x1 to 8x8 token grids
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from anomalib_fod.models.fod.anomaly_map import SCORING_MODES, AnomalyMapGenerator
+from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator
 from anomalib_fod.models.fod.correlation import (
     LOG_EPS,
     entropy,
@@ -24,6 +25,7 @@ from anomalib_fod.models.fod.correlation import (
     sigma_from_logits,
     symmetric_kl,
 )
+from anomalib_fod.models.fod.settings import FodSettings, ScoringMode
 from anomalib_fod.models.fod.transformer import (
     BranchStats,
     LevelOutput,
@@ -185,7 +187,7 @@ def level_inputs(draw: st.DrawFn, batch: int, branches: tuple[bool, bool], heigh
 
 @PROPERTY_SETTINGS
 @given(
-    scoring=st.sampled_from(SCORING_MODES),
+    scoring=st.sampled_from(get_args(ScoringMode)),
     branches=st.sampled_from([(True, True), (True, False), (False, True)]),
     blur_sigma=st.sampled_from([0.0, 1.0, 4.0]),
     batch=st.integers(1, 2),
@@ -193,7 +195,9 @@ def level_inputs(draw: st.DrawFn, batch: int, branches: tuple[bool, bool], heigh
     data=st.data(),
 )
 def test_anomaly_map_generator_is_finite(scoring, branches, blur_sigma, batch, grids, data):
-    generator = AnomalyMapGenerator(scoring, *branches, blur_sigma=blur_sigma)
+    generator = AnomalyMapGenerator(
+        FodSettings(scoring=scoring, with_intra=branches[0], with_inter=branches[1], blur_sigma=blur_sigma)
+    )
     tokens, outputs = [], []
     for height, width in grids:
         level_tokens, output = data.draw(level_inputs(batch, branches, height, width))

@@ -12,6 +12,7 @@ from fod_helpers import TINY
 import anomalib_fod.backbone
 from anomalib_fod import Fod
 from anomalib_fod.models.fod.reference import ReferenceFeatureCallback
+from anomalib_fod.models.fod.settings import FodSettings
 from anomalib_fod.models.fod.torch_model import FodModel
 from anomalib_fod.models.fod.transformer import grid_coordinates
 
@@ -101,7 +102,7 @@ def run_callback(model: FodModel, batches: list[torch.Tensor], mode: str) -> Non
 
 def test_mean_callback_without_a_trainer():
     torch.manual_seed(0)
-    model = FodModel(pre_trained=False, **TINY)
+    model = FodModel(FodSettings(pre_trained=False, **TINY))
     batches = [torch.randn(3, 3, 64, 64), torch.randn(1, 3, 64, 64)]  # unequal batches
     run_callback(model, batches, "mean")
     with torch.no_grad():
@@ -113,7 +114,7 @@ def test_mean_callback_without_a_trainer():
 
 def test_coreset_callback_keeps_real_tokens_at_their_positions():
     torch.manual_seed(0)
-    model = FodModel(pre_trained=False, **TINY)
+    model = FodModel(FodSettings(pre_trained=False, **TINY))
     batches = [torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)]
     run_callback(model, batches, "coreset")
     with torch.no_grad():
@@ -129,14 +130,14 @@ def test_coreset_callback_keeps_real_tokens_at_their_positions():
 
 
 def test_callback_skips_models_without_the_inter_branch():
-    model = FodModel(pre_trained=False, with_inter=False, **TINY)
+    model = FodModel(FodSettings(pre_trained=False, with_inter=False, **TINY))
     run_callback(model, [], "mean")  # not even an empty training set is a problem
     assert model.has_reference
     assert all(level.ref_features.numel() == 0 for level in model.levels)
 
 
 def test_callback_needs_training_images():
-    model = FodModel(pre_trained=False, **TINY)
+    model = FodModel(FodSettings(pre_trained=False, **TINY))
     with pytest.raises(RuntimeError, match="training set is empty"):
         run_callback(model, [], "mean")
 

@@ -1,4 +1,7 @@
-"""Interrupted training leaves a resumable checkpoint, and resuming reproduces the uninterrupted run."""
+"""Opt-in resumable training: interrupted training leaves a checkpoint, resuming reproduces the uninterrupted run.
+
+Without the callback, the datamodule's loader and sampler reach training untouched.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,10 @@ import pytest
 import torch
 from lightning.pytorch import Callback, seed_everything
 
+from torch.utils.data import RandomSampler
+
 from anomalib_fod import Fod
-from anomalib_fod.callbacks import INTERRUPTED_CHECKPOINT
+from anomalib_fod.callbacks import INTERRUPTED_CHECKPOINT, EpochSeededSampler, ResumableInterruptCallback
 
 from conftest import TINY, TRAIN_BATCH, make_datamodule, make_engine
 
@@ -26,29 +31,32 @@ class InterruptAt(Callback):
 
 
 class RecordBatches(Callback):
-    """Record the image batches a run trains on (to compare data orders)."""
+    """Record the image batches a run trains on (to compare data orders) and the training sampler."""
 
     def __init__(self) -> None:
         self.batches: list[torch.Tensor] = []
+        self.sampler = None
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.sampler = trainer.train_dataloader.sampler
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         self.batches.append(batch.image.detach().clone())
 
 
-def _model() -> Fod:
-    # No feature cache: an uninterrupted run would serve epoch 2 from features computed in
-    # epoch-1 batches, a resumed run recomputes them in epoch-2 batches.
-    return Fod(pre_trained=False, image_size=64, visualizer=False, cache_features=False, **TINY)
+def _model(cache_features: bool) -> Fod:
+    return Fod(pre_trained=False, image_size=64, visualizer=False, cache_features=cache_features, **TINY)
 
 
 def _state(model: Fod) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
 
 
-def _resume(checkpoint: Path, datamodule, root: Path, recorder: RecordBatches) -> Fod:  # noqa: ANN001
+def _resume(checkpoint: Path, datamodule, root: Path, recorder: RecordBatches, cache_features: bool) -> Fod:  # noqa: ANN001
     seed_everything(999)  # a different RNG history than the interrupted process had
-    resumed = _model()
-    make_engine(root, max_epochs=EPOCHS, callbacks=[recorder]).fit(resumed, datamodule=datamodule, ckpt_path=checkpoint)
+    resumed = _model(cache_features)
+    engine = make_engine(root, max_epochs=EPOCHS, callbacks=[recorder, ResumableInterruptCallback()])
+    engine.fit(resumed, datamodule=datamodule, ckpt_path=checkpoint)
     return resumed
 
 
@@ -58,11 +66,13 @@ INTERRUPT_EPOCH, INTERRUPT_BATCH, BATCHES_PER_EPOCH = 1, 2, 4
 
 
 @pytest.mark.slow
-def test_resumed_run_matches_the_uninterrupted_run(dummy_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache_features", [False, True], ids=["cache-off", "cache-on"])
+def test_resumed_run_matches_the_uninterrupted_run(dummy_dataset: Path, tmp_path: Path, cache_features: bool) -> None:
     """Ctrl-C mid-epoch leaves interrupted.ckpt; resuming it reproduces the uninterrupted run exactly.
 
     The resumed process is seeded differently, yet it trains on the same remaining batches in the
-    same order and ends with bit-identical weights, reference features and optimizer state.
+    same order and ends with bit-identical weights, reference features and optimizer state, with
+    the feature cache off and on (the resumed process rebuilds the cache it does not inherit).
     """
     root, category = dummy_dataset.parent, dummy_dataset.name
 
@@ -70,16 +80,19 @@ def test_resumed_run_matches_the_uninterrupted_run(dummy_dataset: Path, tmp_path
         return make_datamodule(root, category, TRAIN_BATCH, 4)
 
     seed_everything(7)
-    straight = _model()
+    straight = _model(cache_features)
     straight_batches = RecordBatches()
-    make_engine(tmp_path / "straight", max_epochs=EPOCHS, callbacks=[straight_batches]).fit(
-        straight, datamodule=datamodule()
-    )
+    make_engine(
+        tmp_path / "straight", max_epochs=EPOCHS, callbacks=[straight_batches, ResumableInterruptCallback()]
+    ).fit(straight, datamodule=datamodule())
+    assert isinstance(straight_batches.sampler, EpochSeededSampler)
 
     seed_everything(7)
-    interrupted = _model()
+    interrupted = _model(cache_features)
     engine = make_engine(
-        tmp_path / "interrupted", max_epochs=EPOCHS, callbacks=[InterruptAt(INTERRUPT_EPOCH, INTERRUPT_BATCH)]
+        tmp_path / "interrupted",
+        max_epochs=EPOCHS,
+        callbacks=[InterruptAt(INTERRUPT_EPOCH, INTERRUPT_BATCH), ResumableInterruptCallback()],
     )
     with pytest.raises(SystemExit):  # Lightning shuts down gracefully, then exits
         engine.fit(interrupted, datamodule=datamodule())
@@ -89,7 +102,7 @@ def test_resumed_run_matches_the_uninterrupted_run(dummy_dataset: Path, tmp_path
     assert steps_before == INTERRUPT_EPOCH * BATCHES_PER_EPOCH + INTERRUPT_BATCH
 
     resumed_batches = RecordBatches()
-    resumed = _resume(checkpoints[0], datamodule(), tmp_path / "resumed", resumed_batches)
+    resumed = _resume(checkpoints[0], datamodule(), tmp_path / "resumed", resumed_batches, cache_features)
     assert resumed.trainer.global_step == straight.trainer.global_step
     assert resumed.trainer.current_epoch == straight.trainer.current_epoch
 
@@ -111,17 +124,31 @@ def test_resumed_run_matches_the_uninterrupted_run(dummy_dataset: Path, tmp_path
             torch.testing.assert_close(opt_got[index][key], value, rtol=0, atol=0)
 
 
-def test_epoch_seeded_sampler_order_depends_only_on_seed_and_epoch() -> None:
-    """Same (seed, epoch): same permutation whatever the global RNG; skip drops a prefix once."""
-    from anomalib_fod.callbacks import EpochSeededSampler
+@pytest.mark.slow
+def test_without_the_callback_training_gets_the_datamodules_own_loader(dummy_dataset: Path, tmp_path: Path) -> None:
+    """Not opted in: the datamodule's RandomSampler trains, and an interrupt writes no checkpoint."""
+    datamodule = make_datamodule(dummy_dataset.parent, dummy_dataset.name, TRAIN_BATCH, 4)
+    recorder = RecordBatches()
+    engine = make_engine(tmp_path, max_epochs=EPOCHS, callbacks=[recorder, InterruptAt(0, 1)])
+    with pytest.raises(SystemExit):
+        engine.fit(_model(cache_features=False), datamodule=datamodule)
+    assert type(recorder.sampler) is RandomSampler
+    assert not list(tmp_path.rglob(INTERRUPTED_CHECKPOINT))
 
+
+def test_epoch_seeded_sampler_order_depends_only_on_seed_and_epoch() -> None:
+    """Same (seed, epoch): same permutation whatever the global RNG; a resume point drops a prefix once."""
     data = list(range(10))
     torch.manual_seed(1)
     first = list(EpochSeededSampler(data, seed=5, epoch=2))
     torch.manual_seed(2)
-    again = EpochSeededSampler(data, seed=5, epoch=2, skip=6)
+    again = EpochSeededSampler(data, seed=5, epoch=2)
+    again.resume_at(epoch=2, samples_done=6)
     assert sorted(first) == data
     assert list(again) == first[6:]
-    assert list(again) == first, "skip must apply to one iteration only"
+    assert list(again) == first, "the resume point must apply to one iteration only"
+    other_epoch = EpochSeededSampler(data, seed=5, epoch=3)
+    other_epoch.resume_at(epoch=2, samples_done=6)
+    assert len(list(other_epoch)) == len(data), "a resume point applies to its own epoch only"
     again.set_epoch(3)
     assert list(again) != first and sorted(again) == data

@@ -50,6 +50,7 @@ def test_reconstruction_parts_add_up_to_the_model_term(trained_dummy) -> None:  
     """Upsampling, level mean and blur are linear, so the MSE map plus the 1 - cos map is the rec map."""
     from anomalib_fod.benchmark.curve import preprocess_as_test
     from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator
+    from anomalib_fod.models.fod.settings import FodSettings
 
     script = _load_script()
     model = trained_dummy.model.eval()
@@ -57,14 +58,14 @@ def test_reconstruction_parts_add_up_to_the_model_term(trained_dummy) -> None:  
     tokens, outputs = records["tokens"][0], records["outputs"][0]
     args = (tokens, outputs, records["grids"], records["size"])
     normalised_mse = script._normalised_mse_generator_class()  # noqa: SLF001
-    rec, _ = AnomalyMapGenerator("rec", True, True, 4.0)(*args)
-    mse, _ = AnomalyMapGenerator("rec", True, True, 4.0, reconstruction_term="mse")(*args)
-    cos, _ = AnomalyMapGenerator("rec", True, True, 4.0, reconstruction_term="cos")(*args)
+    rec, _ = AnomalyMapGenerator(FodSettings(scoring="rec"))(*args)
+    mse, _ = AnomalyMapGenerator(FodSettings(scoring="rec", reconstruction_term="mse"))(*args)
+    cos, _ = AnomalyMapGenerator(FodSettings(scoring="rec", reconstruction_term="cos"))(*args)
     torch.testing.assert_close(mse + cos, rec, rtol=1e-5, atol=1e-6)
     # Unit per-channel scales leave the MSE as it is; the scales of the training pass are per channel.
     ones = [torch.ones(t.shape[-1]) for t in tokens]
-    unit, _ = normalised_mse("rec_div", True, True, 4.0, ones)(*args)
-    plain, _ = AnomalyMapGenerator("rec_div", True, True, 4.0, reconstruction_term="mse")(*args)
+    unit, _ = normalised_mse(FodSettings(), ones)(*args)
+    plain, _ = AnomalyMapGenerator(FodSettings(reconstruction_term="mse"))(*args)
     torch.testing.assert_close(unit, plain)
     # Batches of 3 (the last one short) average to the per-channel mean over all training tokens at once.
     train = trained_dummy.datamodule.train_data

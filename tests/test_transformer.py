@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from anomalib_fod.models.fod.settings import FodSettings
 from anomalib_fod.models.fod.transformer import (
     BranchStats,
     FodTransformer,
@@ -18,15 +19,8 @@ CHANNELS, D_MODEL, HEADS = 6, 16, 2
 
 def make_level(with_intra: bool = True, with_inter: bool = True, num_layers: int = 2, **kwargs) -> FodTransformer:
     torch.manual_seed(0)
-    return FodTransformer(
-        CHANNELS,
-        D_MODEL,
-        num_heads=HEADS,
-        num_layers=num_layers,
-        with_intra=with_intra,
-        with_inter=with_inter,
-        **kwargs,
-    )
+    settings = FodSettings(num_heads=HEADS, num_layers=num_layers, with_intra=with_intra, with_inter=with_inter, **kwargs)
+    return FodTransformer(CHANNELS, D_MODEL, settings)
 
 
 def give_reference(level: FodTransformer, height: int, width: int) -> None:
@@ -207,6 +201,6 @@ def test_reference_buffers_are_state():
 
 def test_bad_widths_are_rejected():
     with pytest.raises(ValueError, match="multiple of 4"):
-        FodTransformer(CHANNELS, 18, num_heads=2)
+        FodTransformer(CHANNELS, 18, FodSettings(num_heads=2))
     with pytest.raises(ValueError, match="divisible"):
-        FodTransformer(CHANNELS, 16, num_heads=3)
+        FodTransformer(CHANNELS, 16, FodSettings(num_heads=3))

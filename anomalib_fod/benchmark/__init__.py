@@ -10,7 +10,7 @@ latency, peak memory, file sizes). Reports: ``results.csv``, ``results.json``, `
 - :mod:`.config`: YAML schema and the list of cells;
 - :mod:`.data`, :mod:`.models`: datamodule and model factories (offline ImageNet weights for
   anomalib's models);
-- :mod:`.cell`: one cell; :mod:`.metrics`: exact metrics; :mod:`.cost`: timings and memory;
+- :mod:`.cell`: one cell (exact metrics from :mod:`anomalib_fod.evaluation`); :mod:`.cost`: timings and memory;
 - :mod:`.runner`: resume, subprocesses, progress; :mod:`.report`: tables and chart;
 - :mod:`.anomalib_pipeline`: anomalib's own ``benchmark`` pipeline with ``Fod`` registered.
 """

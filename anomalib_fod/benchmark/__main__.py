@@ -9,51 +9,49 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="anomalib-fod benchmark",
-        description=(
-            "Benchmark FOD next to anomalib's models (same data, image size, backbone and layers): exact "
-            "metrics on raw scores, anomalib's metrics, training/inference cost. Finished cells are skipped "
-            "on a rerun."
-        ),
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", type=Path, help="harness config (see benchmarks/*.yaml)")
-    source.add_argument(
-        "--anomalib-config",
-        type=Path,
-        help="instead: run anomalib's own `anomalib benchmark` pipeline on this config, with Fod registered",
-    )
-    parser.add_argument("--output", type=Path, help="run folder (default: the config's output_dir)")
-    parser.add_argument("--force", action="store_true", help="recompute cells that already finished")
-    parser.add_argument(
-        "--models", nargs="+", metavar="NAME", help="run only these models of the config (the report still shows all)"
-    )
-    parser.add_argument("--datasets", nargs="+", metavar="NAME", help="run only these datasets of the config")
-    parser.add_argument(
-        "--max-epochs",
-        type=int,
-        help="with --anomalib-config: epochs for models that do not fix their own (sets PL_TRAINER_MAX_EPOCHS)",
-    )
-    return parser
+def benchmark(
+    config: Path | None = None,
+    anomalib_config: Path | None = None,
+    output: Path | None = None,
+    force: bool = False,
+    models: list[str] | None = None,
+    datasets: list[str] | None = None,
+    max_epochs: int | None = None,
+) -> int:
+    """Benchmark FOD next to anomalib's models: same data, image size, backbone and layers.
 
+    Exact metrics on raw scores, anomalib's metrics and training/inference cost per dataset x model x
+    seed. Finished cells are skipped on a rerun; a cell killed during training resumes from its last
+    epoch.
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns 0 when every cell finished, 1 when some failed."""
-    args = build_parser().parse_args(argv)
-    if args.anomalib_config is not None:
+    Args:
+        config: harness config (see benchmarks/*.yaml).
+        anomalib_config: instead: run anomalib's own `anomalib benchmark` pipeline on this config, with
+            the plugin's models registered.
+        output: run folder (default: the config's output_dir).
+        force: recompute cells that already finished.
+        models: run only these models of the config (the report still shows all).
+        datasets: run only these datasets of the config.
+        max_epochs: with anomalib_config: epochs for models that do not fix their own (sets
+            PL_TRAINER_MAX_EPOCHS).
+
+    Returns:
+        0 when every cell finished, 1 when some failed, 2 for a usage or config error.
+    """
+    if (config is None) == (anomalib_config is None):
+        print("error: give exactly one of --config and --anomalib-config.", file=sys.stderr)
+        return 2
+    if anomalib_config is not None:
         from .anomalib_pipeline import run_anomalib_benchmark  # noqa: PLC0415
 
-        run_anomalib_benchmark(args.anomalib_config, max_epochs=args.max_epochs)
+        run_anomalib_benchmark(anomalib_config, max_epochs=max_epochs)
         return 0
-    if args.max_epochs is not None:
+    if max_epochs is not None:
         print("--max-epochs only applies to --anomalib-config; set max_epochs per model.", file=sys.stderr)
         return 2
 
@@ -61,17 +59,24 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import run_benchmark  # noqa: PLC0415
 
     try:
-        config = load_config(args.config)
+        settings = load_config(config)
     except BenchmarkConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    run_dir = Path(resolve_path(args.output if args.output is not None else config.output_dir))
+    run_dir = Path(resolve_path(output if output is not None else settings.output_dir))
     try:
-        results = run_benchmark(config, run_dir, force=args.force, models=args.models, datasets=args.datasets)
+        results = run_benchmark(settings, run_dir, force=force, models=models, datasets=datasets)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0 if all(r.get("status") == "ok" for r in results) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``anomalib-fod benchmark`` with argparse-style ``argv``; returns the exit status."""
+    from anomalib_fod.cli import run_command  # noqa: PLC0415
+
+    return run_command("benchmark", argv)
 
 
 if __name__ == "__main__":

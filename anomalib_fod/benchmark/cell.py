@@ -16,14 +16,10 @@ next run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 import traceback
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,67 +28,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from anomalib_fod.callbacks import ResumableInterruptCallback
+from anomalib_fod.evaluation import collect_predictions, exact_metrics, raw_post_processing
+from anomalib_fod.typed_cli import run_function
+
 from .config import CellSpec
 from .cost import model_device, openvino_latency, peak_gpu_mb, peak_rss_mb, size_mb, torch_throughput
 from .curve import TestCurve
 from .environment import environment
 from .jsonio import write_json
-from .metrics import exact_metrics
 from .resume import RESUME_CHECKPOINT, CellCheckpoint, discard_resume_state, find_resume_point
 
 # The exported graph is built with torch's dynamo exporter, which emits opset 18.
 ONNX_OPSET = 18
-
-
-@contextmanager
-def raw_post_processing(model: nn.Module) -> Iterator[None]:
-    """Switch off the post-processor's min-max normalisation (and clamping) temporarily.
-
-    ``Engine.predict`` otherwise returns scores normalised with the validation statistics and
-    clamped to [0, 1]; the exact metrics need the model's raw outputs.
-    """
-    post_processor = getattr(model, "post_processor", None)
-    if not post_processor:
-        yield
-        return
-    if not hasattr(post_processor, "enable_normalization"):
-        msg = (
-            f"{type(model).__name__}'s post-processor {type(post_processor).__name__} has no "
-            "`enable_normalization` switch: cannot obtain raw predictions."
-        )
-        raise TypeError(msg)
-    saved = post_processor.enable_normalization
-    post_processor.enable_normalization = False
-    try:
-        yield
-    finally:
-        post_processor.enable_normalization = saved
-
-
-def _as_nhw(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor[:, 0] if tensor.ndim == 4 else tensor  # noqa: PLR2004 - (N, 1, H, W) -> (N, H, W)
-
-
-def collect_predictions(predictions: list[Any]) -> dict[str, Any]:
-    """Concatenate predict batches into numpy arrays (maps resized to the masks if they differ)."""
-    scores = torch.cat([p.pred_score.detach().flatten().float().cpu() for p in predictions])
-    labels = torch.cat([p.gt_label.detach().flatten().int().cpu() for p in predictions])
-    paths = [str(path) for p in predictions for path in (p.image_path or [])]
-    maps = masks = None
-    if all(p.anomaly_map is not None for p in predictions):
-        maps = torch.cat([_as_nhw(p.anomaly_map.detach().float().cpu()) for p in predictions])
-    if all(p.gt_mask is not None for p in predictions):
-        masks = torch.cat([_as_nhw(p.gt_mask.detach().cpu()) for p in predictions]).bool()
-    if maps is not None and masks is not None and maps.shape[-2:] != masks.shape[-2:]:
-        size = masks.shape[-2:]
-        maps = nn.functional.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    return {
-        "scores": scores.numpy(),
-        "labels": labels.numpy(),
-        "maps": None if maps is None else maps.numpy(),
-        "masks": None if masks is None else masks.numpy(),
-        "paths": paths,
-    }
 
 
 def timing_images(datamodule: Any, image_size: tuple[int, int], limit: int) -> torch.Tensor:  # noqa: ANN401
@@ -194,7 +142,8 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
     clock = CellCheckpoint(spec.work_dir / RESUME_CHECKPOINT, spec.fingerprint())
     resume = find_resume_point(spec.work_dir, spec.fingerprint(), plain_hparams(model))
     engine = Engine(
-        callbacks=[*([curve] if curve is not None else []), clock],
+        # The harness opts in to the replayable data order: a killed cell resumes from its last epoch.
+        callbacks=[*([curve] if curve is not None else []), ResumableInterruptCallback(), clock],
         default_root_dir=spec.work_dir / "engine",
         logger=False,
         max_epochs=spec.model.max_epochs,
@@ -349,22 +298,29 @@ def _process_age_s() -> float | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m anomalib_fod.benchmark.cell --spec SPEC.json``."""
-    parser = argparse.ArgumentParser(prog="python -m anomalib_fod.benchmark.cell", description=__doc__.split("\n")[0])
-    parser.add_argument("--spec", type=Path, required=True, help="cell spec JSON written by the harness")
-    args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    spec = CellSpec.from_dict(json.loads(args.spec.read_text(encoding="utf-8")))
+def cell(spec: Path) -> int:
+    """Run one benchmark cell in this process (the harness starts one process per cell).
+
+    Args:
+        spec: cell spec JSON written by the harness.
+
+    Returns:
+        0 when the cell finished, 1 when it failed (its error JSON says why).
+    """
+    cell_spec = CellSpec.from_dict(json.loads(spec.read_text(encoding="utf-8")))
     startup_s = _process_age_s()
     try:
-        run_cell(spec, rss_scope="cell process", startup_s=startup_s)
+        run_cell(cell_spec, rss_scope="cell process", startup_s=startup_s)
     except Exception as error:  # noqa: BLE001 - recorded for the harness, exit code says it failed
-        record_failure(spec, error, rss_scope="cell process")
+        record_failure(cell_spec, error, rss_scope="cell process")
         traceback.print_exc()
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m anomalib_fod.benchmark.cell --spec SPEC.json``."""
+    return run_function(cell, argv, prog="python -m anomalib_fod.benchmark.cell")
 
 
 if __name__ == "__main__":

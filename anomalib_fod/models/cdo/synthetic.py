@@ -23,8 +23,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from anomalib_fod.utils import check_choice
+
 AnomalySource = Literal["white_noise", "perlin"]
-ANOMALY_SOURCES: tuple[str, ...] = ("white_noise", "perlin")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -192,9 +193,6 @@ def make_anomaly_generator(
     std: Sequence[float] = IMAGENET_STD,
 ) -> WhiteNoiseGenerator | PerlinGenerator:
     """The synthetic-anomaly generator for ``anomaly_source`` (``"white_noise"`` or ``"perlin"``)."""
-    if source == "white_noise":
-        return WhiteNoiseGenerator(mean=mean, std=std)
-    if source == "perlin":
-        return PerlinGenerator(mean=mean, std=std)
-    msg = f"anomaly_source must be one of {ANOMALY_SOURCES}, got {source!r}."
-    raise ValueError(msg)
+    check_choice("anomaly_source", source, AnomalySource)
+    generator = WhiteNoiseGenerator if source == "white_noise" else PerlinGenerator
+    return generator(mean=mean, std=std)

@@ -25,7 +25,7 @@ from typing import Any
 from anomalib.models.components import AnomalibModule
 
 from anomalib_fod.models.fod.lightning_model import Fod
-from anomalib_fod.models.fod.transformer import FeedForwardMode, FusionMode
+from anomalib_fod.models.fod.settings import FeedForwardMode, FusionMode
 
 
 class Ed(Fod, AnomalibModule):  # AnomalibModule again: anomalib's get_model only sees its direct subclasses

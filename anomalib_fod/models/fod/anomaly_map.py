@@ -25,19 +25,14 @@ Levels are upsampled (bilinear) to the input size and averaged, then blurred wit
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.models.components import GaussianBlur2d
 from torch import nn
 
+from .residual_statistics import ResidualStatistics
+from .settings import FodSettings, ReconstructionTerm
 from .transformer import BranchStats, LevelOutput
-
-ScoringMode = Literal["rec", "div", "rec_div"]
-SCORING_MODES = ("rec", "div", "rec_div")
-ReconstructionTerm = Literal["mse_cos", "cos", "mse"]
-RECONSTRUCTION_TERMS = ("mse_cos", "cos", "mse")
 
 
 def reconstruction_parts(tokens: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,39 +69,33 @@ class AnomalyMapGenerator(nn.Module):
     """Turn per-level Transformer outputs into ``(B, 1, H, W)`` maps and ``(B,)`` scores.
 
     Args:
-        scoring: ``"rec_div"`` (paper), ``"rec"`` or ``"div"``.
-        with_intra: the model has the intra branch.
-        with_inter: the model has the inter branch.
-        blur_sigma: sigma of the Gaussian blur on the final map (0 switches it off).
-        reconstruction_term: ``"mse_cos"`` (paper), ``"cos"`` or ``"mse"``: what ``rec`` is.
+        settings: reads ``scoring`` (``"rec_div"`` (paper), ``"rec"`` or ``"div"``), ``with_intra`` /
+            ``with_inter`` (the model's branches), ``blur_sigma`` (of the Gaussian blur on the final
+            map; 0 switches it off) and ``reconstruction_term`` (what ``rec`` is).
     """
 
-    def __init__(
-        self,
-        scoring: ScoringMode = "rec_div",
-        with_intra: bool = True,
-        with_inter: bool = True,
-        blur_sigma: float = 4.0,
-        reconstruction_term: ReconstructionTerm = "mse_cos",
-    ) -> None:
+    def __init__(self, settings: FodSettings | None = None) -> None:
         super().__init__()
-        if scoring not in SCORING_MODES:
-            msg = f"scoring must be one of {SCORING_MODES}, got {scoring!r}."
-            raise ValueError(msg)
-        if reconstruction_term not in RECONSTRUCTION_TERMS:
-            msg = f"reconstruction_term must be one of {RECONSTRUCTION_TERMS}, got {reconstruction_term!r}."
-            raise ValueError(msg)
-        self.reconstruction_term = reconstruction_term
+        settings = settings or FodSettings()
+        scoring, blur_sigma = settings.scoring, settings.blur_sigma
+        with_intra, with_inter = settings.with_intra, settings.with_inter
+        self.reconstruction_term = settings.reconstruction_term
         if scoring != "rec" and not (with_intra or with_inter):
             msg = f"scoring={scoring!r} needs a correlation branch: set with_intra or with_inter, or scoring='rec'."
             raise ValueError(msg)
         self.scoring = scoring
         self.with_intra = with_intra
         self.with_inter = with_inter
+        self.statistics = nn.ModuleList(ResidualStatistics() for _ in settings.d_models)
         self.blur = None
         if blur_sigma > 0:
             kernel = 2 * int(4.0 * blur_sigma + 0.5) + 1
             self.blur = GaussianBlur2d(sigma=blur_sigma, channels=1, kernel_size=kernel)
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether scoring reads the residual statistics of the training images."""
+        return self.reconstruction_term == "mahalanobis" and self.scoring != "div"
 
     @property
     def needed_branches(self) -> tuple[bool, bool]:
@@ -122,17 +111,19 @@ class AnomalyMapGenerator(nn.Module):
             return weights.amax(dim=-1, keepdim=True) - weights
         return torch.softmax(-mean_divergence(output.intra), dim=-1)
 
-    def token_scores(self, tokens: torch.Tensor, output: LevelOutput) -> torch.Tensor:
-        """Score of every token of one level, ``(B, L)``."""
+    def token_scores(self, tokens: torch.Tensor, output: LevelOutput, level: int = 0) -> torch.Tensor:
+        """Score of every token of level ``level``, ``(B, L)``."""
         if self.scoring == "rec":
-            return self.reconstruction_score(tokens, output)
+            return self.reconstruction_score(tokens, output, level)
         div = self.divergence_score(output)
         if self.scoring == "div":
             return div
-        return self.reconstruction_score(tokens, output) * div
+        return self.reconstruction_score(tokens, output, level) * div
 
-    def reconstruction_score(self, tokens: torch.Tensor, output: LevelOutput) -> torch.Tensor:
-        """The ``rec`` term of one level with this generator's ``reconstruction_term``, ``(B, L)``."""
+    def reconstruction_score(self, tokens: torch.Tensor, output: LevelOutput, level: int = 0) -> torch.Tensor:
+        """The ``rec`` term of level ``level`` with this generator's ``reconstruction_term``, ``(B, L)``."""
+        if self.reconstruction_term == "mahalanobis":
+            return self.statistics[level](tokens.float() - output.reconstruction.float())
         return reconstruction_score(tokens, output.reconstruction, self.reconstruction_term)
 
     def forward(
@@ -153,9 +144,18 @@ class AnomalyMapGenerator(nn.Module):
         Returns:
             ``(B, 1, H, W)`` anomaly map and ``(B,)`` image scores.
         """
+        scores = [self.token_scores(t, o, i) for i, (t, o) in enumerate(zip(tokens, outputs, strict=True))]
+        return self.combine_levels(scores, grids, image_size)
+
+    def combine_levels(
+        self,
+        scores: list[torch.Tensor],
+        grids: list[tuple[int, int]],
+        image_size: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-level token scores ``(B, L_i)`` -> ``(B, 1, H, W)`` map (upsampled, averaged, blurred), ``(B,)`` max."""
         maps = []
-        for level_tokens, output, (height, width) in zip(tokens, outputs, grids, strict=True):
-            score = self.token_scores(level_tokens, output)
+        for score, (height, width) in zip(scores, grids, strict=True):
             score = score.reshape(score.shape[0], 1, height, width)
             maps.append(F.interpolate(score, size=image_size, mode="bilinear", align_corners=True))
         anomaly_map = torch.stack(maps).mean(dim=0)

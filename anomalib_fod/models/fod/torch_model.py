@@ -11,8 +11,9 @@ from torch import nn
 
 from anomalib_fod.backbone import FeatureExtractor
 
-from .anomaly_map import AnomalyMapGenerator, ReconstructionTerm, ScoringMode
-from .transformer import FeedForwardMode, FodTransformer, FusionMode, LevelOutput, grid_coordinates
+from .anomaly_map import AnomalyMapGenerator
+from .settings import FodSettings
+from .transformer import FodTransformer, LevelOutput, grid_coordinates
 
 
 @dataclass
@@ -37,86 +38,38 @@ class FodModel(nn.Module):
     """FOD: Focus the Discrepancy (Yao et al., ICCV 2023).
 
     Args:
-        backbone: timm CNN name.
-        layers: two backbone feature layers (``None``: the stride-8 and stride-16 stages).
-        pre_trained: ImageNet weights for the backbone (offline for EfficientNet-Lite, see
-            :mod:`anomalib_fod.backbone`).
-        weights_path: local timm state dict for the backbone.
-        d_models: Transformer width per level.
-        num_heads: attention heads.
-        num_layers: encoder layers per level.
-        ffn_ratio: feed-forward width as a multiple of ``d_model``.
-        dropout: dropout probability in the Transformers.
-        with_intra: intra-correlation branch.
-        with_inter: inter-correlation branch.
-        out_projection: apply attention output projections (off, as in the paper's code; see README).
-        scoring: ``"rec_div"``, ``"rec"`` or ``"div"``.
-        blur_sigma: Gaussian blur on the anomaly map.
-        reconstruction_term: ``"mse_cos"`` (paper), ``"cos"`` or ``"mse"``: the ``rec`` scoring term.
-        reference: ``"mean"`` or ``"coreset"`` reference features.
-        fusion: ``"subtract"`` (FOD) or ``"concat_mlp"`` (ED) fusion of intra and inter branches.
-        ffn: ``"mlp"`` (FOD) or ``"dwconv_median"`` (ED) feed-forward.
-        learnable_temperature: learned attention logit scale (ED).
-        relative_position_bias: learned relative-position bias in the attentions (ED option).
+        settings: the model's settings (:class:`~.settings.FodSettings`; default: FOD's defaults).
+            ``FodModel`` reads the backbone fields and ``d_models`` (one level per backbone layer)
+            and hands the object to every level's Transformer and to the anomaly-map generator.
 
     Shapes:
         training: ``(B, 3, H, W)`` -> :class:`FodTrainOutput`;
         eval: ``(B, 3, H, W)`` -> ``InferenceBatch(pred_score (B,), anomaly_map (B, 1, H, W))``.
     """
 
-    def __init__(
-        self,
-        backbone: str = "tf_efficientnet_lite0",
-        layers: Sequence[str] | None = None,
-        pre_trained: bool = True,
-        weights_path: str | None = None,
-        d_models: Sequence[int] = (256, 512),
-        num_heads: int = 8,
-        num_layers: int = 3,
-        ffn_ratio: int = 4,
-        dropout: float = 0.0,
-        with_intra: bool = True,
-        with_inter: bool = True,
-        out_projection: bool = False,
-        scoring: ScoringMode = "rec_div",
-        blur_sigma: float = 4.0,
-        reference: str = "mean",
-        fusion: FusionMode = "subtract",
-        ffn: FeedForwardMode = "mlp",
-        learnable_temperature: bool = False,
-        relative_position_bias: bool = False,
-        reconstruction_term: ReconstructionTerm = "mse_cos",
-    ) -> None:
+    def __init__(self, settings: FodSettings | None = None) -> None:
         super().__init__()
-        self.feature_extractor = FeatureExtractor(backbone, layers, pre_trained, weights_path)
+        settings = settings or FodSettings()
+        self.settings = settings
+        self.feature_extractor = FeatureExtractor(
+            settings.backbone,
+            settings.layers,
+            settings.pre_trained,
+            settings.weights_path,
+        )
         channels = self.feature_extractor.channels
-        if len(channels) != len(d_models):
-            msg = f"{len(channels)} backbone layers ({self.feature_extractor.layers}) but {len(d_models)} d_models."
+        if len(channels) != len(settings.d_models):
+            msg = (
+                f"{len(channels)} backbone layers ({self.feature_extractor.layers}) but "
+                f"{len(settings.d_models)} d_models."
+            )
             raise ValueError(msg)
-        self.with_inter = with_inter
+        self.with_inter = settings.with_inter
         self.pool = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
         self.levels = nn.ModuleList(
-            FodTransformer(
-                c,
-                d,
-                num_heads,
-                num_layers,
-                ffn_ratio,
-                dropout,
-                with_intra,
-                with_inter,
-                out_projection,
-                reference,
-                fusion,
-                ffn,
-                learnable_temperature,
-                relative_position_bias,
-            )
-            for c, d in zip(channels, d_models, strict=True)
+            FodTransformer(c, d, settings) for c, d in zip(channels, settings.d_models, strict=True)
         )
-        self.anomaly_map_generator = AnomalyMapGenerator(
-            scoring, with_intra, with_inter, blur_sigma, reconstruction_term
-        )
+        self.anomaly_map_generator = AnomalyMapGenerator(settings)
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from anomalib.models.components import DynamicBufferMixin
 from torch import nn
 
-from .correlation import correlation_stats, gaussian_target, separable_gaussian_target, sigma_from_logits
+from .blocked_attention import correlation_attention_inference, correlation_attention_training, target_block
+from .correlation import KeyGeometry, correlation_stats, sigma_from_logits
+from .settings import FodSettings
 
 
 def grid_coordinates(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
@@ -34,26 +36,6 @@ def grid_coordinates(height: int, width: int, device: torch.device | None = None
     rows = torch.arange(height, device=device, dtype=torch.float32)
     cols = torch.arange(width, device=device, dtype=torch.float32)
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)
-
-
-@dataclass
-class KeyGeometry:
-    """Squared distances between query and key positions, for the Gaussian targets.
-
-    ``separable=True``: the keys form a full row-major ``h x w`` grid and ``rows`` / ``cols`` are
-    ``(L, h)`` / ``(L, w)`` distances to each key row / column (the cheap, factorised target).
-    ``separable=False``: keys anywhere; ``rows`` / ``cols`` are full ``(L, S)`` distance maps.
-    """
-
-    rows: torch.Tensor
-    cols: torch.Tensor
-    separable: bool
-
-    def target(self, sigma: torch.Tensor) -> torch.Tensor:
-        """``(B, H, L, S)`` row-normalised Gaussian target for ``(B, H, L, 2)`` sigmas."""
-        if self.separable:
-            return separable_gaussian_target(sigma, self.rows, self.cols)
-        return gaussian_target(sigma, self.rows, self.cols)
 
 
 def grid_geometry(queries: torch.Tensor, height: int, width: int) -> KeyGeometry:
@@ -139,12 +121,6 @@ def branch_stats(attention: torch.Tensor, target: torch.Tensor, keep_maps: bool 
     return BranchStats(kl_attention, kl_target, ent, maps)
 
 
-FusionMode = Literal["subtract", "concat_mlp"]
-FeedForwardMode = Literal["mlp", "dwconv_median"]
-FUSION_MODES: tuple[str, ...] = ("subtract", "concat_mlp")
-FEED_FORWARD_MODES: tuple[str, ...] = ("mlp", "dwconv_median")
-
-
 @dataclass
 class RelativeOffsets:
     """Integer (row, column) offsets between queries and keys, indexed into a table of unique offsets.
@@ -194,41 +170,33 @@ class CorrelationAttention(nn.Module):
 
     Args:
         d_model: token width.
-        num_heads: attention heads.
+        settings: reads ``num_heads``, ``dropout`` (on the attention probabilities),
+            ``out_projection`` (off by default, as in the paper's code, which computes it and throws
+            the result away: with it, FOD left chance in its first epoch less reliably, see
+            ``docs/differences.md``), ``learnable_temperature`` (ED: learn the logit scale,
+            initialised to ``1 / sqrt(head dim)`` and kept positive through its logarithm) and
+            ``relative_position_bias`` (ED: a learned bias of the query-to-key offset).
         with_target: predict per-query sigmas and the Gaussian target correlation.
-        out_projection: apply an output projection. Off by default, as in the paper's code (which
-            computes it and throws the result away): with it, FOD left chance in its first epoch
-            less reliably (README, "Deliberate differences").
-        dropout: dropout on the attention probabilities.
-        learnable_temperature: learn the logit scale (ED), initialised to ``1 / sqrt(head dim)``
-            and kept positive through its logarithm.
-        relative_position_bias: add a learned bias of the query-to-key offset to the logits (ED).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        with_target: bool = True,
-        out_projection: bool = False,
-        dropout: float = 0.0,
-        learnable_temperature: bool = False,
-        relative_position_bias: bool = False,
-    ) -> None:
+    def __init__(self, d_model: int, settings: FodSettings, with_target: bool = True) -> None:
         super().__init__()
+        num_heads = settings.num_heads
         if d_model % num_heads:
             msg = f"d_model ({d_model}) must be divisible by num_heads ({num_heads})."
             raise ValueError(msg)
         self.num_heads = num_heads
         self.scale = (d_model // num_heads) ** -0.5
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(self.scale))) if learnable_temperature else None
-        self.position_bias = RelativePositionBias(num_heads) if relative_position_bias else None
+        self.log_temperature = (
+            nn.Parameter(torch.tensor(math.log(self.scale))) if settings.learnable_temperature else None
+        )
+        self.position_bias = RelativePositionBias(num_heads) if settings.relative_position_bias else None
         self.query = nn.Linear(d_model, d_model)
         self.key = nn.Linear(d_model, d_model)
         self.value = nn.Linear(d_model, d_model)
         self.sigma = nn.Linear(d_model, 2 * num_heads) if with_target else None
-        self.proj = nn.Linear(d_model, d_model) if out_projection else nn.Identity()
-        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(d_model, d_model) if settings.out_projection else nn.Identity()
+        self.dropout = nn.Dropout(settings.dropout)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -240,40 +208,88 @@ class CorrelationAttention(nn.Module):
         context: torch.Tensor,
         geometry: KeyGeometry | None = None,
         offsets: RelativeOffsets | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        keep_maps: bool = False,
+    ) -> tuple[torch.Tensor, BranchStats | None]:
         """Attend from ``x`` to ``context``.
 
         Args:
             x: ``(B, L, D)`` queries.
             context: ``(B, S, D)`` or ``(1, S, D)`` keys/values (a batch of 1 is broadcast).
-            geometry: query/key distances; the target is computed only when given (and this
-                attention has a sigma projection).
+            geometry: query/key distances; the target and the branch statistics are computed only
+                when given (and this attention has a sigma projection).
             offsets: query-to-key offsets, needed with ``relative_position_bias``.
+            keep_maps: also return the ``(B, H, L, S)`` attention and target maps (for figures).
 
         Returns:
-            ``(B, L, D)`` output, ``(B, H, L, S)`` attention, ``(B, H, L, S)`` target or ``None``.
+            ``(B, L, D)`` output, and the branch statistics or ``None``.
         """
         batch, length, width = x.shape
         scale = self.scale if self.log_temperature is None else self.log_temperature.exp()
         query = self._heads(self.query(x)) * scale
         key = self._heads(self.key(context))
         value = self._heads(self.value(context))
-        logits = query @ key.transpose(-2, -1)
-        if self.position_bias is not None:
-            if offsets is None:
+        with_stats = self.sigma is not None and geometry is not None
+        if self._needs_maps(keep_maps):
+            if self.position_bias is not None and offsets is None:
                 msg = "relative_position_bias needs the query-to-key offsets."
                 raise ValueError(msg)
+            out, stats = self._plain(query, key, value, x, geometry if with_stats else None, offsets, keep_maps)
+        elif not with_stats:
+            # Only the output is needed: a fused kernel that never writes the (B, H, L, S) map.
+            key, value = key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
+            out = F.scaled_dot_product_attention(query, key, value, scale=1.0)
+            stats = None
+        else:
+            inv = self._target_scales(x)
+            if self.training and torch.is_grad_enabled():
+                out, kl_attention, kl_target, entropy = correlation_attention_training(query, key, value, inv, geometry)
+                stats = BranchStats(kl_attention, kl_target, entropy)
+            else:
+                out, divergence, entropy = correlation_attention_inference(query, key, value, inv, geometry)
+                stats = BranchStats(divergence, divergence, entropy)
+        out = out.transpose(1, 2).reshape(batch, length, width)
+        return self.proj(out), stats
+
+    def _needs_maps(self, keep_maps: bool) -> bool:
+        """Whether this call must materialise its maps (the plain path).
+
+        Figures need the maps; a position bias is itself an ``(H, L, S)`` map; attention dropout
+        would need its mask in the backward; and a graph being compiled for training leaves the
+        fusion to the compiler (the blocked path's autograd function is opaque to it).
+        """
+        if keep_maps or self.position_bias is not None:
+            return True
+        if not self.training:
+            return False
+        return self.dropout.p > 0 or (torch.is_grad_enabled() and torch.compiler.is_compiling())
+
+    def _target_scales(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, L, 2)`` float32 ``1 / (2 sigma^2)`` of every query's Gaussian target."""
+        batch, length, _ = x.shape
+        # float32: in bf16, 3 ** (sigmoid + 1e-5) - 1 rounds small sigmas to 0 (an infinite prior).
+        logits = self.sigma(x).float().view(batch, length, self.num_heads, 2).transpose(1, 2)
+        return 0.5 / sigma_from_logits(logits).square()
+
+    def _plain(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        x: torch.Tensor,
+        geometry: KeyGeometry | None,
+        offsets: RelativeOffsets | None,
+        keep_maps: bool,
+    ) -> tuple[torch.Tensor, BranchStats | None]:
+        """The straightforward computation over full ``(B, H, L, S)`` maps (the reference of the fast paths)."""
+        logits = query @ key.transpose(-2, -1)
+        if self.position_bias is not None:
             logits = logits + self.position_bias(offsets).to(logits.dtype)
         attention = torch.softmax(logits, dim=-1)
-        out = (self.dropout(attention) @ value.to(attention.dtype)).transpose(1, 2).reshape(batch, length, width)
-        out = self.proj(out)
-        target = None
-        if self.sigma is not None and geometry is not None:
-            # float32: in bf16, 3 ** (sigmoid + 1e-5) - 1 rounds small sigmas to 0 (an infinite prior).
-            logits = self.sigma(x).float().view(batch, length, self.num_heads, 2).transpose(1, 2)
-            sigma = sigma_from_logits(logits)
-            target = geometry.target(sigma)
-        return out, attention, target
+        out = self.dropout(attention) @ value.to(attention.dtype)
+        if geometry is None:
+            return out, None
+        target, _ = target_block(self._target_scales(x), geometry)
+        return out, branch_stats(attention, target, keep_maps)
 
 
 class FeedForward(nn.Module):
@@ -357,51 +373,28 @@ class I2CorrelationLayer(nn.Module):
     ``fusion="concat_mlp"`` (ED) instead feeds both residual branches, concatenated, through an
     MLP, which can learn the difference and more. With one branch it is the usual
     ``x + branch``; with none (patch-wise ablation) plain self-attention.
+
+    Args:
+        d_model: token width.
+        settings: reads ``with_intra``, ``with_inter``, ``fusion``, ``ffn``, ``ffn_ratio``,
+            ``dropout`` and what :class:`CorrelationAttention` reads.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        ffn_ratio: int = 4,
-        dropout: float = 0.0,
-        with_intra: bool = True,
-        with_inter: bool = True,
-        out_projection: bool = False,
-        fusion: FusionMode = "subtract",
-        ffn: FeedForwardMode = "mlp",
-        learnable_temperature: bool = False,
-        relative_position_bias: bool = False,
-    ) -> None:
+    def __init__(self, d_model: int, settings: FodSettings) -> None:
         super().__init__()
-        if fusion not in FUSION_MODES:
-            msg = f"fusion must be one of {FUSION_MODES}, got {fusion!r}."
-            raise ValueError(msg)
-        if ffn not in FEED_FORWARD_MODES:
-            msg = f"ffn must be one of {FEED_FORWARD_MODES}, got {ffn!r}."
-            raise ValueError(msg)
+        with_intra, with_inter = settings.with_intra, settings.with_inter
         self.with_intra = with_intra
         self.with_inter = with_inter
         inter_only = with_inter and not with_intra
-        attention_args = {
-            "out_projection": out_projection,
-            "dropout": dropout,
-            "learnable_temperature": learnable_temperature,
-            "relative_position_bias": relative_position_bias,
-        }
-        self.self_attention = (
-            None if inter_only else CorrelationAttention(d_model, num_heads, with_intra, **attention_args)
-        )
-        self.cross_attention = (
-            CorrelationAttention(d_model, num_heads, True, **attention_args) if with_inter else None
-        )
+        self.self_attention = None if inter_only else CorrelationAttention(d_model, settings, with_target=with_intra)
+        self.cross_attention = CorrelationAttention(d_model, settings) if with_inter else None
         both = with_intra and with_inter
-        self.fusion = ConcatFusion(d_model) if (both and fusion == "concat_mlp") else None
-        feed_forward = ConvFeedForward if ffn == "dwconv_median" else FeedForward
-        self.ffn = feed_forward(d_model, ffn_ratio * d_model, dropout)
+        self.fusion = ConcatFusion(d_model) if (both and settings.fusion == "concat_mlp") else None
+        feed_forward = ConvFeedForward if settings.ffn == "dwconv_median" else FeedForward
+        self.ffn = feed_forward(d_model, settings.ffn_ratio * d_model, settings.dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(settings.dropout)
 
     def forward(
         self,
@@ -433,14 +426,10 @@ class I2CorrelationLayer(nn.Module):
         intra = inter = None
         intra_out = inter_out = None
         if self.self_attention is not None:
-            intra_out, attention, target = self.self_attention(x, x, intra_geometry, intra_offsets)
-            if target is not None:
-                intra = branch_stats(attention, target, keep_maps)
+            intra_out, intra = self.self_attention(x, x, intra_geometry, intra_offsets, keep_maps)
             intra_out = self.dropout(intra_out)
         if self.cross_attention is not None:
-            inter_out, attention, target = self.cross_attention(x, reference, inter_geometry, inter_offsets)
-            if target is not None:
-                inter = branch_stats(attention, target, keep_maps)
+            inter_out, inter = self.cross_attention(x, reference, inter_geometry, inter_offsets, keep_maps)
             inter_out = self.dropout(inter_out)
         if intra_out is not None and inter_out is not None:
             if self.fusion is None:
@@ -481,65 +470,26 @@ class FodTransformer(DynamicBufferMixin, nn.Module):
     Args:
         in_channels: channels ``C`` of the backbone features of this level.
         d_model: Transformer width ``D`` (multiple of 4 and of ``num_heads``).
-        num_heads: attention heads.
-        num_layers: encoder layers.
-        ffn_ratio: hidden width of the feed-forward as a multiple of ``D``.
-        dropout: dropout probability.
-        with_intra: intra-correlation branch on.
-        with_inter: inter-correlation branch on.
-        out_projection: apply attention output projections (see ``CorrelationAttention``).
-        reference: ``"mean"`` (one reference per grid position, enabling the factorised
-            target) or ``"coreset"`` (references at arbitrary positions).
-        fusion: ``"subtract"`` (FOD) or ``"concat_mlp"`` (ED) fusion of the two branches.
-        ffn: ``"mlp"`` (FOD) or ``"dwconv_median"`` (ED) feed-forward.
-        learnable_temperature: learned attention logit scale (ED).
-        relative_position_bias: learned relative-position bias in the attentions (ED option).
+        settings: reads ``num_layers``, ``with_intra``, ``with_inter``, ``reference`` (``"mean"``:
+            one reference per grid position, enabling the factorised target; ``"coreset"``:
+            references at arbitrary positions), ``relative_position_bias`` and what
+            :class:`I2CorrelationLayer` reads.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        d_model: int,
-        num_heads: int = 8,
-        num_layers: int = 3,
-        ffn_ratio: int = 4,
-        dropout: float = 0.0,
-        with_intra: bool = True,
-        with_inter: bool = True,
-        out_projection: bool = False,
-        reference: str = "mean",
-        fusion: FusionMode = "subtract",
-        ffn: FeedForwardMode = "mlp",
-        learnable_temperature: bool = False,
-        relative_position_bias: bool = False,
-    ) -> None:
+    def __init__(self, in_channels: int, d_model: int, settings: FodSettings | None = None) -> None:
         super().__init__()
+        settings = settings or FodSettings()
         if d_model % 4:
             msg = f"d_model must be a multiple of 4 for the 2D sin-cos embedding, got {d_model}."
             raise ValueError(msg)
         self.d_model = d_model
-        self.with_intra = with_intra
-        self.with_inter = with_inter
-        self.reference = reference
-        self.relative_position_bias = relative_position_bias
+        self.with_intra = settings.with_intra
+        self.with_inter = settings.with_inter
+        self.reference = settings.reference
+        self.relative_position_bias = settings.relative_position_bias
         self.embedding = TokenEmbedding(in_channels, d_model)
-        self.ref_embedding = TokenEmbedding(in_channels, d_model) if with_inter else None
-        self.layers = nn.ModuleList(
-            I2CorrelationLayer(
-                d_model,
-                num_heads,
-                ffn_ratio,
-                dropout,
-                with_intra,
-                with_inter,
-                out_projection,
-                fusion,
-                ffn,
-                learnable_temperature,
-                relative_position_bias,
-            )
-            for _ in range(num_layers)
-        )
+        self.ref_embedding = TokenEmbedding(in_channels, d_model) if settings.with_inter else None
+        self.layers = nn.ModuleList(I2CorrelationLayer(d_model, settings) for _ in range(settings.num_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, in_channels)
         self.register_buffer("ref_features", torch.empty(0, in_channels))

@@ -1,0 +1,190 @@
+"""A Gaussian model of the training images' reconstruction residuals: a scale-free reconstruction score.
+
+FOD's reconstruction term compares a token ``x`` with its reconstruction ``x_hat``. Its MSE is as
+large as the backbone's channels are (at stride 8 of EfficientNet-Lite0 it is in the tens and ranks
+defects *below* normal tokens on some data), and ``1 - cos`` ignores how far a token moved. Both
+ignore what the residual ``r = x - x_hat`` looks like on normal images. Here each level keeps, from
+the training images after training, the mean residual of every token position ``mu_l`` ``(L, C)``
+and one covariance of the residuals around those means ``Sigma`` ``(C, C)`` shared by all positions
+(a few hundred images cannot estimate one per position), and a token is scored by its Mahalanobis
+distance ``sqrt((r - mu_l)^T Sigma^-1 (r - mu_l))``: a residual is judged against the residuals the
+model makes on normal images, channel by channel and with their correlations.
+
+The statistics are buffers, so they are saved in checkpoints and become constants of an exported
+graph, like the reference features. :class:`ResidualStatisticsCallback` fits them on the training
+set whenever the scoring needs them and the weights have changed since the last fit (before each
+validation, which sets anomalib's thresholds, and at the end of training).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+from anomalib.models.components import DynamicBufferMixin
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+from .reference import iterate_pooled_features, rank_batches
+
+if TYPE_CHECKING:
+    from .torch_model import FodModel
+
+logger = logging.getLogger(__name__)
+
+# Added to the covariance's diagonal, as a share of its mean variance: keeps the inverse finite when
+# the training images span fewer directions than there are channels.
+SHRINKAGE = 0.01
+
+
+class ResidualStatistics(DynamicBufferMixin, nn.Module):
+    """Per-position mean and shared precision of one level's residuals; empty until fitted.
+
+    Buffers: ``mean`` ``(L, C)`` and ``precision`` ``(C, C)``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.empty(0, 0))
+        self.register_buffer("precision", torch.empty(0, 0))
+
+    @property
+    def fitted(self) -> bool:
+        """Whether statistics have been fitted (or loaded)."""
+        return self.mean.numel() > 0
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:  # noqa: ANN001
+        """Checkpoints from before the statistics existed load with them empty (fit them to use them)."""
+        before = set(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        for name in ("mean", "precision"):
+            key = prefix + name
+            if key in missing_keys and key not in before:
+                missing_keys.remove(key)
+
+    def set(self, mean: torch.Tensor, precision: torch.Tensor) -> None:
+        """Store ``(L, C)`` means and a ``(C, C)`` precision."""
+        self.mean = mean.detach().float()
+        self.precision = precision.detach().float()
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance of every token, ``(B, L, C)`` -> ``(B, L)``."""
+        if not self.fitted:
+            msg = (
+                "FOD's residual statistics are missing: reconstruction_term='mahalanobis' scores residuals "
+                "against those of the training images, fitted after training. Train the model, or fit them on "
+                "a trained checkpoint with Fod.fit_residual_statistics(datamodule)."
+            )
+            raise RuntimeError(msg)
+        if residual.shape[1:] != self.mean.shape:
+            msg = (
+                f"residual statistics were fitted on {tuple(self.mean.shape)} (tokens, channels), this input gives "
+                f"{tuple(residual.shape[1:])}: use the image size the model was trained with."
+            )
+            raise RuntimeError(msg)
+        centred = residual.float() - self.mean
+        return ((centred @ self.precision) * centred).sum(-1).clamp_min(0.0).sqrt()
+
+
+class ResidualAccumulator:
+    """Running float64 sums of residuals ``(B, L, C)`` for :func:`fit_statistics`, per level."""
+
+    def __init__(self) -> None:
+        self.count = 0.0
+        self.sum: torch.Tensor | None = None  # (L, C)
+        self.outer: torch.Tensor | None = None  # (C, C)
+
+    def add(self, residual: torch.Tensor) -> None:
+        """Add a batch of residuals ``(B, L, C)``."""
+        r = residual.detach().double()
+        if self.sum is None:
+            self.sum = torch.zeros(r.shape[1:], dtype=torch.float64, device=r.device)
+            self.outer = torch.zeros(r.shape[-1], r.shape[-1], dtype=torch.float64, device=r.device)
+        self.sum += r.sum(dim=0)
+        flat = r.flatten(0, 1)
+        self.outer += flat.T @ flat
+        self.count += r.shape[0]
+
+    def finish(self, trainer: Trainer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L, C)`` means and the ``(C, C)`` precision of the pooled within-position covariance."""
+        if self.sum is None or self.outer is None:
+            msg = "no training images: FOD needs them to fit its residual statistics."
+            raise RuntimeError(msg)
+        total, outer = self.sum, self.outer
+        count = torch.tensor(self.count, dtype=torch.float64, device=total.device)
+        if trainer is not None and trainer.world_size > 1:
+            total = trainer.strategy.reduce(total, reduce_op="sum")
+            outer = trainer.strategy.reduce(outer, reduce_op="sum")
+            count = trainer.strategy.reduce(count, reduce_op="sum")
+        mean = total / count
+        positions, channels = mean.shape
+        # sum over images and positions of (r - mu_l)(r - mu_l)^T = sum r r^T - N sum_l mu_l mu_l^T
+        cov = (outer - count * mean.T @ mean) / (count * positions - 1).clamp_min(1)
+        cov = cov + SHRINKAGE * cov.diagonal().mean() * torch.eye(channels, dtype=cov.dtype, device=cov.device)
+        return mean.float(), torch.linalg.inv(cov).float()
+
+
+@torch.no_grad()
+def fit_statistics(
+    model: FodModel,
+    features: Iterable[list[torch.Tensor]],
+    trainer: Trainer | None = None,
+    weight: float = 1.0,
+) -> None:
+    """Fit every level's :class:`ResidualStatistics` on pooled training features (all batches, all ranks).
+
+    ``weight=0``: this rank's shard is empty under DDP; it contributes shapes but no data.
+    """
+    was_training = model.training
+    model.eval()
+    accumulators: list[ResidualAccumulator] | None = None
+    try:
+        for levels in features:
+            run = model.run_levels(levels)
+            if accumulators is None:
+                accumulators = [ResidualAccumulator() for _ in run.tokens]
+            for accumulator, tokens, output in zip(accumulators, run.tokens, run.levels, strict=True):
+                residual = tokens - output.reconstruction
+                accumulator.add(residual if weight else residual[:0])
+    finally:
+        model.train(was_training)
+    if accumulators is None:
+        msg = "no training images: FOD needs them to fit its residual statistics."
+        raise RuntimeError(msg)
+    for statistics, accumulator in zip(model.anomaly_map_generator.statistics, accumulators, strict=True):
+        statistics.set(*accumulator.finish(trainer))
+
+
+class ResidualStatisticsCallback(Callback):
+    """Fit the residual statistics on the training set when the scoring needs them and the weights changed.
+
+    Before every validation of a fit (the post-processor learns its thresholds from validation scores)
+    and at the end of training, if an optimizer step has happened since the last fit.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fitted_at_step: int | None = None
+
+    def _refresh(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        model: FodModel = pl_module.model
+        if not model.anomaly_map_generator.needs_statistics or self.fitted_at_step == trainer.global_step:
+            return
+        transform = pl_module.pre_processor.transform if pl_module.pre_processor is not None else None
+        loader, weight = rank_batches(trainer)
+        batches = iterate_pooled_features(
+            model, loader, transform, pl_module.device, progress=trainer.is_global_zero, desc="FOD residual statistics"
+        )
+        fit_statistics(model, batches, trainer, weight)
+        self.fitted_at_step = trainer.global_step
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refit before validation scores the images (only during fit: test and predict use what is stored)."""
+        if trainer.state.fn == "fit":
+            self._refresh(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refit after the last step (a run without validation still leaves a usable model)."""
+        self._refresh(trainer, pl_module)

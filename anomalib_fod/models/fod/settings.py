@@ -1,0 +1,92 @@
+"""FOD's model settings: one typed, frozen object handed down the module tree.
+
+``Fod`` keeps flat keyword arguments (anomalib's CLI lists them as ``--model.<name>`` and
+checkpoints store them as hyper-parameters); :meth:`FodSettings.from_hparams` collects them into
+this object once, and every module below (``FodModel``, ``FodTransformer``, ``I2CorrelationLayer``,
+``CorrelationAttention``, ``AnomalyMapGenerator``) reads the fields it needs by name. Adding a
+setting means one field here and one argument of ``Fod``; no signature in between changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from anomalib_fod.utils import check_choices
+
+ScoringMode = Literal["rec", "div", "rec_div"]
+ReconstructionTerm = Literal["mse_cos", "cos", "mse", "mahalanobis"]
+ReferenceMode = Literal["mean", "coreset"]
+FusionMode = Literal["subtract", "concat_mlp"]
+FeedForwardMode = Literal["mlp", "dwconv_median"]
+
+# Field metadata of the settings that change parameter or buffer shapes.
+_SHAPES = {"architecture": True}
+
+
+@dataclass(frozen=True)
+class FodSettings:
+    """Everything that defines a FOD torch model (training-only settings live in ``Fod``).
+
+    Attributes:
+        backbone: timm CNN name.
+        layers: two backbone feature layers (``None``: the stride-8 and stride-16 stages).
+        pre_trained: load ImageNet weights for the backbone (offline, see :mod:`anomalib_fod.backbone`).
+        weights_path: local timm state dict for the backbone.
+        d_models: Transformer width per level.
+        num_heads: attention heads.
+        num_layers: encoder layers per level.
+        ffn_ratio: feed-forward width as a multiple of ``d_model``.
+        dropout: dropout probability in the Transformers.
+        with_intra: intra-correlation branch.
+        with_inter: inter-correlation branch.
+        out_projection: apply attention output projections (off, as in the paper's code).
+        reference: ``"mean"`` (one reference per grid position) or ``"coreset"`` references.
+        fusion: ``"subtract"`` (FOD) or ``"concat_mlp"`` (ED) fusion of the two branches.
+        ffn: ``"mlp"`` (FOD) or ``"dwconv_median"`` (ED) feed-forward.
+        learnable_temperature: learned attention logit scale (ED).
+        relative_position_bias: learned relative-position bias in the attentions (ED option).
+        scoring: ``"rec_div"`` (paper), ``"rec"`` or ``"div"``.
+        reconstruction_term: what the ``rec`` term is: ``"mse_cos"`` (paper), ``"cos"`` or ``"mse"``.
+        blur_sigma: Gaussian blur of the anomaly map (0 switches it off).
+    """
+
+    backbone: str = field(default="tf_efficientnet_lite0", metadata=_SHAPES)
+    layers: tuple[str, ...] | None = field(default=None, metadata=_SHAPES)
+    pre_trained: bool = True
+    weights_path: str | None = None
+    d_models: tuple[int, ...] = field(default=(256, 512), metadata=_SHAPES)
+    num_heads: int = field(default=8, metadata=_SHAPES)
+    num_layers: int = field(default=3, metadata=_SHAPES)
+    ffn_ratio: int = field(default=4, metadata=_SHAPES)
+    dropout: float = 0.0
+    with_intra: bool = field(default=True, metadata=_SHAPES)
+    with_inter: bool = field(default=True, metadata=_SHAPES)
+    out_projection: bool = field(default=False, metadata=_SHAPES)
+    reference: ReferenceMode = "mean"
+    fusion: FusionMode = field(default="subtract", metadata=_SHAPES)
+    ffn: FeedForwardMode = field(default="mlp", metadata=_SHAPES)
+    learnable_temperature: bool = field(default=False, metadata=_SHAPES)
+    relative_position_bias: bool = field(default=False, metadata=_SHAPES)
+    scoring: ScoringMode = "rec_div"
+    reconstruction_term: ReconstructionTerm = "mse_cos"
+    blur_sigma: float = 4.0
+
+    def __post_init__(self) -> None:
+        # YAML and jsonargparse give lists; tuples keep the object hashable and comparable.
+        for name in ("layers", "d_models"):
+            value = getattr(self, name)
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+        check_choices(self)
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> FodSettings:
+        """The settings among ``hparams`` (a model's saved hyper-parameters); others are ignored."""
+        return cls(**{f.name: hparams[f.name] for f in fields(cls) if f.name in hparams})
+
+    @classmethod
+    def architecture_names(cls) -> tuple[str, ...]:
+        """Settings that change parameter or buffer shapes: a checkpoint only fits the same values."""
+        return tuple(f.name for f in fields(cls) if f.metadata.get("architecture"))

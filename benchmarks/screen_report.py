@@ -1,0 +1,78 @@
+"""Summarise ``screen.py`` runs: mean and spread over seeds per dataset, step count, weights and candidate.
+
+    python benchmarks/screen_report.py results/screen/b1_128 [--candidates paper maha_r] [--weights raw]
+
+Prints one Markdown table per dataset: image and pixel AUROC as ``mean ± std (n seeds)``, then the mean
+over datasets of each (step, weights, candidate) row with every dataset present, and the seeds' training
+time. Reporting only: the screen itself selects nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+def load(run: Path) -> tuple[list[dict], list[dict]]:
+    """Scored rows and the per-(dataset, seed) completion records of a run folder."""
+    rows, finals = [], []
+    for line in (run / "rows.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        (finals if row.get("final") else rows).append(row)
+    return rows, finals
+
+
+def spread(values: list[float]) -> str:
+    """``mean ± std (n)``; the std of one value is not shown."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.4f} (1)"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} ({len(values)})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--candidates", nargs="*")
+    parser.add_argument("--weights", nargs="*")
+    parser.add_argument("--metric", nargs="*", default=["image_auroc", "pixel_auroc"])
+    args = parser.parse_args(argv)
+    rows, finals = load(args.run)
+    groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if args.candidates and row["candidate"] not in args.candidates:
+            continue
+        if args.weights and row["weights"] not in args.weights:
+            continue
+        key = (row["dataset"], row["step"], row["weights"], row["candidate"])
+        for metric in args.metric:
+            groups[key][metric].append(row.get(metric, math.nan))
+    datasets = list(dict.fromkeys(key[0] for key in groups))
+    header = "| step | weights | candidate | " + " | ".join(args.metric) + " |"
+    rule = "|---|---|---|" + "---|" * len(args.metric)
+    for dataset in datasets:
+        print(f"\n### {dataset}\n\n{header}\n{rule}")
+        for key, values in groups.items():
+            if key[0] == dataset:
+                print(f"| {key[1]} | {key[2]} | {key[3]} | " + " | ".join(spread(values[m]) for m in args.metric) + " |")
+    print(f"\n### mean over datasets (seed means; rows present on all of {', '.join(datasets)})\n\n{header}\n{rule}")
+    for step, weights, candidate in dict.fromkeys(key[1:] for key in groups):
+        cells = []
+        for metric in args.metric:
+            means = [statistics.mean(groups[(d, step, weights, candidate)][metric] or [math.nan]) for d in datasets]
+            cells.append(f"{statistics.mean(means):.4f}" if all(not math.isnan(m) for m in means) else "–")
+        print(f"| {step} | {weights} | {candidate} | " + " | ".join(cells) + " |")
+    print("\ntraining seconds per (dataset, seed): " + ", ".join(
+        f"{f['dataset']} s{f['seed']} {f['train_seconds']:.0f}" for f in finals))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

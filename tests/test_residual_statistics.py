@@ -1,0 +1,81 @@
+"""The whitened-residual score: statistics equal a direct computation, survive checkpoints, fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anomalib_fod import Fod
+from anomalib_fod.models.fod.residual_statistics import SHRINKAGE, ResidualStatistics, fit_statistics
+
+from fod_helpers import TINY
+
+
+def tiny_model(**settings) -> Fod:  # noqa: ANN003
+    torch.manual_seed(0)
+    return Fod(pre_trained=False, image_size=64, visualizer=False, **TINY, **settings)
+
+
+def features_and_references(model: Fod) -> list[torch.Tensor]:
+    images = torch.rand(7, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    features = model.model.extract_features(images)
+    model.model.set_mean_reference([f.mean(0) for f in features])
+    return features
+
+
+def direct_mahalanobis(residual: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """The score written out: per-position mean, one pooled covariance, shrunk diagonal, float64."""
+    mean = train.double().mean(0)
+    centred = (train.double() - mean).flatten(0, 1)
+    cov = centred.T @ centred / (centred.shape[0] - 1)
+    cov += SHRINKAGE * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+    diff = residual.double() - mean
+    return ((diff @ torch.linalg.inv(cov)) * diff).sum(-1).sqrt()
+
+
+def test_statistics_equal_a_direct_computation() -> None:
+    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec")
+    fod = model.model
+    features = features_and_references(model)
+    # in two batches: the running sums must equal the one-shot statistics
+    fit_statistics(fod, [[f[:3] for f in features], [f[3:] for f in features]])
+    fod.eval()
+    with torch.no_grad():
+        run = fod.run_levels(features)
+        for level, (tokens, output) in enumerate(zip(run.tokens, run.levels, strict=True)):
+            residual = tokens - output.reconstruction
+            got = fod.anomaly_map_generator.statistics[level](residual)
+            torch.testing.assert_close(got.double(), direct_mahalanobis(residual, residual), rtol=1e-4, atol=1e-4)
+
+
+def test_scores_use_the_statistics_and_survive_a_checkpoint(tmp_path) -> None:  # noqa: ANN001
+    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec")
+    features = features_and_references(model)
+    fit_statistics(model.model, [features])
+    model.model.eval()
+    with torch.no_grad():
+        before = model.model.forward_features(features, (64, 64)).pred_score
+        # other statistics give other scores: the scores really read them
+        stats = model.model.anomaly_map_generator.statistics[0]
+        stats.set(stats.mean + 1.0, stats.precision)
+        assert not torch.allclose(model.model.forward_features(features, (64, 64)).pred_score, before)
+        stats.set(stats.mean - 1.0, stats.precision)
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    reloaded = tiny_model(reconstruction_term="mahalanobis", scoring="rec")
+    reloaded.load_state_dict(torch.load(path))
+    reloaded.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model.forward_features(features, (64, 64)).pred_score, before)
+
+
+def test_missing_statistics_are_a_clear_error_and_old_state_dicts_load() -> None:
+    old = tiny_model()  # the paper's score: nothing fitted
+    state = {k: v for k, v in old.state_dict().items() if "statistics" not in k}  # as saved before they existed
+    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec")
+    model.load_state_dict(state)
+    features = features_and_references(model)
+    model.model.eval()
+    with pytest.raises(RuntimeError, match="fit_residual_statistics"), torch.no_grad():
+        model.model.forward_features(features, (64, 64))
+    assert not ResidualStatistics().fitted
