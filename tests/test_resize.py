@@ -9,6 +9,7 @@ bilinear and <= 8e-7 for bicubic on [0, 1] images, against 0.38 for OpenVINO's o
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,10 @@ def test_eager_matches_torchvision_for_any_sizes(
     image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(height * 1000 + width))
     expected = reference(image, (out_height, out_width), mode)
     got = antialiased_resize(image, (out_height, out_width), mode)
-    assert (got - expected).abs().max().item() <= TOLERANCE[mode]
+    # Each output pixel sums about `shrink` inputs per axis in another order than torch does: float32
+    # rounding of such sums grows like the square root of their length (measured: 1.5e-6 for 255 -> 1).
+    shrink = max(height / out_height, width / out_width)
+    assert (got - expected).abs().max().item() <= TOLERANCE[mode] * max(1.0, math.sqrt(shrink / 16))
 
 
 def test_weights_cover_the_filter_window() -> None:
