@@ -51,7 +51,7 @@ from PIL import Image
 from torchvision.transforms.v2 import Compose, Normalize
 
 import anomalib_fod
-from anomalib_fod import Fod
+from anomalib_fod import Cdo, Ed, Fod
 from anomalib_fod.inference import ImageSizeError, OpenVINOInferencer
 from anomalib_fod.models.export import DynamicExportError
 
@@ -528,3 +528,59 @@ def test_cli_export_offline(exports: Exports) -> None:
     assert "target version" not in log
     assert "version conversion" not in log
     assert "graph for images of any size" in log
+
+
+# --------------------------------------------------------------------------- CDO, ED and FOD's whitened residual
+
+
+def _other_model(name: str) -> Fod | Cdo:
+    common = {"image_size": IMAGE_SIZE, "visualizer": False}
+    if name == "cdo":
+        return Cdo(**common)
+    if name == "ed":
+        return Ed(**TINY, **common)
+    return Fod(**TINY, reconstruction_term="mahalanobis", **common)  # statistics are buffers: graph constants
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cdo", "ed", "fod_mahalanobis"])
+def test_other_models_match_lightning_at_any_size(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 epoch at 64 px on battery_weld, reloaded and exported with defaults; every 8th test image at its
+    original 256x400 and two scaled to 900x900, through OpenVINOInferencer and ONNX Runtime."""
+    seed_everything(0)
+    model = _other_model(name)
+    engine = Engine(
+        max_epochs=1,
+        logger=False,
+        default_root_dir=tmp_path / "train",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    engine.fit(model, datamodule=MVTecAD(root=DATA_ROOT, category="battery_weld", num_workers=0))
+    model = type(model).load_from_checkpoint(engine.trainer.checkpoint_callback.best_model_path)
+    xml = engine.export(model, ExportType.OPENVINO, export_root=tmp_path / "openvino")
+    onnx_path = engine.export(model, ExportType.ONNX, export_root=tmp_path / "onnx")
+
+    folder = copy_images(TEST_IMAGES[::8], tmp_path / "images")
+    for source in TEST_IMAGES[1::64]:
+        with Image.open(source) as image:
+            image.convert("RGB").resize((900, 900), Image.Resampling.LANCZOS).save(folder / f"900_{source.name}")
+    expected = engine_outputs(engine, model, folder)
+    monkeypatch.chdir(tmp_path)  # OpenVINOInferencer writes ./openvino_cache
+    result = {"openvino": assert_parity(expected, openvino_outputs(xml, folder), f"{name} openvino")}
+    if name == "fod_mahalanobis":
+        import onnx  # noqa: PLC0415
+        from onnx import numpy_helper  # noqa: PLC0415
+
+        # Each level's fitted statistics are constants of the graph (the scores depend on them).
+        initializers = {t.name: numpy_helper.to_array(t) for t in onnx.load(onnx_path).graph.initializer}
+        for level, statistics in enumerate(model.model.anomaly_map_generator.statistics):
+            assert statistics.fitted
+            for buffer in ("mean", "precision"):
+                key = f"model.anomaly_map_generator.statistics.{level}.{buffer}"
+                np.testing.assert_array_equal(initializers[key], getattr(statistics, buffer).numpy(), err_msg=key)
+    try:
+        result["onnxruntime"] = assert_parity(expected, onnxruntime_outputs(onnx_path, folder), f"{name} onnxruntime")
+    except ImportError:
+        result["onnxruntime"] = "not installed"
+    print(f"\n{name} vs Engine.predict, 256x400 and 900x900 images:", json.dumps(result))
