@@ -132,7 +132,13 @@ def load_batch(path: Path) -> np.ndarray:
     return read_image(path, as_tensor=False).astype(np.float32).transpose(2, 0, 1)[None].copy()
 
 
-def latency(cases: dict[str, tuple[Path | None, np.ndarray]], runs: int, warmup: int, size: int) -> dict[str, Any]:
+def latency(
+    cases: dict[str, tuple[Path | None, np.ndarray]],
+    runs: int,
+    warmup: int,
+    size: int,
+    threads: int,
+) -> dict[str, Any]:
     """Median and p10/p90 ms per case; cases with no model time torchvision's resize of the image."""
     import openvino as ov
     import torch
@@ -142,7 +148,8 @@ def latency(cases: dict[str, tuple[Path | None, np.ndarray]], runs: int, warmup:
     compiled: dict[str, Any] = {}
     for name, (xml, _) in cases.items():
         if xml is not None and xml not in compiled:
-            compiled[xml] = core.compile_model(str(xml), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+            config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+            compiled[xml] = core.compile_model(str(xml), "CPU", config)
     requests = {name: compiled[xml].create_infer_request() if xml else None for name, (xml, _) in cases.items()}
 
     def run(name: str) -> None:
@@ -187,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-drop", type=float, default=0.01, help="INT8_ACQ's accepted F1 drop")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--ov-threads", type=int, default=1, help="OpenVINO CPU threads for the latency runs")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -261,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in paths:
             cases[f"{name} any-size graph, {args.image_size}x{args.image_size} input"] = (paths[name], square)
     load_before = os.getloadavg()[0]
-    report["latency"] = latency(cases, args.runs, args.warmup, args.image_size)
+    report["latency"] = latency(cases, args.runs, args.warmup, args.image_size, args.ov_threads)
+    report["ov_threads"] = args.ov_threads
     report["load_average_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     text = json.dumps(report, indent=2)
     print(text)
