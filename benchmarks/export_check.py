@@ -107,6 +107,7 @@ def export_all(model: Any, args: argparse.Namespace, workdir: Path) -> dict[str,
     if args.int8:
         calibration = datamodule(args.root, args.category, args.batch_size)
         timed("int8_ptq", export_type=ExportType.OPENVINO, compression_type=CompressionType.INT8_PTQ, datamodule=calibration)
+    if args.int8 and not args.skip_acq:
         timed(
             "int8_acq",
             export_type=ExportType.OPENVINO,
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-train-batches", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--int8", action="store_true", help="also INT8_PTQ and INT8_ACQ")
+    parser.add_argument("--skip-acq", action="store_true", help="with --int8: INT8_PTQ only (INT8_ACQ takes long)")
     parser.add_argument("--max-drop", type=float, default=0.01, help="INT8_ACQ's accepted F1 drop")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)

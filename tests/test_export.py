@@ -132,6 +132,21 @@ def run_cli_export(checkpoint: Path, folder: Path, *extra: str) -> subprocess.Co
     )
 
 
+def train_one_epoch(model: Fod | Cdo, root: Path) -> Path:
+    """Fit ``model`` for one epoch on battery_weld (validation fills the post-processor); its checkpoint."""
+    engine = Engine(
+        max_epochs=1,
+        logger=False,
+        default_root_dir=root,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    engine.fit(model, datamodule=MVTecAD(root=DATA_ROOT, category="battery_weld", num_workers=0))
+    path = Path(engine.trainer.checkpoint_callback.best_model_path)
+    assert path.is_file()
+    return path
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -145,17 +160,7 @@ def checkpoint(workdir: Path) -> Path:
     """A tiny FOD trained for one epoch on battery_weld (validation fills the post-processor)."""
     seed_everything(0)
     model = Fod(**TINY, pre_processor=Fod.configure_pre_processor(IMAGE_SIZE), visualizer=False)
-    engine = Engine(
-        max_epochs=1,
-        logger=False,
-        default_root_dir=workdir / "train",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    engine.fit(model, datamodule=MVTecAD(root=DATA_ROOT, category="battery_weld", num_workers=0))
-    path = Path(engine.trainer.checkpoint_callback.best_model_path)
-    assert path.is_file()
-    return path
+    return train_one_epoch(model, workdir / "train")
 
 
 @pytest.fixture(scope="module")
@@ -549,15 +554,8 @@ def test_other_models_match_lightning_at_any_size(name: str, tmp_path: Path, mon
     original 256x400 and two scaled to 900x900, through OpenVINOInferencer and ONNX Runtime."""
     seed_everything(0)
     model = _other_model(name)
-    engine = Engine(
-        max_epochs=1,
-        logger=False,
-        default_root_dir=tmp_path / "train",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    engine.fit(model, datamodule=MVTecAD(root=DATA_ROOT, category="battery_weld", num_workers=0))
-    model = type(model).load_from_checkpoint(engine.trainer.checkpoint_callback.best_model_path)
+    model = type(model).load_from_checkpoint(train_one_epoch(model, tmp_path / "train"))
+    engine = Engine(logger=False, default_root_dir=tmp_path / "engine", enable_progress_bar=False)
     xml = engine.export(model, ExportType.OPENVINO, export_root=tmp_path / "openvino")
     onnx_path = engine.export(model, ExportType.ONNX, export_root=tmp_path / "onnx")
 
