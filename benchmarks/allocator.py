@@ -13,10 +13,11 @@ of each round and the peak resident memory. Settings whose library is not instal
 
 The settings:
 
-- ``glibc``: the default allocator. Blocks of 32 MiB and more (FOD's stride-8 correlation maps at
-  256x256) are served with ``mmap`` and unmapped on ``free``, so every new map page-faults in again.
-- ``mallopt``: :func:`anomalib_fod.allocator.keep_freed_memory_on_cpu`, what ``anomalib-fod demo``
-  and the benchmark's cell processes apply (mmap and trim thresholds raised to 1 GiB).
+- ``glibc``: the default allocator. Blocks of 32 MiB and more (the stride-8 correlation maps at 256x256
+  of the attention before it ran in query blocks) are served with ``mmap`` and unmapped on ``free``, so
+  every new map page-faulted in again.
+- ``mallopt``: :func:`anomalib_fod.allocator.keep_freed_memory_on_cpu` (mmap and trim thresholds raised to
+  1 GiB), which the plugin once applied by itself and now only applies when asked.
 - ``env``: the same thresholds through glibc's environment variables
   ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824``: no code involved.
 - ``jemalloc`` / ``tcmalloc``: ``LD_PRELOAD`` of ``libjemalloc.so.2`` / ``libtcmalloc_minimal.so.4``

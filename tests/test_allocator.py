@@ -1,4 +1,4 @@
-"""The glibc allocator setting is opt-in: the models leave it alone, our entry points keep freed maps.
+"""The glibc allocator setting is opt-in: the models leave it alone; asked for, it keeps freed memory.
 
 Each check runs in a fresh interpreter: the setting is process-wide, so applying it inside the test
 session would change every later test (and would hide a model that applies it by itself).

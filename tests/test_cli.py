@@ -157,7 +157,7 @@ def test_shipped_configs_resolve_by_name_and_parse(tmp_path: Path) -> None:
     from anomalib_fod.configs import available, config_path, resolve_config_argument
 
     names = available()
-    assert {"mvtec_ad", "fod", "demo_battery_weld", "cdo_battery_weld", "folder", "btad", "mvtec3d"} <= set(names)
+    assert {"mvtec_ad", "fod", "fod_paper", "demo_battery_weld", "cdo_battery_weld", "folder", "btad", "mvtec3d"} <= set(names)
     resolved = resolve_config_argument(["train", "--config", "mvtec_ad", "-c=fod.yaml", "--data.category", "carpet"])
     assert resolved[2] == str(config_path("mvtec_ad")) and resolved[3] == f"-c={config_path('fod')}"
     own = tmp_path / "mvtec_ad"

@@ -48,7 +48,9 @@ class FodSettings:
         learnable_temperature: learned attention logit scale (ED).
         relative_position_bias: learned relative-position bias in the attentions (ED option).
         scoring: ``"rec_div"`` (paper), ``"rec"`` or ``"div"``.
-        reconstruction_term: what the ``rec`` term is: ``"mse_cos"`` (paper), ``"cos"`` or ``"mse"``.
+        reconstruction_term: what the ``rec`` term is: ``"mse_cos"`` (paper), ``"cos"``, ``"mse"``, or
+            ``"mahalanobis"``: the residual whitened by the training images' own residual statistics
+            (fitted after training, stored as buffers; see ``residual_statistics.py``).
         blur_sigma: Gaussian blur of the anomaly map (0 switches it off).
     """
 
