@@ -445,13 +445,20 @@ def test_openvino_dynamic_batch(exports: Exports, originals: Path, reference: Ou
 
 
 @pytest.mark.slow
-def test_int8_ptq_quantizes_the_backbone_only(exports: Exports, workdir: Path, originals: Path, reference: Outputs) -> None:
+def test_int8_ptq_quantizes_the_backbone_only(
+    exports: Exports,
+    workdir: Path,
+    originals: Path,
+    reference: Outputs,
+    in_tmp_dir: Path,
+) -> None:
     """INT8_PTQ: backbone convolutions in 8 bits, the scoring head (its blur included) in float32.
 
     Quantizing the head (the map's Gaussian blur is a convolution) sent every score to 0.0 (image
     AUROC 0.5). The accuracy of INT8 against FP32 is measured on trained models in
     ``benchmarks/export_check.py``; this 1-epoch 64 px model only shows that scores still rank.
     """
+    del in_tmp_dir
     pytest.importorskip("nncf")
     import openvino as ov  # noqa: PLC0415
     from sklearn.metrics import roc_auc_score  # noqa: PLC0415
