@@ -5,13 +5,16 @@ Example:
         --input images/ --output predictions/ --device CPU
 
 Every image file under ``--input`` (recursively) is read, converted to RGB floats in ``[0, 1]``
-(as anomalib's own readers do), resized with antialiasing to the model's input size (read from
-the model, which FOD exports with a fixed size) and passed through the model. The command
-writes
+(as anomalib's own readers do) and passed through the model at its own size: a model exported
+without ``input_size`` (the default) resizes it inside the graph exactly as in training. A graph
+with a fixed input size gets images of that size as they are; other images are resized to it
+(bilinear, antialiased: anomalib's default training resize) only when that size is also the size of
+its anomaly map, i.e. the graph was exported at the training size. Anything else is skipped with an
+error naming both sizes. The command writes
 
 - ``<output>/predictions.csv`` with ``path, pred_score, pred_label`` per image;
-- ``<output>/overlays/<relative path>.png``: the anomaly map as a heat map over the image, at the
-  image's original size.
+- ``<output>/overlays/<relative path>.png``: the anomaly map (returned at the training size) as a
+  heat map over the image, at the image's original size.
 
 Grey, RGB, RGBA, palette, 16-bit and JPEG files are all accepted. A file that cannot be read
 (corrupt, truncated, not an image) is reported by name on stderr and skipped. The exit status is
@@ -28,9 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from anomalib.visualization.image.functional import overlay_image, visualize_anomaly_map
 from PIL import Image
 from torchvision.transforms.v2.functional import resize
 from tqdm.auto import tqdm
+
+from anomalib_fod.inference import check_image_size, static_image_size
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 CSV_NAME = "predictions.csv"
@@ -41,7 +47,7 @@ UINT16_MAX = 65535.0
 
 
 class ModelInputError(ValueError):
-    """The model's input is not a fixed-size ``(N, 3, H, W)`` image tensor."""
+    """The model's input is not an ``(N, 3, H, W)`` image tensor, or its outputs are not anomalib's."""
 
 
 @dataclass
@@ -51,7 +57,7 @@ class Prediction:
     path: Path
     pred_score: float
     pred_label: bool | None
-    anomaly_map: np.ndarray  # (h, w) at the model's input size
+    anomaly_map: np.ndarray  # (h, w) as the model returns it (the training size)
 
 
 def find_images(root: Path, exclude: Path | None = None) -> list[Path]:
@@ -97,25 +103,22 @@ def load_rgb(path: Path) -> np.ndarray:
         return np.asarray(rgb, dtype=np.float32) / 255.0
 
 
-def to_model_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``(H, W, 3)`` float image -> ``(1, 3, h, w)`` at ``size`` (bilinear, antialiased, as in training)."""
+def to_model_input(image: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """``(H, W, 3)`` float image -> ``(1, 3, H, W)``, resized to ``size`` if given and different.
+
+    The resize is torchvision's bilinear with antialiasing, anomalib's default training resize.
+    """
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    if tuple(tensor.shape[-2:]) != tuple(size):
+    if size is not None and tuple(tensor.shape[-2:]) != tuple(size):
         tensor = resize(tensor, list(size), antialias=True)
     return tensor.unsqueeze(0).contiguous().numpy()
 
 
 def heat_map_overlay(image: np.ndarray, anomaly_map: np.ndarray, alpha: float = OVERLAY_ALPHA) -> Image.Image:
-    """Blend a ``jet`` heat map of ``anomaly_map`` (values in ``[0, 1]``) over ``image`` at its own size."""
-    from matplotlib import colormaps  # noqa: PLC0415 - only needed when writing overlays
-
-    height, width = image.shape[:2]
-    heat = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
-    heat = torch.nn.functional.interpolate(heat, size=(height, width), mode="bilinear", align_corners=False)
-    heat = np.clip(heat[0, 0].numpy(), 0.0, 1.0)
-    colours = colormaps["jet"](heat)[..., :3].astype(np.float32)
-    blended = (1.0 - alpha) * image + alpha * colours
-    return Image.fromarray(np.clip(blended * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    """Blend anomalib's ``jet`` heat map of ``anomaly_map`` (values in ``[0, 1]``) over ``image`` at its own size."""
+    heat = visualize_anomaly_map(np.clip(np.asarray(anomaly_map, dtype=np.float32), 0.0, 1.0))
+    base = Image.fromarray(np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return overlay_image(base, heat, alpha=alpha).convert("RGB")
 
 
 def overlay_paths(images: Sequence[Path], root: Path, output: Path) -> dict[Path, Path]:
@@ -135,11 +138,15 @@ def overlay_paths(images: Sequence[Path], root: Path, output: Path) -> dict[Path
 
 
 class OpenVINOModel:
-    """A compiled OpenVINO anomaly model with a fixed ``(N, 3, H, W)`` input.
+    """A compiled OpenVINO anomaly model with an ``(N, 3, H, W)`` image input.
 
     Args:
         path: ``.xml`` (with its ``.bin``) or ``.onnx`` file.
         device: OpenVINO device, e.g. ``"CPU"``.
+
+    Attributes:
+        input_size: the static ``(H, W)`` of a fixed-size graph; ``None`` when it accepts any size.
+        map_size: the static ``(H, W)`` of the anomaly map (the training size), if known.
     """
 
     def __init__(self, path: Path, device: str = "CPU") -> None:
@@ -151,15 +158,9 @@ class OpenVINOModel:
         if shape.rank.is_dynamic or shape.rank.get_length() != 4:  # noqa: PLR2004
             msg = f"{path}: expected a (N, 3, H, W) image input, got {shape}."
             raise ModelInputError(msg)
-        if not (shape[2].is_static and shape[3].is_static):
-            msg = (
-                f"{path}: the model's input height/width are dynamic ({shape}); export it with a fixed "
-                "input_size (FOD exports always have one)."
-            )
-            raise ModelInputError(msg)
-        self.size = (shape[2].get_length(), shape[3].get_length())
-        self.batch_is_dynamic = shape[0].is_dynamic
-        if not self.batch_is_dynamic and shape[0].get_length() != 1:
+        self.path = path
+        self.input_size = static_image_size(shape)
+        if shape[0].is_static and shape[0].get_length() != 1:
             msg = f"{path}: batch size {shape[0].get_length()} is fixed; predict-folder needs batch 1 or dynamic."
             raise ModelInputError(msg)
         self.compiled = core.compile_model(model, device)
@@ -167,6 +168,22 @@ class OpenVINOModel:
         if "anomaly_map" not in self.output_names or "pred_score" not in self.output_names:
             msg = f"{path}: expected outputs 'pred_score' and 'anomaly_map', got {sorted(self.output_names)}."
             raise ModelInputError(msg)
+        map_shape = self.compiled.output("anomaly_map").get_partial_shape()
+        self.map_size = static_image_size(map_shape) if map_shape.rank.is_static and map_shape.rank.get_length() == 4 else None  # noqa: PLR2004
+
+    def model_input(self, image: np.ndarray) -> np.ndarray:
+        """``(H, W, 3)`` float image -> the ``(1, 3, h, w)`` batch this graph takes.
+
+        Raises:
+            ImageSizeError: a fixed-size graph, not at the training size, and an image of another size.
+        """
+        size = tuple(image.shape[:2])
+        if self.input_size is None or size == self.input_size:
+            return to_model_input(image)
+        if self.map_size != self.input_size:
+            check_image_size(self.input_size, size, str(self.path))
+        # A graph exported at the training size: resizing here is what training did.
+        return to_model_input(image, self.input_size)
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run one ``(1, 3, H, W)`` batch; outputs by name."""
@@ -188,13 +205,15 @@ def predict_images(
     for path in tqdm(images, desc="predict-folder", unit="img", disable=not progress, file=sys.stderr):
         try:
             image = load_rgb(path)
-        except (OSError, SyntaxError, ValueError) as error:  # Pillow raises these for bad files
+            batch = model.model_input(image)
+        except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for bad files; ImageSizeError
             reason = f"{type(error).__name__}: {error}"
             skipped.append((path, reason))
             tqdm.write(f"predict-folder: skipping {path}: {reason}", file=sys.stderr)
             continue
-        outputs = model(to_model_input(image, model.size))
-        anomaly_map = np.asarray(outputs["anomaly_map"], dtype=np.float32).reshape(model.size)
+        outputs = model(batch)
+        anomaly_map = np.asarray(outputs["anomaly_map"], dtype=np.float32)
+        anomaly_map = anomaly_map.reshape(anomaly_map.shape[-2:])
         label = outputs.get("pred_label")
         prediction = Prediction(
             path=path,

@@ -3,6 +3,8 @@
 A tiny synthetic OpenVINO model stands in for an exported FOD model (same input/output names,
 fixed 24x32 input): ``anomaly_map`` is the channel mean of the input image, ``pred_score`` its
 maximum and ``pred_label`` ``score > 0.5``, so the expected outputs of every file are known.
+Variants: any input size (as the plugin exports by default), and a fixed input whose map is
+smaller than the input (a fixed graph not at the training size, which cannot take other sizes).
 The end-to-end run with a real exported FOD model is in ``test_export.py``.
 """
 
@@ -26,13 +28,24 @@ ov = pytest.importorskip("openvino")
 MODEL_SIZE = (24, 32)
 
 
-def synthetic_model(path: Path, height: int | None = MODEL_SIZE[0], width: int | None = MODEL_SIZE[1]) -> Path:
-    """Save an OpenVINO model with anomalib's output names; ``None`` makes an axis dynamic."""
+def synthetic_model(
+    path: Path,
+    height: int | None = MODEL_SIZE[0],
+    width: int | None = MODEL_SIZE[1],
+    map_stride: int = 1,
+) -> Path:
+    """Save an OpenVINO model with anomalib's output names; ``None`` makes an axis dynamic.
+
+    ``map_stride`` > 1 average-pools the map, so that it is smaller than the input.
+    """
     import openvino.opset13 as ops  # noqa: PLC0415
 
     shape = ov.PartialShape([-1, 3, height or -1, width or -1])
     image = ops.parameter(shape, ov.Type.f32, name="input")
     anomaly_map = ops.reduce_mean(image, ops.constant(np.array([1], dtype=np.int64)), keep_dims=True)
+    if map_stride > 1:
+        stride = [map_stride, map_stride]
+        anomaly_map = ops.avg_pool(anomaly_map, stride, [0, 0], [0, 0], stride, exclude_pad=True)
     score = ops.reduce_max(anomaly_map, ops.constant(np.array([1, 2, 3], dtype=np.int64)), keep_dims=False)
     label = ops.greater(score, ops.constant(np.float32(0.5)))
     for node, name in ((score, "pred_score"), (label, "pred_label"), (anomaly_map, "anomaly_map")):
@@ -136,15 +149,43 @@ def test_no_images_is_an_error(model_xml: Path, tmp_path: Path) -> None:
     assert main(["--model", str(model_xml), "--input", str(tmp_path / "images"), "--output", str(tmp_path)]) != 0
 
 
-def test_dynamic_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_any_size_model_gets_each_image_at_its_own_size(tmp_path: Path) -> None:
+    """A graph with dynamic height/width resizes inside: predict-folder must not resize before it."""
     model = synthetic_model(tmp_path / "dynamic.xml", height=None, width=None)
-    (tmp_path / "images").mkdir()
-    Image.new("L", (8, 8)).save(tmp_path / "images" / "x.png")
+    images = tmp_path / "images"
+    images.mkdir()
+    spot = np.zeros((40, 50), dtype=np.uint8)
+    spot[17, 23] = 255  # one bright pixel: any resize would dilute the maximum
+    Image.fromarray(spot, mode="L").save(images / "spot.png")
+    output = tmp_path / "out"
 
-    status = main(["--model", str(model), "--input", str(tmp_path / "images"), "--output", str(tmp_path / "out")])
+    assert main(["--model", str(model), "--input", str(images), "--output", str(output)]) == 0
 
-    assert status != 0
-    assert "dynamic" in capsys.readouterr().err
+    assert read_csv(output / CSV_NAME)[str(images / "spot.png")] == (pytest.approx(1.0), 1)
+    with Image.open(output / OVERLAY_DIR / "spot.png") as overlay:
+        assert overlay.size == (50, 40)
+
+
+def test_fixed_graph_not_at_training_size_refuses_other_sizes(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Input 24x32, map 12x16: resizing other images to 24x32 would not be what training did."""
+    model = synthetic_model(tmp_path / "fixed.xml", map_stride=2)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("L", MODEL_SIZE[::-1], 100).save(images / "right.png")
+    Image.new("L", (50, 40), 100).save(images / "wrong.png")
+
+    status = main(["--model", str(model), "--input", str(images), "--output", str(tmp_path / "out")])
+
+    assert status == 0
+    err = capsys.readouterr().err
+    assert "1 image(s) processed, 1 skipped" in err
+    assert "wrong.png" in err
+    assert "24x32" in err and "40x50" in err  # both sizes, height x width
+    assert "without input_size" in err  # and what to do
+    assert list(read_csv(tmp_path / "out" / CSV_NAME)) == [str(images / "right.png")]
 
 
 def test_output_inside_input_is_not_reprocessed(model_xml: Path, tmp_path: Path) -> None:

@@ -4,8 +4,10 @@ Each model trains on normal images from a frozen, offline-loaded ImageNet backbo
 needs the same things around its own training step: the backbone arguments, an ``image_size``
 shortcut for the pre-processor, a checked learning rate, checkpoint loading that never touches
 the network and refuses another architecture by name, a data check before the first epoch, the
-loss logging with a clear error on a non-finite loss, the extra training callbacks, and an
-InferenceBatch-returning validation step.
+loss logging with a clear error on a non-finite loss, the extra training callbacks, an
+InferenceBatch-returning validation step, and the same export: a ``forward`` that pre-processes
+with the training filter and a ``to_onnx`` that exports a graph for images of any size (see
+``export.py``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from anomalib import LearningType
-from anomalib.data import Batch
+from anomalib import LearningType, TaskType
+from anomalib.data import AnomalibDataModule, Batch, InferenceBatch
+from anomalib.deploy import CompressionType
 from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
@@ -25,9 +28,14 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
+from torchmetrics import Metric
 
 from anomalib_fod.data.validate import check_datamodule
 from anomalib_fod.utils import as_image_size, plain_value
+
+from .export import export_input_size
+from .pre_processing import pre_process, training_resize
+from .quantization import QUANTIZED_COMPRESSIONS, quantize_int8
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +76,18 @@ class OfflineBackboneModule:
         ARCHITECTURE_HPARAMS: settings that change parameter or buffer shapes: a checkpoint only
             fits a model built with the same values.
         EPOCHS_HINT: what to pass instead of Lightning's default of 1000 epochs.
+        FIXED_SIZE_REASON: why the model needs its training image size, for export messages.
+        INT8_QUANTIZED_TYPES: OpenVINO op types that ``INT8_PTQ``/``INT8_ACQ`` quantize.
+        INT8_FLOAT_MODULES: torch name prefixes of layers of those types that stay float32 (the
+            scoring head's blur); see ``quantization.py``.
     """
 
     DISPLAY_NAME: ClassVar[str] = "model"
     ARCHITECTURE_HPARAMS: ClassVar[tuple[str, ...]] = ("backbone", "layers")
     EPOCHS_HINT: ClassVar[str] = "pass --trainer.max_epochs (or Engine(max_epochs=...))."
+    FIXED_SIZE_REASON: ClassVar[str] = "the model needs the image size it was trained with."
+    INT8_QUANTIZED_TYPES: ClassVar[tuple[str, ...]] = ("Convolution", "GroupConvolution")
+    INT8_FLOAT_MODULES: ClassVar[tuple[str, ...]] = ("model.anomaly_map_generator.",)
 
     def __init__(
         self,
@@ -196,6 +211,101 @@ class OfflineBackboneModule:
         del args, kwargs
         predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
+
+    def forward(self, batch: torch.Tensor, *args, **kwargs) -> InferenceBatch:
+        """The deployed pipeline (what exports contain): pre-processing, model, post-processing.
+
+        Unlike anomalib's default, the pre-processing resizes with the training filter (antialiased)
+        in eager mode and in exported graphs alike, so images of any size give ``Engine.predict``'s
+        results (``pre_processing.py``).
+
+        Args:
+            batch: ``(N, 3, H, W)`` float images in ``[0, 1]``, any ``H`` and ``W``.
+
+        Returns:
+            ``InferenceBatch`` with the anomaly map at the pre-processor's output size.
+        """
+        del args, kwargs
+        if self.pre_processor:
+            batch = pre_process(self.pre_processor, batch)
+        predictions = self.model(batch)
+        return self.post_processor(predictions) if self.post_processor else predictions
+
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs: Any,  # noqa: ANN401 - passed through to torch.onnx.export
+    ) -> Path:
+        """Export to ONNX (also the first step of ``to_openvino``).
+
+        Without ``input_size`` the graph accepts images of any height and width (and any batch) and
+        resizes them to the training size inside, exactly as training did. ``input_size=(H, W)``
+        gives anomalib's static input shape instead: such a graph accepts only ``H x W`` images.
+        ``opset_version`` defaults to 18, the opset torch's exporter emits.
+
+        Raises:
+            DynamicExportError: a dynamic height/width was asked for, but the pre-processor does
+                not resize to a fixed size (see ``export.py``).
+        """
+        transform = getattr(self.pre_processor, "transform", None) if self.pre_processor else None
+        resize = training_resize(transform)
+        size = export_input_size(
+            input_size,
+            kwargs,
+            resize,
+            self.input_size,
+            self.DISPLAY_NAME,
+            self._fixed_size_reason(),
+        )
+        if size is None:
+            logger.info(
+                "%s: exporting a graph for images of any size; it resizes them to %dx%d (the training size) "
+                "with the training filter.",
+                self.DISPLAY_NAME,
+                *resize,
+            )
+        else:
+            logger.info(
+                "%s: exporting with the fixed input size %dx%d: the graph accepts only %dx%d images%s.",
+                self.DISPLAY_NAME,
+                *size,
+                *size,
+                "" if resize is None else " (export without input_size for a graph that takes any size)",
+            )
+        kwargs.setdefault("opset_version", ONNX_OPSET)
+        return super().to_onnx(export_root, model_file_name, size, **kwargs)
+
+    def _compress_ov_model(
+        self,
+        model: Any,  # noqa: ANN401 - openvino.Model, an optional dependency
+        compression_type: CompressionType | None = None,
+        datamodule: AnomalibDataModule | None = None,
+        metric: Metric | None = None,
+        task: TaskType | None = None,
+        max_drop: float = 0.01,
+    ) -> Any:  # noqa: ANN401
+        """NNCF compression of the exported model (``to_openvino`` calls this).
+
+        ``INT8_PTQ`` and ``INT8_ACQ`` quantize only ``INT8_QUANTIZED_TYPES`` (``quantization.py``
+        says why); ``INT8`` (weights only) is anomalib's.
+        """
+        if compression_type in QUANTIZED_COMPRESSIONS:
+            return quantize_int8(
+                model,
+                compression_type,
+                datamodule,
+                self.INT8_QUANTIZED_TYPES,
+                self.INT8_FLOAT_MODULES,
+                metric,
+                max_drop,
+            )
+        return super()._compress_ov_model(model, compression_type, datamodule, metric, task, max_drop)
+
+    def _fixed_size_reason(self) -> str:
+        """Why this model needs its training image size (for export messages)."""
+        return self.FIXED_SIZE_REASON
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

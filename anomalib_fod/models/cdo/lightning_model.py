@@ -11,7 +11,6 @@ Example, on folders of your own images (50 epochs at batch 16 is the original re
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from anomalib.data import Batch
@@ -20,7 +19,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
 from torchvision.transforms import v2
 
-from anomalib_fod.models.base import ONNX_OPSET, OfflineBackboneModule
+from anomalib_fod.models.base import OfflineBackboneModule
 
 from .loss import CdoLoss
 from .synthetic import AnomalySource, make_anomaly_generator
@@ -75,6 +74,10 @@ class Cdo(OfflineBackboneModule, AnomalibModule):
     EPOCHS_HINT = (
         "The original recipe trains 50 epochs at batch 16: pass --trainer.max_epochs (or Engine(max_epochs=...))."
     )
+    FIXED_SIZE_REASON = (
+        "CDO's score averages a fixed number of top pixels and the post-processor's normalisation was fitted "
+        "at the training size."
+    )
 
     def __init__(
         self,
@@ -114,29 +117,3 @@ class Cdo(OfflineBackboneModule, AnomalibModule):
         loss, parts = self.loss(features.teacher, features.student, masks)
         self.log_loss(loss, parts, batch_size=batch.image.shape[0])
         return loss
-
-    def to_onnx(
-        self,
-        export_root: Path | str,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        **kwargs: Any,  # noqa: ANN401 - passed through to torch.onnx.export
-    ) -> Path:
-        """Export to ONNX with a fixed image size (also the first step of ``to_openvino``).
-
-        ``input_size=None`` means the pre-processor's output size (the training size): the score
-        averages a fixed number of top pixels and the post-processor's min-max normalisation was
-        fitted at that size, so a graph for exactly that size is what was validated. The batch
-        axis stays dynamic. ``opset_version`` defaults to 18, the opset torch's exporter emits.
-        """
-        if input_size is None:
-            if self.input_size is None:
-                msg = (
-                    "CDO needs input_size=(H, W) for export: the model's pre-processor does not resize to a "
-                    "fixed size, so pass the image size the model was trained with."
-                )
-                raise ValueError(msg)
-            input_size = (int(self.input_size[0]), int(self.input_size[1]))
-            logger.info("CDO: exporting with the fixed input size %dx%d (the training size).", *input_size)
-        kwargs.setdefault("opset_version", ONNX_OPSET)
-        return super().to_onnx(export_root, model_file_name, (int(input_size[0]), int(input_size[1])), **kwargs)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +26,6 @@ from tqdm.auto import tqdm
 
 from anomalib_fod.models.base import ONNX_OPSET, NonFiniteLossError, OfflineBackboneModule
 
-from .export import check_static_export, default_export_size
 from .feature_cache import FeatureCache, is_deterministic
 from .loss import FodLoss
 from .reference import ReferenceFeatureCallback, iterate_pooled_features, shard_loader
@@ -283,26 +281,13 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         self.log_loss(loss, parts, batch_size=batch.image.shape[0])
         return loss
 
-    def to_onnx(
-        self,
-        export_root: Path | str,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        **kwargs: Any,  # noqa: ANN401 - passed through to torch.onnx.export
-    ) -> Path:
-        """Export to ONNX with a fixed image size (also the first step of ``to_openvino``).
-
-        FOD's reference features are tied to the training token grid, so height and width are
-        static: ``input_size=None`` means the pre-processor's output size (the training size),
-        and dynamic height/width in ``dynamic_axes``/``dynamic_shapes`` is refused. The batch
-        axis stays dynamic. ``opset_version`` defaults to 18, the opset torch's exporter emits.
-        """
-        check_static_export(kwargs, self._grid_description())
-        if input_size is None:
-            input_size = default_export_size(self.input_size, self._grid_description())
-            logger.info("FOD: exporting with the fixed input size %dx%d (the training size).", *input_size)
-        kwargs.setdefault("opset_version", ONNX_OPSET)
-        return super().to_onnx(export_root, model_file_name, (int(input_size[0]), int(input_size[1])), **kwargs)
+    def _fixed_size_reason(self) -> str:
+        """FOD's reference features are tied to the training token grid."""
+        return (
+            f"FOD's reference features (inter-correlation branch) were computed on the {self._grid_description()} "
+            "token grid of the training images, and its positional encodings and target correlations are built "
+            "from that grid."
+        )
 
     def _grid_description(self) -> str:
         """``"32x32"``-style token grid of the first level's references (for error messages)."""
