@@ -1,10 +1,13 @@
 """Summarise ``screen.py`` runs: mean and spread over seeds per dataset, step count, weights and candidate.
 
     python benchmarks/screen_report.py results/screen/b1_128 [--candidates paper maha_r] [--weights raw]
+    python benchmarks/screen_report.py results/screen/b1_128_s01 results/screen/b1_128_s2 --steps 500 \
+        --baselines results/benchmarks/issue17_128       # with the harness's PatchCore/PaDiM cells
 
 Prints one Markdown table per dataset: image and pixel AUROC as ``mean ± std (n seeds)``, then the mean
 over datasets of each (step, weights, candidate) row with every dataset present, and the seeds' training
-time. Reporting only: the screen itself selects nothing.
+time. Baseline cells of an ``anomalib-fod benchmark`` run (same datasets, finished cells only) are added
+as rows with step and weights ``-``. Reporting only: the screen itself selects nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +29,18 @@ def load(run: Path) -> tuple[list[dict], list[dict]]:
     return rows, finals
 
 
+def load_baselines(run: Path) -> list[dict]:
+    """Finished harness cells as screen rows (exact metrics on raw scores, as the screen's)."""
+    rows = []
+    for path in sorted((run / "cells").glob("*.json")):
+        cell = json.loads(path.read_text())
+        if cell.get("status") != "ok":
+            continue
+        rows.append({"dataset": cell["dataset"], "seed": cell["seed"], "step": "-", "weights": "-",
+                     "candidate": cell["model"], "fit_s": cell["cost"]["fit_s"], **cell["metrics"]})
+    return rows
+
+
 def spread(values: list[float]) -> str:
     """``mean ± std (n)``; the std of one value is not shown."""
     values = [v for v in values if not math.isnan(v)]
@@ -39,12 +54,20 @@ def spread(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path)
+    parser.add_argument("run", type=Path, nargs="+", help="screen.py output folders (rows are pooled)")
+    parser.add_argument("--steps", type=int, nargs="*", help="only these step counts")
+    parser.add_argument("--baselines", type=Path, help="an anomalib-fod benchmark run folder")
     parser.add_argument("--candidates", nargs="*")
     parser.add_argument("--weights", nargs="*")
     parser.add_argument("--metric", nargs="*", default=["image_auroc", "pixel_auroc"])
     args = parser.parse_args(argv)
-    rows, finals = load(args.run)
+    rows, finals = [], []
+    for run in args.run:
+        run_rows, run_finals = load(run)
+        rows += [r for r in run_rows if not args.steps or r["step"] in args.steps]
+        finals += run_finals
+    baselines = load_baselines(args.baselines) if args.baselines else []
+    rows += baselines
     groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         if args.candidates and row["candidate"] not in args.candidates:
@@ -71,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {step} | {weights} | {candidate} | " + " | ".join(cells) + " |")
     print("\ntraining seconds per (dataset, seed): " + ", ".join(
         f"{f['dataset']} s{f['seed']} {f['train_seconds']:.0f}" for f in finals))
+    if baselines:
+        print("baseline fit seconds: " + ", ".join(
+            f"{b['dataset']} {b['candidate']} s{b['seed']} {b['fit_s']:.0f}" for b in baselines))
     return 0
 
 
