@@ -8,7 +8,7 @@
 #   bash benchmarks/screen_128_seeds.sh /path/to/shared/datasets      # from the repository root
 # Then the baselines: anomalib-fod benchmark --config benchmarks/issue17_128.yaml
 # Summary: python benchmarks/screen_report.py results/screen/b1_128_s01 results/screen/b1_128_s2 --steps 500 \
-#              --weights raw - --baselines results/benchmarks/issue17_128
+#              --weights raw --baselines results/benchmarks/issue17_128
 set -euo pipefail
 DATASETS=${1:?usage: screen_128_seeds.sh DATASETS_DIR}
 DATA=(--data "battery_weld=anomalib_fod/data:battery_weld"

@@ -64,16 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     rows, finals = [], []
     for run in args.run:
         run_rows, run_finals = load(run)
-        rows += [r for r in run_rows if not args.steps or r["step"] in args.steps]
+        rows += [
+            r for r in run_rows
+            if (not args.steps or r["step"] in args.steps)
+            and (not args.candidates or r["candidate"] in args.candidates)
+            and (not args.weights or r["weights"] in args.weights)
+        ]
         finals += run_finals
+    # The filters select screen rows; baselines are always shown next to them.
     baselines = load_baselines(args.baselines) if args.baselines else []
     rows += baselines
     groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        if args.candidates and row["candidate"] not in args.candidates:
-            continue
-        if args.weights and row["weights"] not in args.weights:
-            continue
         key = (row["dataset"], row["step"], row["weights"], row["candidate"])
         for metric in args.metric:
             groups[key][metric].append(row.get(metric, math.nan))
