@@ -196,10 +196,11 @@ def explain_image(
         correlations["inter target"] = _key_map(target.cpu(), grid, positions)
 
     components = []
-    for level_tokens, level_output, (height, width) in zip(tokens, outputs, grids, strict=True):
-        parts = {"score": generator.token_scores(level_tokens, level_output)}
+    for index, (level_tokens, level_output, (height, width)) in enumerate(zip(tokens, outputs, grids, strict=True)):
+        # The level index picks that level's residual statistics (the whitened residual).
+        parts = {"score": generator.token_scores(level_tokens, level_output, index)}
         if generator.scoring != "div":
-            parts["rec"] = generator.reconstruction_score(level_tokens, level_output)
+            parts["rec"] = generator.reconstruction_score(level_tokens, level_output, index)
         if generator.scoring != "rec":
             parts["div"] = generator.divergence_score(level_output)
         components.append({k: v[0].reshape(height, width).float().cpu().numpy() for k, v in parts.items()})

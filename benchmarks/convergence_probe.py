@@ -100,11 +100,27 @@ def index_stream(count: int, batch: int, generator: torch.Generator) -> Iterator
 
 
 @torch.no_grad()
-def evaluate(model: Any, test: dict[str, Any], batch: int = 8) -> dict[str, float]:  # noqa: ANN401 - Fod
-    """Exact metrics of the model's current state on the cached test features."""
+def evaluate(
+    model: Any,  # noqa: ANN401 - Fod
+    test: dict[str, Any],
+    train: dict[str, Any] | None = None,
+    batch: int = 8,
+) -> dict[str, float]:
+    """Exact metrics of the model's current state on the cached test features.
+
+    A score calibrated on the training images (the whitened residual) is refitted to the current
+    weights on ``train``'s cached features first, as the model's callback does before a validation.
+    """
     from anomalib_fod.evaluation import exact_metrics  # noqa: PLC0415
+    from anomalib_fod.models.fod.residual_statistics import fit_statistics  # noqa: PLC0415
 
     fod = model.model
+    if fod.anomaly_map_generator.needs_statistics:
+        if train is None:
+            msg = "this model's score needs statistics of the training images: pass their cached features."
+            raise ValueError(msg)
+        count = train["labels"].shape[0]
+        fit_statistics(fod, ([f[i : i + batch] for f in train["features"]] for i in range(0, count, batch)))
     fod.eval()
     scores, maps = [], []
     count = test["labels"].shape[0]
@@ -167,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             optimizer.step()
             step += 1
             progress.update()
-        results.append({"step": step, "images_seen": step * args.batch, **evaluate(model, test)})
+        results.append({"step": step, "images_seen": step * args.batch, **evaluate(model, test, train)})
         progress.write(json.dumps(results[-1]))
     progress.close()
     seconds = time.perf_counter() - start

@@ -7,7 +7,7 @@ no seed, so it can be measured at 256 px on every dataset in minutes, scored and
 model does (per-position mean, one shrunk covariance per level, upsampling, level mean, blur, image
 score = map maximum). Statistics from the training images only.
 
-    python benchmarks/feature_distance.py --sizes "[[256, 256]]" --blurs "[4]"
+    python benchmarks/feature_distance.py --sizes "[[256, 256]]" --blurs "[4]" --covariances "[shared, position]"
     python benchmarks/feature_distance.py --datasets "[battery_weld]" --sizes "[[128, 192], [192, 304], [256, 400]]" --blurs "[2, 4, 8]"
 """
 
@@ -30,6 +30,7 @@ def main(
     datasets: list[str] | None = None,
     sizes: list[tuple[int, int]] | None = None,
     blurs: list[float] | None = None,
+    covariances: list[str] | None = None,
     threads: int = 1,
 ) -> None:
     """Print exact image / pixel AUROC of the whitened feature distance per dataset, size and blur.
@@ -38,12 +39,15 @@ def main(
         datasets: names of ``DATASETS`` (default: all; MVTec layout under ``./datasets``).
         sizes: input (height, width) pairs.
         blurs: Gaussian blur sigmas of the map (the model's default is 4).
+        covariances: ``"shared"`` (one covariance per level, as the model keeps) and/or ``"position"``
+            (one per token position, shrunk towards the shared one as PaDiM-style models need with
+            few images: issue 17's candidate for PaDiM's pixel advantage).
         threads: torch threads.
     """
     sys.path.insert(0, str(Path(__file__).parent))
     from anomalib.data import MVTecAD  # noqa: PLC0415
     from convergence_probe import cache_features  # noqa: PLC0415
-    from screen import _mahalanobis, _precision  # noqa: PLC0415
+    from screen import _mahalanobis, _position_precision, _precision  # noqa: PLC0415
 
     from anomalib_fod import Fod  # noqa: PLC0415
     from anomalib_fod.evaluation import image_auroc, pixel_auroc  # noqa: PLC0415
@@ -61,22 +65,30 @@ def main(
             train = cache_features(model, data.train_dataloader(), f"{name}: training images")
             test = cache_features(model, data.test_dataloader(), f"{name}: test images")
             grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in train["features"]]
-            scores = []
-            for train_level, test_level in zip(train["features"], test["features"], strict=True):
-                normal = train_level.flatten(2).transpose(1, 2)  # (N, L, C)
-                mean = normal.mean(dim=0)
-                precision = _precision((normal - mean).flatten(0, 1))
-                scores.append(_mahalanobis(test_level.flatten(2).transpose(1, 2) - mean, precision))
-            for sigma in blurs or [4.0]:
-                maps, image_scores = AnomalyMapGenerator(FodSettings(blur_sigma=sigma)).combine_levels(
-                    scores, grids, test["size"]
-                )
-                print(
-                    f"{name} {size[0]}x{size[1]} blur {sigma:g}: image AUROC "
-                    f"{image_auroc(image_scores.numpy(), test['labels'].numpy()):.4f}, pixel AUROC "
-                    f"{pixel_auroc(maps[:, 0].numpy(), test['masks'].numpy()):.4f}",
-                    flush=True,
-                )
+            for covariance in covariances or ["shared"]:
+                scores = []
+                for train_level, test_level in zip(train["features"], test["features"], strict=True):
+                    normal = train_level.flatten(2).transpose(1, 2)  # (N, L, C)
+                    mean = normal.mean(dim=0)
+                    precision = _precision((normal - mean).flatten(0, 1))
+                    centred = test_level.flatten(2).transpose(1, 2) - mean
+                    if covariance == "position":
+                        per_position = _position_precision(normal - mean, torch.linalg.inv(precision.double()))
+                        scores.append(
+                            torch.einsum("nlc,lcd,nld->nl", centred, per_position, centred).clamp_min(0).sqrt()
+                        )
+                    else:
+                        scores.append(_mahalanobis(centred, precision))
+                for sigma in blurs or [4.0]:
+                    maps, image_scores = AnomalyMapGenerator(FodSettings(blur_sigma=sigma)).combine_levels(
+                        scores, grids, test["size"]
+                    )
+                    print(
+                        f"{name} {size[0]}x{size[1]} {covariance} covariance, blur {sigma:g}: image AUROC "
+                        f"{image_auroc(image_scores.numpy(), test['labels'].numpy()):.4f}, pixel AUROC "
+                        f"{pixel_auroc(maps[:, 0].numpy(), test['masks'].numpy()):.4f}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

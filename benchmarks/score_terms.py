@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         if (term[2] and not own.with_intra) or (term[3] and not own.with_inter):
             continue
         generator = AnomalyMapGenerator(
-            FodSettings(scoring=term[1], with_intra=term[2], with_inter=term[3], blur_sigma=blur)
+            FodSettings(
+                scoring=term[1], reconstruction_term="mse_cos", with_intra=term[2], with_inter=term[3], blur_sigma=blur
+            )
         )
         for name, levels in level_sets.items():
             rows.append({"term": term[0], "levels": name, **score(records, generator, levels)})
@@ -194,7 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         if with_div and not (own.with_intra or own.with_inter):
             continue
         scoring = "rec_div" if with_div else "rec"
-        settings = FodSettings(scoring=scoring, with_intra=own.with_intra, with_inter=own.with_inter, blur_sigma=blur)
+        settings = FodSettings(
+            scoring=scoring,
+            reconstruction_term="mse_cos",
+            with_intra=own.with_intra,
+            with_inter=own.with_inter,
+            blur_sigma=blur,
+        )
         for name, levels in level_sets.items():
             if part == "mse_norm":
                 generator = normalised_mse(settings, [scales[i] for i in levels])

@@ -122,20 +122,31 @@ def count_flops(step: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def build(backbone: str, image_size: int, device: torch.device) -> Any:  # noqa: ANN401 - a Fod
-    """A default-sized FOD (random backbone weights) with mean references of random images."""
+def build(backbone: str, image_size: int, device: torch.device, score: str = "default") -> Any:  # noqa: ANN401 - a Fod
+    """A default-sized FOD (random backbone weights) with references (and statistics) of random images.
+
+    ``score="paper"``: the paper's score (reconstruction times the inter-branch divergence), whose
+    inference computes every attention's divergence; the default (the whitened residual) needs only
+    the attention outputs.
+    """
     from anomalib_fod import Fod  # noqa: PLC0415
 
-    model = Fod(backbone=backbone, pre_trained=False, image_size=image_size, visualizer=False).to(device)
+    paper = {"scoring": "rec_div", "reconstruction_term": "mse_cos"} if score == "paper" else {}
+    model = Fod(backbone=backbone, pre_trained=False, image_size=image_size, visualizer=False, **paper).to(device)
     with torch.no_grad():
         images = torch.randn(2, 3, image_size, image_size, device=device)
-        model.model.set_mean_reference([f.mean(dim=0) for f in model.model.extract_features(images)])
+        features = model.model.extract_features(images)
+        model.model.set_mean_reference([f.mean(dim=0) for f in features])
+        if getattr(model.model.anomaly_map_generator, "needs_statistics", False):
+            from anomalib_fod.models.fod.residual_statistics import fit_statistics  # noqa: PLC0415
+
+            fit_statistics(model.model, [features])
     return model
 
 
 def bench_one(args: argparse.Namespace, backbone: str, batch: int, device: torch.device, rate: float) -> dict:
     """One backbone at one batch size (run in a fresh process, so its peak memory is its own)."""
-    model = build(backbone, args.image_size, device)
+    model = build(backbone, args.image_size, device, args.score)
     fod = model.model
     if args.compile:
         for level in fod.levels:  # what Fod(compile_transformers=True) does in setup
@@ -147,7 +158,7 @@ def bench_one(args: argparse.Namespace, backbone: str, batch: int, device: torch
     size = (args.image_size, args.image_size)
     for batch in [batch]:
         images = torch.randn(batch, 3, *size, device=device)
-        row: dict[str, Any] = {"backbone": backbone, "batch": batch, "image_size": args.image_size}
+        row: dict[str, Any] = {"backbone": backbone, "batch": batch, "image_size": args.image_size, "score": args.score}
 
         def features(images: torch.Tensor = images) -> list[torch.Tensor]:
             with autocast:
@@ -244,6 +255,8 @@ def run_isolated(
         args.precision,
         "--repeats",
         str(args.repeats),
+        "--score",
+        args.score,
     ]
     if args.threads:
         command += ["--threads", str(args.threads)]
@@ -360,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="torch.compile the level Transformers")
+    parser.add_argument(
+        "--score",
+        choices=["default", "paper"],
+        default="default",
+        help="Fod's default score (whitened residual) or the paper's (divergences computed at inference)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--output", type=Path, default=Path("results/speed"))
     parser.add_argument(

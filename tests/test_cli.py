@@ -172,6 +172,23 @@ def test_shipped_configs_resolve_by_name_and_parse(tmp_path: Path) -> None:
         assert "../" not in config_path(name).read_text()  # nothing outside the package
 
 
+def test_shipped_fod_configs_give_the_recipe_they_name() -> None:
+    """The default-recipe configs let FOD run its step budget; ``fod_paper`` is the paper's score."""
+    import inspect
+
+    from anomalib_fod import Fod
+    from anomalib_fod.configs import config_path
+
+    defaults = {k: p.default for k, p in inspect.signature(Fod.__init__).parameters.items()}
+    for name in ("mvtec_ad", "mvtec3d", "folder", "btad", "fod_offline"):
+        config = yaml.safe_load(config_path(name).read_text())
+        args = {**defaults, **config["model"]["init_args"]}
+        assert (args["scoring"], args["reconstruction_term"]) == ("rec", "mahalanobis"), name
+        assert config["trainer"]["max_epochs"] >= args["training_steps"], name  # epochs never stop it first
+    paper = yaml.safe_load(config_path("fod_paper").read_text())["model"]["init_args"]
+    assert (paper["scoring"], paper["reconstruction_term"], paper["training_steps"]) == ("rec_div", "mse_cos", 1000)
+
+
 @pytest.mark.slow
 def test_wheel_ships_the_configs_and_the_demo_data(tmp_path: Path) -> None:
     """Build the wheel from a copy of the tracked sources and look inside it."""

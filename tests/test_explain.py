@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from fod_helpers import DUMMY_SIZE, TINY, make_datamodule, make_engine
+from fod_helpers import DUMMY_SIZE, PAPER_SCORE, TINY, make_datamodule, make_engine
 from PIL import Image
 
 from anomalib_fod import cli
@@ -47,15 +47,28 @@ def trained(tmp_path_factory):
     return model, checkpoint, category
 
 
-def test_explanation_maps_match_the_model(trained):
-    model, _, category = trained
-    path = sorted((category / "test" / "blob").glob("*.png"))[0]
+def _check_against_the_model(model, path):  # noqa: ANN001, ANN202
     explanation = explain_image(model, path)
-
     with torch.no_grad():
         expected = model.model(model.pre_processor.transform(load_image(path)[None]))
-    np.testing.assert_allclose(explanation.anomaly_map, expected.anomaly_map[0, 0].numpy(), rtol=0, atol=1e-6)
-    assert explanation.pred_score == pytest.approx(float(expected.pred_score[0]), abs=1e-6)
+    # The explanation runs the attentions on their plain path (it shows their maps), the model on its
+    # fused one: equal up to float32 rounding.
+    np.testing.assert_allclose(explanation.anomaly_map, expected.anomaly_map[0, 0].numpy(), rtol=1e-6, atol=1e-6)
+    assert explanation.pred_score == pytest.approx(float(expected.pred_score[0]), rel=1e-6, abs=1e-6)
+    return explanation
+
+
+def test_explanation_maps_match_the_model(trained):
+    model, checkpoint, category = trained
+    path = sorted((category / "test" / "blob").glob("*.png"))[0]
+    # The default score (the whitened residual, per level's own statistics) is the rec part alone.
+    for parts in _check_against_the_model(model, path).components:
+        assert set(parts) == {"rec", "score"}
+        np.testing.assert_array_equal(parts["score"], parts["rec"])
+    from anomalib_fod import Fod
+
+    paper = Fod.load_from_checkpoint(checkpoint, **PAPER_SCORE).eval()
+    explanation = _check_against_the_model(paper, path)
 
     assert explanation.grids == [(8, 8), (4, 4)]  # strides 8 and 16 at 64 px
     assert explanation.image.shape == (DUMMY_SIZE, DUMMY_SIZE, 3)
@@ -124,6 +137,7 @@ def test_models_without_inter_branch_render(tmp_path, dummy_dataset):
         with_inter=False,
         pre_processor=Fod.configure_pre_processor((DUMMY_SIZE, DUMMY_SIZE)),
         visualizer=False,
+        **PAPER_SCORE,  # untrained: a score without fitted statistics, with the intra divergence in it
         **TINY,
     )
     path = sorted((dummy_dataset / "test" / "good").glob("*.png"))[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from anomalib.data import InferenceBatch
-from fod_helpers import TINY, set_random_references
+from fod_helpers import PAPER_SCORE, TINY, set_random_references
 
 from anomalib_fod import Fod
 from anomalib_fod.models.fod.settings import FodSettings
@@ -17,7 +17,7 @@ SIZES = [(64, 64), (96, 128), (128, 96), (72, 100)]  # the last is not a multipl
 @pytest.fixture(scope="module")
 def model() -> FodModel:
     torch.manual_seed(0)
-    return FodModel(FodSettings(pre_trained=False, **TINY))
+    return FodModel(FodSettings(pre_trained=False, **TINY, **PAPER_SCORE))
 
 
 def expected_grids(height: int, width: int) -> list[tuple[int, int]]:
@@ -87,7 +87,14 @@ def test_other_input_size_than_the_references_is_a_clear_runtime_error(model):
 def test_ablations_build_the_right_modules_and_predict(with_intra, with_inter, scoring):
     torch.manual_seed(0)
     ablation = FodModel(
-        FodSettings(pre_trained=False, with_intra=with_intra, with_inter=with_inter, scoring=scoring, **TINY)
+        FodSettings(
+            pre_trained=False,
+            with_intra=with_intra,
+            with_inter=with_inter,
+            scoring=scoring,
+            reconstruction_term="mse_cos",
+            **TINY,
+        )
     )
     names = [name for name, _ in ablation.named_parameters()]
     assert any("cross_attention" in n for n in names) == with_inter
@@ -130,13 +137,17 @@ def test_bad_settings_raise_value_error(kwargs, match):
         Fod(pre_trained=False, **{**TINY, **kwargs})
 
 
-def test_fod_defaults_are_the_papers():
+def test_fod_defaults_are_the_papers_model_with_a_calibrated_score_and_a_step_budget():
     fod = Fod(pre_trained=False)
     hparams = fod.hparams
     assert tuple(hparams.d_models) == (256, 512)
     assert (hparams.num_heads, hparams.num_layers, hparams.ffn_ratio) == (8, 3, 4)
     assert (hparams.kl_weight, hparams.entropy_weight) == (0.5, 0.5)
-    assert (hparams.scoring, hparams.reference, hparams.reconstruction_term) == ("rec_div", "mean", "mse_cos")
+    assert hparams.reference == "mean"
+    # Not the paper's: the whitened residual and 250 optimizer steps (docs/differences.md).
+    assert (hparams.scoring, hparams.reconstruction_term, hparams.training_steps) == ("rec", "mahalanobis", 250)
+    assert fod.model.anomaly_map_generator.needs_statistics
+    assert fod.stops_itself
     assert hparams.learning_rate == 1e-4
     # The paper's code computes the attention output projection and discards it; so do we (docs/differences.md).
     assert hparams.out_projection is False
@@ -149,20 +160,32 @@ def test_fod_defaults_are_the_papers():
     assert optimised == {id(p) for p in fod.model.levels.parameters()}
 
 
-@pytest.mark.parametrize(("steps", "warns"), [(150, True), (200, False), (float("inf"), False)])
-def test_too_few_optimizer_steps_warn(steps, warns, caplog):
+def _step_warnings(fod: Fod, steps: float, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What ``_warn_few_steps`` logs when the trainer would run ``steps`` optimizer steps."""
     import logging
     from types import SimpleNamespace
 
-    fod = Fod(pre_trained=False, **TINY)
     fod._trainer = SimpleNamespace(estimated_stepping_batches=steps)  # noqa: SLF001 - only this property is read
     with caplog.at_level(logging.WARNING, logger="anomalib_fod.models.fod.lightning_model"):
         fod._warn_few_steps()  # noqa: SLF001
-    messages = [r.getMessage() for r in caplog.records]
+    return [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize(("steps", "warns"), [(150, True), (200, False), (float("inf"), False)])
+def test_too_few_optimizer_steps_warn(steps, warns, caplog):
+    messages = _step_warnings(Fod(pre_trained=False, training_steps=None, **TINY), steps, caplog)
     assert bool(messages) == warns
     if warns:
         assert "only 150 optimizer steps" in messages[0]
         assert "train_batch_size" in messages[0]
+
+
+@pytest.mark.parametrize(("steps", "warnings"), [(100, 2), (240, 1), (250, 0), (float("inf"), 0)])
+def test_the_default_step_budget_warns_when_the_trainer_stops_first(steps, warnings, caplog):
+    messages = _step_warnings(Fod(pre_trained=False, **TINY), steps, caplog)
+    assert len(messages) == warnings
+    if warnings:
+        assert f"after {steps} optimizer steps, before training_steps=250" in messages[0]
 
 
 def test_reconstruction_term_rescores_the_same_trained_outputs(model):

@@ -34,8 +34,10 @@ def test_score_terms_table_and_paper_row_match_the_model(trained_dummy, tmp_path
     assert len(rows) == (5 + 4 + 2) * 3
     assert {r["term"] for r in rows} >= {"rec: MSE part", "rec: 1 - cos part", "MSE / train residual x div"}
     assert "| rec x div, inter (paper) | all levels |" in capsys.readouterr().out
-    # The paper row on all levels is the model's own image score.
-    model = trained_dummy.model.eval()
+    # The paper row on all levels is the image score of the model re-scored with the paper's rule.
+    from anomalib_fod import Fod
+
+    model = Fod.load_from_checkpoint(checkpoint, scoring="rec_div", reconstruction_term="mse_cos").eval()
     scores, labels = [], []
     with torch.no_grad():
         for batch in trained_dummy.datamodule.test_dataloader():
@@ -58,14 +60,14 @@ def test_reconstruction_parts_add_up_to_the_model_term(trained_dummy) -> None:  
     tokens, outputs = records["tokens"][0], records["outputs"][0]
     args = (tokens, outputs, records["grids"], records["size"])
     normalised_mse = script._normalised_mse_generator_class()  # noqa: SLF001
-    rec, _ = AnomalyMapGenerator(FodSettings(scoring="rec"))(*args)
+    rec, _ = AnomalyMapGenerator(FodSettings(scoring="rec", reconstruction_term="mse_cos"))(*args)
     mse, _ = AnomalyMapGenerator(FodSettings(scoring="rec", reconstruction_term="mse"))(*args)
     cos, _ = AnomalyMapGenerator(FodSettings(scoring="rec", reconstruction_term="cos"))(*args)
     torch.testing.assert_close(mse + cos, rec, rtol=1e-5, atol=1e-6)
     # Unit per-channel scales leave the MSE as it is; the scales of the training pass are per channel.
     ones = [torch.ones(t.shape[-1]) for t in tokens]
-    unit, _ = normalised_mse(FodSettings(), ones)(*args)
-    plain, _ = AnomalyMapGenerator(FodSettings(reconstruction_term="mse"))(*args)
+    unit, _ = normalised_mse(FodSettings(scoring="rec_div", reconstruction_term="mse_cos"), ones)(*args)
+    plain, _ = AnomalyMapGenerator(FodSettings(scoring="rec_div", reconstruction_term="mse"))(*args)
     torch.testing.assert_close(unit, plain)
     # Batches of 3 (the last one short) average to the per-channel mean over all training tokens at once.
     train = trained_dummy.datamodule.train_data

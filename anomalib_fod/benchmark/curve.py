@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from anomalib_fod.evaluation import collect_predictions, exact_metrics
+from anomalib_fod.models.fod.residual_statistics import ResidualStatisticsCallback
 
 
 def preprocess_as_test(pl_module: pl.LightningModule, batch: Any) -> Any:  # noqa: ANN401 - anomalib batch
@@ -98,6 +99,11 @@ class TestCurve(pl.Callback):
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         was_training = pl_module.training
         with torch.random.fork_rng(devices=devices):
+            # A score calibrated on the training images (FOD's whitened residual) is refitted to the
+            # current weights first, as before a validation: the point is what the model would score.
+            for callback in trainer.callbacks:
+                if isinstance(callback, ResidualStatisticsCallback):
+                    callback.refresh(trainer, pl_module)
             pl_module.eval()
             try:
                 metrics = self._evaluate(pl_module)

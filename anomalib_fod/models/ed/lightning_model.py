@@ -15,7 +15,8 @@ feed-forward                 ``ffn="mlp"``                        ``ffn="dwconv_
 ===========================  ===================================  ===========================================
 
 Any of them can be switched back, e.g. ``Ed(fusion="subtract")`` is FOD with ED's attention and
-feed-forward.
+feed-forward. ``Ed`` keeps the papers' score (reconstruction times divergence) and the trainer's epoch
+limits: ``Fod``'s newer defaults (the whitened residual, a 250-step budget) were measured on FOD only.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 from anomalib.models.components import AnomalibModule
 
 from anomalib_fod.models.fod.lightning_model import Fod
-from anomalib_fod.models.fod.settings import FeedForwardMode, FusionMode
+from anomalib_fod.models.fod.settings import FeedForwardMode, FusionMode, ReconstructionTerm, ScoringMode
 
 
 class Ed(Fod, AnomalibModule):  # AnomalibModule again: anomalib's get_model only sees its direct subclasses
@@ -36,6 +37,9 @@ class Ed(Fod, AnomalibModule):  # AnomalibModule again: anomalib's get_model onl
         ffn: ``"dwconv_median"`` (ED) or ``"mlp"`` (FOD).
         learnable_temperature: learned attention logit scale (ED: on).
         relative_position_bias: learned relative-position bias (ED: optional, off by default).
+        scoring: ``"rec_div"`` (ED and FOD papers), ``"rec"`` or ``"div"``.
+        reconstruction_term: ``"mse_cos"`` (papers), ``"mahalanobis"`` (``Fod``'s default), ``"cos"``, ``"mse"``.
+        training_steps: optimizer-step budget (``None``: the trainer's ``max_epochs`` decide).
         **kwargs: every other :class:`~anomalib_fod.Fod` argument (backbone, image_size, ...).
     """
 
@@ -45,6 +49,9 @@ class Ed(Fod, AnomalibModule):  # AnomalibModule again: anomalib's get_model onl
         ffn: FeedForwardMode = "dwconv_median",
         learnable_temperature: bool = True,
         relative_position_bias: bool = False,
+        scoring: ScoringMode = "rec_div",
+        reconstruction_term: ReconstructionTerm = "mse_cos",
+        training_steps: int | None = None,
         **kwargs: Any,  # noqa: ANN401 - Fod's arguments
     ) -> None:
         super().__init__(
@@ -52,5 +59,8 @@ class Ed(Fod, AnomalibModule):  # AnomalibModule again: anomalib's get_model onl
             ffn=ffn,
             learnable_temperature=learnable_temperature,
             relative_position_bias=relative_position_bias,
+            scoring=scoring,
+            reconstruction_term=reconstruction_term,
+            training_steps=training_steps,
             **kwargs,
         )

@@ -8,13 +8,15 @@ Per level and token (paper, eq. 11):
   the normal references does not follow its learned prior); intra branch ``softmax(-kl)`` (the
   minimax pushes normal tokens' self-attention *away* from the prior, so a small KL is
   anomalous). The softmax and max run over the tokens of each image.
-- ``rec_div = rec * div`` (default), ``rec`` or ``div`` alone (the paper's ablation rows).
+- ``rec_div = rec * div`` (the paper), ``rec`` (``Fod``'s default) or ``div`` alone (the paper's
+  ablation rows).
 
-``reconstruction_term`` chooses what ``rec`` is: ``"mse_cos"`` (the paper's sum, default),
-``"cos"`` (``1 - cos`` alone) or ``"mse"`` (the MSE alone). The MSE depends on the feature scale,
-the cosine does not; on our checkpoints the stride-8 MSE ranked defects below normal images while
-the cosine half separated them (benchmarks/RESULTS.md). Scoring only: a trained model can be
-re-scored with another term without retraining.
+``reconstruction_term`` chooses what ``rec`` is: ``"mahalanobis"`` (``Fod``'s default: the residual
+whitened by the training images' own residual statistics, ``residual_statistics.py``), ``"mse_cos"``
+(the paper's sum), ``"cos"`` (``1 - cos`` alone) or ``"mse"`` (the MSE alone). The MSE depends on
+the feature scale, the cosine does not; on our checkpoints the stride-8 MSE ranked defects below
+normal images while the cosine half separated them (benchmarks/RESULTS.md). Scoring only: a
+trained model can be re-scored with another term without retraining.
 
 With both branches the divergence is the inter one: the paper reports that the intra branch
 helps through training and scoring with inter alone is slightly better.
@@ -69,7 +71,7 @@ class AnomalyMapGenerator(nn.Module):
     """Turn per-level Transformer outputs into ``(B, 1, H, W)`` maps and ``(B,)`` scores.
 
     Args:
-        settings: reads ``scoring`` (``"rec_div"`` (paper), ``"rec"`` or ``"div"``), ``with_intra`` /
+        settings: reads ``scoring`` (``"rec"``, ``"rec_div"`` (paper) or ``"div"``), ``with_intra`` /
             ``with_inter`` (the model's branches), ``blur_sigma`` (of the Gaussian blur on the final
             map; 0 switches it off) and ``reconstruction_term`` (what ``rec`` is).
     """

@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 # Fewer optimizer steps than this leave FOD's minimax game under-trained (see _warn_few_steps).
 MIN_RECOMMENDED_STEPS = 200
+# The default budget: the default score (the whitened residual) no longer changes after it.
+DEFAULT_TRAINING_STEPS = 250
 
 __all__ = ["ONNX_OPSET", "Fod", "NonFiniteLossError"]
 
@@ -59,13 +61,15 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         with_entropy: entropy terms in the loss (ablation switch).
         kl_weight: ``lambda1`` (paper: 0.5).
         entropy_weight: ``lambda2`` (paper: 0.5).
-        scoring: ``"rec_div"`` (paper), ``"rec"`` or ``"div"``.
-        reconstruction_term: what the ``rec`` scoring term is: ``"mse_cos"`` (paper: MSE + 1 - cos),
-            ``"cos"`` (1 - cos alone: scale-free), ``"mse"``, or ``"mahalanobis"`` (the residual's
+        scoring: ``"rec"`` (default: the reconstruction term alone), ``"rec_div"`` (paper: times the
+            inter-branch divergence's within-image softmax) or ``"div"``.
+        reconstruction_term: what the ``rec`` scoring term is: ``"mahalanobis"`` (default: the residual's
             Mahalanobis distance under a Gaussian model of the training images' residuals, fitted after
-            training: see ``residual_statistics.py``). Scoring only, so a trained model can be re-scored
-            with another one (``Fod.load_from_checkpoint(path, reconstruction_term="cos")``; for
-            ``"mahalanobis"`` then call :meth:`fit_residual_statistics`).
+            training: see ``residual_statistics.py``), ``"mse_cos"`` (paper: MSE + 1 - cos), ``"cos"``
+            (1 - cos alone) or ``"mse"``. Scoring only, so a trained model can be re-scored with another
+            one (``Fod.load_from_checkpoint(path, reconstruction_term="cos")``; for ``"mahalanobis"``
+            then call :meth:`fit_residual_statistics`). Why the defaults differ from the paper:
+            docs/differences.md; the paper's recipe is the ``fod_paper`` config.
         reference: ``"mean"`` (paper) or ``"coreset"`` reference features.
         out_projection: apply an output projection after each attention. ``False`` (default)
             matches the paper's code, which computed the projection and discarded it. Applying
@@ -82,7 +86,9 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         learning_rate: Adam learning rate (paper: 1e-4).
         training_steps: stop training after this many optimizer steps, whatever ``max_epochs`` says
             (``None``: the trainer's limits decide, as for other anomalib models). FOD learns per step,
-            so a budget in steps means the same training on a small and a large dataset.
+            so a budget in steps means the same training on a small and a large dataset. The default,
+            250, is where the default score stopped changing (flat from 250 to 1000 steps at batch 1
+            on every shared dataset, benchmarks/RESULTS.md); the paper's score needs 1000 or more.
         cache_features: compute the frozen backbone's pooled features of every training image once,
             in CPU memory, when training starts (see ``feature_cache.py``). Used only when the
             dataset's augmentations and the pre-processor's transform are known to be deterministic
@@ -104,8 +110,9 @@ class Fod(OfflineBackboneModule, AnomalibModule):
     DISPLAY_NAME = "FOD"
     ARCHITECTURE_HPARAMS = FodSettings.architecture_names()
     EPOCHS_HINT = (
-        "FOD needs a few hundred optimizer steps (e.g. 15 epochs of 200 images at batch 4): pass "
-        "--trainer.max_epochs 15 (or Engine(max_epochs=15)); see docs/training.md, 'Batch size and epochs'."
+        "With training_steps=None FOD trains for the trainer's epochs: pass --trainer.max_epochs (or "
+        "Engine(max_epochs=...)), or leave training_steps at its default (250 optimizer steps); see "
+        "docs/training.md, 'Training length: optimizer steps'."
     )
 
     def __init__(
@@ -120,8 +127,8 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         with_entropy: bool = True,
         kl_weight: float = 0.5,
         entropy_weight: float = 0.5,
-        scoring: ScoringMode = "rec_div",
-        reconstruction_term: ReconstructionTerm = "mse_cos",
+        scoring: ScoringMode = "rec",
+        reconstruction_term: ReconstructionTerm = "mahalanobis",
         reference: ReferenceMode = "mean",
         out_projection: bool = False,
         blur_sigma: float = 4.0,
@@ -130,7 +137,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         learnable_temperature: bool = False,
         relative_position_bias: bool = False,
         learning_rate: float = 1e-4,
-        training_steps: int | None = None,
+        training_steps: int | None = DEFAULT_TRAINING_STEPS,
         cache_features: bool = True,
         compile_transformers: bool = False,
         **kwargs: Any,  # noqa: ANN401 - OfflineBackboneModule's arguments
@@ -262,7 +269,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             "%s: this run takes only %d optimizer steps. FOD learns per step: on MVTec bottle at batch 1 it "
             "separated defects at 0.76-0.82 image AUROC after 100 steps and 0.83-0.89 after 209, and the paper's "
             "code reached its best after 1000-1500 steps. Use a smaller train_batch_size (1-4) or more epochs; "
-            "see docs/training.md, 'Batch size and epochs'.",
+            "see docs/training.md, 'Training length: optimizer steps'.",
             self.DISPLAY_NAME,
             int(steps),
         )

@@ -168,7 +168,8 @@ class ResidualStatisticsCallback(Callback):
         super().__init__()
         self.fitted_at_step: int | None = None
 
-    def _refresh(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def refresh(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fit now if the scoring needs the statistics and an optimizer step has happened since the last fit."""
         model: FodModel = pl_module.model
         if not model.anomaly_map_generator.needs_statistics or self.fitted_at_step == trainer.global_step:
             return
@@ -183,8 +184,8 @@ class ResidualStatisticsCallback(Callback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refit before validation scores the images (only during fit: test and predict use what is stored)."""
         if trainer.state.fn == "fit":
-            self._refresh(trainer, pl_module)
+            self.refresh(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refit after the last step (a run without validation still leaves a usable model)."""
-        self._refresh(trainer, pl_module)
+        self.refresh(trainer, pl_module)

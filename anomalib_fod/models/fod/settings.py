@@ -47,10 +47,10 @@ class FodSettings:
         ffn: ``"mlp"`` (FOD) or ``"dwconv_median"`` (ED) feed-forward.
         learnable_temperature: learned attention logit scale (ED).
         relative_position_bias: learned relative-position bias in the attentions (ED option).
-        scoring: ``"rec_div"`` (paper), ``"rec"`` or ``"div"``.
-        reconstruction_term: what the ``rec`` term is: ``"mse_cos"`` (paper), ``"cos"``, ``"mse"``, or
-            ``"mahalanobis"``: the residual whitened by the training images' own residual statistics
-            (fitted after training, stored as buffers; see ``residual_statistics.py``).
+        scoring: ``"rec"`` (default), ``"rec_div"`` (paper) or ``"div"``.
+        reconstruction_term: what the ``rec`` term is: ``"mahalanobis"`` (default): the residual whitened
+            by the training images' own residual statistics (fitted after training, stored as buffers;
+            see ``residual_statistics.py``), ``"mse_cos"`` (paper), ``"cos"`` or ``"mse"``.
         blur_sigma: Gaussian blur of the anomaly map (0 switches it off).
     """
 
@@ -71,8 +71,8 @@ class FodSettings:
     ffn: FeedForwardMode = field(default="mlp", metadata=_SHAPES)
     learnable_temperature: bool = field(default=False, metadata=_SHAPES)
     relative_position_bias: bool = field(default=False, metadata=_SHAPES)
-    scoring: ScoringMode = "rec_div"
-    reconstruction_term: ReconstructionTerm = "mse_cos"
+    scoring: ScoringMode = "rec"
+    reconstruction_term: ReconstructionTerm = "mahalanobis"
     blur_sigma: float = 4.0
 
     def __post_init__(self) -> None:
