@@ -149,6 +149,11 @@ def _mahalanobis(centred: torch.Tensor, precision: torch.Tensor) -> torch.Tensor
     return ((centred @ precision) * centred).sum(-1).clamp_min(0).sqrt()
 
 
+def _position_mahalanobis(centred: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """``(N, L, C)`` centred samples under ``(L, C, C)`` per-position precisions -> ``(N, L)`` distances."""
+    return torch.einsum("nlc,lcd,nld->nl", centred, precision, centred).clamp_min(0).sqrt()
+
+
 def candidates() -> dict[str, Callable[[Observation, list[TrainStats], int], torch.Tensor]]:
     """Scoring rules: ``(observation, train stats, level) -> (N, L)`` token scores."""
 
@@ -175,9 +180,7 @@ def candidates() -> dict[str, Callable[[Observation, list[TrainStats], int], tor
         return _mahalanobis(o.tokens[i] - s[i].feature_mean, s[i].feature_precision)
 
     def maha_pc(o: Observation, s: list[TrainStats], i: int) -> torch.Tensor:
-        centred = o.residual[i] - s[i].residual_mean
-        quadratic = torch.einsum("nlc,lcd,nld->nl", centred, s[i].position_precision, centred)
-        return quadratic.clamp_min(0).sqrt()
+        return _position_mahalanobis(o.residual[i] - s[i].residual_mean, s[i].position_precision)
 
     def maha_z(o: Observation, s: list[TrainStats], i: int) -> torch.Tensor:
         return (maha_r(o, s, i) - s[i].maha_mean) / s[i].maha_std
