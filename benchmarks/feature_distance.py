@@ -8,7 +8,10 @@ model does (per-position mean, one shrunk covariance per level, upsampling, leve
 score = map maximum). Statistics from the training images only.
 
     python benchmarks/feature_distance.py --sizes "[[256, 256]]" --blurs "[4]" --covariances "[shared, position]"
-    python benchmarks/feature_distance.py --datasets "[battery_weld]" --sizes "[[128, 192], [192, 304], [256, 400]]" --blurs "[2, 4, 8]"
+    python benchmarks/feature_distance.py --sizes "[[256, 256]]" --covariances "[shared, auto]" \
+        --level_scalings "[none, level0, level1, weight0.75]"
+    python benchmarks/feature_distance.py --datasets "[battery_weld]" \
+        --sizes "[[128, 192], [192, 304], [256, 400]]" --blurs "[2, 4, 8]"
 """
 
 from __future__ import annotations
@@ -26,11 +29,61 @@ DATASETS = {
 }
 
 
+WEIGHTS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+def held_out_weight(normal: torch.Tensor, folds: int = 4) -> float:
+    """The shared-covariance weight whose Gaussians best predict held-out training images (lowest NLL).
+
+    ``normal``: ``(N, L, C)`` training tokens. Images are split into ``folds``; each fold is scored
+    under per-position means and covariances fitted on the others. Training images only.
+    """
+    sys.path.insert(0, str(Path(__file__).parent))
+    from screen import _precision  # noqa: PLC0415
+
+    count = normal.shape[0]
+    nll = torch.zeros(len(WEIGHTS), dtype=torch.float64)
+    for fold in range(folds):
+        held = torch.arange(count) % folds == fold
+        fit = normal[~held].double()
+        mean = fit.mean(dim=0)
+        centred = fit - mean
+        per_position = torch.einsum("nlc,nld->lcd", centred, centred) / max(1, centred.shape[0] - 1)
+        shared = torch.linalg.inv(_precision(centred.flatten(0, 1).float()).double())
+        test = normal[held].double() - mean
+        for i, weight in enumerate(WEIGHTS):
+            chol, info = torch.linalg.cholesky_ex((1 - weight) * per_position + weight * shared)
+            if bool(info.any()):
+                nll[i] = float("inf")
+                continue
+            logdet = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (L,)
+            solved = torch.cholesky_solve(test.permute(1, 2, 0), chol)  # (L, C, n)
+            maha = (test.permute(1, 2, 0) * solved).sum(1)  # (L, n)
+            nll[i] += (logdet[:, None] + maha).sum()
+    return WEIGHTS[int(nll.argmin())]
+
+
+def scale_levels(scores: list[torch.Tensor], train_scores: list[torch.Tensor], scaling: str) -> list[torch.Tensor]:
+    """Per-level test distances put on a common scale (see ``main``'s ``level_scalings``)."""
+    if scaling == "none":
+        return scores
+    if scaling == "z":
+        return [(score - train.mean()) / train.std() for score, train in zip(scores, train_scores, strict=True)]
+    if scaling.startswith("level"):
+        return [scores[int(scaling.removeprefix("level"))]]
+    if scaling.startswith("weight"):  # "weight0.75": that share of the finest level, the rest on the other
+        share = float(scaling.removeprefix("weight"))
+        return [2 * share * scores[0], 2 * (1 - share) * scores[1]]
+    msg = f"unknown level scaling {scaling!r}"
+    raise ValueError(msg)
+
+
 def main(
     datasets: list[str] | None = None,
     sizes: list[tuple[int, int]] | None = None,
     blurs: list[float] | None = None,
     covariances: list[str] | None = None,
+    level_scalings: list[str] | None = None,
     threads: int = 1,
 ) -> None:
     """Print exact image / pixel AUROC of the whitened feature distance per dataset, size and blur.
@@ -39,9 +92,15 @@ def main(
         datasets: names of ``DATASETS`` (default: all; MVTec layout under ``./datasets``).
         sizes: input (height, width) pairs.
         blurs: Gaussian blur sigmas of the map (the model's default is 4).
-        covariances: ``"shared"`` (one covariance per level, as the model keeps) and/or ``"position"``
-            (one per token position, shrunk towards the shared one as PaDiM-style models need with
-            few images: issue 17's candidate for PaDiM's pixel advantage).
+        covariances: ``"shared"`` (one covariance per level, as the model keeps), ``"position"``
+            (one per token position, shrunk towards the shared one with weight ``C / (N + C)`` as
+            PaDiM-style models need with few images: issue 17's candidate for PaDiM's pixel advantage),
+            ``"auto"`` (the same with the weight that best predicts held-out training images,
+            ``held_out_weight``) and/or ``"blend"`` (the mean of the ``auto`` and ``shared`` distances).
+        level_scalings: how the levels' distances are put on one scale before their mean: ``"none"``
+            (as the model does), ``"z"`` (each level in z-units of its training tokens' distances) or
+            ``"level0"`` / ``"level1"`` (one level alone) or ``"weight0.75"`` (that weight on the finest
+            level and the rest on the other: a weighted mean of the two levels).
         threads: torch threads.
     """
     sys.path.insert(0, str(Path(__file__).parent))
@@ -77,23 +136,37 @@ def main(
                 centred_test = test_level.flatten(2).transpose(1, 2) - mean
                 levels.append((centred_normal, centred_test, _precision(centred_normal.flatten(0, 1))))
             for covariance in covariances or ["shared"]:
-                scores = [
-                    _position_mahalanobis(centred, _position_precision(normal, torch.linalg.inv(precision.double())))
-                    if covariance == "position"
-                    else _mahalanobis(centred, precision)
-                    for normal, centred, precision in levels
-                ]
-                for sigma in blurs or [4.0]:
-                    maps, image_scores = AnomalyMapGenerator(FodSettings(blur_sigma=sigma)).combine_levels(
-                        scores, grids, test["size"]
-                    )
-                    print(
-                        f"{name} {size[0]}x{size[1]} {covariance} covariance, blur {sigma:g}: image AUROC "
-                        f"{image_auroc(image_scores.numpy(), test['labels'].numpy()):.4f}, pixel AUROC "
-                        f"{pixel_auroc(maps[:, 0].numpy(), test['masks'].numpy()):.4f}",
-                        flush=True,
-                    )
-
+                scores, train_scores = [], []  # per level: test (N, L) and training (N_train, L) distances
+                for normal, centred, precision in levels:
+                    if covariance == "shared":
+                        scores.append(_mahalanobis(centred, precision))
+                        train_scores.append(_mahalanobis(normal, precision))
+                        continue
+                    shared = torch.linalg.inv(precision.double())
+                    weight = None if covariance == "position" else held_out_weight(normal)
+                    if weight is not None:
+                        print(f"  {covariance}: shared-covariance weight {weight:g}", flush=True)
+                    position = _position_precision(normal, shared, weight)
+                    test_distance = _position_mahalanobis(centred, position)
+                    train_distance = _position_mahalanobis(normal, position)
+                    if covariance == "blend":
+                        test_distance = 0.5 * (test_distance + _mahalanobis(centred, precision))
+                        train_distance = 0.5 * (train_distance + _mahalanobis(normal, precision))
+                    scores.append(test_distance)
+                    train_scores.append(train_distance)
+                for scaling in level_scalings or ["none"]:
+                    scaled = scale_levels(scores, train_scores, scaling)
+                    used = [grids[int(scaling.removeprefix("level"))]] if scaling.startswith("level") else grids
+                    for sigma in blurs or [4.0]:
+                        maps, image_scores = AnomalyMapGenerator(FodSettings(blur_sigma=sigma)).combine_levels(
+                            scaled, used, test["size"]
+                        )
+                        print(
+                            f"{name} {size[0]}x{size[1]} {covariance} covariance, levels {scaling}, blur {sigma:g}: "
+                            f"image AUROC {image_auroc(image_scores.numpy(), test['labels'].numpy()):.4f}, pixel AUROC "
+                            f"{pixel_auroc(maps[:, 0].numpy(), test['masks'].numpy()):.4f}",
+                            flush=True,
+                        )
 
 if __name__ == "__main__":
     from jsonargparse import CLI

@@ -5,8 +5,11 @@ its default settings; PatchCore with ``blocks.2`` + ``blocks.4`` of Lite0 and an
 otherwise), exported with ``Engine.export(..., ExportType.OPENVINO)`` at a fixed 256x256 input,
 with a static batch of 1, and timed on the CPU: the median of ``--runs`` synchronous inferences
 after ``--warmup`` runs, on a real pre-resized test image. The two models are timed alternately so
-that a shared machine's load affects both alike. Also printed: the exported file sizes and, for
-FOD, the drift of an FP16-compressed copy of its IR over all test images.
+that a shared machine's load affects both alike. A 1024^3 float32 matmul compiled by OpenVINO with
+the same settings is timed in the same rotation: each graph's FLOPs (its MatMul, attention and
+convolution nodes, ``graph_gflop``) at that rate are its compute bound, printed next to its latency.
+Also printed: the exported file sizes and, for FOD, the drift of an FP16-compressed copy of its IR
+over all test images.
 
 Training uses batches of 8 (``--batch-size``): FOD at 256 px in batches of 32 needs more than
 16 GB of RAM on a CPU (its stride-8 level has 1024 tokens, so each attention map is 1024x1024 per
@@ -110,6 +113,49 @@ def test_images(image_size: tuple[int, int]) -> list[tuple[str, np.ndarray]]:
     return [(f"{p.parent.name}/{p.name}", to_model_input(load_rgb(p), image_size)) for p in paths]
 
 
+MATMUL = "matmul 1024^3"
+MATMUL_SIZE = 1024
+
+
+def matmul_model():  # noqa: ANN201 - openvino type, imported lazily
+    """A float32 ``(1024, 1024) @ (1024, 1024)`` OpenVINO graph: the CPU's matmul rate under OpenVINO."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    weight = np.random.default_rng(0).standard_normal((MATMUL_SIZE, MATMUL_SIZE)).astype(np.float32)
+    left = ops.parameter([MATMUL_SIZE, MATMUL_SIZE], np.float32, name="input")
+    return ov.Model([ops.matmul(left, ops.constant(weight), False, False)], [left], "matmul")
+
+
+def graph_gflop(xml: Path) -> float:
+    """Multiply-add FLOPs (x 2) of a fixed-shape IR's MatMul, attention and (group) convolution nodes, in GFLOP.
+
+    Element-wise work (softmax, normalisation, activations) is not counted: the bound is what the
+    arithmetic alone would take at the matmul rate.
+    """
+    import openvino as ov
+
+    flops = 0
+    for op in ov.Core().read_model(str(xml)).get_ordered_ops():
+        kind = op.get_type_name()
+        if kind not in {"MatMul", "Convolution", "GroupConvolution", "ScaledDotProductAttention"}:
+            continue
+        out = int(np.prod(list(op.get_output_partial_shape(0).to_shape())))
+        weights = list(op.get_input_partial_shape(1).to_shape())
+        if kind == "MatMul":
+            first = list(op.get_input_partial_shape(0).to_shape())
+            inner = first[-2] if op.get_attributes()["transpose_a"] else first[-1]
+            flops += 2 * out * inner
+        elif kind == "Convolution":  # weights (O, I, kh, kw)
+            flops += 2 * out * int(np.prod(weights[1:]))
+        elif kind == "GroupConvolution":  # weights (G, O/G, I/G, kh, kw)
+            flops += 2 * out * int(np.prod(weights[2:]))
+        else:  # query (..., L, d) against keys (..., S, d): logits then the weighted values (out: (..., L, dv))
+            query = list(op.get_input_partial_shape(0).to_shape())
+            flops += 2 * int(np.prod(query)) * weights[-2] + 2 * out * weights[-2]
+    return flops / 1e9
+
+
 def latency_ms(
     models: dict[str, Path],
     image: np.ndarray,
@@ -121,22 +167,27 @@ def latency_ms(
 
     The models are timed alternately (A, B, A, B, ...) so that both see the same load on a
     shared machine and their ratio stays meaningful when other processes compete for the CPU.
+    A 1024^3 float32 matmul in OpenVINO (``MATMUL``) is timed in the same rotation: the
+    compute bound's rate.
     """
     import openvino as ov
 
     core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY"}
     requests = {
-        name: core.compile_model(str(xml), device, {"PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
-        for name, xml in models.items()
+        name: core.compile_model(str(xml), device, config).create_infer_request() for name, xml in models.items()
     }
-    for request in requests.values():
+    requests[MATMUL] = core.compile_model(matmul_model(), device, config).create_infer_request()
+    inputs = {name: image for name in models}
+    inputs[MATMUL] = np.random.default_rng(1).standard_normal((MATMUL_SIZE, MATMUL_SIZE)).astype(np.float32)
+    for name, request in requests.items():
         for _ in range(warmup):
-            request.infer({0: image})
+            request.infer({0: inputs[name]})
     times: dict[str, list[float]] = {name: [] for name in requests}
     for _ in range(runs):
         for name, request in requests.items():
             start = time.perf_counter()
-            request.infer({0: image})
+            request.infer({0: inputs[name]})
             times[name].append((time.perf_counter() - start) * 1e3)
     result = {}
     for name, values in times.items():
@@ -243,9 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     timings = latency_ms(exported, sample, args.runs, args.warmup, args.device)
     load_after = os.getloadavg()[0]
-    results = {name: {**timings[name], **file_sizes(xml)} for name, xml in exported.items()}
-    for name, row in results.items():
-        print(f"[{name}] {exported[name]}: {json.dumps(row)}", flush=True)
+    rate = 2 * MATMUL_SIZE**3 / timings[MATMUL]["median_ms"] / 1e6  # GFLOP/s
+    results = {}
+    for name, xml in exported.items():
+        gflop = graph_gflop(xml)
+        bound = {"gflop": round(gflop, 3), "bound_ms": round(gflop / rate * 1e3, 2)}
+        bound["over_bound"] = round(timings[name]["median_ms"] / bound["bound_ms"], 2)
+        results[name] = {**timings[name], **bound, **file_sizes(xml)}
+        print(f"[{name}] {exported[name]}: {json.dumps(results[name])}", flush=True)
 
     fod_ms = results["FOD (Lite0)"]["median_ms"]
     patchcore_ms = results["PatchCore (Lite0)"]["median_ms"]
@@ -253,11 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"OpenVINO {args.device}, batch 1, {size[0]}x{size[1]}, median of {args.runs} runs after {args.warmup} warm-up")
     print(f"host: {platform.machine()}, {os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before / "
           f"{load_after:.1f} after timing (models timed alternately)")
-    print(f"{'model':<26}{'median ms':>11}{'p10 ms':>9}{'p90 ms':>9}{'.xml MiB':>10}{'.bin MiB':>10}")
+    print(f"OpenVINO matmul rate (1024^3 float32, timed in the same rotation): {rate:.0f} GFLOP/s")
+    print(f"{'model':<26}{'median ms':>11}{'p10 ms':>9}{'p90 ms':>9}{'GFLOP':>8}{'bound ms':>10}{'/ bound':>9}"
+          f"{'.xml MiB':>10}{'.bin MiB':>10}")
     for name, row in results.items():
-        print(f"{name:<26}{row['median_ms']:>11.2f}{row['p10_ms']:>9.2f}{row['p90_ms']:>9.2f}"
-              f"{row['xml_MiB']:>10.2f}{row['bin_MiB']:>10.2f}")
-    print(f"FOD / PatchCore latency ratio: {fod_ms / patchcore_ms:.2f}")
+        print(f"{name:<26}{row['median_ms']:>11.2f}{row['p10_ms']:>9.2f}{row['p90_ms']:>9.2f}{row['gflop']:>8.2f}"
+              f"{row['bound_ms']:>10.1f}{row['over_bound']:>9.2f}{row['xml_MiB']:>10.2f}{row['bin_MiB']:>10.2f}")
+    print(f"FOD / PatchCore latency ratio: {fod_ms / patchcore_ms:.2f} (FOD's compute bound alone is "
+          f"{results['FOD (Lite0)']['bound_ms'] / patchcore_ms:.2f}x PatchCore's latency)")
     if "FOD paper score (Lite0)" in results:
         paper_ms = results["FOD paper score (Lite0)"]["median_ms"]
         print(f"FOD with the paper's score / PatchCore latency ratio: {paper_ms / patchcore_ms:.2f}")

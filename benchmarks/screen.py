@@ -105,14 +105,15 @@ def _precision(centred: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(cov).float()
 
 
-def _position_precision(centred: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+def _position_precision(centred: torch.Tensor, shared: torch.Tensor, weight: float | None = None) -> torch.Tensor:
     """``(L, C, C)`` inverse covariances of ``(N, L, C)`` centred samples, each shrunk towards ``shared``.
 
-    The weight of the shared covariance is ``C / (N + C)``: with as few images as channels, half of it.
+    The weight of the shared covariance is ``weight``, by default ``C / (N + C)``: with as few images as
+    channels, half of it.
     """
     count, _, channels = centred.shape
     per_position = torch.einsum("nlc,nld->lcd", centred.double(), centred.double()) / max(1, count - 1)
-    weight = channels / (count + channels)
+    weight = channels / (count + channels) if weight is None else weight
     cov = (1 - weight) * per_position + weight * shared.double()
     return torch.linalg.inv(cov).float()
 
