@@ -162,6 +162,7 @@ def latency_ms(
     runs: int,
     warmup: int,
     device: str,
+    threads: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Median (and p10/p90) wall time of one synchronous batch-1 inference per model, in ms.
 
@@ -173,7 +174,9 @@ def latency_ms(
     import openvino as ov
 
     core = ov.Core()
-    config = {"PERFORMANCE_HINT": "LATENCY"}
+    config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = threads
     requests = {
         name: core.compile_model(str(xml), device, config).create_infer_request() for name, xml in models.items()
     }
@@ -242,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=100, help="timed runs per model (>= 50)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", default="CPU")
+    parser.add_argument("--threads", type=int, default=None, help="OpenVINO inference threads (default: its choice)")
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -292,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     images = test_images(size)
     sample = images[0][1]
     load_before = os.getloadavg()[0]
-    timings = latency_ms(exported, sample, args.runs, args.warmup, args.device)
+    timings = latency_ms(exported, sample, args.runs, args.warmup, args.device, args.threads)
     load_after = os.getloadavg()[0]
     rate = 2 * MATMUL_SIZE**3 / timings[MATMUL]["median_ms"] / 1e6  # GFLOP/s
     results = {}
@@ -306,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     fod_ms = results["FOD (Lite0)"]["median_ms"]
     patchcore_ms = results["PatchCore (Lite0)"]["median_ms"]
     print()
-    print(f"OpenVINO {args.device}, batch 1, {size[0]}x{size[1]}, median of {args.runs} runs after {args.warmup} warm-up")
+    threads = "OpenVINO's default threads" if args.threads is None else f"{args.threads} thread(s)"
+    print(f"OpenVINO {args.device} ({threads}), batch 1, {size[0]}x{size[1]}, median of {args.runs} runs after "
+          f"{args.warmup} warm-up")
     print(f"host: {platform.machine()}, {os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before / "
           f"{load_after:.1f} after timing (models timed alternately)")
     print(f"OpenVINO matmul rate (1024^3 float32, timed in the same rotation): {rate:.0f} GFLOP/s")

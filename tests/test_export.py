@@ -551,11 +551,13 @@ def _other_model(name: str) -> Fod | Cdo:
         return Cdo(**common)
     if name == "ed":
         return Ed(**TINY, **common)
-    return Fod(**TINY, reconstruction_term="mahalanobis", **common)  # statistics are buffers: graph constants
+    # statistics are buffers: graph constants
+    covariance = "position" if name == "fod_position" else "shared"
+    return Fod(**TINY, reconstruction_term="mahalanobis", residual_covariance=covariance, **common)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["cdo", "ed", "fod_mahalanobis"])
+@pytest.mark.parametrize("name", ["cdo", "ed", "fod_mahalanobis", "fod_position"])
 def test_other_models_match_lightning_at_any_size(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """1 epoch at 64 px on battery_weld, reloaded and exported with defaults; every 8th test image at its
     original 256x400 and two scaled to 900x900, through OpenVINOInferencer and ONNX Runtime."""
@@ -573,7 +575,7 @@ def test_other_models_match_lightning_at_any_size(name: str, tmp_path: Path, mon
     expected = engine_outputs(engine, model, folder)
     monkeypatch.chdir(tmp_path)  # OpenVINOInferencer writes ./openvino_cache
     result = {"openvino": assert_parity(expected, openvino_outputs(xml, folder), f"{name} openvino")}
-    if name == "fod_mahalanobis":
+    if name.startswith("fod_"):
         import onnx  # noqa: PLC0415
         from onnx import numpy_helper  # noqa: PLC0415
 

@@ -79,3 +79,54 @@ def test_missing_statistics_are_a_clear_error_and_old_state_dicts_load() -> None
     with pytest.raises(RuntimeError, match="fit_residual_statistics"), torch.no_grad():
         model.model.forward_features(features, (64, 64))
     assert not ResidualStatistics().fitted
+
+
+def direct_position_mahalanobis(residual: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """Per position: its own covariance and the pooled one mixed by C / (N + C), float64, one position at a time."""
+    count, positions, channels = train.shape
+    mean = train.double().mean(0)
+    centred = train.double() - mean
+    pooled = centred.flatten(0, 1)
+    shared = pooled.T @ pooled / (pooled.shape[0] - 1)
+    shared += SHRINKAGE * shared.diagonal().mean() * torch.eye(channels, dtype=shared.dtype)
+    weight = channels / (count + channels)
+    scores = []
+    for position in range(positions):
+        own = centred[:, position].T @ centred[:, position] / (count - 1)
+        precision = torch.linalg.inv((1 - weight) * own + weight * shared)
+        diff = residual[:, position].double() - mean[position]
+        scores.append(((diff @ precision) * diff).sum(-1).sqrt())
+    return torch.stack(scores, dim=1)
+
+
+def test_per_position_statistics_equal_a_direct_computation() -> None:
+    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance="position")
+    fod = model.model
+    features = features_and_references(model)
+    fit_statistics(fod, [[f[:3] for f in features], [f[3:] for f in features]])
+    fod.eval()
+    with torch.no_grad():
+        run = fod.run_levels(features)
+        for level, (tokens, output) in enumerate(zip(run.tokens, run.levels, strict=True)):
+            residual = tokens - output.reconstruction
+            statistics = fod.anomaly_map_generator.statistics[level]
+            assert statistics.precision.shape == (*residual.shape[1:], residual.shape[-1])
+            got = statistics(residual)
+            direct = direct_position_mahalanobis(residual, residual)
+            torch.testing.assert_close(got.double(), direct, rtol=1e-4, atol=1e-4)
+            # really per position: not the shared score
+            assert not torch.allclose(got.double(), direct_mahalanobis(residual, residual), rtol=1e-2)
+
+
+def test_statistics_of_the_other_covariance_kind_are_a_clear_error() -> None:
+    shared = tiny_model(reconstruction_term="mahalanobis", scoring="rec")
+    features = features_and_references(shared)
+    fit_statistics(shared.model, [features])
+    per_position = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance="position")
+    per_position.load_state_dict(shared.state_dict())  # e.g. a checkpoint re-scored with the other setting
+    per_position.model.eval()
+    with pytest.raises(RuntimeError, match="one shared covariance but residual_covariance asks"), torch.no_grad():
+        per_position.model.forward_features(features, (64, 64))
+    fit_statistics(per_position.model, [features])  # refitting is the way out
+    with torch.no_grad():
+        per_position.model.forward_features(features, (64, 64))

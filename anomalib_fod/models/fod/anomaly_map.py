@@ -88,7 +88,8 @@ class AnomalyMapGenerator(nn.Module):
         self.scoring = scoring
         self.with_intra = with_intra
         self.with_inter = with_inter
-        self.statistics = nn.ModuleList(ResidualStatistics() for _ in settings.d_models)
+        per_position = settings.residual_covariance == "position"
+        self.statistics = nn.ModuleList(ResidualStatistics(per_position) for _ in settings.d_models)
         self.blur = None
         if blur_sigma > 0:
             kernel = 2 * int(4.0 * blur_sigma + 0.5) + 1

@@ -30,7 +30,15 @@ from .feature_cache import FeatureCache, is_deterministic
 from .loss import FodLoss
 from .reference import ReferenceFeatureCallback, iterate_pooled_features, shard_loader
 from .residual_statistics import ResidualStatisticsCallback, fit_statistics
-from .settings import FeedForwardMode, FodSettings, FusionMode, ReconstructionTerm, ReferenceMode, ScoringMode
+from .settings import (
+    FeedForwardMode,
+    FodSettings,
+    FusionMode,
+    ReconstructionTerm,
+    ReferenceMode,
+    ResidualCovariance,
+    ScoringMode,
+)
 from .torch_model import FodModel
 
 logger = logging.getLogger(__name__)
@@ -70,6 +78,13 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             one (``Fod.load_from_checkpoint(path, reconstruction_term="cos")``; for ``"mahalanobis"``
             then call :meth:`fit_residual_statistics`). Why the defaults differ from the paper:
             docs/differences.md; the paper's recipe is the ``fod_paper`` config.
+        residual_covariance: with ``reconstruction_term="mahalanobis"``, how the residuals' covariance is
+            kept per level: ``"shared"`` (default: one for all token positions) or ``"position"`` (one per
+            position, shrunk towards the shared one by ``C / (N + C)`` for ``N`` training images and ``C``
+            channels). Per position suits aligned parts with a few hundred training images and small
+            defects (bsdata_pitting +0.05 image / +0.02 pixel AUROC) and costs localisation elsewhere
+            (battery_weld -0.009, bottle -0.002 pixel AUROC; benchmarks/RESULTS.md, issue 17). Scoring
+            only: on a trained checkpoint, refit with :meth:`fit_residual_statistics`.
         reference: ``"mean"`` (paper) or ``"coreset"`` reference features.
         out_projection: apply an output projection after each attention. ``False`` (default)
             matches the paper's code, which computed the projection and discarded it. Applying
@@ -129,6 +144,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         entropy_weight: float = 0.5,
         scoring: ScoringMode = "rec",
         reconstruction_term: ReconstructionTerm = "mahalanobis",
+        residual_covariance: ResidualCovariance = "shared",
         reference: ReferenceMode = "mean",
         out_projection: bool = False,
         blur_sigma: float = 4.0,

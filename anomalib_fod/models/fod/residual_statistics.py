@@ -6,9 +6,15 @@ defects *below* normal tokens on some data), and ``1 - cos`` ignores how far a t
 ignore what the residual ``r = x - x_hat`` looks like on normal images. Here each level keeps, from
 the training images after training, the mean residual of every token position ``mu_l`` ``(L, C)``
 and one covariance of the residuals around those means ``Sigma`` ``(C, C)`` shared by all positions
-(a few hundred images cannot estimate one per position), and a token is scored by its Mahalanobis
+(a few hundred images estimate one per position poorly), and a token is scored by its Mahalanobis
 distance ``sqrt((r - mu_l)^T Sigma^-1 (r - mu_l))``: a residual is judged against the residuals the
 model makes on normal images, channel by channel and with their correlations.
+
+With ``residual_covariance="position"`` each position keeps its own covariance ``Sigma_l``
+``(L, C, C)``, shrunk towards the shared one: ``(1 - w) Sigma_l + w Sigma`` with ``w = C / (N + C)``
+for ``N`` training images (half the shared covariance when there are as many images as channels).
+That helps where positions differ and images are aligned, and adds estimation noise where they do
+not (benchmarks/RESULTS.md, issue 17).
 
 The statistics are buffers, so they are saved in checkpoints and become constants of an exported
 graph, like the reference features. :class:`ResidualStatisticsCallback` fits them on the training
@@ -40,13 +46,15 @@ SHRINKAGE = 0.01
 
 
 class ResidualStatistics(DynamicBufferMixin, nn.Module):
-    """Per-position mean and shared precision of one level's residuals; empty until fitted.
+    """Per-position mean and precision of one level's residuals; empty until fitted.
 
-    Buffers: ``mean`` ``(L, C)`` and ``precision`` ``(C, C)``.
+    Buffers: ``mean`` ``(L, C)`` and ``precision`` ``(C, C)`` (shared by all positions) or, with
+    ``per_position``, ``(L, C, C)``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, per_position: bool = False) -> None:
         super().__init__()
+        self.per_position = per_position
         self.register_buffer("mean", torch.empty(0, 0))
         self.register_buffer("precision", torch.empty(0, 0))
 
@@ -65,7 +73,7 @@ class ResidualStatistics(DynamicBufferMixin, nn.Module):
                 missing_keys.remove(key)
 
     def set(self, mean: torch.Tensor, precision: torch.Tensor) -> None:
-        """Store ``(L, C)`` means and a ``(C, C)`` precision."""
+        """Store ``(L, C)`` means and a ``(C, C)`` (or per position ``(L, C, C)``) precision."""
         self.mean = mean.detach().float()
         self.precision = precision.detach().float()
 
@@ -84,31 +92,54 @@ class ResidualStatistics(DynamicBufferMixin, nn.Module):
                 f"{tuple(residual.shape[1:])}: use the image size the model was trained with."
             )
             raise RuntimeError(msg)
+        holds_per_position = self.precision.dim() == 3  # noqa: PLR2004 - (L, C, C)
+        if holds_per_position != self.per_position:
+            kinds = ("one shared covariance", "one covariance per position")
+            msg = (
+                f"the residual statistics hold {kinds[holds_per_position]} but residual_covariance asks for "
+                f"{kinds[self.per_position]}: refit them with Fod.fit_residual_statistics(datamodule)."
+            )
+            raise RuntimeError(msg)
         centred = residual.float() - self.mean
-        return ((centred @ self.precision) * centred).sum(-1).clamp_min(0.0).sqrt()
+        if self.per_position:  # (L, B, C) @ (L, C, C): one batched matmul, which every exporter handles
+            whitened = (centred.transpose(0, 1) @ self.precision).transpose(0, 1)
+        else:
+            whitened = centred @ self.precision
+        return (whitened * centred).sum(-1).clamp_min(0.0).sqrt()
 
 
 class ResidualAccumulator:
-    """Running float64 sums of residuals ``(B, L, C)`` for :func:`fit_statistics`, per level."""
+    """Running float64 sums of residuals ``(B, L, C)`` for :func:`fit_statistics`, per level.
 
-    def __init__(self) -> None:
+    ``per_position``: keep every position's outer products ``(L, C, C)`` (their sum over positions
+    is the shared one) for per-position covariances.
+    """
+
+    def __init__(self, per_position: bool = False) -> None:
+        self.per_position = per_position
         self.count = 0.0
         self.sum: torch.Tensor | None = None  # (L, C)
-        self.outer: torch.Tensor | None = None  # (C, C)
+        self.outer: torch.Tensor | None = None  # (C, C), or (L, C, C) per position
 
     def add(self, residual: torch.Tensor) -> None:
         """Add a batch of residuals ``(B, L, C)``."""
         r = residual.detach().double()
         if self.sum is None:
             self.sum = torch.zeros(r.shape[1:], dtype=torch.float64, device=r.device)
-            self.outer = torch.zeros(r.shape[-1], r.shape[-1], dtype=torch.float64, device=r.device)
+            shape = (*r.shape[1:], r.shape[-1]) if self.per_position else (r.shape[-1], r.shape[-1])
+            self.outer = torch.zeros(shape, dtype=torch.float64, device=r.device)
         self.sum += r.sum(dim=0)
-        flat = r.flatten(0, 1)
-        self.outer += flat.T @ flat
+        if self.per_position:
+            by_position = r.transpose(0, 1)  # (L, B, C)
+            self.outer += by_position.transpose(1, 2) @ by_position
+        else:
+            flat = r.flatten(0, 1)
+            self.outer += flat.T @ flat
         self.count += r.shape[0]
 
     def finish(self, trainer: Trainer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(L, C)`` means and the ``(C, C)`` precision of the pooled within-position covariance."""
+        """``(L, C)`` means and the precision: of the pooled within-position covariance ``(C, C)`` or,
+        per position, ``(L, C, C)`` of each position's covariance shrunk towards the pooled one."""
         if self.sum is None or self.outer is None:
             msg = "no training images: FOD needs them to fit its residual statistics."
             raise RuntimeError(msg)
@@ -120,9 +151,15 @@ class ResidualAccumulator:
             count = trainer.strategy.reduce(count, reduce_op="sum")
         mean = total / count
         positions, channels = mean.shape
+        pooled = outer.sum(dim=0) if self.per_position else outer
         # sum over images and positions of (r - mu_l)(r - mu_l)^T = sum r r^T - N sum_l mu_l mu_l^T
-        cov = (outer - count * mean.T @ mean) / (count * positions - 1).clamp_min(1)
+        cov = (pooled - count * mean.T @ mean) / (count * positions - 1).clamp_min(1)
         cov = cov + SHRINKAGE * cov.diagonal().mean() * torch.eye(channels, dtype=cov.dtype, device=cov.device)
+        if self.per_position:
+            # sum over images of (r - mu_l)(r - mu_l)^T = sum r r^T - N mu_l mu_l^T, at every position l
+            own = (outer - count * mean[:, :, None] * mean[:, None, :]) / (count - 1).clamp_min(1)
+            weight = channels / (count + channels)
+            cov = (1 - weight) * own + weight * cov
         return mean.float(), torch.linalg.inv(cov).float()
 
 
@@ -140,11 +177,12 @@ def fit_statistics(
     was_training = model.training
     model.eval()
     accumulators: list[ResidualAccumulator] | None = None
+    per_position = [statistics.per_position for statistics in model.anomaly_map_generator.statistics]
     try:
         for levels in features:
             run = model.run_levels(levels)
             if accumulators is None:
-                accumulators = [ResidualAccumulator() for _ in run.tokens]
+                accumulators = [ResidualAccumulator(flag) for flag in per_position]
             for accumulator, tokens, output in zip(accumulators, run.tokens, run.levels, strict=True):
                 residual = tokens - output.reconstruction
                 accumulator.add(residual if weight else residual[:0])

@@ -17,6 +17,7 @@ from anomalib_fod.utils import check_choices
 
 ScoringMode = Literal["rec", "div", "rec_div"]
 ReconstructionTerm = Literal["mse_cos", "cos", "mse", "mahalanobis"]
+ResidualCovariance = Literal["shared", "position"]
 ReferenceMode = Literal["mean", "coreset"]
 FusionMode = Literal["subtract", "concat_mlp"]
 FeedForwardMode = Literal["mlp", "dwconv_median"]
@@ -51,6 +52,9 @@ class FodSettings:
         reconstruction_term: what the ``rec`` term is: ``"mahalanobis"`` (default): the residual whitened
             by the training images' own residual statistics (fitted after training, stored as buffers;
             see ``residual_statistics.py``), ``"mse_cos"`` (paper), ``"cos"`` or ``"mse"``.
+        residual_covariance: with ``"mahalanobis"``: one residual covariance per level shared by all
+            token positions (``"shared"``, default) or one per position shrunk towards the shared one
+            (``"position"``).
         blur_sigma: Gaussian blur of the anomaly map (0 switches it off).
     """
 
@@ -73,6 +77,7 @@ class FodSettings:
     relative_position_bias: bool = field(default=False, metadata=_SHAPES)
     scoring: ScoringMode = "rec"
     reconstruction_term: ReconstructionTerm = "mahalanobis"
+    residual_covariance: ResidualCovariance = "shared"
     blur_sigma: float = 4.0
 
     def __post_init__(self) -> None:
