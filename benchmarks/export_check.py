@@ -207,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     from export_parity import copy_images, engine_outputs, onnxruntime_outputs, openvino_outputs, parity
     from PIL import Image
 
+    # Relative paths are the caller's: resolve them before the working directory changes below.
+    for name in ("root", "ckpt", "workdir", "json"):
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"export_check_{args.model}_{args.category}_"))
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)  # OpenVINOInferencer writes ./openvino_cache
