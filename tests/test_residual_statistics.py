@@ -33,21 +33,6 @@ def direct_mahalanobis(residual: torch.Tensor, train: torch.Tensor) -> torch.Ten
     return ((diff @ torch.linalg.inv(cov)) * diff).sum(-1).sqrt()
 
 
-def test_statistics_equal_a_direct_computation() -> None:
-    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec")
-    fod = model.model
-    features = features_and_references(model)
-    # in two batches: the running sums must equal the one-shot statistics
-    fit_statistics(fod, [[f[:3] for f in features], [f[3:] for f in features]])
-    fod.eval()
-    with torch.no_grad():
-        run = fod.run_levels(features)
-        for level, (tokens, output) in enumerate(zip(run.tokens, run.levels, strict=True)):
-            residual = tokens - output.reconstruction
-            got = fod.anomaly_map_generator.statistics[level](residual)
-            torch.testing.assert_close(got.double(), direct_mahalanobis(residual, residual), rtol=1e-4, atol=1e-4)
-
-
 def test_scores_use_the_statistics_and_survive_a_checkpoint(tmp_path) -> None:  # noqa: ANN001
     model = tiny_model(reconstruction_term="mahalanobis", scoring="rec")
     features = features_and_references(model)
@@ -99,10 +84,12 @@ def direct_position_mahalanobis(residual: torch.Tensor, train: torch.Tensor) -> 
     return torch.stack(scores, dim=1)
 
 
-def test_per_position_statistics_equal_a_direct_computation() -> None:
-    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance="position")
+@pytest.mark.parametrize("covariance", ["shared", "position"])
+def test_statistics_equal_a_direct_computation(covariance: str) -> None:
+    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance=covariance)
     fod = model.model
     features = features_and_references(model)
+    # in two batches: the running sums must equal the one-shot statistics
     fit_statistics(fod, [[f[:3] for f in features], [f[3:] for f in features]])
     fod.eval()
     with torch.no_grad():
@@ -110,12 +97,14 @@ def test_per_position_statistics_equal_a_direct_computation() -> None:
         for level, (tokens, output) in enumerate(zip(run.tokens, run.levels, strict=True)):
             residual = tokens - output.reconstruction
             statistics = fod.anomaly_map_generator.statistics[level]
+            got = statistics(residual).double()
+            shared = direct_mahalanobis(residual, residual)
+            if covariance == "shared":
+                torch.testing.assert_close(got, shared, rtol=1e-4, atol=1e-4)
+                continue
             assert statistics.precision.shape == (*residual.shape[1:], residual.shape[-1])
-            got = statistics(residual)
-            direct = direct_position_mahalanobis(residual, residual)
-            torch.testing.assert_close(got.double(), direct, rtol=1e-4, atol=1e-4)
-            # really per position: not the shared score
-            assert not torch.allclose(got.double(), direct_mahalanobis(residual, residual), rtol=1e-2)
+            torch.testing.assert_close(got, direct_position_mahalanobis(residual, residual), rtol=1e-4, atol=1e-4)
+            assert not torch.allclose(got, shared, rtol=1e-2)  # really per position
 
 
 def test_statistics_of_the_other_covariance_kind_are_a_clear_error() -> None:
