@@ -69,6 +69,9 @@ def observe(fod: Any, features: list[torch.Tensor], batch: int = 16) -> Observat
         for key in parts:
             parts[key].append([])
         for tokens, output in zip(run.tokens, run.levels, strict=True):
+            if not output.inter:
+                msg = "the screen reads the inter-branch divergence: build the model with scoring='rec_div'."
+                raise ValueError(msg)
             _, cosine = reconstruction_parts(tokens, output.reconstruction)
             parts["tokens"][-1].append(tokens.float())
             parts["residual"][-1].append((tokens - output.reconstruction).float())
@@ -292,17 +295,23 @@ def done_pairs(rows: Path) -> set[tuple[str, int]]:
     return finished
 
 
+def build_model(image_size: tuple[int, int], settings: dict[str, Any]) -> Any:  # noqa: ANN401 - Fod
+    """The screened model. Its own scoring is the paper's unless ``settings`` say otherwise: every
+    candidate reads the inter-branch divergence, which ``Fod()``'s default score does not compute."""
+    from anomalib_fod import Fod  # noqa: PLC0415
+
+    return Fod(image_size=image_size, visualizer=False, **{"scoring": "rec_div", **settings})
+
+
 def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed: int, rows_file: Path) -> None:
     """Train one seed on one dataset and write its rows."""
     sys.path.insert(0, str(Path(__file__).parent))
     from anomalib.data import MVTecAD  # noqa: PLC0415
     from convergence_probe import cache_features, index_stream, parse_settings  # noqa: PLC0415
 
-    from anomalib_fod import Fod  # noqa: PLC0415
-
     steps = sorted({int(v) for v in args.steps.split(",") if v.strip()})
     torch.manual_seed(seed)
-    model = Fod(image_size=tuple(args.image_size), visualizer=False, **parse_settings(args.set))
+    model = build_model(tuple(args.image_size), parse_settings(args.set))
     datamodule = MVTecAD(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=0,
                          val_split_mode="same_as_test")
     datamodule.setup()
