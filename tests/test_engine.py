@@ -102,7 +102,8 @@ def test_variants_train_and_predict(dummy_dataset, tmp_path, settings):
     check_predictions(predictions, n_images=n_test, batch_size=4, size=(DUMMY_SIZE, DUMMY_SIZE))
 
 
-def test_step_budget_stops_training_and_fits_the_residual_statistics(dummy_dataset, tmp_path) -> None:
+@pytest.mark.parametrize("covariance", ["shared", "position"])
+def test_step_budget_stops_training_and_fits_the_residual_statistics(dummy_dataset, tmp_path, covariance) -> None:  # noqa: ANN001
     """``training_steps`` ends the fit mid-epoch whatever max_epochs says; the whitened score is ready to test."""
     seed_everything(0)
     datamodule = make_datamodule(dummy_dataset.parent, dummy_dataset.name, train_batch_size=2, eval_batch_size=EVAL_BATCH)
@@ -111,6 +112,7 @@ def test_step_budget_stops_training_and_fits_the_residual_statistics(dummy_datas
         visualizer=False,
         training_steps=3,
         reconstruction_term="mahalanobis",
+        residual_covariance=covariance,
         scoring="rec",
         **TINY,
     )
@@ -119,6 +121,7 @@ def test_step_budget_stops_training_and_fits_the_residual_statistics(dummy_datas
     assert engine.trainer.global_step == 3
     statistics = model.model.anomaly_map_generator.statistics
     assert all(s.fitted for s in statistics)
+    assert all(s.precision.dim() == (3 if covariance == "position" else 2) for s in statistics)
     # fitted on the final weights: refitting now changes nothing
     before = [s.mean.clone() for s in statistics]
     model.fit_residual_statistics(datamodule)
