@@ -168,6 +168,7 @@ def main(
                             flush=True,
                         )
 
+
 if __name__ == "__main__":
     from jsonargparse import CLI
 
