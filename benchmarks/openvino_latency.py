@@ -262,9 +262,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time FOD's weights exported with the paper's score (rec_div, mse_cos), alternately with the others",
     )
+    parser.add_argument(
+        "--compare-xml",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="another exported model.xml (e.g. an older FOD) timed in the same rotation; repeatable",
+    )
     args = parser.parse_args(argv)
     if args.runs < 50:  # noqa: PLR2004
         parser.error("--runs must be at least 50")
+    compared = {}
+    for item in args.compare_xml:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            parser.error(f"--compare-xml takes NAME=PATH to an existing model.xml, got {item!r}")
+        compared[name] = Path(path)
 
     from anomalib.models import Patchcore
     from lightning.pytorch import seed_everything
@@ -292,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         patchcore = Patchcore.load_from_checkpoint(patchcore_ckpt, pre_trained=False)
         exported["PatchCore (Lite0)"] = export(patchcore, workdir, "patchcore", size)
+    clash = set(compared) & set(exported)
+    if clash:
+        parser.error(f"--compare-xml names must differ from {sorted(exported)}, got {sorted(clash)}")
+    exported.update(compared)
 
     images = test_images(size)
     sample = images[0][1]
@@ -323,9 +340,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['bound_ms']:>10.1f}{row['over_bound']:>9.2f}{row['xml_MiB']:>10.2f}{row['bin_MiB']:>10.2f}")
     print(f"FOD / PatchCore latency ratio: {fod_ms / patchcore_ms:.2f} (FOD's compute bound alone is "
           f"{results['FOD (Lite0)']['bound_ms'] / patchcore_ms:.2f}x PatchCore's latency)")
-    if "FOD paper score (Lite0)" in results:
-        paper_ms = results["FOD paper score (Lite0)"]["median_ms"]
-        print(f"FOD with the paper's score / PatchCore latency ratio: {paper_ms / patchcore_ms:.2f}")
+    for name in [name for name in results if name not in ("FOD (Lite0)", "PatchCore (Lite0)")]:
+        print(f"{name} / PatchCore latency ratio: {results[name]['median_ms'] / patchcore_ms:.2f}")
 
     if not args.no_fp16:
         drift = fp16_drift(exported["FOD (Lite0)"], images, args.device)

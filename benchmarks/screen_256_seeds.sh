@@ -6,16 +6,25 @@
 # finished.
 #   bash benchmarks/screen_256_seeds.sh /path/to/shared/datasets                   # battery_weld, bsdata_pitting
 #   bash benchmarks/screen_256_seeds.sh /path/to/shared/datasets bottle screw      # the MVTec AD categories
+#   bash benchmarks/screen_256_seeds.sh /path/to/shared/datasets --set num_layers=1 battery_weld  # a Fod setting;
+#       its results go to results/screen/b1_256_<dataset>_num_layers1
 # Baselines: anomalib-fod benchmark --config benchmarks/issue17.yaml --models Padim Patchcore1pct --datasets ...
 # Summary: python benchmarks/screen_report.py results/screen/b1_256_battery results/screen/b1_256_bsdata \
 #              --steps 250 --weights raw --baselines results/benchmarks/issue17
 set -euo pipefail
-DATASETS=${1:?usage: screen_256_seeds.sh DATASETS_DIR [battery_weld|bsdata_pitting|bottle|screw ...]}
+DATASETS=${1:?usage: screen_256_seeds.sh DATASETS_DIR [--set KEY=VALUE ...] [battery_weld|bsdata_pitting|bottle|screw ...]}
 shift
+SETTINGS=()
+SUFFIX=
+while [ "${1:-}" = --set ]; do
+    SETTINGS+=(--set "${2:?--set needs KEY=VALUE}")
+    SUFFIX="${SUFFIX}_${2//=/}"
+    shift 2
+done
 NAMES=("$@")
 [ ${#NAMES[@]} -gt 0 ] || NAMES=(battery_weld bsdata_pitting)
 COMMON=(--image-size 256 256 --batch 1 --steps 250 --seeds 0 1 2
-        --candidates paper cos maha_r maha_pc maha_z_klz feat_maha)
+        --candidates paper cos maha_r maha_pc maha_z_klz feat_maha ${SETTINGS[@]+"${SETTINGS[@]}"})
 export OMP_NUM_THREADS=1
 mkdir -p results/screen
 for name in "${NAMES[@]}"; do
@@ -25,6 +34,7 @@ for name in "${NAMES[@]}"; do
         bottle|screw) data="$name=$DATASETS/mvtec_ad:$name"; out=b1_256_$name ;;
         *) echo "unknown dataset $name" >&2; exit 2 ;;
     esac
+    out="$out$SUFFIX"
     python benchmarks/screen.py --data "$data" "${COMMON[@]}" --out "results/screen/$out" \
         > "results/screen/$out.log" 2>&1 &
 done

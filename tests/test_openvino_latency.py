@@ -12,7 +12,7 @@ ov = pytest.importorskip("openvino")
 ops = pytest.importorskip("openvino.opset13")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from openvino_latency import MATMUL_SIZE, graph_gflop, matmul_model  # noqa: E402
+from openvino_latency import MATMUL_SIZE, graph_gflop, main, matmul_model  # noqa: E402
 
 
 def _constant(*shape: int) -> object:
@@ -50,3 +50,11 @@ def test_matmul_model_is_the_square_product() -> None:
     weight = np.random.default_rng(0).standard_normal((MATMUL_SIZE, MATMUL_SIZE)).astype(np.float32)
     out = compiled({0: left})[0]
     np.testing.assert_allclose(out, left @ weight, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("item", ["no_separator", "=missing_name.xml", "name=does/not/exist.xml"])
+def test_compare_xml_is_checked_before_any_training(item: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as error:
+        main(["--compare-xml", item])
+    assert error.value.code == 2
+    assert "--compare-xml takes NAME=PATH" in capsys.readouterr().err
