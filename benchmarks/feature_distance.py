@@ -39,7 +39,7 @@ def held_out_weight(normal: torch.Tensor, folds: int = 4) -> float:
     under per-position means and covariances fitted on the others. Training images only.
     """
     sys.path.insert(0, str(Path(__file__).parent))
-    from screen import _precision  # noqa: PLC0415
+    from screen import _precision, position_covariance, shrink_towards  # noqa: PLC0415
 
     count = normal.shape[0]
     nll = torch.zeros(len(WEIGHTS), dtype=torch.float64)
@@ -48,11 +48,11 @@ def held_out_weight(normal: torch.Tensor, folds: int = 4) -> float:
         fit = normal[~held].double()
         mean = fit.mean(dim=0)
         centred = fit - mean
-        per_position = torch.einsum("nlc,nld->lcd", centred, centred) / max(1, centred.shape[0] - 1)
+        per_position = position_covariance(centred)
         shared = torch.linalg.inv(_precision(centred.flatten(0, 1).float()).double())
         test = normal[held].double() - mean
         for i, weight in enumerate(WEIGHTS):
-            chol, info = torch.linalg.cholesky_ex((1 - weight) * per_position + weight * shared)
+            chol, info = torch.linalg.cholesky_ex(shrink_towards(per_position, shared, weight))
             if bool(info.any()):
                 nll[i] = float("inf")
                 continue

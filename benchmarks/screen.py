@@ -108,6 +108,17 @@ def _precision(centred: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(cov).float()
 
 
+def position_covariance(centred: torch.Tensor) -> torch.Tensor:
+    """``(L, C, C)`` float64 covariances of ``(N, L, C)`` centred samples, one per token position."""
+    centred = centred.double()
+    return torch.einsum("nlc,nld->lcd", centred, centred) / max(1, centred.shape[0] - 1)
+
+
+def shrink_towards(per_position: torch.Tensor, shared: torch.Tensor, weight: float) -> torch.Tensor:
+    """``(1 - weight) * per_position + weight * shared``: ``(L, C, C)`` covariances pulled to one ``(C, C)``."""
+    return (1 - weight) * per_position + weight * shared.double()
+
+
 def _position_precision(centred: torch.Tensor, shared: torch.Tensor, weight: float | None = None) -> torch.Tensor:
     """``(L, C, C)`` inverse covariances of ``(N, L, C)`` centred samples, each shrunk towards ``shared``.
 
@@ -115,10 +126,8 @@ def _position_precision(centred: torch.Tensor, shared: torch.Tensor, weight: flo
     channels, half of it.
     """
     count, _, channels = centred.shape
-    per_position = torch.einsum("nlc,nld->lcd", centred.double(), centred.double()) / max(1, count - 1)
     weight = channels / (count + channels) if weight is None else weight
-    cov = (1 - weight) * per_position + weight * shared.double()
-    return torch.linalg.inv(cov).float()
+    return torch.linalg.inv(shrink_towards(position_covariance(centred), shared, weight)).float()
 
 
 def train_stats(obs: Observation) -> list[TrainStats]:
