@@ -54,7 +54,9 @@ def spread(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path, nargs="+", help="screen.py output folders (rows are pooled)")
+    parser.add_argument(
+        "run", type=Path, nargs="+", help="screen.py output folders (rows of the same settings are pooled)"
+    )
     parser.add_argument("--steps", type=int, nargs="*", help="only these step counts")
     parser.add_argument("--baselines", type=Path, help="an anomalib-fod benchmark run folder")
     parser.add_argument("--candidates", nargs="*")
@@ -76,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     rows += baselines
     groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        key = (row["dataset"], row["step"], row["weights"], row["candidate"])
+        # Runs with different model settings (screen.py --set) stay apart: "maha_r [num_layers=1]".
+        settings = row.get("settings") or []
+        candidate = row["candidate"] + (f" [{', '.join(settings)}]" if settings else "")
+        key = (row["dataset"], row["step"], row["weights"], candidate)
         for metric in args.metric:
             groups[key][metric].append(row.get(metric, math.nan))
     datasets = list(dict.fromkeys(key[0] for key in groups))

@@ -1,0 +1,33 @@
+"""``benchmarks/screen_report.py``: seeds pooled per candidate, runs with other model settings kept apart."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from screen_report import main  # noqa: E402
+
+
+def _run(folder: Path, settings: list[str], aurocs: list[float]) -> Path:
+    folder.mkdir()
+    rows = [
+        {"dataset": "weld", "seed": seed, "step": 250, "weights": "raw", "candidate": "maha_r",
+         "settings": settings, "image_auroc": auroc, "pixel_auroc": 0.5}
+        for seed, auroc in enumerate(aurocs)
+    ]
+    rows += [{"dataset": "weld", "seed": seed, "final": True, "train_seconds": 10.0} for seed in range(len(aurocs))]
+    (folder / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def test_settings_are_reported_apart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plain = _run(tmp_path / "plain", [], [0.90, 0.92, 0.94])
+    shallow = _run(tmp_path / "shallow", ["num_layers=1"], [0.80, 0.80])
+    assert main([str(plain), str(shallow), "--steps", "250"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "| 250 | raw | maha_r | 0.9200 ± 0.0200 (3) | 0.5000 ± 0.0000 (3) |" in lines
+    assert "| 250 | raw | maha_r [num_layers=1] | 0.8000 ± 0.0000 (2) | 0.5000 ± 0.0000 (2) |" in lines
