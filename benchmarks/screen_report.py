@@ -73,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
             and (not args.weights or r["weights"] in args.weights)
         ]
         finals += run_finals
+    # A (dataset, seed, step, weights, candidate, settings) measured in two pooled folders (a merged copy of
+    # another run) counts once, or its seed would weigh double in the mean and shrink the spread.
+    unique = {
+        (r["dataset"], r["seed"], r["step"], r["weights"], r["candidate"], tuple(r.get("settings") or [])): r
+        for r in rows
+    }
+    rows = list(unique.values())
+    finals = list({(f["dataset"], f["seed"], f["train_seconds"]): f for f in finals}.values())
     # The filters select screen rows; baselines are always shown next to them.
     baselines = load_baselines(args.baselines) if args.baselines else []
     rows += baselines
