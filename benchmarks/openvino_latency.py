@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--with-paper-score",
         action="store_true",
-        help="also time FOD's weights exported with the paper's score (rec_div, mse_cos), alternately with the others",
+        help="also time FOD's weights exported with the paper's score (rec_div, mse_cos), alternately with the others "
+        "(the same one-layer weights: the cost of the score, not of the paper's three layers)",
     )
     parser.add_argument(
         "--compare-xml",

@@ -125,13 +125,13 @@ def count_flops(step: Callable[[], Any]) -> int:
 def build(backbone: str, image_size: int, device: torch.device, score: str = "default") -> Any:  # noqa: ANN401 - a Fod
     """A default-sized FOD (random backbone weights) with references (and statistics) of random images.
 
-    ``score="paper"``: the paper's score (reconstruction times the inter-branch divergence), whose
-    inference computes every attention's divergence; the default (the whitened residual) needs only
-    the attention outputs.
+    ``score="paper"``: the paper's model (three layers) and score (reconstruction times the inter-branch
+    divergence), whose inference computes every attention's divergence; the default (one layer, the
+    whitened residual) needs only the attention outputs.
     """
     from anomalib_fod import Fod  # noqa: PLC0415
 
-    paper = {"scoring": "rec_div", "reconstruction_term": "mse_cos"} if score == "paper" else {}
+    paper = {"scoring": "rec_div", "reconstruction_term": "mse_cos", "num_layers": 3} if score == "paper" else {}
     model = Fod(backbone=backbone, pre_trained=False, image_size=image_size, visualizer=False, **paper).to(device)
     with torch.no_grad():
         images = torch.randn(2, 3, image_size, image_size, device=device)
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         "--score",
         choices=["default", "paper"],
         default="default",
-        help="Fod's default score (whitened residual) or the paper's (divergences computed at inference)",
+        help="Fod's defaults (one layer, whitened residual) or the paper's model and score (3 layers, divergences)",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--output", type=Path, default=Path("results/speed"))

@@ -51,12 +51,14 @@ def test_ablation_config_has_the_papers_rows_with_one_recipe() -> None:
         assert [m.name for m in config.models] == list(EXPECTED)
         assert {m.class_path for m in config.models} == {"anomalib_fod.Fod"}
         assert len({m.max_epochs for m in config.models}) == 1, "every row must train equally long"
+        assert {m.init_args["num_layers"] for m in config.models} == {3}, "the paper's depth, not Fod's default"
         assert {d.init_args["train_batch_size"] for d in config.datasets} == {4}
 
 
 def _build(init_args: dict) -> Fod:
     torch.manual_seed(0)
-    model = Fod(pre_trained=False, image_size=SIZE, visualizer=False, **TINY, **init_args)
+    # The rows pin the paper's 3 layers; the test model keeps its tiny shape.
+    model = Fod(pre_trained=False, image_size=SIZE, visualizer=False, **{**init_args, **TINY})
     set_random_references(model.model, SIZE, SIZE)
     return model
 

@@ -187,6 +187,7 @@ def test_shipped_fod_configs_give_the_recipe_they_name() -> None:
         assert config["trainer"]["max_epochs"] >= args["training_steps"], name  # epochs never stop it first
     paper = yaml.safe_load(config_path("fod_paper").read_text())["model"]["init_args"]
     assert (paper["scoring"], paper["reconstruction_term"], paper["training_steps"]) == ("rec_div", "mse_cos", 1000)
+    assert paper["num_layers"] == 3  # the paper's depth: its score fell to chance with Fod's one layer
 
 
 @pytest.mark.slow

@@ -46,6 +46,7 @@ def test_ed_is_a_preset_of_fod() -> None:
     assert (model.hparams["fusion"], model.hparams["ffn"]) == ("concat_mlp", "dwconv_median")
     assert model.hparams["learnable_temperature"] is True
     assert model.hparams["relative_position_bias"] is False
+    assert Ed(pre_trained=False).hparams["num_layers"] == 3  # the papers' depth, whatever Fod's default
     layer = model.model.levels[0].layers[0]
     assert layer.fusion is not None and isinstance(layer.ffn, ConvFeedForward)
     assert layer.self_attention.log_temperature is not None and layer.self_attention.position_bias is None

@@ -141,11 +141,13 @@ def test_fod_defaults_are_the_papers_model_with_a_calibrated_score_and_a_step_bu
     fod = Fod(pre_trained=False)
     hparams = fod.hparams
     assert tuple(hparams.d_models) == (256, 512)
-    assert (hparams.num_heads, hparams.num_layers, hparams.ffn_ratio) == (8, 3, 4)
+    assert (hparams.num_heads, hparams.ffn_ratio) == (8, 4)
     assert (hparams.kl_weight, hparams.entropy_weight) == (0.5, 0.5)
     assert hparams.reference == "mean"
-    # Not the paper's: the whitened residual and 250 optimizer steps (docs/differences.md).
+    # Not the paper's: the whitened residual, one layer and 250 optimizer steps (docs/differences.md).
     assert (hparams.scoring, hparams.reconstruction_term, hparams.training_steps) == ("rec", "mahalanobis", 250)
+    assert hparams.num_layers == 1
+    assert all(len(level.layers) == 1 for level in fod.model.levels)
     assert fod.model.anomaly_map_generator.needs_statistics
     assert fod.stops_itself
     assert hparams.learning_rate == 1e-4

@@ -37,4 +37,5 @@ def test_a_seed_found_in_two_pooled_folders_counts_once(tmp_path: Path, capsys: 
     first = _run(tmp_path / "first", [], [0.90, 0.94])
     merged = _run(tmp_path / "merged", [], [0.90, 0.94, 0.98])  # a copy of the first two seeds and a third
     assert main([str(first), str(merged)]) == 0
-    assert "| 250 | raw | maha_r | 0.9400 ± 0.0400 (3) | 0.5000 ± 0.0000 (3) |" in capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()
+    assert "| 250 | raw | maha_r | 0.9400 ± 0.0400 (3) | 0.5000 ± 0.0000 (3) |" in lines

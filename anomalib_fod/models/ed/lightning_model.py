@@ -15,8 +15,9 @@ feed-forward                 ``ffn="mlp"``                        ``ffn="dwconv_
 ===========================  ===================================  ===========================================
 
 Any of them can be switched back, e.g. ``Ed(fusion="subtract")`` is FOD with ED's attention and
-feed-forward. ``Ed`` keeps the papers' score (reconstruction times divergence) and the trainer's epoch
-limits: ``Fod``'s newer defaults (the whitened residual, a 250-step budget) were measured on FOD only.
+feed-forward. ``Ed`` keeps the papers' score (reconstruction times divergence), their three layers per
+level and the trainer's epoch limits: ``Fod``'s newer defaults (the whitened residual, one layer, a
+250-step budget) were measured on FOD only, and the papers' score needs the depth.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Ed(Fod, AnomalibModule):  # AnomalibModule again: anomalib's get_model onl
         scoring: ``"rec_div"`` (ED and FOD papers), ``"rec"`` or ``"div"``.
         reconstruction_term: ``"mse_cos"`` (papers), ``"mahalanobis"`` (``Fod``'s default), ``"cos"``, ``"mse"``.
         training_steps: optimizer-step budget (``None``: the trainer's ``max_epochs`` decide).
+        num_layers: encoder layers per level (the papers: 3).
         **kwargs: every other :class:`~anomalib_fod.Fod` argument (backbone, image_size, ...).
     """
 
@@ -52,6 +54,7 @@ class Ed(Fod, AnomalibModule):  # AnomalibModule again: anomalib's get_model onl
         scoring: ScoringMode = "rec_div",
         reconstruction_term: ReconstructionTerm = "mse_cos",
         training_steps: int | None = None,
+        num_layers: int = 3,
         **kwargs: Any,  # noqa: ANN401 - Fod's arguments
     ) -> None:
         super().__init__(
@@ -62,5 +65,6 @@ class Ed(Fod, AnomalibModule):  # AnomalibModule again: anomalib's get_model onl
             scoring=scoring,
             reconstruction_term=reconstruction_term,
             training_steps=training_steps,
+            num_layers=num_layers,
             **kwargs,
         )

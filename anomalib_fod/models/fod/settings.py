@@ -37,7 +37,7 @@ class FodSettings:
         weights_path: local timm state dict for the backbone.
         d_models: Transformer width per level.
         num_heads: attention heads.
-        num_layers: encoder layers per level.
+        num_layers: encoder layers per level (default 1; the paper: 3).
         ffn_ratio: feed-forward width as a multiple of ``d_model``.
         dropout: dropout probability in the Transformers.
         with_intra: intra-correlation branch.
@@ -64,7 +64,7 @@ class FodSettings:
     weights_path: str | None = None
     d_models: tuple[int, ...] = field(default=(256, 512), metadata=_SHAPES)
     num_heads: int = field(default=8, metadata=_SHAPES)
-    num_layers: int = field(default=3, metadata=_SHAPES)
+    num_layers: int = field(default=1, metadata=_SHAPES)
     ffn_ratio: int = field(default=4, metadata=_SHAPES)
     dropout: float = 0.0
     with_intra: bool = field(default=True, metadata=_SHAPES)
