@@ -184,7 +184,7 @@ def test_two_rows_run_through_the_harness(dummy_dataset: Path, tmp_path: Path) -
         assert 0.0 <= cell["metrics"]["image_auroc"] <= 1.0
         hparams = cell["hparams"]
         for key, value in rows[name].items():
-            assert hparams[key] == value, f"{name}: {key}"
+            assert hparams[key] == (TINY[key] if key in TINY else value), f"{name}: {key}"  # TINY's shape wins
     assert "InterCoreset-RecDiv" in (tmp_path / "run" / "results.md").read_text()
 
     # The report script turns the run into ABLATION.md's table, verdicts and figures.
