@@ -115,6 +115,8 @@ def test_images(image_size: tuple[int, int]) -> list[tuple[str, np.ndarray]]:
 
 MATMUL = "matmul 1024^3"
 MATMUL_SIZE = 1024
+FOD, PATCHCORE, FOD_PAPER_SCORE = "FOD (Lite0)", "PatchCore (Lite0)", "FOD paper score (Lite0)"
+OWN_NAMES = (FOD, PATCHCORE, FOD_PAPER_SCORE, MATMUL)  # what --compare-xml must not be called
 
 
 def matmul_model():  # noqa: ANN201 - openvino type, imported lazily
@@ -278,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         name, sep, path = item.partition("=")
         if not sep or not name or not Path(path).is_file():
             parser.error(f"--compare-xml takes NAME=PATH to an existing model.xml, got {item!r}")
+        if name in OWN_NAMES:
+            parser.error(f"--compare-xml names must differ from {list(OWN_NAMES)}, got {name!r}")
         compared[name] = Path(path)
 
     from anomalib.models import Patchcore
@@ -291,24 +295,21 @@ def main(argv: list[str] | None = None) -> int:
     size = (args.image_size, args.image_size)
     print(f"workdir: {workdir}", flush=True)
 
-    exported = {"FOD (Lite0)": args.fod_xml, "PatchCore (Lite0)": args.patchcore_xml}
+    exported = {FOD: args.fod_xml, PATCHCORE: args.patchcore_xml}
     if args.fod_xml is None:
         fod_ckpt = args.fod_ckpt or train(
             Fod(pre_processor=Fod.configure_pre_processor(size), visualizer=False), workdir, "fod", args.batch_size
         )
-        exported["FOD (Lite0)"] = export(Fod.load_from_checkpoint(fod_ckpt), workdir, "fod", size)
+        exported[FOD] = export(Fod.load_from_checkpoint(fod_ckpt), workdir, "fod", size)
         if args.with_paper_score:  # the same weights scored as the paper does: every divergence computed
             paper = Fod.load_from_checkpoint(fod_ckpt, scoring="rec_div", reconstruction_term="mse_cos")
-            exported["FOD paper score (Lite0)"] = export(paper, workdir, "fod_paper", size)
+            exported[FOD_PAPER_SCORE] = export(paper, workdir, "fod_paper", size)
     if args.patchcore_xml is None:
         patchcore_ckpt = args.patchcore_ckpt or train(
             lite0_patchcore(size), workdir, "patchcore", args.batch_size
         )
         patchcore = Patchcore.load_from_checkpoint(patchcore_ckpt, pre_trained=False)
-        exported["PatchCore (Lite0)"] = export(patchcore, workdir, "patchcore", size)
-    clash = set(compared) & set(exported)
-    if clash:
-        parser.error(f"--compare-xml names must differ from {sorted(exported)}, got {sorted(clash)}")
+        exported[PATCHCORE] = export(patchcore, workdir, "patchcore", size)
     exported.update(compared)
 
     images = test_images(size)
@@ -325,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {**timings[name], **bound, **file_sizes(xml)}
         print(f"[{name}] {exported[name]}: {json.dumps(results[name])}", flush=True)
 
-    fod_ms = results["FOD (Lite0)"]["median_ms"]
-    patchcore_ms = results["PatchCore (Lite0)"]["median_ms"]
+    fod_ms = results[FOD]["median_ms"]
+    patchcore_ms = results[PATCHCORE]["median_ms"]
     print()
     threads = "OpenVINO's default threads" if args.threads is None else f"{args.threads} thread(s)"
     print(f"OpenVINO {args.device} ({threads}), batch 1, {size[0]}x{size[1]}, median of {args.runs} runs after "
@@ -340,12 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<26}{row['median_ms']:>11.2f}{row['p10_ms']:>9.2f}{row['p90_ms']:>9.2f}{row['gflop']:>8.2f}"
               f"{row['bound_ms']:>10.1f}{row['over_bound']:>9.2f}{row['xml_MiB']:>10.2f}{row['bin_MiB']:>10.2f}")
     print(f"FOD / PatchCore latency ratio: {fod_ms / patchcore_ms:.2f} (FOD's compute bound alone is "
-          f"{results['FOD (Lite0)']['bound_ms'] / patchcore_ms:.2f}x PatchCore's latency)")
-    for name in [name for name in results if name not in ("FOD (Lite0)", "PatchCore (Lite0)")]:
+          f"{results[FOD]['bound_ms'] / patchcore_ms:.2f}x PatchCore's latency)")
+    for name in [name for name in results if name not in (FOD, PATCHCORE)]:
         print(f"{name} / PatchCore latency ratio: {results[name]['median_ms'] / patchcore_ms:.2f}")
 
     if not args.no_fp16:
-        drift = fp16_drift(exported["FOD (Lite0)"], images, args.device)
+        drift = fp16_drift(exported[FOD], images, args.device)
         print(f"FOD FP16-compressed IR vs FP32 on {drift['images']} test images: {json.dumps(drift)}")
     return 0
 

@@ -137,7 +137,7 @@ def test_bad_settings_raise_value_error(kwargs, match):
         Fod(pre_trained=False, **{**TINY, **kwargs})
 
 
-def test_fod_defaults_are_the_papers_model_with_a_calibrated_score_and_a_step_budget():
+def test_fod_defaults_are_the_papers_shapes_with_one_layer_a_calibrated_score_and_a_step_budget():
     fod = Fod(pre_trained=False)
     hparams = fod.hparams
     assert tuple(hparams.d_models) == (256, 512)

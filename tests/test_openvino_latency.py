@@ -58,3 +58,11 @@ def test_compare_xml_is_checked_before_any_training(item: str, capsys: pytest.Ca
         main(["--compare-xml", item])
     assert error.value.code == 2
     assert "--compare-xml takes NAME=PATH" in capsys.readouterr().err
+
+
+def test_compare_xml_may_not_take_a_name_the_script_uses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    xml = tmp_path / "model.xml"
+    xml.write_text("<net/>")
+    with pytest.raises(SystemExit):
+        main(["--compare-xml", f"FOD (Lite0)={xml}"])
+    assert "--compare-xml names must differ" in capsys.readouterr().err
