@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from anomalib_fod.models.fod import blocked_attention
 from anomalib_fod.models.fod.blocked_attention import (
     block_rows,
     correlation_attention_inference,
@@ -162,3 +163,78 @@ def test_level_training_step_matches_the_plain_path() -> None:
     scale = max(g.abs().max().item() for g in plain_grads)  # float32 rounding is relative to the largest
     for got, want in zip(fast_grads, plain_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * scale)
+
+
+def _compiled_and_eager(separable: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Values and gradients through the ``torch.compile`` kernels equal the eager kernels'."""
+    kernels = blocked_attention._Kernels()
+    monkeypatch.setattr(blocked_attention, "_KERNELS", kernels)
+    monkeypatch.setattr(blocked_attention._Kernels, "MIN_ELEMENTS", 0)  # compile even the test's small maps
+    geo = geometry(separable)
+    tensors = inputs(1)
+
+    def run(compiled: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        for tensor in tensors:
+            tensor.grad = None
+        inv = 0.5 / sigma_from_logits(tensors[3]).square()
+        outputs = correlation_attention_training(*tensors[:3], inv, geo, block=7, compiled=compiled)
+        weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outputs)]
+        sum((o * w).sum() for o, w in zip(outputs, weights, strict=True)).backward()
+        return [o.detach() for o in outputs], [t.grad.clone() for t in tensors]
+
+    want_values, want_grads = run(compiled=False)
+    got_values, got_grads = run(compiled=True)
+    assert kernels._compiled is not None and not kernels._failed  # the compiled kernels ran
+    for got, want in zip([*got_values, *got_grads], [*want_values, *want_grads], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    with torch.no_grad():
+        inv = 0.5 / sigma_from_logits(tensors[3]).square()
+        got = correlation_attention_inference(*tensors[:3], inv, geo, block=7, compiled=True)
+        want = correlation_attention_inference(*tensors[:3], inv, geo, block=7, compiled=False)
+    for got_tensor, want_tensor in zip(got, want, strict=True):
+        torch.testing.assert_close(got_tensor, want_tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_kernels_match_the_eager_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    _compiled_and_eager(True, monkeypatch)
+
+
+@pytest.mark.slow
+def test_compiled_kernels_match_the_eager_ones_for_the_general_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    _compiled_and_eager(False, monkeypatch)
+
+
+def test_a_failing_compiler_warns_once_and_falls_back_to_the_eager_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C++ compiler (or no Triton): one warning, then the eager kernels, with the same results."""
+    kernels = blocked_attention._Kernels()
+    monkeypatch.setattr(blocked_attention, "_KERNELS", kernels)
+    monkeypatch.setattr(blocked_attention._Kernels, "MIN_ELEMENTS", 0)
+    calls = []
+
+    def broken_compile(function, **kwargs):  # noqa: ANN001, ANN003, ANN202, ARG001
+        def call(*args):  # noqa: ANN002, ANN202, ARG001
+            calls.append(function.__name__)
+            msg = "no working C++ compiler"
+            raise RuntimeError(msg)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    geo = geometry(True)
+    query, key, value, sigma_logits = inputs(1)
+    inv = 0.5 / sigma_from_logits(sigma_logits).square()
+    with pytest.warns(RuntimeWarning, match="eager kernels") as record:
+        got = correlation_attention_training(query, key, value, inv, geo, block=7, compiled=True)
+        sum(o.sum() for o in got).backward()
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    assert calls == ["forward_block"]  # tried once, never again
+    want = correlation_attention_training(query, key, value, inv, geo, block=7, compiled=False)
+    for got_tensor, want_tensor in zip(got, want, strict=True):
+        torch.testing.assert_close(got_tensor, want_tensor)
+
+
+@pytest.mark.parametrize("compile_kernels", [True, False])
+def test_the_setting_reaches_every_correlation_attention(compile_kernels: bool) -> None:
+    model = FodTransformer(12, 16, FodSettings(num_heads=4, compile_kernels=compile_kernels))
+    attentions = [m for m in model.modules() if isinstance(m, CorrelationAttention)]
+    assert attentions and all(m.compile_kernels is compile_kernels for m in attentions)

@@ -114,6 +114,11 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             so checkpoints keep their keys) when training or inference starts. Worth it for long GPU
             runs; the first steps pay the compilation (tens of seconds), which a short CPU run never
             wins back. Results are the same up to floating-point reordering.
+        compile_kernels: compile only the correlation attentions' per-block kernels (softmax, logarithms,
+            KL and entropy sums and their gradients; ``blocked_attention.py``) with ``torch.compile``, for
+            maps large enough to pay for it (256 px: a few seconds of compiling, then faster steps;
+            benchmarks/RESULTS.md, issue 18). Without a working compiler (no C++ compiler on a CPU, no
+            Triton on a GPU) it warns once and runs the eager kernels. Results equal within float32 rounding.
         **kwargs: ``backbone`` (default ``"tf_efficientnet_lite0"``; the paper uses
             ``"wide_resnet50_2"``, see ``configs/fod.yaml``), ``layers`` (two feature layers;
             ``None`` picks the stride-8 and stride-16 stages: WideResNet50 layer2, layer3;
@@ -157,6 +162,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         training_steps: int | None = DEFAULT_TRAINING_STEPS,
         cache_features: bool = True,
         compile_transformers: bool = False,
+        compile_kernels: bool = True,
         **kwargs: Any,  # noqa: ANN401 - OfflineBackboneModule's arguments
     ) -> None:
         super().__init__(learning_rate=learning_rate, **kwargs)

@@ -56,6 +56,8 @@ class FodSettings:
             token positions (``"shared"``, default) or one per position shrunk towards the shared one
             (``"position"``).
         blur_sigma: Gaussian blur of the anomaly map (0 switches it off).
+        compile_kernels: run the correlation attentions' block kernels through ``torch.compile`` where
+            their maps are large (see ``blocked_attention.py``); same results, faster steps.
     """
 
     backbone: str = field(default="tf_efficientnet_lite0", metadata=_SHAPES)
@@ -79,6 +81,7 @@ class FodSettings:
     reconstruction_term: ReconstructionTerm = "mahalanobis"
     residual_covariance: ResidualCovariance = "shared"
     blur_sigma: float = 4.0
+    compile_kernels: bool = True
 
     def __post_init__(self) -> None:
         # YAML and jsonargparse give lists; tuples keep the object hashable and comparable.

@@ -197,6 +197,7 @@ class CorrelationAttention(nn.Module):
         self.sigma = nn.Linear(d_model, 2 * num_heads) if with_target else None
         self.proj = nn.Linear(d_model, d_model) if settings.out_projection else nn.Identity()
         self.dropout = nn.Dropout(settings.dropout)
+        self.compile_kernels = settings.compile_kernels
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -242,10 +243,14 @@ class CorrelationAttention(nn.Module):
         else:
             inv = self._target_scales(x)
             if self.training and torch.is_grad_enabled():
-                out, kl_attention, kl_target, entropy = correlation_attention_training(query, key, value, inv, geometry)
+                out, kl_attention, kl_target, entropy = correlation_attention_training(
+                    query, key, value, inv, geometry, compiled=self.compile_kernels
+                )
                 stats = BranchStats(kl_attention, kl_target, entropy)
             else:
-                out, divergence, entropy = correlation_attention_inference(query, key, value, inv, geometry)
+                out, divergence, entropy = correlation_attention_inference(
+                    query, key, value, inv, geometry, compiled=self.compile_kernels
+                )
                 stats = BranchStats(divergence, divergence, entropy)
         out = out.transpose(1, 2).reshape(batch, length, width)
         return self.proj(out), stats
