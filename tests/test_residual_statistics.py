@@ -108,7 +108,7 @@ def test_statistics_equal_a_direct_computation(covariance: str) -> None:
 
 
 def test_statistics_of_the_other_covariance_kind_are_a_clear_error() -> None:
-    shared = tiny_model(reconstruction_term="mahalanobis", scoring="rec")
+    shared = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance="shared")
     features = features_and_references(shared)
     fit_statistics(shared.model, [features])
     per_position = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance="position")
@@ -119,3 +119,23 @@ def test_statistics_of_the_other_covariance_kind_are_a_clear_error() -> None:
     fit_statistics(per_position.model, [features])  # refitting is the way out
     with torch.no_grad():
         per_position.model.forward_features(features, (64, 64))
+
+
+def test_per_position_statistics_too_large_to_keep_are_refused_before_training(monkeypatch) -> None:  # noqa: ANN001
+    """A backbone with many channels would need GiBs of (L, C, C) covariances: refused at train start."""
+    from anomalib_fod.models.fod import residual_statistics  # noqa: PLC0415
+
+    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance="position")
+    features = features_and_references(model)
+    grids = [tuple(f.shape[-2:]) for f in features]
+    needed = residual_statistics.per_position_bytes(grids, [f.shape[1] for f in features])
+    assert needed == sum(8 * f.shape[-2] * f.shape[-1] * f.shape[1] ** 2 for f in features)
+    callback = residual_statistics.ResidualStatisticsCallback()
+    monkeypatch.setattr(residual_statistics, "PER_POSITION_BUDGET_BYTES", needed)
+    callback.on_train_start(None, model)  # within the budget: nothing happens
+    monkeypatch.setattr(residual_statistics, "PER_POSITION_BUDGET_BYTES", needed - 1)
+    with pytest.raises(ValueError, match="residual_covariance='shared'"):
+        callback.on_train_start(None, model)
+    shared = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance="shared")
+    features_and_references(shared)
+    callback.on_train_start(None, shared)  # one covariance per level: no such limit

@@ -44,6 +44,16 @@ logger = logging.getLogger(__name__)
 # the training images span fewer directions than there are channels.
 SHRINKAGE = 0.01
 
+# Largest float64 sums of per-position outer products (L, C, C) the fit may hold, over all levels.
+# EfficientNet-Lite0 at 256x256 needs 39 MiB and at 1024x1024 620 MiB; WideResNet50 (512 and 1024
+# channels) needs 4 GiB at 256x256, which belongs in a shared covariance, not in a checkpoint.
+PER_POSITION_BUDGET_BYTES = 1 << 30
+
+
+def per_position_bytes(grids: Iterable[tuple[int, int]], channels: Iterable[int]) -> int:
+    """Bytes of the float64 ``(L, C, C)`` sums a per-position fit keeps for levels of these grids and channels."""
+    return sum(8 * h * w * c * c for (h, w), c in zip(grids, channels, strict=True))
+
 
 class ResidualStatistics(DynamicBufferMixin, nn.Module):
     """Per-position mean and precision of one level's residuals; empty until fitted.
@@ -218,6 +228,26 @@ class ResidualStatisticsCallback(Callback):
         )
         fit_statistics(model, batches, trainer, weight)
         self.fitted_at_step = trainer.global_step
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse, before any step, per-position statistics too large to keep (the grids are known by now)."""
+        del trainer
+        model: FodModel = pl_module.model
+        statistics = model.anomaly_map_generator.statistics
+        if not model.anomaly_map_generator.needs_statistics or not any(s.per_position for s in statistics):
+            return
+        grids = [tuple(int(v) for v in level.ref_grid) for level in model.levels]
+        if not all(h * w for h, w in grids):  # no references (with_inter=False): the grid is known only later
+            return
+        size = per_position_bytes(grids, model.feature_extractor.channels)
+        if size > PER_POSITION_BUDGET_BYTES:
+            msg = (
+                f"residual_covariance='position' needs {size / 2**30:.1f} GiB for one covariance per token position "
+                f"(grids {grids}, backbone channels {list(model.feature_extractor.channels)}); use "
+                "residual_covariance='shared' (one covariance per level), a smaller image size or a backbone with "
+                "fewer channels."
+            )
+            raise ValueError(msg)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refit before validation scores the images (only during fit: test and predict use what is stored)."""
