@@ -17,6 +17,7 @@ score = map maximum). Statistics from the training images only.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -84,6 +85,8 @@ def main(
     blurs: list[float] | None = None,
     covariances: list[str] | None = None,
     level_scalings: list[str] | None = None,
+    means: list[str] | None = None,
+    centerings: list[str] | None = None,
     threads: int = 1,
 ) -> None:
     """Print exact image / pixel AUROC of the whitened feature distance per dataset, size and blur.
@@ -101,18 +104,20 @@ def main(
             (as the model does), ``"z"`` (each level in z-units of its training tokens' distances) or
             ``"level0"`` / ``"level1"`` (one level alone) or ``"weight0.75"`` (that weight on the finest
             level and the rest on the other: a weighted mean of the two levels).
+        means: ``"position"`` (one mean per token position, as the model keeps) and/or ``"global"`` (one
+            mean per level for every position: no assumption that parts are aligned).
+        centerings: ``"none"`` and/or ``"median"`` (each image's tokens minus that image's per-channel
+            median token, training and test alike: a global shift of an image, such as its brightness,
+            then moves no token).
         threads: torch threads.
     """
     sys.path.insert(0, str(Path(__file__).parent))
     from anomalib.data import MVTecAD  # noqa: PLC0415
     from torch.utils.data import DataLoader  # noqa: PLC0415
     from convergence_probe import cache_features  # noqa: PLC0415
-    from screen import _mahalanobis, _position_mahalanobis, _position_precision, _precision  # noqa: PLC0415
+    from screen import _precision  # noqa: PLC0415
 
     from anomalib_fod import Fod  # noqa: PLC0415
-    from anomalib_fod.evaluation import image_auroc, pixel_auroc  # noqa: PLC0415
-    from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator  # noqa: PLC0415
-    from anomalib_fod.models.fod.settings import FodSettings  # noqa: PLC0415
 
     torch.set_num_threads(threads)
     for name in datasets or list(DATASETS):
@@ -128,45 +133,85 @@ def main(
             train = cache_features(model, ordered, f"{name}: training images")
             test = cache_features(model, data.test_dataloader(), f"{name}: test images")
             grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in train["features"]]
-            levels = []  # per level: training tokens centred on their position means, test ones, shared precision
-            for train_level, test_level in zip(train["features"], test["features"], strict=True):
-                normal = train_level.flatten(2).transpose(1, 2)  # (N, L, C)
-                mean = normal.mean(dim=0)
-                centred_normal = normal - mean
-                centred_test = test_level.flatten(2).transpose(1, 2) - mean
-                levels.append((centred_normal, centred_test, _precision(centred_normal.flatten(0, 1))))
-            for covariance in covariances or ["shared"]:
-                scores, train_scores = [], []  # per level: test (N, L) and training (N_train, L) distances
-                for normal, centred, precision in levels:
-                    if covariance == "shared":
-                        scores.append(_mahalanobis(centred, precision))
-                        train_scores.append(_mahalanobis(normal, precision))
-                        continue
-                    shared = torch.linalg.inv(precision.double())
-                    weight = None if covariance == "position" else held_out_weight(normal)
-                    if weight is not None:
-                        print(f"  {covariance}: shared-covariance weight {weight:g}", flush=True)
-                    position = _position_precision(normal, shared, weight)
-                    test_distance = _position_mahalanobis(centred, position)
-                    train_distance = _position_mahalanobis(normal, position)
-                    if covariance == "blend":
-                        test_distance = 0.5 * (test_distance + _mahalanobis(centred, precision))
-                        train_distance = 0.5 * (train_distance + _mahalanobis(normal, precision))
-                    scores.append(test_distance)
-                    train_scores.append(train_distance)
-                for scaling in level_scalings or ["none"]:
-                    scaled = scale_levels(scores, train_scores, scaling)
-                    used = [grids[int(scaling.removeprefix("level"))]] if scaling.startswith("level") else grids
-                    for sigma in blurs or [4.0]:
-                        maps, image_scores = AnomalyMapGenerator(FodSettings(blur_sigma=sigma)).combine_levels(
-                            scaled, used, test["size"]
-                        )
-                        print(
-                            f"{name} {size[0]}x{size[1]} {covariance} covariance, levels {scaling}, blur {sigma:g}: "
-                            f"image AUROC {image_auroc(image_scores.numpy(), test['labels'].numpy()):.4f}, pixel AUROC "
-                            f"{pixel_auroc(maps[:, 0].numpy(), test['masks'].numpy()):.4f}",
-                            flush=True,
-                        )
+            for mean_kind, centering in ((m, c) for m in means or ["position"] for c in centerings or ["none"]):
+                levels = level_statistics(train["features"], test["features"], mean_kind, centering, _precision)
+                variant = f"{name} {size[0]}x{size[1]} mean {mean_kind}, centering {centering},"
+                report(variant, levels, grids, test, covariances, level_scalings, blurs)
+
+
+def level_statistics(
+    train_features: list[torch.Tensor],
+    test_features: list[torch.Tensor],
+    mean_kind: str,
+    centering: str,
+    precision_of: Callable[[torch.Tensor], torch.Tensor],
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per level: training tokens ``(N, L, C)`` and test tokens centred on the mean, and the shared precision."""
+    levels = []
+    for train_level, test_level in zip(train_features, test_features, strict=True):
+        normal = train_level.flatten(2).transpose(1, 2)  # (N, L, C)
+        tested = test_level.flatten(2).transpose(1, 2)
+        if centering == "median":
+            normal = normal - normal.median(dim=1, keepdim=True).values
+            tested = tested - tested.median(dim=1, keepdim=True).values
+        elif centering != "none":
+            msg = f"unknown centering {centering!r}"
+            raise ValueError(msg)
+        mean = normal.mean(dim=0) if mean_kind == "position" else normal.mean(dim=(0, 1))
+        centred_normal = normal - mean
+        levels.append((centred_normal, tested - mean, precision_of(centred_normal.flatten(0, 1))))
+    return levels
+
+
+def report(  # noqa: PLR0913
+    variant: str,
+    levels: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    grids: list[tuple[int, int]],
+    test: dict[str, torch.Tensor],
+    covariances: list[str] | None,
+    level_scalings: list[str] | None,
+    blurs: list[float] | None,
+) -> None:
+    """Print image / pixel AUROC of every covariance, level scaling and blur for one set of statistics."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from screen import _mahalanobis, _position_mahalanobis, _position_precision  # noqa: PLC0415
+
+    from anomalib_fod.evaluation import image_auroc, pixel_auroc  # noqa: PLC0415
+    from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator  # noqa: PLC0415
+    from anomalib_fod.models.fod.settings import FodSettings  # noqa: PLC0415
+
+    for covariance in covariances or ["shared"]:
+        scores, train_scores = [], []  # per level: test (N, L) and training (N_train, L) distances
+        for normal, centred, precision in levels:
+            if covariance == "shared":
+                scores.append(_mahalanobis(centred, precision))
+                train_scores.append(_mahalanobis(normal, precision))
+                continue
+            shared = torch.linalg.inv(precision.double())
+            weight = None if covariance == "position" else held_out_weight(normal)
+            if weight is not None:
+                print(f"  {covariance}: shared-covariance weight {weight:g}", flush=True)
+            position = _position_precision(normal, shared, weight)
+            test_distance = _position_mahalanobis(centred, position)
+            train_distance = _position_mahalanobis(normal, position)
+            if covariance == "blend":
+                test_distance = 0.5 * (test_distance + _mahalanobis(centred, precision))
+                train_distance = 0.5 * (train_distance + _mahalanobis(normal, precision))
+            scores.append(test_distance)
+            train_scores.append(train_distance)
+        for scaling in level_scalings or ["none"]:
+            scaled = scale_levels(scores, train_scores, scaling)
+            used = [grids[int(scaling.removeprefix("level"))]] if scaling.startswith("level") else grids
+            for sigma in blurs or [4.0]:
+                maps, image_scores = AnomalyMapGenerator(FodSettings(blur_sigma=sigma)).combine_levels(
+                    scaled, used, test["size"]
+                )
+                print(
+                    f"{variant} {covariance} covariance, levels {scaling}, blur {sigma:g}: "
+                    f"image AUROC {image_auroc(image_scores.numpy(), test['labels'].numpy()):.4f}, pixel AUROC "
+                    f"{pixel_auroc(maps[:, 0].numpy(), test['masks'].numpy()):.4f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
