@@ -166,27 +166,33 @@ def test_level_training_step_matches_the_plain_path() -> None:
 
 
 def _compiled_and_eager(separable: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Values and gradients through the ``torch.compile`` kernels equal the eager kernels'."""
+    """Values and gradients through the ``torch.compile`` kernels equal the eager kernels' and the plain path's."""
     kernels = blocked_attention._Kernels()
     monkeypatch.setattr(blocked_attention, "_KERNELS", kernels)
     monkeypatch.setattr(blocked_attention._Kernels, "MIN_ELEMENTS", 0)  # compile even the test's small maps
     geo = geometry(separable)
     tensors = inputs(1)
 
-    def run(compiled: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def run(compiled: bool | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``None``: the plain computation over full maps, the reference of both kernels."""
         for tensor in tensors:
             tensor.grad = None
-        inv = 0.5 / sigma_from_logits(tensors[3]).square()
-        outputs = correlation_attention_training(*tensors[:3], inv, geo, block=7, compiled=compiled)
+        if compiled is None:
+            outputs = plain(*tensors, geo)
+        else:
+            inv = 0.5 / sigma_from_logits(tensors[3]).square()
+            outputs = correlation_attention_training(*tensors[:3], inv, geo, block=7, compiled=compiled)
         weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outputs)]
         sum((o * w).sum() for o, w in zip(outputs, weights, strict=True)).backward()
         return [o.detach() for o in outputs], [t.grad.clone() for t in tensors]
 
+    plain_values, plain_grads = run(compiled=None)
     want_values, want_grads = run(compiled=False)
     got_values, got_grads = run(compiled=True)
     assert kernels._compiled is not None and not kernels._failed  # the compiled kernels ran
-    for got, want in zip([*got_values, *got_grads], [*want_values, *want_grads], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    for reference in ([*want_values, *want_grads], [*plain_values, *plain_grads]):
+        for got, want in zip([*got_values, *got_grads], reference, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
     with torch.no_grad():
         inv = 0.5 / sigma_from_logits(tensors[3]).square()
         got = correlation_attention_inference(*tensors[:3], inv, geo, block=7, compiled=True)
