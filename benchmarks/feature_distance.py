@@ -206,10 +206,14 @@ def report(  # noqa: PLR0913
                 maps, image_scores = AnomalyMapGenerator(FodSettings(blur_sigma=sigma)).combine_levels(
                     scaled, used, test["size"]
                 )
+                _, unblurred_scores = AnomalyMapGenerator(FodSettings(blur_sigma=0.0)).combine_levels(
+                    scaled, used, test["size"]
+                )
                 print(
                     f"{variant} {covariance} covariance, levels {scaling}, blur {sigma:g}: "
                     f"image AUROC {image_auroc(image_scores.numpy(), test['labels'].numpy()):.4f}, pixel AUROC "
-                    f"{pixel_auroc(maps[:, 0].numpy(), test['masks'].numpy()):.4f}",
+                    f"{pixel_auroc(maps[:, 0].numpy(), test['masks'].numpy()):.4f}; image AUROC of the unblurred "
+                    f"map's maximum {image_auroc(unblurred_scores.numpy(), test['labels'].numpy()):.4f}",
                     flush=True,
                 )
 
