@@ -70,16 +70,6 @@ def _target(
     return target, ()
 
 
-def target_block_backward(
-    grad: torch.Tensor,
-    target: torch.Tensor,
-    parts: tuple[torch.Tensor, ...],
-    geometry: KeyGeometry,
-) -> torch.Tensor:
-    """Gradient ``(B, H, Lb, 2)`` w.r.t. ``inv`` of :func:`target_block`, given ``(B, H, Lb, S)`` ``grad``."""
-    return _target_backward(grad, target, parts, geometry.rows, geometry.cols, geometry.separable)
-
-
 def _target_backward(
     grad: torch.Tensor,
     target: torch.Tensor,
@@ -88,7 +78,7 @@ def _target_backward(
     cols: torch.Tensor,
     separable: bool,
 ) -> torch.Tensor:
-    """:func:`target_block_backward` on the geometry's tensors."""
+    """Gradient ``(B, H, Lb, 2)`` w.r.t. ``inv`` of :func:`_target`, given ``(B, H, Lb, S)`` ``grad``."""
     if separable:
         row_part, col_part = parts
         grid = grad.unflatten(-1, (row_part.shape[-1], col_part.shape[-1]))  # (B, H, Lb, h, w)
@@ -215,7 +205,7 @@ class _Kernels:
                 warnings.warn(
                     f"torch.compile could not build FOD's fused attention kernels ({type(error).__name__}: "
                     f"{str(error).splitlines()[0] if str(error) else ''}); training continues with the eager "
-                    "kernels (same results, slower). Set compiled_kernels=False to skip the attempt.",
+                    "kernels (same results, slower). Set compile_kernels=False to skip the attempt.",
                     RuntimeWarning,
                     stacklevel=2,
                 )
