@@ -99,7 +99,8 @@ def main(
             (one per token position, shrunk towards the shared one with weight ``C / (N + C)`` as
             PaDiM-style models need with few images: issue 17's candidate for PaDiM's pixel advantage),
             ``"auto"`` (the same with the weight that best predicts held-out training images,
-            ``held_out_weight``) and/or ``"blend"`` (the mean of the ``auto`` and ``shared`` distances).
+            ``held_out_weight``) and/or ``"blend"`` (the mean of the ``auto`` and ``shared`` distances) and/or
+            ``"blend_position"`` (the mean of the ``position`` and ``shared`` distances).
         level_scalings: how the levels' distances are put on one scale before their mean: ``"none"``
             (as the model does), ``"z"`` (each level in z-units of its training tokens' distances) or
             ``"level0"`` / ``"level1"`` (one level alone) or ``"weight0.75"`` (that weight on the finest
@@ -188,13 +189,13 @@ def report(  # noqa: PLR0913
                 train_scores.append(_mahalanobis(normal, precision))
                 continue
             shared = torch.linalg.inv(precision.double())
-            weight = None if covariance == "position" else held_out_weight(normal)
+            weight = None if covariance in ("position", "blend_position") else held_out_weight(normal)
             if weight is not None:
                 print(f"  {covariance}: shared-covariance weight {weight:g}", flush=True)
             position = _position_precision(normal, shared, weight)
             test_distance = _position_mahalanobis(centred, position)
             train_distance = _position_mahalanobis(normal, position)
-            if covariance == "blend":
+            if covariance in ("blend", "blend_position"):
                 test_distance = 0.5 * (test_distance + _mahalanobis(centred, precision))
                 train_distance = 0.5 * (train_distance + _mahalanobis(normal, precision))
             scores.append(test_distance)

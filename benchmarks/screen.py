@@ -43,7 +43,7 @@ import yaml
 from tqdm import tqdm
 
 # Candidates whose un-blurred pixel AUROC is also reported (it costs one more pass over every pixel).
-UNBLURRED = ("paper", "cos", "nmse_pc", "maha_r", "maha_pc", "maha_z_klz")
+UNBLURRED = ("paper", "cos", "nmse_pc", "maha_r", "maha_pc", "maha_blend", "maha_z_klz")
 SHRINK = 0.1  # share of the level's mean variance added to every per-position variance (few images)
 
 
@@ -227,6 +227,8 @@ def candidates() -> dict[str, Callable[[Observation, list[TrainStats], int], tor
         "nmse_pc_klr": times(nmse_pc, klr),
         "cos_klr": times(cos, klr),
         "maha_pc": maha_pc,
+        # the mean of the shared and the per-position distances (feature_distance.py's blend_position)
+        "maha_blend": lambda o, s, i: 0.5 * (maha_r(o, s, i) + maha_pc(o, s, i)),
         "maha_z": maha_z,
         "maha_z_klz": plus(maha_z, klz),
         "maha_z_klz_half": lambda o, s, i: maha_z(o, s, i) + 0.5 * klz(o, s, i),
