@@ -17,7 +17,6 @@ score = map maximum). Statistics from the training images only.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,8 +115,6 @@ def main(
     from anomalib.data import MVTecAD  # noqa: PLC0415
     from torch.utils.data import DataLoader  # noqa: PLC0415
     from convergence_probe import cache_features  # noqa: PLC0415
-    from screen import _precision  # noqa: PLC0415
-
     from anomalib_fod import Fod  # noqa: PLC0415
 
     torch.set_num_threads(threads)
@@ -135,7 +132,7 @@ def main(
             test = cache_features(model, data.test_dataloader(), f"{name}: test images")
             grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in train["features"]]
             for mean_kind, centering in ((m, c) for m in means or ["position"] for c in centerings or ["none"]):
-                levels = level_statistics(train["features"], test["features"], mean_kind, centering, _precision)
+                levels = level_statistics(train["features"], test["features"], mean_kind, centering)
                 variant = f"{name} {size[0]}x{size[1]} mean {mean_kind}, centering {centering},"
                 report(variant, levels, grids, test, covariances, level_scalings, blurs)
 
@@ -145,9 +142,11 @@ def level_statistics(
     test_features: list[torch.Tensor],
     mean_kind: str,
     centering: str,
-    precision_of: Callable[[torch.Tensor], torch.Tensor],
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per level: training tokens ``(N, L, C)`` and test tokens centred on the mean, and the shared precision."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from screen import _precision  # noqa: PLC0415
+
     levels = []
     for train_level, test_level in zip(train_features, test_features, strict=True):
         normal = train_level.flatten(2).transpose(1, 2)  # (N, L, C)
@@ -160,7 +159,7 @@ def level_statistics(
             raise ValueError(msg)
         mean = normal.mean(dim=0) if mean_kind == "position" else normal.mean(dim=(0, 1))
         centred_normal = normal - mean
-        levels.append((centred_normal, tested - mean, precision_of(centred_normal.flatten(0, 1))))
+        levels.append((centred_normal, tested - mean, _precision(centred_normal.flatten(0, 1))))
     return levels
 
 
@@ -203,11 +202,11 @@ def report(  # noqa: PLR0913
         for scaling in level_scalings or ["none"]:
             scaled = scale_levels(scores, train_scores, scaling)
             used = [grids[int(scaling.removeprefix("level"))]] if scaling.startswith("level") else grids
+            _, unblurred_scores = AnomalyMapGenerator(FodSettings(blur_sigma=0.0)).combine_levels(
+                scaled, used, test["size"]
+            )
             for sigma in blurs or [4.0]:
                 maps, image_scores = AnomalyMapGenerator(FodSettings(blur_sigma=sigma)).combine_levels(
-                    scaled, used, test["size"]
-                )
-                _, unblurred_scores = AnomalyMapGenerator(FodSettings(blur_sigma=0.0)).combine_levels(
                     scaled, used, test["size"]
                 )
                 print(

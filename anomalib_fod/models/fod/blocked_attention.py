@@ -191,8 +191,11 @@ class _Kernels:
         if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.compiler.is_compiling():
             return forward_block, backward_block
         if self._compiled is None:
-            self._compiled = (torch.compile(forward_block, dynamic=False), torch.compile(backward_block, dynamic=False))
-        return self._guarded(self._compiled[0], forward_block), self._guarded(self._compiled[1], backward_block)
+            self._compiled = (
+                self._guarded(torch.compile(forward_block, dynamic=False), forward_block),
+                self._guarded(torch.compile(backward_block, dynamic=False), backward_block),
+            )
+        return self._compiled
 
     def _guarded(self, kernel: Callable[..., Any], fallback: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any) -> Any:  # noqa: ANN401
