@@ -552,12 +552,12 @@ def _other_model(name: str) -> Fod | Cdo:
     if name == "ed":
         return Ed(**TINY, **common)
     # statistics are buffers: graph constants
-    covariance = "position" if name == "fod_position" else "shared"
+    covariance = "blend" if name == "fod_blend" else "shared"
     return Fod(**TINY, reconstruction_term="mahalanobis", residual_covariance=covariance, **common)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["cdo", "ed", "fod_mahalanobis", "fod_position"])
+@pytest.mark.parametrize("name", ["cdo", "ed", "fod_mahalanobis", "fod_blend"])
 def test_other_models_match_lightning_at_any_size(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """1 epoch at 64 px on battery_weld, reloaded and exported with defaults; every 8th test image at its
     original 256x400 and two scaled to 900x900, through OpenVINOInferencer and ONNX Runtime."""
@@ -583,7 +583,8 @@ def test_other_models_match_lightning_at_any_size(name: str, tmp_path: Path, mon
         initializers = {t.name: numpy_helper.to_array(t) for t in onnx.load(onnx_path).graph.initializer}
         for level, statistics in enumerate(model.model.anomaly_map_generator.statistics):
             assert statistics.fitted
-            for buffer in ("mean", "precision"):
+            buffers = ["mean", "precision"] + (["position_precision"] if statistics.per_position else [])
+            for buffer in buffers:
                 key = f"model.anomaly_map_generator.statistics.{level}.{buffer}"
                 np.testing.assert_array_equal(initializers[key], getattr(statistics, buffer).numpy(), err_msg=key)
     try:

@@ -84,7 +84,7 @@ def direct_position_mahalanobis(residual: torch.Tensor, train: torch.Tensor) -> 
     return torch.stack(scores, dim=1)
 
 
-@pytest.mark.parametrize("covariance", ["shared", "position"])
+@pytest.mark.parametrize("covariance", ["shared", "position", "blend"])
 def test_statistics_equal_a_direct_computation(covariance: str) -> None:
     model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance=covariance)
     fod = model.model
@@ -100,25 +100,64 @@ def test_statistics_equal_a_direct_computation(covariance: str) -> None:
             got = statistics(residual).double()
             shared = direct_mahalanobis(residual, residual)
             if covariance == "shared":
+                assert statistics.position_precision.numel() == 0  # nothing per position is kept
                 torch.testing.assert_close(got, shared, rtol=1e-4, atol=1e-4)
                 continue
-            assert statistics.precision.shape == (*residual.shape[1:], residual.shape[-1])
-            torch.testing.assert_close(got, direct_position_mahalanobis(residual, residual), rtol=1e-4, atol=1e-4)
+            assert statistics.position_precision.shape == (*residual.shape[1:], residual.shape[-1])
+            position = direct_position_mahalanobis(residual, residual)
+            expected = position if covariance == "position" else 0.5 * (shared + position)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
             assert not torch.allclose(got, shared, rtol=1e-2)  # really per position
+            assert not torch.allclose(got, position, rtol=1e-2) or covariance == "position"
 
 
-def test_statistics_of_the_other_covariance_kind_are_a_clear_error() -> None:
+def test_statistics_of_another_covariance_kind_are_a_clear_error() -> None:
     shared = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance="shared")
     features = features_and_references(shared)
     fit_statistics(shared.model, [features])
-    per_position = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance="position")
-    per_position.load_state_dict(shared.state_dict())  # e.g. a checkpoint re-scored with the other setting
-    per_position.model.eval()
-    with pytest.raises(RuntimeError, match="one shared covariance but residual_covariance asks"), torch.no_grad():
-        per_position.model.forward_features(features, (64, 64))
-    fit_statistics(per_position.model, [features])  # refitting is the way out
+    for covariance in ("position", "blend"):
+        other = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance=covariance)
+        other.load_state_dict(shared.state_dict())  # e.g. a checkpoint re-scored with another setting
+        other.model.eval()
+        with pytest.raises(RuntimeError, match="hold one shared covariance but residual_covariance"), torch.no_grad():
+            other.model.forward_features(features, (64, 64))
+        fit_statistics(other.model, [features])  # refitting is the way out
+        with torch.no_grad():
+            other.model.forward_features(features, (64, 64))
+    # per-position statistics keep the shared precision too: any of the three scores reads them without a refit
+    blend = other
+    for covariance in ("shared", "position"):
+        rescored = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance=covariance)
+        rescored.load_state_dict(blend.state_dict())
+        rescored.model.eval()
+        with torch.no_grad():
+            rescored.model.forward_features(features, (64, 64))
+
+
+def test_per_position_checkpoints_of_the_earlier_layout_load() -> None:
+    """Before "blend", the per-position precisions were stored as ``precision`` ``(L, C, C)``."""
+    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance="position")
+    features = features_and_references(model)
+    fit_statistics(model.model, [features])
+    model.model.eval()
     with torch.no_grad():
-        per_position.model.forward_features(features, (64, 64))
+        before = model.model.forward_features(features, (64, 64)).pred_score
+    state = model.state_dict()
+    for key in [k for k in state if k.endswith("statistics.0.position_precision")] + [
+        k for k in state if k.endswith("statistics.1.position_precision")
+    ]:
+        state[key.replace("position_precision", "precision")] = state.pop(key)  # the earlier layout
+    assert any(v.dim() == 3 for k, v in state.items() if k.endswith(".precision"))
+    reloaded = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance="position")
+    reloaded.load_state_dict(state)
+    reloaded.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model.forward_features(features, (64, 64)).pred_score, before)
+
+
+def test_an_unknown_covariance_kind_is_refused() -> None:
+    with pytest.raises(ValueError, match="covariance must be one of"):
+        ResidualStatistics("diagonal")  # type: ignore[arg-type]
 
 
 def test_per_position_statistics_too_large_to_keep_are_refused_before_training(monkeypatch) -> None:  # noqa: ANN001

@@ -88,8 +88,7 @@ class AnomalyMapGenerator(nn.Module):
         self.scoring = scoring
         self.with_intra = with_intra
         self.with_inter = with_inter
-        per_position = settings.residual_covariance == "position"
-        self.statistics = nn.ModuleList(ResidualStatistics(per_position) for _ in settings.d_models)
+        self.statistics = nn.ModuleList(ResidualStatistics(settings.residual_covariance) for _ in settings.d_models)
         self.blur = None
         if blur_sigma > 0:
             kernel = 2 * int(4.0 * blur_sigma + 0.5) + 1

@@ -84,8 +84,10 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             position, shrunk towards the shared one by ``C / (N + C)`` for ``N`` training images and ``C``
             channels). Per position suits aligned parts with a few hundred training images and small
             defects (bsdata_pitting +0.05 image / +0.02 pixel AUROC) and costs localisation elsewhere
-            (battery_weld -0.009, bottle -0.002 pixel AUROC; benchmarks/RESULTS.md, issue 17). Scoring
-            only: on a trained checkpoint, refit with :meth:`fit_residual_statistics`.
+            (battery_weld -0.009, bottle -0.002 pixel AUROC; benchmarks/RESULTS.md, issue 17). ``"blend"``
+            scores each token by the mean of its shared and its per-position distance. Scoring only: on a
+            trained checkpoint, refit with :meth:`fit_residual_statistics` (per-position statistics also
+            hold the shared ones, so they serve all three).
         reference: ``"mean"`` (paper) or ``"coreset"`` reference features.
         out_projection: apply an output projection after each attention. ``False`` (default)
             matches the paper's code, which computed the projection and discarded it. Applying

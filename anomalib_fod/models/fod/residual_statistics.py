@@ -14,7 +14,9 @@ With ``residual_covariance="position"`` each position keeps its own covariance `
 ``(L, C, C)``, shrunk towards the shared one: ``(1 - w) Sigma_l + w Sigma`` with ``w = C / (N + C)``
 for ``N`` training images (half the shared covariance when there are as many images as channels).
 That helps where positions differ and images are aligned, and adds estimation noise where they do
-not (benchmarks/RESULTS.md, issue 17).
+not (benchmarks/RESULTS.md, issue 17). ``residual_covariance="blend"`` scores a token by the mean of
+its two distances, under the shared and under its own position's covariance: most of the per-position
+gain in image AUROC where parts are aligned, without its loss of localisation where they are not.
 
 The statistics are buffers, so they are saved in checkpoints and become constants of an exported
 graph, like the reference features. :class:`ResidualStatisticsCallback` fits them on the training
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 import torch
 from anomalib.models.components import DynamicBufferMixin
@@ -34,6 +36,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from .reference import iterate_pooled_features, rank_batches
+from .settings import ResidualCovariance
 
 if TYPE_CHECKING:
     from .torch_model import FodModel
@@ -56,17 +59,30 @@ def per_position_bytes(grids: Iterable[tuple[int, int]], channels: Iterable[int]
 
 
 class ResidualStatistics(DynamicBufferMixin, nn.Module):
-    """Per-position mean and precision of one level's residuals; empty until fitted.
+    """Per-position mean and precisions of one level's residuals; empty until fitted.
 
-    Buffers: ``mean`` ``(L, C)`` and ``precision`` ``(C, C)`` (shared by all positions) or, with
-    ``per_position``, ``(L, C, C)``.
+    Buffers: ``mean`` ``(L, C)``, ``precision`` ``(C, C)`` (of the covariance shared by all positions)
+    and, unless ``covariance="shared"``, ``position_precision`` ``(L, C, C)`` (one per position).
+
+    Args:
+        covariance: which distance a token gets: under the shared covariance (``"shared"``), under its
+            position's own (``"position"``) or the mean of the two (``"blend"``).
     """
 
-    def __init__(self, per_position: bool = False) -> None:
+    def __init__(self, covariance: ResidualCovariance = "shared") -> None:
         super().__init__()
-        self.per_position = per_position
+        if covariance not in get_args(ResidualCovariance):
+            msg = f"covariance must be one of {get_args(ResidualCovariance)}, got {covariance!r}."
+            raise ValueError(msg)
+        self.covariance = covariance
         self.register_buffer("mean", torch.empty(0, 0))
         self.register_buffer("precision", torch.empty(0, 0))
+        self.register_buffer("position_precision", torch.empty(0, 0, 0))
+
+    @property
+    def per_position(self) -> bool:
+        """Whether the fit must keep one covariance per token position."""
+        return self.covariance != "shared"
 
     @property
     def fitted(self) -> bool:
@@ -74,21 +90,28 @@ class ResidualStatistics(DynamicBufferMixin, nn.Module):
         return self.mean.numel() > 0
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:  # noqa: ANN001
-        """Checkpoints from before the statistics existed load with them empty (fit them to use them)."""
+        """Older checkpoints load: without statistics (empty, fit them to use them), or with the per-position
+        precisions stored as ``precision`` ``(L, C, C)`` (moved to ``position_precision``)."""
+        old = state_dict.get(prefix + "precision")
+        if old is not None and old.dim() == 3 and prefix + "position_precision" not in state_dict:  # noqa: PLR2004
+            state_dict[prefix + "position_precision"] = state_dict.pop(prefix + "precision")
         before = set(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
-        for name in ("mean", "precision"):
+        for name in ("mean", "precision", "position_precision"):
             key = prefix + name
             if key in missing_keys and key not in before:
                 missing_keys.remove(key)
 
-    def set(self, mean: torch.Tensor, precision: torch.Tensor) -> None:
-        """Store ``(L, C)`` means and a ``(C, C)`` (or per position ``(L, C, C)``) precision."""
+    def set(self, mean: torch.Tensor, precision: torch.Tensor, position_precision: torch.Tensor | None = None) -> None:
+        """Store ``(L, C)`` means, the shared ``(C, C)`` precision and the per-position ``(L, C, C)`` ones."""
         self.mean = mean.detach().float()
         self.precision = precision.detach().float()
+        if position_precision is None:
+            self.position_precision = torch.empty(0, 0, 0, device=mean.device)
+        else:
+            self.position_precision = position_precision.detach().float()
 
-    def forward(self, residual: torch.Tensor) -> torch.Tensor:
-        """Mahalanobis distance of every token, ``(B, L, C)`` -> ``(B, L)``."""
+    def _check(self, residual: torch.Tensor) -> None:
         if not self.fitted:
             msg = (
                 "FOD's residual statistics are missing: reconstruction_term='mahalanobis' scores residuals "
@@ -102,20 +125,32 @@ class ResidualStatistics(DynamicBufferMixin, nn.Module):
                 f"{tuple(residual.shape[1:])}: use the image size the model was trained with."
             )
             raise RuntimeError(msg)
-        holds_per_position = self.precision.dim() == 3  # noqa: PLR2004 - (L, C, C)
-        if holds_per_position != self.per_position:
-            kinds = ("one shared covariance", "one covariance per position")
+        has_shared, has_position = self.precision.numel() > 0, self.position_precision.numel() > 0
+        needs_shared, needs_position = self.covariance != "position", self.per_position
+        if (needs_shared and not has_shared) or (needs_position and not has_position):
+            held = " and ".join(
+                kind
+                for kind, has in (("one shared covariance", has_shared), ("one covariance per position", has_position))
+                if has
+            )
             msg = (
-                f"the residual statistics hold {kinds[holds_per_position]} but residual_covariance asks for "
-                f"{kinds[self.per_position]}: refit them with Fod.fit_residual_statistics(datamodule)."
+                f"the residual statistics hold {held} but residual_covariance={self.covariance!r} needs "
+                f"{'both' if self.covariance == 'blend' else 'the other'}: refit them with "
+                "Fod.fit_residual_statistics(datamodule)."
             )
             raise RuntimeError(msg)
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance of every token, ``(B, L, C)`` -> ``(B, L)``."""
+        self._check(residual)
         centred = residual.float() - self.mean
+        distances = []
+        if self.covariance != "position":
+            distances.append(((centred @ self.precision) * centred).sum(-1).clamp_min(0.0).sqrt())
         if self.per_position:  # (L, B, C) @ (L, C, C): one batched matmul, which every exporter handles
-            whitened = (centred.transpose(0, 1) @ self.precision).transpose(0, 1)
-        else:
-            whitened = centred @ self.precision
-        return (whitened * centred).sum(-1).clamp_min(0.0).sqrt()
+            whitened = (centred.transpose(0, 1) @ self.position_precision).transpose(0, 1)
+            distances.append((whitened * centred).sum(-1).clamp_min(0.0).sqrt())
+        return distances[0] if len(distances) == 1 else 0.5 * (distances[0] + distances[1])
 
 
 class ResidualAccumulator:
@@ -147,9 +182,9 @@ class ResidualAccumulator:
             self.outer += flat.T @ flat
         self.count += r.shape[0]
 
-    def finish(self, trainer: Trainer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(L, C)`` means and the precision: of the pooled within-position covariance ``(C, C)`` or,
-        per position, ``(L, C, C)`` of each position's covariance shrunk towards the pooled one."""
+    def finish(self, trainer: Trainer | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(L, C)`` means, the precision ``(C, C)`` of the pooled within-position covariance and, per
+        position, ``(L, C, C)`` those of each position's covariance shrunk towards the pooled one (else None)."""
         if self.sum is None or self.outer is None:
             msg = "no training images: FOD needs them to fit its residual statistics."
             raise RuntimeError(msg)
@@ -165,12 +200,13 @@ class ResidualAccumulator:
         # sum over images and positions of (r - mu_l)(r - mu_l)^T = sum r r^T - N sum_l mu_l mu_l^T
         cov = (pooled - count * mean.T @ mean) / (count * positions - 1).clamp_min(1)
         cov = cov + SHRINKAGE * cov.diagonal().mean() * torch.eye(channels, dtype=cov.dtype, device=cov.device)
+        position_precision = None
         if self.per_position:
             # sum over images of (r - mu_l)(r - mu_l)^T = sum r r^T - N mu_l mu_l^T, at every position l
             own = (outer - count * mean[:, :, None] * mean[:, None, :]) / (count - 1).clamp_min(1)
             weight = channels / (count + channels)
-            cov = (1 - weight) * own + weight * cov
-        return mean.float(), torch.linalg.inv(cov).float()
+            position_precision = torch.linalg.inv((1 - weight) * own + weight * cov).float()
+        return mean.float(), torch.linalg.inv(cov).float(), position_precision
 
 
 @torch.no_grad()
@@ -242,7 +278,7 @@ class ResidualStatisticsCallback(Callback):
         size = per_position_bytes(grids, model.feature_extractor.channels)
         if size > PER_POSITION_BUDGET_BYTES:
             msg = (
-                f"residual_covariance='position' needs {size / 2**30:.1f} GiB for one covariance per token position "
+                f"residual_covariance={statistics[0].covariance!r} needs {size / 2**30:.1f} GiB for one covariance per token position "
                 f"(grids {grids}, backbone channels {list(model.feature_extractor.channels)}); use "
                 "residual_covariance='shared' (one covariance per level), a smaller image size or a backbone with "
                 "fewer channels."

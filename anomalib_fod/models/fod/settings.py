@@ -17,7 +17,7 @@ from anomalib_fod.utils import check_choices
 
 ScoringMode = Literal["rec", "div", "rec_div"]
 ReconstructionTerm = Literal["mse_cos", "cos", "mse", "mahalanobis"]
-ResidualCovariance = Literal["shared", "position"]
+ResidualCovariance = Literal["shared", "position", "blend"]
 ReferenceMode = Literal["mean", "coreset"]
 FusionMode = Literal["subtract", "concat_mlp"]
 FeedForwardMode = Literal["mlp", "dwconv_median"]
@@ -53,8 +53,8 @@ class FodSettings:
             by the training images' own residual statistics (fitted after training, stored as buffers;
             see ``residual_statistics.py``), ``"mse_cos"`` (paper), ``"cos"`` or ``"mse"``.
         residual_covariance: with ``"mahalanobis"``: one residual covariance per level shared by all
-            token positions (``"shared"``, default) or one per position shrunk towards the shared one
-            (``"position"``).
+            token positions (``"shared"``, default), one per position shrunk towards the shared one
+            (``"position"``), or the mean of the two distances (``"blend"``).
         blur_sigma: Gaussian blur of the anomaly map (0 switches it off).
         compile_kernels: run the correlation attentions' block kernels through ``torch.compile`` where
             their maps are large (see ``blocked_attention.py``); same results, faster steps.
