@@ -42,9 +42,9 @@ def test_scores_use_the_statistics_and_survive_a_checkpoint(tmp_path) -> None:  
         before = model.model.forward_features(features, (64, 64)).pred_score
         # other statistics give other scores: the scores really read them
         stats = model.model.anomaly_map_generator.statistics[0]
-        stats.set(stats.mean + 1.0, stats.precision)
+        stats.set(stats.mean + 1.0, stats.precision, stats.position_precision)
         assert not torch.allclose(model.model.forward_features(features, (64, 64)).pred_score, before)
-        stats.set(stats.mean - 1.0, stats.precision)
+        stats.set(stats.mean - 1.0, stats.precision, stats.position_precision)
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), path)
     reloaded = tiny_model(reconstruction_term="mahalanobis", scoring="rec")

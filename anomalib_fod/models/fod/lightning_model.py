@@ -79,15 +79,18 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             one (``Fod.load_from_checkpoint(path, reconstruction_term="cos")``; for ``"mahalanobis"``
             then call :meth:`fit_residual_statistics`). Why the defaults differ from the paper:
             docs/differences.md; the paper's recipe is the ``fod_paper`` config.
-        residual_covariance: with ``reconstruction_term="mahalanobis"``, how the residuals' covariance is
-            kept per level: ``"shared"`` (default: one for all token positions) or ``"position"`` (one per
-            position, shrunk towards the shared one by ``C / (N + C)`` for ``N`` training images and ``C``
-            channels). Per position suits aligned parts with a few hundred training images and small
-            defects (bsdata_pitting +0.05 image / +0.02 pixel AUROC) and costs localisation elsewhere
-            (battery_weld -0.009, bottle -0.002 pixel AUROC; benchmarks/RESULTS.md, issue 17). ``"blend"``
-            scores each token by the mean of its shared and its per-position distance. Scoring only: on a
-            trained checkpoint, refit with :meth:`fit_residual_statistics` (per-position statistics also
-            hold the shared ones, so they serve all three).
+        residual_covariance: with ``reconstruction_term="mahalanobis"``, which covariance of the residuals
+            a token's distance is measured under: ``"shared"`` (one per level for all token positions),
+            ``"position"`` (one per position, shrunk towards the shared one by ``C / (N + C)`` for ``N``
+            training images and ``C`` channels) or ``"blend"`` (default: the mean of the two distances).
+            Per position suits aligned parts and costs localisation where one covariance fits all
+            positions; the mean keeps most of both (256 px, 3 seeds, against ``"shared"``: bsdata_pitting
+            +0.026 image / +0.013 pixel AUROC, screw +0.149 / +0.011, battery_weld +0.002 / -0.004, bottle
+            0 / -0.001; benchmarks/RESULTS.md, issue 17). The per-position statistics take ``L x C x C``
+            floats per level (18.5 MiB at 256 px with Lite0); training refuses, before its first step, more
+            than 1 GiB of them (e.g. WideResNet50): then use ``"shared"``. Scoring only: on a trained
+            checkpoint, refit with :meth:`fit_residual_statistics` (per-position statistics also hold the
+            shared ones, so they serve all three).
         reference: ``"mean"`` (paper) or ``"coreset"`` reference features.
         out_projection: apply an output projection after each attention. ``False`` (default)
             matches the paper's code, which computed the projection and discarded it. Applying
@@ -152,7 +155,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         entropy_weight: float = 0.5,
         scoring: ScoringMode = "rec",
         reconstruction_term: ReconstructionTerm = "mahalanobis",
-        residual_covariance: ResidualCovariance = "shared",
+        residual_covariance: ResidualCovariance = "blend",
         reference: ReferenceMode = "mean",
         out_projection: bool = False,
         blur_sigma: float = 4.0,

@@ -52,9 +52,9 @@ class FodSettings:
         reconstruction_term: what the ``rec`` term is: ``"mahalanobis"`` (default): the residual whitened
             by the training images' own residual statistics (fitted after training, stored as buffers;
             see ``residual_statistics.py``), ``"mse_cos"`` (paper), ``"cos"`` or ``"mse"``.
-        residual_covariance: with ``"mahalanobis"``: one residual covariance per level shared by all
-            token positions (``"shared"``, default), one per position shrunk towards the shared one
-            (``"position"``), or the mean of the two distances (``"blend"``).
+        residual_covariance: with ``"mahalanobis"``: each token's distance under one residual covariance
+            per level shared by all token positions (``"shared"``), under one per position shrunk towards
+            the shared one (``"position"``), or the mean of the two (``"blend"``, default).
         blur_sigma: Gaussian blur of the anomaly map (0 switches it off).
         compile_kernels: run the correlation attentions' block kernels through ``torch.compile`` where
             their maps are large (see ``blocked_attention.py``); same results, faster steps.
@@ -79,7 +79,7 @@ class FodSettings:
     relative_position_bias: bool = field(default=False, metadata=_SHAPES)
     scoring: ScoringMode = "rec"
     reconstruction_term: ReconstructionTerm = "mahalanobis"
-    residual_covariance: ResidualCovariance = "shared"
+    residual_covariance: ResidualCovariance = "blend"
     blur_sigma: float = 4.0
     compile_kernels: bool = True
 
