@@ -86,6 +86,8 @@ def main(
     level_scalings: list[str] | None = None,
     means: list[str] | None = None,
     centerings: list[str] | None = None,
+    baselines: list[str] | None = None,
+    gains: list[str] | None = None,
     threads: int = 1,
 ) -> None:
     """Print exact image / pixel AUROC of the whitened feature distance per dataset, size and blur.
@@ -109,6 +111,13 @@ def main(
         centerings: ``"none"`` and/or ``"median"`` (each image's tokens minus that image's per-channel
             median token, training and test alike: a global shift of an image, such as its brightness,
             then moves no token).
+        baselines: ``"none"`` and/or ``"median"`` (each image's map minus its own median, so an image whose
+            tokens are all a little farther from normal, e.g. darker, is not scored higher for it) and/or
+            ``"median_image"`` (the same for the image score only, the map as it is).
+        gains: ``"none"`` and/or ``"mean"`` (every image, training and test alike, scaled before the backbone
+            so that its mean intensity equals the training images' mean: an exposure or lighting gain then
+            changes no feature) and/or ``"clamp"`` (only images whose mean intensity lies outside the training
+            images' range, scaled to its nearest end).
         threads: torch threads.
     """
     sys.path.insert(0, str(Path(__file__).parent))
@@ -128,13 +137,40 @@ def main(
             # In file order, not the shuffled training loader: the float32 sums then run in one order and
             # repeated runs print the same figures (shuffled, battery_weld's moved by up to 0.004 at 256 px).
             ordered = DataLoader(data.train_data, batch_size=16, shuffle=False, collate_fn=data.train_data.collate_fn)
-            train = cache_features(model, ordered, f"{name}: training images")
-            test = cache_features(model, data.test_dataloader(), f"{name}: test images")
-            grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in train["features"]]
-            for mean_kind, centering in ((m, c) for m in means or ["position"] for c in centerings or ["none"]):
-                levels = level_statistics(train["features"], test["features"], mean_kind, centering)
-                variant = f"{name} {size[0]}x{size[1]} mean {mean_kind}, centering {centering},"
-                report(variant, levels, grids, test, covariances, level_scalings, blurs)
+            extract = model.model.extract_features
+            for gain in gains or ["none"]:
+                if gain in ("mean", "clamp"):
+                    model.model.extract_features = equal_gain(extract, model, ordered, clamp=gain == "clamp")
+                elif gain != "none":
+                    msg = f"unknown gain {gain!r}"
+                    raise ValueError(msg)
+                train = cache_features(model, ordered, f"{name}: training images")
+                test = cache_features(model, data.test_dataloader(), f"{name}: test images")
+                model.model.extract_features = extract
+                grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in train["features"]]
+                for mean_kind, centering in ((m, c) for m in means or ["position"] for c in centerings or ["none"]):
+                    levels = level_statistics(train["features"], test["features"], mean_kind, centering)
+                    variant = f"{name} {size[0]}x{size[1]} gain {gain}, mean {mean_kind}, centering {centering},"
+                    report(variant, levels, grids, test, covariances, level_scalings, blurs, baselines)
+
+
+def equal_gain(extract, model, loader, clamp: bool = False):  # noqa: ANN001, ANN201
+    """``extract`` applied to images rescaled in intensity (before ImageNet normalisation): to the training
+    images' mean intensity or, with ``clamp``, into the range of the training images' mean intensities."""
+    from anomalib_fod.benchmark.curve import preprocess_as_test  # noqa: PLC0415
+
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    levels = torch.cat([(preprocess_as_test(model, batch).image * std + mean).mean(dim=(1, 2, 3)) for batch in loader])
+    low, high, target = levels.min(), levels.max(), levels.mean()
+
+    def rescaled(images: torch.Tensor) -> torch.Tensor:
+        raw = images * std + mean
+        level = raw.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+        raw = raw * ((level.clamp(low, high) if clamp else target) / level)
+        return extract((raw - mean) / std)
+
+    return rescaled
 
 
 def level_statistics(
@@ -171,8 +207,9 @@ def report(  # noqa: PLR0913
     covariances: list[str] | None,
     level_scalings: list[str] | None,
     blurs: list[float] | None,
+    baselines: list[str] | None = None,
 ) -> None:
-    """Print image / pixel AUROC of every covariance, level scaling and blur for one set of statistics."""
+    """Print image / pixel AUROC of every covariance, level scaling, blur and baseline for one set of statistics."""
     sys.path.insert(0, str(Path(__file__).parent))
     from screen import _mahalanobis, _position_mahalanobis, _position_precision  # noqa: PLC0415
 
@@ -209,13 +246,21 @@ def report(  # noqa: PLR0913
                 maps, image_scores = AnomalyMapGenerator(FodSettings(blur_sigma=sigma)).combine_levels(
                     scaled, used, test["size"]
                 )
-                print(
-                    f"{variant} {covariance} covariance, levels {scaling}, blur {sigma:g}: "
-                    f"image AUROC {image_auroc(image_scores.numpy(), test['labels'].numpy()):.4f}, pixel AUROC "
-                    f"{pixel_auroc(maps[:, 0].numpy(), test['masks'].numpy()):.4f}; image AUROC of the unblurred "
-                    f"map's maximum {image_auroc(unblurred_scores.numpy(), test['labels'].numpy()):.4f}",
-                    flush=True,
-                )
+                for baseline in baselines or ["none"]:
+                    shown_maps, shown_scores, unblurred = maps, image_scores, unblurred_scores
+                    if baseline != "none":
+                        median = maps.flatten(1).median(dim=1).values
+                        shown_scores = image_scores - median
+                        unblurred = unblurred_scores - median
+                        if baseline == "median":
+                            shown_maps = maps - median[:, None, None, None]
+                    print(
+                        f"{variant} {covariance} covariance, levels {scaling}, blur {sigma:g}, baseline {baseline}: "
+                        f"image AUROC {image_auroc(shown_scores.numpy(), test['labels'].numpy()):.4f}, pixel AUROC "
+                        f"{pixel_auroc(shown_maps[:, 0].numpy(), test['masks'].numpy()):.4f}; image AUROC of the "
+                        f"unblurred map's maximum {image_auroc(unblurred.numpy(), test['labels'].numpy()):.4f}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":
