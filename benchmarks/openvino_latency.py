@@ -116,6 +116,7 @@ def test_images(image_size: tuple[int, int]) -> list[tuple[str, np.ndarray]]:
 MATMUL = "matmul 1024^3"
 MATMUL_SIZE = 1024
 FOD, PATCHCORE, FOD_PAPER_SCORE = "FOD (Lite0)", "PatchCore (Lite0)", "FOD paper score (Lite0)"
+FOD_SHARED = "FOD shared covariance (Lite0)"
 OWN_NAMES = (FOD, PATCHCORE, FOD_PAPER_SCORE, MATMUL)  # what --compare-xml must not be called
 
 
@@ -266,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         "(the same one-layer weights: the cost of the score, not of the paper's three layers)",
     )
     parser.add_argument(
+        "--with-shared-covariance",
+        action="store_true",
+        help="also time FOD's weights exported with residual_covariance='shared' (the cost of the default's "
+        "per-position residual precisions)",
+    )
+    parser.add_argument(
         "--compare-xml",
         action="append",
         default=[],
@@ -304,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.with_paper_score:  # the same weights scored as the paper does: every divergence computed
             paper = Fod.load_from_checkpoint(fod_ckpt, scoring="rec_div", reconstruction_term="mse_cos")
             exported[FOD_PAPER_SCORE] = export(paper, workdir, "fod_paper", size)
+        if args.with_shared_covariance:  # the same weights and statistics without the per-position precisions
+            shared = Fod.load_from_checkpoint(fod_ckpt, residual_covariance="shared")
+            exported[FOD_SHARED] = export(shared, workdir, "fod_shared", size)
     if args.patchcore_xml is None:
         patchcore_ckpt = args.patchcore_ckpt or train(
             lite0_patchcore(size), workdir, "patchcore", args.batch_size
