@@ -158,9 +158,9 @@ def equal_gain(extract, model, loader, clamp: bool = False):  # noqa: ANN001, AN
     """``extract`` applied to images rescaled in intensity (before ImageNet normalisation): to the training
     images' mean intensity or, with ``clamp``, into the range of the training images' mean intensities."""
     from anomalib_fod.benchmark.curve import preprocess_as_test  # noqa: PLC0415
+    from anomalib_fod.models.cdo.lightning_model import normalisation_of  # noqa: PLC0415
 
-    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in normalisation_of(model.pre_processor))
     levels = torch.cat([(preprocess_as_test(model, batch).image * std + mean).mean(dim=(1, 2, 3)) for batch in loader])
     low, high, target = levels.min(), levels.max(), levels.mean()
 

@@ -143,10 +143,8 @@ def test_per_position_checkpoints_of_the_earlier_layout_load() -> None:
     with torch.no_grad():
         before = model.model.forward_features(features, (64, 64)).pred_score
     state = model.state_dict()
-    for key in [k for k in state if k.endswith("statistics.0.position_precision")] + [
-        k for k in state if k.endswith("statistics.1.position_precision")
-    ]:
-        state[key.replace("position_precision", "precision")] = state.pop(key)  # the earlier layout
+    for key in [k for k in state if k.endswith(".position_precision")]:
+        state[key.removesuffix("position_precision") + "precision"] = state.pop(key)  # the earlier layout
     assert any(v.dim() == 3 for k, v in state.items() if k.endswith(".precision"))
     reloaded = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance="position")
     reloaded.load_state_dict(state)
