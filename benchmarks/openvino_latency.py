@@ -269,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--with-shared-covariance",
         action="store_true",
-        help="also time FOD's weights exported with residual_covariance='shared' (the cost of the default's "
-        "per-position residual precisions)",
+        help="also time FOD's weights exported with residual_covariance='shared' and image_score='map' (the cost "
+        "of the default's per-position residual precisions)",
     )
     parser.add_argument(
         "--compare-xml",
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             paper = Fod.load_from_checkpoint(fod_ckpt, scoring="rec_div", reconstruction_term="mse_cos")
             exported[FOD_PAPER_SCORE] = export(paper, workdir, "fod_paper", size)
         if args.with_shared_covariance:  # the same weights and statistics without the per-position precisions
-            shared = Fod.load_from_checkpoint(fod_ckpt, residual_covariance="shared")
+            shared = Fod.load_from_checkpoint(fod_ckpt, residual_covariance="shared", image_score="map")
             exported[FOD_SHARED] = export(shared, workdir, "fod_shared", size)
     if args.patchcore_xml is None:
         patchcore_ckpt = args.patchcore_ckpt or train(

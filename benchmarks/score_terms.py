@@ -121,7 +121,13 @@ def _normalised_mse_generator_class() -> type:
             super().__init__(settings)
             self.scales = scales
 
-        def reconstruction_score(self, tokens: torch.Tensor, output: Any, level: int = 0) -> torch.Tensor:  # noqa: ANN401
+        def reconstruction_score(
+            self,
+            tokens: torch.Tensor,
+            output: Any,  # noqa: ANN401 - LevelOutput
+            level: int = 0,
+            covariance: str | None = None,  # noqa: ARG002 - no covariance in this term
+        ) -> torch.Tensor:
             error = tokens.float() - output.reconstruction.float()
             return (error.square() / self.scales[level]).mean(dim=-1)
 

@@ -102,8 +102,12 @@ def test_variants_train_and_predict(dummy_dataset, tmp_path, settings):
     check_predictions(predictions, n_images=n_test, batch_size=4, size=(DUMMY_SIZE, DUMMY_SIZE))
 
 
-@pytest.mark.parametrize("covariance", ["shared", "position", "blend"])
-def test_step_budget_stops_training_and_fits_the_residual_statistics(dummy_dataset, tmp_path, covariance) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    ("covariance", "image_score"), [("shared", "map"), ("shared", "position"), ("position", "map"), ("blend", "position")]
+)
+def test_step_budget_stops_training_and_fits_the_residual_statistics(  # noqa: ANN201
+    dummy_dataset, tmp_path, covariance, image_score  # noqa: ANN001
+):
     """``training_steps`` ends the fit mid-epoch whatever max_epochs says; the whitened score is ready to test."""
     seed_everything(0)
     datamodule = make_datamodule(dummy_dataset.parent, dummy_dataset.name, train_batch_size=2, eval_batch_size=EVAL_BATCH)
@@ -113,6 +117,7 @@ def test_step_budget_stops_training_and_fits_the_residual_statistics(dummy_datas
         training_steps=3,
         reconstruction_term="mahalanobis",
         residual_covariance=covariance,
+        image_score=image_score,
         scoring="rec",
         **TINY,
     )
@@ -122,7 +127,8 @@ def test_step_budget_stops_training_and_fits_the_residual_statistics(dummy_datas
     statistics = model.model.anomaly_map_generator.statistics
     assert all(s.fitted for s in statistics)
     assert all(s.precision.dim() == 2 for s in statistics)  # noqa: PLR2004
-    assert all((s.position_precision.numel() > 0) == (covariance != "shared") for s in statistics)
+    per_position = covariance != "shared" or image_score == "position"  # the image score reads them too
+    assert all((s.position_precision.numel() > 0) == per_position for s in statistics)
     # fitted on the final weights: refitting now changes nothing
     before = [s.mean.clone() for s in statistics]
     model.fit_residual_statistics(datamodule)

@@ -86,7 +86,10 @@ def direct_position_mahalanobis(residual: torch.Tensor, train: torch.Tensor) -> 
 
 @pytest.mark.parametrize("covariance", ["shared", "position", "blend"])
 def test_statistics_equal_a_direct_computation(covariance: str) -> None:
-    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance=covariance)
+    # image_score="map": nothing asks for the per-position statistics unless the covariance does
+    model = tiny_model(
+        reconstruction_term="mahalanobis", scoring="rec", residual_covariance=covariance, image_score="map"
+    )
     fod = model.model
     features = features_and_references(model)
     # in two batches: the running sums must equal the one-shot statistics
@@ -112,14 +115,20 @@ def test_statistics_equal_a_direct_computation(covariance: str) -> None:
 
 
 def test_statistics_of_another_covariance_kind_are_a_clear_error() -> None:
-    shared = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance="shared")
+    shared = tiny_model(
+        reconstruction_term="mahalanobis", scoring="rec", residual_covariance="shared", image_score="map"
+    )
     features = features_and_references(shared)
     fit_statistics(shared.model, [features])
-    for covariance in ("position", "blend"):
-        other = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance=covariance)
+    assert all(s.position_precision.numel() == 0 for s in shared.model.anomaly_map_generator.statistics)
+    for covariance, image_score in (("position", "map"), ("blend", "map"), ("shared", "position")):
+        other = tiny_model(
+            reconstruction_term="mahalanobis", scoring="rec", residual_covariance=covariance, image_score=image_score
+        )
         other.load_state_dict(shared.state_dict())  # e.g. a checkpoint re-scored with another setting
         other.model.eval()
-        with pytest.raises(RuntimeError, match="hold one shared covariance but residual_covariance"), torch.no_grad():
+        with pytest.raises(RuntimeError, match="hold one shared covariance but the 'position' distance|"
+                           "hold one shared covariance but the 'blend' distance"), torch.no_grad():
             other.model.forward_features(features, (64, 64))
         fit_statistics(other.model, [features])  # refitting is the way out
         with torch.no_grad():
@@ -173,6 +182,72 @@ def test_per_position_statistics_too_large_to_keep_are_refused_before_training(m
     monkeypatch.setattr(residual_statistics, "PER_POSITION_BUDGET_BYTES", needed - 1)
     with pytest.raises(ValueError, match="residual_covariance='shared'"):
         callback.on_train_start(None, model)
-    shared = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance="shared")
-    features_and_references(shared)
-    callback.on_train_start(None, shared)  # one covariance per level: no such limit
+    with pytest.raises(ValueError, match="image_score='map'"):
+        callback.on_train_start(None, model)
+    # the per-position image score alone needs them too
+    for covariance, image_score, refused in (("shared", "position", True), ("shared", "map", False)):
+        shared = tiny_model(
+            reconstruction_term="mahalanobis", scoring="rec", residual_covariance=covariance, image_score=image_score
+        )
+        features_and_references(shared)
+        if refused:
+            with pytest.raises(ValueError, match="image_score='position'"):
+                callback.on_train_start(None, shared)
+        else:
+            callback.on_train_start(None, shared)  # one covariance per level: no such limit
+
+
+@pytest.mark.parametrize("covariance", ["shared", "blend"])
+def test_the_image_score_is_the_maximum_of_the_per_position_map(covariance: str) -> None:
+    """``image_score="position"``: the map is ``covariance``'s, the image score the maximum of the map the
+    per-position distances make (same upsampling, level mean and blur), both equal to a direct computation."""
+    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance=covariance)
+    fod = model.model
+    features = features_and_references(model)
+    fit_statistics(fod, [features])
+    fod.eval()
+    generator = fod.anomaly_map_generator
+    with torch.no_grad():
+        result = fod.forward_features(features, (64, 64))
+        run = fod.run_levels(features)
+        residuals = [(t - o.reconstruction).double() for t, o in zip(run.tokens, run.levels, strict=True)]
+        shared = [direct_mahalanobis(r, r).float() for r in residuals]
+        position = [direct_position_mahalanobis(r, r).float() for r in residuals]
+        mapped = shared if covariance == "shared" else [0.5 * (a + b) for a, b in zip(shared, position, strict=True)]
+        expected_map, map_maximum = generator.combine_levels(mapped, run.grids, (64, 64))
+        _, expected_score = generator.combine_levels(position, run.grids, (64, 64))
+    torch.testing.assert_close(result.anomaly_map, expected_map, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(result.pred_score, expected_score, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(result.pred_score, map_maximum, rtol=1e-3)  # really another score than the map's
+    generator.use_image_score("map")
+    with torch.no_grad():
+        rescored = fod.forward_features(features, (64, 64)).pred_score
+    torch.testing.assert_close(rescored, map_maximum, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="image_score must be one of"):
+        generator.use_image_score("mean")  # type: ignore[arg-type]
+
+
+def test_checkpoints_from_before_image_score_keep_the_maps_maximum(tmp_path) -> None:  # noqa: ANN001
+    """Their thresholds were learnt on the map's maximum: loading them must not change what they score."""
+    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec")
+    features = features_and_references(model)
+    fit_statistics(model.model, [features])
+    hparams = dict(model.hparams)
+    assert hparams["image_score"] == "position"
+    model.model.eval()
+    with torch.no_grad():
+        new = model.model.forward_features(features, (64, 64))
+    old_hparams = {k: v for k, v in hparams.items() if k != "image_score"}
+    for name, saved in (("new.ckpt", hparams), ("old.ckpt", old_hparams)):
+        checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": saved, "pytorch-lightning_version": "2.6.0"}
+        torch.save(checkpoint, tmp_path / name)
+    reloaded = Fod.load_from_checkpoint(tmp_path / "new.ckpt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model.forward_features(features, (64, 64)).pred_score, new.pred_score)
+    old = Fod.load_from_checkpoint(tmp_path / "old.ckpt").eval()
+    assert old.hparams["image_score"] == "map"
+    assert old.model.settings.image_score == "map"
+    with torch.no_grad():
+        scored = old.model.forward_features(features, (64, 64))
+    torch.testing.assert_close(scored.anomaly_map, new.anomaly_map)
+    torch.testing.assert_close(scored.pred_score, new.anomaly_map.amax(dim=(-2, -1)).flatten())

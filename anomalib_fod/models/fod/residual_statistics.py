@@ -65,16 +65,19 @@ class ResidualStatistics(DynamicBufferMixin, nn.Module):
     and, unless ``covariance="shared"``, ``position_precision`` ``(L, C, C)`` (one per position).
 
     Args:
-        covariance: which distance a token gets: under the shared covariance (``"shared"``), under its
-            position's own (``"position"``) or the mean of the two (``"blend"``).
+        covariance: which distance a token gets by default: under the shared covariance (``"shared"``),
+            under its position's own (``"position"``) or the mean of the two (``"blend"``).
+        keep_position: fit the per-position precisions even when ``covariance`` does not read them (they
+            are asked for by name, e.g. for the image score: ``forward(residual, "position")``).
     """
 
-    def __init__(self, covariance: ResidualCovariance = "shared") -> None:
+    def __init__(self, covariance: ResidualCovariance = "shared", keep_position: bool = False) -> None:
         super().__init__()
         if covariance not in get_args(ResidualCovariance):
             msg = f"covariance must be one of {get_args(ResidualCovariance)}, got {covariance!r}."
             raise ValueError(msg)
         self.covariance = covariance
+        self.keep_position = keep_position
         self.register_buffer("mean", torch.empty(0, 0))
         self.register_buffer("precision", torch.empty(0, 0))
         self.register_buffer("position_precision", torch.empty(0, 0, 0))
@@ -82,7 +85,7 @@ class ResidualStatistics(DynamicBufferMixin, nn.Module):
     @property
     def per_position(self) -> bool:
         """Whether the fit must keep one covariance per token position."""
-        return self.covariance != "shared"
+        return self.covariance != "shared" or self.keep_position
 
     @property
     def fitted(self) -> bool:
@@ -111,7 +114,7 @@ class ResidualStatistics(DynamicBufferMixin, nn.Module):
         else:
             self.position_precision = position_precision.detach().float()
 
-    def _check(self, residual: torch.Tensor) -> None:
+    def _check(self, residual: torch.Tensor, covariance: ResidualCovariance) -> None:
         if not self.fitted:
             msg = (
                 "FOD's residual statistics are missing: reconstruction_term='mahalanobis' scores residuals "
@@ -126,7 +129,7 @@ class ResidualStatistics(DynamicBufferMixin, nn.Module):
             )
             raise RuntimeError(msg)
         has_shared, has_position = self.precision.numel() > 0, self.position_precision.numel() > 0
-        needs_shared, needs_position = self.covariance != "position", self.per_position
+        needs_shared, needs_position = covariance != "position", covariance != "shared"
         if (needs_shared and not has_shared) or (needs_position and not has_position):
             held = " and ".join(
                 kind
@@ -134,20 +137,22 @@ class ResidualStatistics(DynamicBufferMixin, nn.Module):
                 if has
             )
             msg = (
-                f"the residual statistics hold {held} but residual_covariance={self.covariance!r} needs "
-                f"{'both' if self.covariance == 'blend' else 'the other'}: refit them with "
-                "Fod.fit_residual_statistics(datamodule)."
+                f"the residual statistics hold {held} but the {covariance!r} distance (asked for by the model's "
+                f"residual_covariance or image_score) needs {'both' if covariance == 'blend' else 'the other'}: refit "
+                "them with Fod.fit_residual_statistics(datamodule)."
             )
             raise RuntimeError(msg)
 
-    def forward(self, residual: torch.Tensor) -> torch.Tensor:
-        """Mahalanobis distance of every token, ``(B, L, C)`` -> ``(B, L)``."""
-        self._check(residual)
+    def forward(self, residual: torch.Tensor, covariance: ResidualCovariance | None = None) -> torch.Tensor:
+        """Mahalanobis distance of every token, ``(B, L, C)`` -> ``(B, L)``, under ``covariance``
+        (default: this module's ``covariance``)."""
+        covariance = covariance or self.covariance
+        self._check(residual, covariance)
         centred = residual.float() - self.mean
         distances = []
-        if self.covariance != "position":
+        if covariance != "position":
             distances.append(((centred @ self.precision) * centred).sum(-1).clamp_min(0.0).sqrt())
-        if self.per_position:  # (L, B, C) @ (L, C, C): one batched matmul, which every exporter handles
+        if covariance != "shared":  # (L, B, C) @ (L, C, C): one batched matmul, which every exporter handles
             whitened = (centred.transpose(0, 1) @ self.position_precision).transpose(0, 1)
             distances.append((whitened * centred).sum(-1).clamp_min(0.0).sqrt())
         return distances[0] if len(distances) == 1 else 0.5 * (distances[0] + distances[1])
@@ -278,10 +283,11 @@ class ResidualStatisticsCallback(Callback):
         size = per_position_bytes(grids, model.feature_extractor.channels)
         if size > PER_POSITION_BUDGET_BYTES:
             msg = (
-                f"residual_covariance={statistics[0].covariance!r} needs {size / 2**30:.1f} GiB for one covariance per token position "
-                f"(grids {grids}, backbone channels {list(model.feature_extractor.channels)}); use "
-                "residual_covariance='shared' (one covariance per level), a smaller image size or a backbone with "
-                "fewer channels."
+                f"residual_covariance={model.settings.residual_covariance!r} with image_score="
+                f"{model.settings.image_score!r} needs {size / 2**30:.1f} GiB for one "
+                f"covariance per token position (grids {grids}, backbone channels "
+                f"{list(model.feature_extractor.channels)}); use residual_covariance='shared' and image_score='map' "
+                "(one covariance per level), a smaller image size or a backbone with fewer channels."
             )
             raise ValueError(msg)
 

@@ -18,6 +18,7 @@ from anomalib_fod.utils import check_choices
 ScoringMode = Literal["rec", "div", "rec_div"]
 ReconstructionTerm = Literal["mse_cos", "cos", "mse", "mahalanobis"]
 ResidualCovariance = Literal["shared", "position", "blend"]
+ImageScore = Literal["map", "position"]
 ReferenceMode = Literal["mean", "coreset"]
 FusionMode = Literal["subtract", "concat_mlp"]
 FeedForwardMode = Literal["mlp", "dwconv_median"]
@@ -55,6 +56,9 @@ class FodSettings:
         residual_covariance: with ``"mahalanobis"``: each token's distance under one residual covariance
             per level shared by all token positions (``"shared"``), under one per position shrunk towards
             the shared one (``"position"``), or the mean of the two (``"blend"``, default).
+        image_score: with ``"mahalanobis"``: the image score is the maximum of the anomaly map (``"map"``) or
+            of the map the per-position distances alone make (``"position"``, default; same levels, upsampling
+            and blur), whatever ``residual_covariance`` the map uses. With other terms it is the map's maximum.
         blur_sigma: Gaussian blur of the anomaly map (0 switches it off).
         compile_kernels: run the correlation attentions' block kernels through ``torch.compile`` where
             their maps are large (see ``blocked_attention.py``); same results, faster steps.
@@ -80,6 +84,7 @@ class FodSettings:
     scoring: ScoringMode = "rec"
     reconstruction_term: ReconstructionTerm = "mahalanobis"
     residual_covariance: ResidualCovariance = "blend"
+    image_score: ImageScore = "position"
     blur_sigma: float = 4.0
     compile_kernels: bool = True
 
