@@ -88,6 +88,7 @@ def main(
     centerings: list[str] | None = None,
     baselines: list[str] | None = None,
     gains: list[str] | None = None,
+    joint: bool = False,
     threads: int = 1,
 ) -> None:
     """Print exact image / pixel AUROC of the whitened feature distance per dataset, size and blur.
@@ -101,7 +102,9 @@ def main(
             PaDiM-style models need with few images: issue 17's candidate for PaDiM's pixel advantage),
             ``"auto"`` (the same with the weight that best predicts held-out training images,
             ``held_out_weight``) and/or ``"blend"`` (the mean of the ``auto`` and ``shared`` distances) and/or
-            ``"blend_position"`` (the mean of the ``position`` and ``shared`` distances).
+            ``"blend_position"`` (the mean of the ``position`` and ``shared`` distances); ``position_w3`` and
+            ``blend_position_w3`` (any odd window) pool each position's covariance over its 3x3 neighbours
+            (``neighbourhood_precision``).
         level_scalings: how the levels' distances are put on one scale before their mean: ``"none"``
             (as the model does), ``"z"`` (each level in z-units of its training tokens' distances) or
             ``"level0"`` / ``"level1"`` (one level alone) or ``"weight0.75"`` (that weight on the finest
@@ -118,6 +121,9 @@ def main(
             so that its mean intensity equals the training images' mean: an exposure or lighting gain then
             changes no feature) and/or ``"clamp"`` (only images whose mean intensity lies outside the training
             images' range, scaled to its nearest end).
+        joint: score one level instead of two: the coarser levels' features upsampled (bilinear) to the
+            finest grid and concatenated to its channels, as PaDiM and PatchCore build their embeddings, so
+            the covariance holds the correlations between levels.
         threads: torch threads.
     """
     sys.path.insert(0, str(Path(__file__).parent))
@@ -147,11 +153,20 @@ def main(
                 train = cache_features(model, ordered, f"{name}: training images")
                 test = cache_features(model, data.test_dataloader(), f"{name}: test images")
                 model.model.extract_features = extract
+                if joint:
+                    train["features"], test["features"] = [joined(train["features"])], [joined(test["features"])]
                 grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in train["features"]]
                 for mean_kind, centering in ((m, c) for m in means or ["position"] for c in centerings or ["none"]):
                     levels = level_statistics(train["features"], test["features"], mean_kind, centering)
                     variant = f"{name} {size[0]}x{size[1]} gain {gain}, mean {mean_kind}, centering {centering},"
                     report(variant, levels, grids, test, covariances, level_scalings, blurs, baselines)
+
+
+def joined(levels: list[torch.Tensor]) -> torch.Tensor:
+    """``(N, sum C, H, W)``: every level upsampled (bilinear) to the first level's ``(H, W)`` and concatenated."""
+    size = levels[0].shape[-2:]
+    upsampled = [torch.nn.functional.interpolate(f, size=size, mode="bilinear") for f in levels[1:]]
+    return torch.cat([levels[0], *upsampled], dim=1)
 
 
 def equal_gain(extract, model, loader, clamp: bool = False):  # noqa: ANN001, ANN201
@@ -199,6 +214,31 @@ def level_statistics(
     return levels
 
 
+def neighbourhood_precision(
+    centred: torch.Tensor, shared: torch.Tensor, grid: tuple[int, int], window: int
+) -> torch.Tensor:
+    """``(L, C, C)`` precisions of each position's covariance pooled over its ``window x window`` neighbours.
+
+    Every position keeps its own mean (``centred`` is ``(N, L, C)`` around it); only the scatter about those
+    means is averaged over the neighbourhood, so a position borrows ``window**2`` times the samples of a
+    per-position covariance, and is shrunk towards ``shared`` with ``C / (N * k + C)``, ``k`` the neighbours
+    it has (fewer at the borders).
+    """
+    sys.path.insert(0, str(Path(__file__).parent))
+    from screen import position_covariance  # noqa: PLC0415
+
+    count, positions, channels = centred.shape
+    own = position_covariance(centred)  # (L, C, C) float64
+    height, width = grid
+    planes = own.reshape(height, width, channels * channels).permute(2, 0, 1)[None]
+    pooled = torch.nn.functional.avg_pool2d(planes, window, stride=1, padding=window // 2, count_include_pad=False)
+    pooled = pooled[0].permute(1, 2, 0).reshape(positions, channels, channels)
+    ones = torch.ones(1, 1, height, width, dtype=own.dtype)
+    neighbours = torch.nn.functional.avg_pool2d(ones, window, stride=1, padding=window // 2, divisor_override=1)
+    weight = (channels / (count * neighbours.flatten() + channels))[:, None, None]
+    return torch.linalg.inv((1 - weight) * pooled + weight * shared.double()).float()
+
+
 def report(  # noqa: PLR0913
     variant: str,
     levels: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -225,13 +265,17 @@ def report(  # noqa: PLR0913
                 train_scores.append(_mahalanobis(normal, precision))
                 continue
             shared = torch.linalg.inv(precision.double())
-            weight = None if covariance in ("position", "blend_position") else held_out_weight(normal)
-            if weight is not None:
-                print(f"  {covariance}: shared-covariance weight {weight:g}", flush=True)
-            position = _position_precision(normal, shared, weight)
+            kind, _, window = covariance.partition("_w")
+            if window:
+                position = neighbourhood_precision(normal, shared, grids[len(scores)], int(window))
+            else:
+                weight = None if kind in ("position", "blend_position") else held_out_weight(normal)
+                if weight is not None:
+                    print(f"  {covariance}: shared-covariance weight {weight:g}", flush=True)
+                position = _position_precision(normal, shared, weight)
             test_distance = _position_mahalanobis(centred, position)
             train_distance = _position_mahalanobis(normal, position)
-            if covariance in ("blend", "blend_position"):
+            if kind in ("blend", "blend_position"):
                 test_distance = 0.5 * (test_distance + _mahalanobis(centred, precision))
                 train_distance = 0.5 * (train_distance + _mahalanobis(normal, precision))
             scores.append(test_distance)

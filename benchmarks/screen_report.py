@@ -3,6 +3,7 @@
     python benchmarks/screen_report.py results/screen/b1_128 [--candidates paper maha_r] [--weights raw]
     python benchmarks/screen_report.py results/screen/b1_128_s01 results/screen/b1_128_s2 --steps 500 \
         --baselines results/benchmarks/issue17_128       # with the harness's PatchCore/PaDiM cells
+    python benchmarks/screen_report.py results/screen/blend_256_bsdata --compose maha_blend@maha_pc
 
 Prints one Markdown table per dataset: image and pixel AUROC as ``mean ± std (n seeds)``, then the mean
 over datasets of each (step, weights, candidate) row with every dataset present, and the seeds' training
@@ -41,6 +42,25 @@ def load_baselines(run: Path) -> list[dict]:
     return rows
 
 
+def composed(unique: dict[tuple, dict], names: list[str]) -> list[dict]:
+    """Rows of ``MAP@IMAGE`` candidates: ``MAP``'s row with ``IMAGE``'s image AUROC from the same weights.
+
+    Exact, not an estimate: the screen computes a candidate's image score as its own map's maximum, so a
+    model that takes the map from one rule and the image score from another scores what these rows say.
+    """
+    rows = []
+    for name in names:
+        map_name, _, image_name = name.partition("@")
+        if not image_name:
+            msg = f"--compose expects MAP@IMAGE, got {name!r}"
+            raise SystemExit(msg)
+        for (dataset, seed, step, weights, candidate, settings), row in unique.items():
+            image_row = unique.get((dataset, seed, step, weights, image_name, settings))
+            if candidate == map_name and image_row is not None:
+                rows.append({**row, "candidate": name, "image_auroc": image_row["image_auroc"]})
+    return rows
+
+
 def spread(values: list[float]) -> str:
     """``mean ± std (n)``; the std of one value is not shown."""
     values = [v for v in values if not math.isnan(v)]
@@ -62,15 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", nargs="*")
     parser.add_argument("--weights", nargs="*")
     parser.add_argument("--metric", nargs="*", default=["image_auroc", "pixel_auroc"])
+    parser.add_argument(
+        "--compose", nargs="*", default=[], metavar="MAP@IMAGE",
+        help="rows whose pixel metrics are candidate MAP's and image AUROC candidate IMAGE's, on the same weights "
+        "(Fod's image_score='position' with residual_covariance='blend' is maha_blend@maha_pc)",
+    )
     args = parser.parse_args(argv)
     rows, finals = [], []
     for run in args.run:
         run_rows, run_finals = load(run)
         rows += [
             r for r in run_rows
-            if (not args.steps or r["step"] in args.steps)
-            and (not args.candidates or r["candidate"] in args.candidates)
-            and (not args.weights or r["weights"] in args.weights)
+            if (not args.steps or r["step"] in args.steps) and (not args.weights or r["weights"] in args.weights)
         ]
         finals += run_finals
     # A (dataset, seed, step, weights, candidate, settings) measured in two pooled folders (a merged copy of
@@ -79,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         (r["dataset"], r["seed"], r["step"], r["weights"], r["candidate"], tuple(r.get("settings") or [])): r
         for r in rows
     }
-    rows = list(unique.values())
+    rows = list(unique.values()) + composed(unique, args.compose)
+    rows = [r for r in rows if not args.candidates or r["candidate"] in args.candidates]
     finals = list({(f["dataset"], f["seed"], f["train_seconds"]): f for f in finals}.values())
     # The filters select screen rows; baselines are always shown next to them.
     baselines = load_baselines(args.baselines) if args.baselines else []
