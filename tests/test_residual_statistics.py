@@ -251,3 +251,8 @@ def test_checkpoints_from_before_image_score_keep_the_maps_maximum(tmp_path) -> 
         scored = old.model.forward_features(features, (64, 64))
     torch.testing.assert_close(scored.anomaly_map, new.anomaly_map)
     torch.testing.assert_close(scored.pred_score, new.anomaly_map.amax(dim=(-2, -1)).flatten())
+    # asked for by name, the new image score applies to an old checkpoint too
+    switched = Fod.load_from_checkpoint(tmp_path / "old.ckpt", image_score="position").eval()
+    assert switched.hparams["image_score"] == "position"
+    with torch.no_grad():
+        torch.testing.assert_close(switched.model.forward_features(features, (64, 64)).pred_score, new.pred_score)

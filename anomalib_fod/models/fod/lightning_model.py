@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,8 +101,8 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             bsdata_pitting 0.949 against 0.930 image AUROC, the others within their spread) while the blend
             localises better, so the map stays the blend's (benchmarks/RESULTS.md, issue 17). Needs the
             per-position statistics whatever ``residual_covariance`` is: with ``"shared"`` for their memory,
-            set ``"map"`` too. Checkpoints saved before this setting existed keep ``"map"``: their
-            thresholds were learnt on the map's maximum.
+            set ``"map"`` too. Checkpoints saved before this setting existed keep ``"map"`` (their
+            thresholds were learnt on the map's maximum) unless ``load_from_checkpoint`` is given another.
         reference: ``"mean"`` (paper) or ``"coreset"`` reference features.
         out_projection: apply an output projection after each attention. ``False`` (default)
             matches the paper's code, which computed the projection and discarded it. Applying
@@ -202,14 +203,26 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             ResidualStatisticsCallback(),
         ]
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> Fod:  # noqa: ANN401
+        """Load a checkpoint (see the base class); an ``image_score`` passed here wins over the one it was saved with."""
+        model = super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        if "image_score" in kwargs:  # on_load_checkpoint may have kept an older checkpoint's "map"
+            model.set_image_score(kwargs["image_score"])
+        return model
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint saved before ``image_score`` existed keeps the image score its thresholds were set on."""
         super().on_load_checkpoint(checkpoint)
         if "image_score" not in checkpoint.get("hyper_parameters", {}) and self.hparams.get("image_score") != "map":
             logger.info("FOD: this checkpoint predates image_score; its image scores stay the map's maximum.")
-            self.hparams["image_score"] = "map"
-            self.model.settings = dataclasses.replace(self.model.settings, image_score="map")
-            self.model.anomaly_map_generator.use_image_score("map")
+            self.set_image_score("map")
+
+    def set_image_score(self, image_score: ImageScore) -> None:
+        """Score images with ``image_score`` from now on (settings, hyper-parameters and the scoring module)."""
+        self.model.anomaly_map_generator.use_image_score(image_score)
+        self.model.settings = dataclasses.replace(self.model.settings, image_score=image_score)
+        self.hparams["image_score"] = image_score
 
     def fit_residual_statistics(self, datamodule: AnomalibDataModule) -> None:
         """Fit the residual statistics on ``datamodule``'s training images, e.g. to re-score a checkpoint.
