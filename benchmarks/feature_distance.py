@@ -116,7 +116,9 @@ def main(
             then moves no token).
         baselines: ``"none"`` and/or ``"median"`` (each image's map minus its own median, so an image whose
             tokens are all a little farther from normal, e.g. darker, is not scored higher for it) and/or
-            ``"median_image"`` (the same for the image score only, the map as it is).
+            ``"median_image"`` (the same for the image score only, the map as it is) and/or ``"median_excess"``
+            (the image score minus only the part of the image's map median above the highest median of the
+            training images' maps: a global level that training images never show is not scored).
         gains: ``"none"`` and/or ``"mean"`` (every image, training and test alike, scaled before the backbone
             so that its mean intensity equals the training images' mean: an exposure or lighting gain then
             changes no feature) and/or ``"clamp"`` (only images whose mean intensity lies outside the training
@@ -292,7 +294,15 @@ def report(  # noqa: PLR0913
                 )
                 for baseline in baselines or ["none"]:
                     shown_maps, shown_scores, unblurred = maps, image_scores, unblurred_scores
-                    if baseline != "none":
+                    if baseline == "median_excess":
+                        # only the part of an image's median above every training image's median is removed
+                        train_maps, _ = AnomalyMapGenerator(FodSettings(blur_sigma=sigma)).combine_levels(
+                            scale_levels(train_scores, train_scores, scaling), used, test["size"]
+                        )
+                        ceiling = train_maps.flatten(1).median(dim=1).values.max()
+                        excess = (maps.flatten(1).median(dim=1).values - ceiling).clamp_min(0)
+                        shown_scores, unblurred = image_scores - excess, unblurred_scores - excess
+                    elif baseline != "none":
                         median = maps.flatten(1).median(dim=1).values
                         shown_scores = image_scores - median
                         unblurred = unblurred_scores - median
