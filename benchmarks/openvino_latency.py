@@ -118,7 +118,8 @@ MATMUL_SIZE = 1024
 FOD, PATCHCORE, FOD_PAPER_SCORE = "FOD (Lite0)", "PatchCore (Lite0)", "FOD paper score (Lite0)"
 FOD_SHARED = "FOD shared covariance (Lite0)"
 FOD_MAP_SCORE = "FOD image score of the map (Lite0)"
-OWN_NAMES = (FOD, PATCHCORE, FOD_PAPER_SCORE, FOD_SHARED, FOD_MAP_SCORE, MATMUL)  # what --compare-xml must not be called
+# what --compare-xml must not be called
+OWN_NAMES = (FOD, PATCHCORE, FOD_PAPER_SCORE, FOD_SHARED, FOD_MAP_SCORE, MATMUL)
 
 
 def matmul_model():  # noqa: ANN201 - openvino type, imported lazily

@@ -103,11 +103,12 @@ def test_variants_train_and_predict(dummy_dataset, tmp_path, settings):
 
 
 @pytest.mark.parametrize(
-    ("covariance", "image_score"), [("shared", "map"), ("shared", "position"), ("position", "map"), ("blend", "position")]
+    ("covariance", "image_score"),
+    [("shared", "map"), ("shared", "position"), ("position", "map"), ("blend", "position")],
 )
-def test_step_budget_stops_training_and_fits_the_residual_statistics(  # noqa: ANN201
+def test_step_budget_stops_training_and_fits_the_residual_statistics(
     dummy_dataset, tmp_path, covariance, image_score  # noqa: ANN001
-):
+) -> None:
     """``training_steps`` ends the fit mid-epoch whatever max_epochs says; the whitened score is ready to test."""
     seed_everything(0)
     datamodule = make_datamodule(dummy_dataset.parent, dummy_dataset.name, train_batch_size=2, eval_batch_size=EVAL_BATCH)

@@ -37,9 +37,9 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.models.components import GaussianBlur2d
 from torch import nn
 
-from .residual_statistics import ResidualStatistics
 from anomalib_fod.utils import check_choice
 
+from .residual_statistics import ResidualStatistics
 from .settings import FodSettings, ImageScore, ReconstructionTerm, ResidualCovariance
 from .transformer import BranchStats, LevelOutput
 

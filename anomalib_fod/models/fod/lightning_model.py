@@ -205,7 +205,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> Fod:  # noqa: ANN401
-        """Load a checkpoint (see the base class); an ``image_score`` passed here wins over the one it was saved with."""
+        """Load a checkpoint (see the base class); an ``image_score`` passed here wins over the saved one."""
         model = super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         if "image_score" in kwargs:  # on_load_checkpoint may have kept an older checkpoint's "map"
             model.set_image_score(kwargs["image_score"])

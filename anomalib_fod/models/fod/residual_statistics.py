@@ -62,7 +62,8 @@ class ResidualStatistics(DynamicBufferMixin, nn.Module):
     """Per-position mean and precisions of one level's residuals; empty until fitted.
 
     Buffers: ``mean`` ``(L, C)``, ``precision`` ``(C, C)`` (of the covariance shared by all positions)
-    and, unless ``covariance="shared"``, ``position_precision`` ``(L, C, C)`` (one per position).
+    and, unless ``covariance="shared"`` without ``keep_position``, ``position_precision`` ``(L, C, C)``
+    (one per position).
 
     Args:
         covariance: which distance a token gets by default: under the shared covariance (``"shared"``),
