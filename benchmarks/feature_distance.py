@@ -89,6 +89,9 @@ def main(
     baselines: list[str] | None = None,
     gains: list[str] | None = None,
     joint: bool = False,
+    augment_gains: list[float] | None = None,
+    pool: int = 3,
+    layers: list[str] | None = None,
     threads: int = 1,
 ) -> None:
     """Print exact image / pixel AUROC of the whitened feature distance per dataset, size and blur.
@@ -126,6 +129,12 @@ def main(
         joint: score one level instead of two: the coarser levels' features upsampled (bilinear) to the
             finest grid and concatenated to its channels, as PaDiM and PatchCore build their embeddings, so
             the covariance holds the correlations between levels.
+        augment_gains: fit the statistics on the training images seen at each of these intensity gains
+            (before ImageNet normalisation; e.g. ``[0.9, 1.0, 1.1]``), so the covariance holds the change a
+            global exposure or lighting drift makes; test images are scored as they are.
+        pool: kernel of the average pooling of the backbone features (the model's is 3; 1: none, as PaDiM).
+        layers: backbone layers, one level each (default: the model's two, stride 8 and 16); e.g.
+            ``[blocks.1, blocks.2, blocks.4]`` adds a stride-4 level to the map.
         threads: torch threads.
     """
     sys.path.insert(0, str(Path(__file__).parent))
@@ -138,7 +147,9 @@ def main(
     for name in datasets or list(DATASETS):
         root, category = DATASETS[name]
         for size in sizes or [(256, 256)]:
-            model = Fod(image_size=tuple(size), visualizer=False)
+            shapes = {"layers": tuple(layers), "d_models": (64,) * len(layers)} if layers else {}
+            model = Fod(image_size=tuple(size), visualizer=False, **shapes)
+            model.model.pool = torch.nn.AvgPool2d(kernel_size=pool, stride=1, padding=pool // 2)
             data = MVTecAD(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=0,
                            val_split_mode="same_as_test")
             data.setup()
@@ -152,8 +163,15 @@ def main(
                 elif gain != "none":
                     msg = f"unknown gain {gain!r}"
                     raise ValueError(msg)
-                train = cache_features(model, ordered, f"{name}: training images")
                 test = cache_features(model, data.test_dataloader(), f"{name}: test images")
+                train = cache_features(model, ordered, f"{name}: training images")
+                if augment_gains:
+                    seen = []
+                    for factor in augment_gains:
+                        model.model.extract_features = scaled_intensity(model.model.extract_features, model, factor)
+                        seen.append(cache_features(model, ordered, f"{name}: training images x{factor:g}"))
+                        model.model.extract_features = extract
+                    train["features"] = [torch.cat(f) for f in zip(*(s["features"] for s in seen), strict=True)]
                 model.model.extract_features = extract
                 if joint:
                     train["features"], test["features"] = [joined(train["features"])], [joined(test["features"])]
@@ -186,6 +204,19 @@ def equal_gain(extract, model, loader, clamp: bool = False):  # noqa: ANN001, AN
         level = raw.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
         raw = raw * ((level.clamp(low, high) if clamp else target) / level)
         return extract((raw - mean) / std)
+
+    return rescaled
+
+
+def scaled_intensity(extract, model, factor: float):  # noqa: ANN001, ANN201
+    """``extract`` applied to images whose intensity (before ImageNet normalisation) is multiplied by
+    ``factor`` (clipped to ``[0, 1]`` as a sensor saturates)."""
+    from anomalib_fod.models.cdo.lightning_model import normalisation_of  # noqa: PLC0415
+
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in normalisation_of(model.pre_processor))
+
+    def rescaled(images: torch.Tensor) -> torch.Tensor:
+        return extract((((images * std + mean) * factor).clamp(0, 1) - mean) / std)
 
     return rescaled
 

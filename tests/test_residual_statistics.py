@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from anomalib_fod import Fod
+from anomalib_fod.models.fod.reference import iterate_pooled_features
 from anomalib_fod.models.fod.residual_statistics import SHRINKAGE, ResidualStatistics, fit_statistics
 
 from fod_helpers import TINY
@@ -256,3 +257,62 @@ def test_checkpoints_from_before_image_score_keep_the_maps_maximum(tmp_path) -> 
     assert switched.hparams["image_score"] == "position"
     with torch.no_grad():
         torch.testing.assert_close(switched.model.forward_features(features, (64, 64)).pred_score, new.pred_score)
+
+
+def test_statistics_fitted_at_intensity_gains_equal_those_of_the_scaled_images() -> None:
+    """``intensity_gains``: the statistics are those of every training image at every gain (clipped to [0, 1],
+    before the pre-processing), as if the scaled images were more training images."""
+    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", intensity_gains=[0.5, 1.0, 1.6])
+    assert model.model.settings.intensity_gains == (0.5, 1.0, 1.6)
+    images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    transform = model.pre_processor.transform
+    model.model.set_mean_reference([f.mean(0) for f in model.model.extract_features(transform(images))])
+    batches = [images[:3], images[3:]]
+    seen = list(iterate_pooled_features(model.model, batches, transform, torch.device("cpu"), progress=False,
+                                        gains=model.model.settings.intensity_gains))
+    assert len(seen) == 2 * 3
+    scaled = torch.cat([(batch * gain).clamp(0, 1) for batch in batches for gain in (0.5, 1.0, 1.6)])
+    direct = model.model.extract_features(transform(scaled))
+    for level, expected in enumerate(direct):
+        torch.testing.assert_close(torch.cat([features[level] for features in seen]), expected)
+    fit_statistics(model.model, seen)
+    gained = [s.position_precision.clone() for s in model.model.anomaly_map_generator.statistics]
+    fit_statistics(model.model, [direct])
+    for statistics, kept in zip(model.model.anomaly_map_generator.statistics, gained, strict=True):
+        torch.testing.assert_close(statistics.position_precision, kept, rtol=1e-4, atol=1e-4)
+    fit_statistics(model.model, [model.model.extract_features(transform(images))])  # the images as they are
+    assert not torch.allclose(model.model.anomaly_map_generator.statistics[0].position_precision, gained[0], rtol=1e-2)
+
+
+def test_intensity_gains_refuse_bad_values_and_normalised_images() -> None:
+    for gains in ([], [0.0, 1.0], [-1.0], [float("nan")]):
+        with pytest.raises(ValueError, match="intensity_gains must be one or more positive numbers"):
+            tiny_model(intensity_gains=gains)
+    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec")
+    normalised = torch.randn(2, 3, 64, 64)  # what a pre-processed batch looks like: not gains' [0, 1] intensities
+    with pytest.raises(ValueError, match=r"scale images with intensities in \[0, 1\]"):
+        next(iter(iterate_pooled_features(model.model, [normalised], None, torch.device("cpu"), gains=(0.9, 1.0))))
+    # a resize's overshoot of [0, 1] (rounding, ringing) is clipped, not refused
+    overshoot = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 1.1
+    features = next(iter(iterate_pooled_features(model.model, [overshoot], None, torch.device("cpu"), gains=(0.9,))))
+    for level, expected in zip(features, model.model.extract_features((overshoot * 0.9).clamp(0, 1)), strict=True):
+        torch.testing.assert_close(level, expected)
+    # without a gain the images are used as they are, whatever their range
+    assert len(next(iter(iterate_pooled_features(model.model, [normalised], None, torch.device("cpu"))))) == 2
+
+
+def test_checkpoints_from_before_intensity_gains_refit_without_them(tmp_path) -> None:  # noqa: ANN001
+    """Their statistics were fitted on the images as they are: a refit keeps that unless asked otherwise."""
+    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec")
+    assert model.hparams["intensity_gains"] == (0.9, 1.0, 1.1)
+    hparams = dict(model.hparams)
+    old_hparams = {k: v for k, v in hparams.items() if k != "intensity_gains"}
+    for name, saved in (("new.ckpt", hparams), ("old.ckpt", old_hparams)):
+        checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": saved, "pytorch-lightning_version": "2.6.0"}
+        torch.save(checkpoint, tmp_path / name)
+    assert Fod.load_from_checkpoint(tmp_path / "new.ckpt").model.settings.intensity_gains == (0.9, 1.0, 1.1)
+    old = Fod.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert old.model.settings.intensity_gains == (1.0,)
+    assert old.hparams["intensity_gains"] == (1.0,)
+    asked = Fod.load_from_checkpoint(tmp_path / "old.ckpt", intensity_gains=[0.8, 1.0])
+    assert asked.model.settings.intensity_gains == (0.8, 1.0)

@@ -33,11 +33,16 @@ from anomalib_fod.utils import check_choice
 from .settings import ReferenceMode
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
     from .torch_model import FodModel
 
 logger = logging.getLogger(__name__)
+
+
+# How far outside [0, 1] images may lie before intensity gains refuse them as already normalised: resizing
+# (bilinear, bicubic) overshoots by rounding or ringing, an ImageNet-normalised image spans about [-2.1, 2.6].
+INTENSITY_SLACK = 0.25
 
 
 def iterate_pooled_features(
@@ -47,14 +52,27 @@ def iterate_pooled_features(
     device: torch.device,
     progress: bool = True,
     desc: str = "FOD reference features",
+    gains: Sequence[float] = (1.0,),
 ) -> Iterable[list[torch.Tensor]]:
-    """Yield pooled backbone features of every batch, pre-processed as in training."""
+    """Yield pooled backbone features of every batch, pre-processed as in training.
+
+    ``gains``: each batch is seen once per gain, its images ``(B, 3, H, W)`` (intensities in ``[0, 1]``, as
+    anomalib's datasets load them) multiplied by it and clipped to ``[0, 1]`` before the pre-processing.
+    """
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         images = batch.image if hasattr(batch, "image") else batch
         images = images.to(device)
-        if transform is not None:
-            images = transform(images)
-        yield model.extract_features(images)
+        # A resize may overshoot [0, 1] a little (the clip below handles it); a normalised batch is far outside.
+        if any(gain != 1 for gain in gains) and (images.min() < -INTENSITY_SLACK or images.max() > 1 + INTENSITY_SLACK):
+            msg = (
+                f"intensity_gains {tuple(gains)} scale images with intensities in [0, 1], as anomalib's datasets "
+                f"load them; this batch spans [{float(images.min()):.3g}, {float(images.max()):.3g}] (already "
+                "normalised?). Give the model unnormalised images or set intensity_gains=(1.0,)."
+            )
+            raise ValueError(msg)
+        for gain in gains:
+            scaled = images if gain == 1 else (images * gain).clamp(0, 1)
+            yield model.extract_features(transform(scaled) if transform is not None else scaled)
 
 
 def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:

@@ -266,7 +266,13 @@ class ResidualStatisticsCallback(Callback):
         transform = pl_module.pre_processor.transform if pl_module.pre_processor is not None else None
         loader, weight = rank_batches(trainer)
         batches = iterate_pooled_features(
-            model, loader, transform, pl_module.device, progress=trainer.is_global_zero, desc="FOD residual statistics"
+            model,
+            loader,
+            transform,
+            pl_module.device,
+            progress=trainer.is_global_zero,
+            desc="FOD residual statistics",
+            gains=model.settings.intensity_gains,
         )
         fit_statistics(model, batches, trainer, weight)
         self.fitted_at_step = trainer.global_step

@@ -9,6 +9,7 @@ setting means one field here and one argument of ``Fod``; no signature in betwee
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -59,6 +60,9 @@ class FodSettings:
         image_score: with ``"mahalanobis"``: the image score is the maximum of the anomaly map (``"map"``) or
             of the map the per-position distances alone make (``"position"``, default; same levels, upsampling
             and blur), whatever ``residual_covariance`` the map uses. With other terms it is the map's maximum.
+        intensity_gains: with ``"mahalanobis"``: the residual statistics are fitted on the training images
+            multiplied by each of these gains (intensities in ``[0, 1]``, clipped), so a global change of
+            exposure or lighting within them is normal. ``(1.0,)``: the images as they are.
         blur_sigma: Gaussian blur of the anomaly map (0 switches it off).
         compile_kernels: run the correlation attentions' block kernels through ``torch.compile`` where
             their maps are large (see ``blocked_attention.py``); same results, faster steps.
@@ -85,6 +89,7 @@ class FodSettings:
     reconstruction_term: ReconstructionTerm = "mahalanobis"
     residual_covariance: ResidualCovariance = "blend"
     image_score: ImageScore = "position"
+    intensity_gains: tuple[float, ...] = (0.9, 1.0, 1.1)
     blur_sigma: float = 4.0
     compile_kernels: bool = True
 
@@ -94,6 +99,12 @@ class FodSettings:
             value = getattr(self, name)
             if isinstance(value, Sequence) and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
+        gains = self.intensity_gains
+        gains = (gains,) if isinstance(gains, (int, float)) else tuple(float(gain) for gain in gains)
+        if not gains or not all(math.isfinite(gain) and gain > 0 for gain in gains):
+            msg = f"intensity_gains must be one or more positive numbers (1.0: the images as they are), got {gains}."
+            raise ValueError(msg)
+        object.__setattr__(self, "intensity_gains", gains)
         check_choices(self)
 
     @classmethod

@@ -1,0 +1,120 @@
+"""Re-score a harness run's trained FOD checkpoints with other scoring settings, without retraining.
+
+FOD's scoring settings (``reconstruction_term``, ``residual_covariance``, ``image_score``, ``intensity_gains``,
+``blur_sigma``) act after training: the residual statistics are refitted on the training images with the
+variant's settings, then the test set is predicted as the harness does (``Engine.predict``, raw scores) and
+scored exactly. Each variant is scored on the same trained weights, so differences between variants are the
+scoring's alone. Training images only are used to fit; the test labels only to measure.
+
+    python benchmarks/rescore.py --harness benchmarks/issue17.yaml --model Fod --datasets "[battery_weld]" \
+        --variants '{"gains 1": {"intensity_gains": [1.0]}, "gains 0.9-1.1": {"intensity_gains": [0.9, 1.0, 1.1]}}'
+
+One JSON line per checkpoint and variant goes to ``--out`` (appended; rows already there are skipped, so a
+killed run resumes), and a table of mean and spread over seeds is printed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def main(
+    harness: Path = Path("benchmarks/issue17.yaml"),
+    variants: dict[str, dict[str, Any]] | None = None,
+    model: str = "Fod",
+    datasets: list[str] | None = None,
+    run: Path | None = None,
+    out: Path | None = None,
+    threads: int = 1,
+) -> None:
+    """Re-score every ``<dataset>__<model>__seed<k>/model.ckpt`` of a harness run with each variant.
+
+    Args:
+        harness: the harness config the run was made with (its datasets are rebuilt from it).
+        variants: name -> keyword arguments of ``Fod.load_from_checkpoint`` (scoring settings).
+        model: the harness model name whose cells are re-scored.
+        datasets: dataset names (default: every dataset of the config with checkpoints).
+        run: the harness run folder (default: the config's ``output_dir``).
+        out: JSON-lines file of the results (default: ``<run>/rescore.jsonl``).
+        threads: torch threads.
+    """
+    import torch  # noqa: PLC0415
+    from anomalib.engine import Engine  # noqa: PLC0415
+
+    from anomalib_fod import Fod  # noqa: PLC0415
+    from anomalib_fod.benchmark.config import load_config  # noqa: PLC0415
+    from anomalib_fod.benchmark.data import build_datamodule  # noqa: PLC0415
+    from anomalib_fod.evaluation import collect_predictions, exact_metrics, raw_post_processing  # noqa: PLC0415
+
+    if not variants:
+        msg = 'give --variants, e.g. \'{"as before": {"intensity_gains": [1.0]}}\''
+        raise SystemExit(msg)
+    torch.set_num_threads(threads)
+    spec = load_config(harness)
+    run = Path(run or spec.output_dir)
+    out = Path(out or run / "rescore.jsonl")
+    done = set()
+    if out.exists():
+        done = {(r["dataset"], r["seed"], r["variant"]) for r in map(json.loads, out.read_text().splitlines())}
+    specs = {dataset.name: dataset for dataset in spec.datasets}
+    pattern = re.compile(rf"(?P<dataset>.+)__{re.escape(model)}__seed(?P<seed>\d+)$")
+    cells = sorted(
+        (match["dataset"], int(match["seed"]), path / "model.ckpt")
+        for path in (run / "work").iterdir()
+        if (match := pattern.match(path.name)) and (path / "model.ckpt").exists()
+    )
+    cells = [cell for cell in cells if cell[0] in (datasets or specs)]
+    if not cells:
+        msg = f"no {model} checkpoints of {datasets or list(specs)} under {run / 'work'}"
+        raise SystemExit(msg)
+    for dataset, seed, checkpoint in cells:
+        datamodule = build_datamodule(specs[dataset])
+        datamodule.setup()
+        for name, settings in variants.items():
+            if (dataset, seed, name) in done:
+                continue
+            start = time.perf_counter()
+            fod = Fod.load_from_checkpoint(checkpoint, **settings)
+            fod.fit_residual_statistics(datamodule)
+            fit_s = time.perf_counter() - start
+            with tempfile.TemporaryDirectory() as scratch, raw_post_processing(fod):
+                engine = Engine(default_root_dir=scratch, logger=False, enable_progress_bar=False, devices=1)
+                raw = collect_predictions(engine.predict(fod, datamodule=datamodule, return_predictions=True))
+            metrics = exact_metrics(raw["scores"], raw["labels"], raw["maps"], raw["masks"])
+            row = {"dataset": dataset, "seed": seed, "variant": name, "settings": settings, "fit_s": fit_s, **metrics}
+            print(json.dumps(row), flush=True)
+            with out.open("a") as file:
+                file.write(json.dumps(row) + "\n")
+    table(out, variants)
+
+
+def table(path: Path, variants: dict[str, dict[str, Any]]) -> None:
+    """Print image / pixel AUROC, mean ± spread over seeds, per variant (rows) and dataset (columns)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    names = list(dict.fromkeys(row["dataset"] for row in rows))
+    print("| variant | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for variant in variants:
+        cells = []
+        for dataset in names:
+            picked = [row for row in rows if row["dataset"] == dataset and row["variant"] == variant]
+            cells.append(" / ".join(_spread([row[key] for row in picked]) for key in ("image_auroc", "pixel_auroc")))
+        print(f"| {variant} | " + " | ".join(cells) + " |")
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {spread:.4f} ({len(values)})"
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(main)
