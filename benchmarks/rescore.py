@@ -29,17 +29,19 @@ def main(
     variants: dict[str, dict[str, Any]] | None = None,
     model: str = "Fod",
     datasets: list[str] | None = None,
+    seeds: list[int] | None = None,
     run: Path | None = None,
     out: Path | None = None,
     threads: int = 1,
 ) -> None:
-    """Re-score every ``<dataset>__<model>__seed<k>/model.ckpt`` of a harness run with each variant.
+    """Re-score the checkpoint of every finished ``<dataset>__<model>__seed<k>`` harness cell with each variant.
 
     Args:
         harness: the harness config the run was made with (its datasets are rebuilt from it).
         variants: name -> keyword arguments of ``Fod.load_from_checkpoint`` (scoring settings).
         model: the harness model name whose cells are re-scored.
         datasets: dataset names (default: every dataset of the config with checkpoints).
+        seeds: seeds whose checkpoints are re-scored (default: all).
         run: the harness run folder (default: the config's ``output_dir``).
         out: JSON-lines file of the results (default: ``<run>/rescore.jsonl``).
         threads: torch threads.
@@ -63,15 +65,15 @@ def main(
     if out.exists():
         done = {(r["dataset"], r["seed"], r["variant"]) for r in map(json.loads, out.read_text().splitlines())}
     specs = {dataset.name: dataset for dataset in spec.datasets}
-    pattern = re.compile(rf"(?P<dataset>.+)__{re.escape(model)}__seed(?P<seed>\d+)$")
+    pattern = re.compile(rf"(?P<dataset>.+)__{re.escape(model)}__seed(?P<seed>\d+)\.json$")
     cells = sorted(
-        (match["dataset"], int(match["seed"]), path / "model.ckpt")
-        for path in (run / "work").iterdir()
-        if (match := pattern.match(path.name)) and (path / "model.ckpt").exists()
+        (match["dataset"], int(match["seed"]), Path(json.loads(path.read_text())["checkpoint"]))
+        for path in (run / "cells").glob("*.json")
+        if (match := pattern.match(path.name)) and json.loads(path.read_text()).get("status") == "ok"
     )
-    cells = [cell for cell in cells if cell[0] in (datasets or specs)]
+    cells = [cell for cell in cells if cell[0] in (datasets or specs) and (seeds is None or cell[1] in seeds)]
     if not cells:
-        msg = f"no {model} checkpoints of {datasets or list(specs)} under {run / 'work'}"
+        msg = f"no finished {model} cells of {datasets or list(specs)} under {run / 'cells'}"
         raise SystemExit(msg)
     for dataset, seed, checkpoint in cells:
         datamodule = build_datamodule(specs[dataset])
