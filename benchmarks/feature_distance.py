@@ -164,14 +164,15 @@ def main(
                     msg = f"unknown gain {gain!r}"
                     raise ValueError(msg)
                 test = cache_features(model, data.test_dataloader(), f"{name}: test images")
-                train = cache_features(model, ordered, f"{name}: training images")
                 if augment_gains:
-                    seen = []
-                    for factor in augment_gains:
-                        model.model.extract_features = scaled_intensity(model.model.extract_features, model, factor)
+                    current, seen = model.model.extract_features, []
+                    for factor in augment_gains:  # each on top of the gain above, if any
+                        model.model.extract_features = scaled_intensity(current, model, factor)
                         seen.append(cache_features(model, ordered, f"{name}: training images x{factor:g}"))
-                        model.model.extract_features = extract
-                    train["features"] = [torch.cat(f) for f in zip(*(s["features"] for s in seen), strict=True)]
+                    levels = zip(*(s["features"] for s in seen), strict=True)
+                    train = {**seen[0], "features": [torch.cat(level) for level in levels]}
+                else:
+                    train = cache_features(model, ordered, f"{name}: training images")
                 model.model.extract_features = extract
                 if joint:
                     train["features"], test["features"] = [joined(train["features"])], [joined(test["features"])]

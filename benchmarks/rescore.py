@@ -66,10 +66,12 @@ def main(
         done = {(r["dataset"], r["seed"], r["variant"]) for r in map(json.loads, out.read_text().splitlines())}
     specs = {dataset.name: dataset for dataset in spec.datasets}
     pattern = re.compile(rf"(?P<dataset>.+)__{re.escape(model)}__seed(?P<seed>\d+)\.json$")
+    records = {match: json.loads(path.read_text()) for path in (run / "cells").glob("*.json")
+               if (match := pattern.match(path.name))}
     cells = sorted(
-        (match["dataset"], int(match["seed"]), Path(json.loads(path.read_text())["checkpoint"]))
-        for path in (run / "cells").glob("*.json")
-        if (match := pattern.match(path.name)) and json.loads(path.read_text()).get("status") == "ok"
+        (match["dataset"], int(match["seed"]), Path(record["checkpoint"]))
+        for match, record in records.items()
+        if record.get("status") == "ok"
     )
     cells = [cell for cell in cells if cell[0] in (datasets or specs) and (seeds is None or cell[1] in seeds)]
     if not cells:
