@@ -65,19 +65,7 @@ def main(
     if out.exists():
         done = {(r["dataset"], r["seed"], r["variant"]) for r in map(json.loads, out.read_text().splitlines())}
     specs = {dataset.name: dataset for dataset in spec.datasets}
-    pattern = re.compile(rf"(?P<dataset>.+)__{re.escape(model)}__seed(?P<seed>\d+)\.json$")
-    records = {match: json.loads(path.read_text()) for path in (run / "cells").glob("*.json")
-               if (match := pattern.match(path.name))}
-    cells = sorted(
-        (match["dataset"], int(match["seed"]), Path(record["checkpoint"]))
-        for match, record in records.items()
-        if record.get("status") == "ok"
-    )
-    cells = [cell for cell in cells if cell[0] in (datasets or specs) and (seeds is None or cell[1] in seeds)]
-    if not cells:
-        msg = f"no finished {model} cells of {datasets or list(specs)} under {run / 'cells'}"
-        raise SystemExit(msg)
-    for dataset, seed, checkpoint in cells:
+    for dataset, seed, checkpoint in finished_cells(run, model, datasets or list(specs), seeds):
         datamodule = build_datamodule(specs[dataset])
         datamodule.setup()
         for name, settings in variants.items():
@@ -96,6 +84,23 @@ def main(
             with out.open("a") as file:
                 file.write(json.dumps(row) + "\n")
     table(out, variants)
+
+
+def finished_cells(run: Path, model: str, datasets: list[str], seeds: list[int] | None) -> list[tuple[str, int, Path]]:
+    """``(dataset, seed, checkpoint)`` of every finished ``<dataset>__<model>__seed<k>`` cell of a harness run."""
+    pattern = re.compile(rf"(?P<dataset>.+)__{re.escape(model)}__seed(?P<seed>\d+)\.json$")
+    records = {match: json.loads(path.read_text()) for path in (run / "cells").glob("*.json")
+               if (match := pattern.match(path.name))}
+    cells = sorted(
+        (match["dataset"], int(match["seed"]), Path(record["checkpoint"]))
+        for match, record in records.items()
+        if record.get("status") == "ok" and match["dataset"] in datasets
+    )
+    cells = [cell for cell in cells if seeds is None or cell[1] in seeds]
+    if not cells:
+        msg = f"no finished {model} cells of {datasets} under {run / 'cells'}"
+        raise SystemExit(msg)
+    return cells
 
 
 def table(path: Path, variants: dict[str, dict[str, Any]]) -> None:

@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         generator = AnomalyMapGenerator(
             FodSettings(
-                scoring=term[1], reconstruction_term="mse_cos", with_intra=term[2], with_inter=term[3], blur_sigma=blur
+                scoring=term[1], reconstruction_term="mse_cos", with_intra=term[2], with_inter=term[3], blur_sigma=blur,
+                map_level_weights=None,
             )
         )
         for name, levels in level_sets.items():
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = FodSettings(
             scoring=scoring,
             reconstruction_term="mse_cos",
+            map_level_weights=None,
             with_intra=own.with_intra,
             with_inter=own.with_inter,
             blur_sigma=blur,

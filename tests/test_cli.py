@@ -188,6 +188,7 @@ def test_shipped_fod_configs_give_the_recipe_they_name() -> None:
     paper = yaml.safe_load(config_path("fod_paper").read_text())["model"]["init_args"]
     assert (paper["scoring"], paper["reconstruction_term"], paper["training_steps"]) == ("rec_div", "mse_cos", 1000)
     assert paper["num_layers"] == 3  # the paper's depth: its score fell to chance with Fod's one layer
+    assert paper["map_level_weights"] is None  # the paper averages the levels
 
 
 @pytest.mark.slow

@@ -196,6 +196,8 @@ def level_inputs(draw: st.DrawFn, batch: int, branches: tuple[bool, bool], heigh
     data=st.data(),
 )
 def test_anomaly_map_generator_is_finite(scoring, term, branches, blur_sigma, batch, grids, data):
+    weight = st.floats(0, 10, allow_nan=False, allow_infinity=False)
+    weights = data.draw(st.none() | st.lists(weight, min_size=len(grids), max_size=len(grids)).filter(any))
     generator = AnomalyMapGenerator(
         FodSettings(
             scoring=scoring,
@@ -203,6 +205,7 @@ def test_anomaly_map_generator_is_finite(scoring, term, branches, blur_sigma, ba
             with_intra=branches[0],
             with_inter=branches[1],
             blur_sigma=blur_sigma,
+            map_level_weights=weights,
         )
     )
     tokens, outputs = [], []

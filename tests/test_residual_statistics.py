@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 from anomalib_fod import Fod
 from anomalib_fod.models.fod.reference import iterate_pooled_features
@@ -201,7 +202,8 @@ def test_per_position_statistics_too_large_to_keep_are_refused_before_training(m
 @pytest.mark.parametrize("covariance", ["shared", "blend"])
 def test_the_image_score_is_the_maximum_of_the_per_position_map(covariance: str) -> None:
     """``image_score="position"``: the map is ``covariance``'s, the image score the maximum of the map the
-    per-position distances make (same upsampling, level mean and blur), both equal to a direct computation."""
+    per-position distances make (same upsampling and blur, levels averaged equally), both equal to a direct
+    computation."""
     model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance=covariance)
     fod = model.model
     features = features_and_references(model)
@@ -215,7 +217,7 @@ def test_the_image_score_is_the_maximum_of_the_per_position_map(covariance: str)
         shared = [direct_mahalanobis(r, r).float() for r in residuals]
         position = [direct_position_mahalanobis(r, r).float() for r in residuals]
         mapped = shared if covariance == "shared" else [0.5 * (a + b) for a, b in zip(shared, position, strict=True)]
-        expected_map, map_maximum = generator.combine_levels(mapped, run.grids, (64, 64))
+        expected_map, map_maximum = generator.combine_levels(mapped, run.grids, (64, 64), generator.map_level_weights)
         _, expected_score = generator.combine_levels(position, run.grids, (64, 64))
     torch.testing.assert_close(result.anomaly_map, expected_map, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(result.pred_score, expected_score, rtol=1e-4, atol=1e-4)
@@ -270,7 +272,8 @@ def test_statistics_fitted_at_intensity_gains_equal_those_of_the_scaled_images()
     batches = [images[:3], images[3:]]
     seen = list(iterate_pooled_features(model.model, batches, transform, torch.device("cpu"), progress=False,
                                         gains=model.model.settings.intensity_gains))
-    assert len(seen) == 2 * 3
+    assert len(seen) == 2  # one forward pass per batch: its copies at every gain go through together
+    assert [features[0].shape[0] for features in seen] == [3 * 3, 2 * 3]
     scaled = torch.cat([(batch * gain).clamp(0, 1) for batch in batches for gain in (0.5, 1.0, 1.6)])
     direct = model.model.extract_features(transform(scaled))
     for level, expected in enumerate(direct):
@@ -316,3 +319,66 @@ def test_checkpoints_from_before_intensity_gains_refit_without_them(tmp_path) ->
     assert old.hparams["intensity_gains"] == (1.0,)
     asked = Fod.load_from_checkpoint(tmp_path / "old.ckpt", intensity_gains=[0.8, 1.0])
     assert asked.model.settings.intensity_gains == (0.8, 1.0)
+
+
+def test_map_level_weights_weigh_the_maps_levels_and_leave_the_image_score_alone() -> None:
+    """The anomaly map is the weighted mean of the upsampled levels (written out here, before the blur); the
+    per-position image score averages the levels whatever the map's weights, ``image_score="map"`` reads them."""
+    scores = {}
+    for weights in ((0.875, 0.125), (7.0, 1.0), (1.0, 0.0), None):
+        model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", map_level_weights=weights, blur_sigma=0)
+        features = features_and_references(model)
+        fit_statistics(model.model, [features])
+        fod = model.model.eval()
+        with torch.no_grad():
+            result = fod.forward_features(features, (64, 64))
+            run = fod.run_levels(features)
+            levels = [fod.anomaly_map_generator.token_scores(t, o, i) for i, (t, o) in
+                      enumerate(zip(run.tokens, run.levels, strict=True))]
+        upsampled = [
+            F.interpolate(level.reshape(-1, 1, h, w), size=(64, 64), mode="bilinear", align_corners=True)
+            for level, (h, w) in zip(levels, run.grids, strict=True)
+        ]
+        share = 0.5 if weights is None else weights[0] / sum(weights)
+        torch.testing.assert_close(result.anomaly_map, share * upsampled[0] + (1 - share) * upsampled[1])
+        scores[weights] = result.pred_score
+        if weights == (1.0, 0.0):
+            fod.anomaly_map_generator.use_image_score("map")
+            with torch.no_grad():
+                mapped = fod.forward_features(features, (64, 64)).pred_score
+            torch.testing.assert_close(mapped, upsampled[0].amax(dim=(-2, -1)).flatten())
+    for weights, score in scores.items():
+        torch.testing.assert_close(score, scores[None], msg=f"map_level_weights={weights} changed the image score")
+    assert tiny_model(map_level_weights=[3, 1]).model.settings.map_level_weights == (3.0, 1.0)
+    for bad in ([-1.0, 2.0], [0.0, 0.0], [float("nan"), 1.0]):
+        with pytest.raises(ValueError, match="map_level_weights must be non-negative weights, one per level"):
+            tiny_model(map_level_weights=bad)
+    for bad in ([1.0], [1.0, 1.0, 1.0]):
+        with pytest.raises(ValueError, match=f"has {len(bad)} weights for 2 levels"):
+            tiny_model(map_level_weights=bad)
+
+
+def test_checkpoints_from_before_map_level_weights_keep_the_levels_mean(tmp_path) -> None:  # noqa: ANN001
+    """Their thresholds were learnt on maps of the levels' mean: loading them must not change their maps."""
+    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec")
+    assert model.hparams["map_level_weights"] == (0.875, 0.125)
+    features = features_and_references(model)
+    fit_statistics(model.model, [features])
+    hparams = dict(model.hparams)
+    old_hparams = {k: v for k, v in hparams.items() if k != "map_level_weights"}
+    for name, saved in (("new.ckpt", hparams), ("old.ckpt", old_hparams)):
+        checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": saved, "pytorch-lightning_version": "2.6.0"}
+        torch.save(checkpoint, tmp_path / name)
+    assert Fod.load_from_checkpoint(tmp_path / "new.ckpt").model.settings.map_level_weights == (0.875, 0.125)
+    old = Fod.load_from_checkpoint(tmp_path / "old.ckpt").eval()
+    assert old.model.settings.map_level_weights is None
+    assert old.hparams["map_level_weights"] is None
+    mean = tiny_model(reconstruction_term="mahalanobis", scoring="rec", map_level_weights=None).eval()
+    mean.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(old.model.forward_features(features, (64, 64)).anomaly_map,
+                                   mean.model.forward_features(features, (64, 64)).anomaly_map)
+    asked = Fod.load_from_checkpoint(tmp_path / "old.ckpt", map_level_weights=[1.0, 1.0])
+    assert asked.model.anomaly_map_generator.map_level_weights == (1.0, 1.0)
+    with pytest.raises(ValueError, match="set_scoring changes"):
+        asked.set_scoring(blur_sigma=2.0)

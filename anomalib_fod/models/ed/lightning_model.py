@@ -22,6 +22,7 @@ level and the trainer's epoch limits: ``Fod``'s newer defaults (the whitened res
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from anomalib.models.components import AnomalibModule
@@ -42,6 +43,7 @@ class Ed(Fod, AnomalibModule):  # AnomalibModule again: anomalib's get_model onl
         reconstruction_term: ``"mse_cos"`` (papers), ``"mahalanobis"`` (``Fod``'s default), ``"cos"``, ``"mse"``.
         training_steps: optimizer-step budget (``None``: the trainer's ``max_epochs`` decide).
         num_layers: encoder layers per level (the papers: 3).
+        map_level_weights: the levels' weights in the anomaly map (``None``: their mean, as the papers).
         **kwargs: every other :class:`~anomalib_fod.Fod` argument (backbone, image_size, ...).
     """
 
@@ -55,6 +57,7 @@ class Ed(Fod, AnomalibModule):  # AnomalibModule again: anomalib's get_model onl
         reconstruction_term: ReconstructionTerm = "mse_cos",
         training_steps: int | None = None,
         num_layers: int = 3,
+        map_level_weights: Sequence[float] | None = None,
         **kwargs: Any,  # noqa: ANN401 - Fod's arguments
     ) -> None:
         super().__init__(
@@ -66,5 +69,6 @@ class Ed(Fod, AnomalibModule):  # AnomalibModule again: anomalib's get_model onl
             reconstruction_term=reconstruction_term,
             training_steps=training_steps,
             num_layers=num_layers,
+            map_level_weights=map_level_weights,
             **kwargs,
         )

@@ -21,16 +21,21 @@ trained model can be re-scored with another term without retraining.
 With both branches the divergence is the inter one: the paper reports that the intra branch
 helps through training and scoring with inter alone is slightly better.
 
-Levels are upsampled (bilinear) to the input size and averaged, then blurred with a Gaussian
-(sigma 4); the image score is the map's maximum. With the Mahalanobis term and ``image_score="position"``
-(``Fod``'s default) the image score is the maximum of a second map, made the same way from every
-token's distance under its own position's covariance alone: the per-position Gaussian ranked images
-at least as well as the blended distance on every shared dataset (better on bsdata_pitting), the blend
-localised better where one covariance fits all positions (benchmarks/RESULTS.md, issue 17), so each
-part of the output takes the one that measured better for it.
+Levels are upsampled (bilinear) to the input size and combined, then blurred with a Gaussian
+(sigma 4); the image score is the map's maximum. The paper averages the levels; ``Fod``'s anomaly map
+weighs them ``map_level_weights`` (7/8 on the stride-8 level by default): the finer level draws a
+defect's outline where the stride-16 level smears it over its neighbours. With the Mahalanobis term and
+``image_score="position"`` (``Fod``'s default) the image score is the maximum of a second map, made from
+every token's distance under its own position's covariance alone with the levels averaged equally:
+the per-position Gaussian ranked images at least as well as the blended distance on every shared dataset
+(better on bsdata_pitting), the coarser level's larger context ranks images better than the finer one
+(battery_weld, screw), the blend and the finer level localise better (benchmarks/RESULTS.md, issue 17),
+so each part of the output takes the rule that measured better for it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -80,8 +85,9 @@ class AnomalyMapGenerator(nn.Module):
     Args:
         settings: reads ``scoring`` (``"rec"``, ``"rec_div"`` (paper) or ``"div"``), ``with_intra`` /
             ``with_inter`` (the model's branches), ``blur_sigma`` (of the Gaussian blur on the final
-            map; 0 switches it off), ``reconstruction_term`` (what ``rec`` is), ``residual_covariance``
-            and ``image_score`` (which Mahalanobis distances make the map and the image score).
+            map; 0 switches it off), ``map_level_weights`` (of the levels in the anomaly map),
+            ``reconstruction_term`` (what ``rec`` is), ``residual_covariance`` and ``image_score`` (which
+            Mahalanobis distances make the map and the image score).
     """
 
     def __init__(self, settings: FodSettings | None = None) -> None:
@@ -97,6 +103,7 @@ class AnomalyMapGenerator(nn.Module):
         self.with_intra = with_intra
         self.with_inter = with_inter
         self.statistics = nn.ModuleList(ResidualStatistics(settings.residual_covariance) for _ in settings.d_models)
+        self.map_level_weights = settings.map_level_weights
         self.use_image_score(settings.image_score)
         self.blur = None
         if blur_sigma > 0:
@@ -117,8 +124,10 @@ class AnomalyMapGenerator(nn.Module):
 
     @property
     def image_from_position(self) -> bool:
-        """Whether the image score comes from a map of per-position distances other than the anomaly map's."""
-        return self.image_score == "position" and self.needs_statistics and self.statistics[0].covariance != "position"
+        """Whether the image score comes from its own map (per-position distances, levels averaged equally)."""
+        if not (self.image_score == "position" and self.needs_statistics):
+            return False
+        return self.statistics[0].covariance != "position" or self.map_level_weights is not None
 
     @property
     def needed_branches(self) -> tuple[bool, bool]:
@@ -184,10 +193,11 @@ class AnomalyMapGenerator(nn.Module):
         """
         pairs = list(enumerate(zip(tokens, outputs, strict=True)))
         scores = [self.token_scores(t, o, i) for i, (t, o) in pairs]
-        anomaly_map, image_scores = self.combine_levels(scores, grids, image_size)
+        anomaly_map, image_scores = self.combine_levels(scores, grids, image_size, self.map_level_weights)
         if self.image_from_position:
-            position = [self.token_scores(t, o, i, "position") for i, (t, o) in pairs]
-            image_scores = self.combine_levels(position, grids, image_size)[1]
+            if self.statistics[0].covariance != "position":
+                scores = [self.token_scores(t, o, i, "position") for i, (t, o) in pairs]
+            image_scores = self.combine_levels(scores, grids, image_size)[1]
         return anomaly_map, image_scores
 
     def combine_levels(
@@ -195,13 +205,21 @@ class AnomalyMapGenerator(nn.Module):
         scores: list[torch.Tensor],
         grids: list[tuple[int, int]],
         image_size: tuple[int, int],
+        weights: Sequence[float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-level token scores ``(B, L_i)`` -> ``(B, 1, H, W)`` map (upsampled, averaged, blurred), ``(B,)`` max."""
+        """Per-level token scores ``(B, L_i)`` -> ``(B, 1, H, W)`` map (upsampled, combined, blurred), ``(B,)`` max.
+
+        ``weights``: of each level in the map (normalised to sum 1); ``None``: the levels' mean.
+        """
         maps = []
         for score, (height, width) in zip(scores, grids, strict=True):
             score = score.reshape(score.shape[0], 1, height, width)
             maps.append(F.interpolate(score, size=image_size, mode="bilinear", align_corners=True))
-        anomaly_map = torch.stack(maps).mean(dim=0)
+        if weights is None:
+            anomaly_map = torch.stack(maps).mean(dim=0)
+        else:
+            total = sum(weights)
+            anomaly_map = sum(level * (weight / total) for level, weight in zip(maps, weights, strict=True))
         if self.blur is not None:
             anomaly_map = self.blur(anomaly_map)
         return anomaly_map, anomaly_map.amax(dim=(-2, -1)).flatten()

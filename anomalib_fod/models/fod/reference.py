@@ -57,7 +57,8 @@ def iterate_pooled_features(
     """Yield pooled backbone features of every batch, pre-processed as in training.
 
     ``gains``: each batch is seen once per gain, its images ``(B, 3, H, W)`` (intensities in ``[0, 1]``, as
-    anomalib's datasets load them) multiplied by it and clipped to ``[0, 1]`` before the pre-processing.
+    anomalib's datasets load them) multiplied by it and clipped to ``[0, 1]`` before the pre-processing; the
+    copies go through the backbone together, so each yielded level is ``(len(gains) * B, C_i, h_i, w_i)``.
     """
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         images = batch.image if hasattr(batch, "image") else batch
@@ -70,9 +71,9 @@ def iterate_pooled_features(
                 "normalised?). Give the model unnormalised images or set intensity_gains=(1.0,)."
             )
             raise ValueError(msg)
-        for gain in gains:
-            scaled = images if gain == 1 else (images * gain).clamp(0, 1)
-            yield model.extract_features(transform(scaled) if transform is not None else scaled)
+        # One forward pass over every gain's copy: batched convolutions and attentions cost less than one per gain.
+        scaled = torch.cat([images if gain == 1 else (images * gain).clamp(0, 1) for gain in gains])
+        yield model.extract_features(transform(scaled) if transform is not None else scaled)
 
 
 def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:

@@ -63,6 +63,9 @@ class FodSettings:
         intensity_gains: with ``"mahalanobis"``: the residual statistics are fitted on the training images
             multiplied by each of these gains (intensities in ``[0, 1]``, clipped), so a global change of
             exposure or lighting within them is normal. ``(1.0,)``: the images as they are.
+        map_level_weights: weight of each level in the anomaly map (finest first; normalised to sum 1), or
+            ``None`` for the paper's plain mean. The image score reads the levels equally whatever these are
+            (with ``image_score="position"``; with ``"map"`` it is this map's maximum).
         blur_sigma: Gaussian blur of the anomaly map (0 switches it off).
         compile_kernels: run the correlation attentions' block kernels through ``torch.compile`` where
             their maps are large (see ``blocked_attention.py``); same results, faster steps.
@@ -90,12 +93,13 @@ class FodSettings:
     residual_covariance: ResidualCovariance = "blend"
     image_score: ImageScore = "position"
     intensity_gains: tuple[float, ...] = (0.9, 1.0, 1.1)
+    map_level_weights: tuple[float, ...] | None = (0.875, 0.125)
     blur_sigma: float = 4.0
     compile_kernels: bool = True
 
     def __post_init__(self) -> None:
         # YAML and jsonargparse give lists; tuples keep the object hashable and comparable.
-        for name in ("layers", "d_models"):
+        for name in ("layers", "d_models", "map_level_weights"):
             value = getattr(self, name)
             if isinstance(value, Sequence) and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
@@ -105,6 +109,16 @@ class FodSettings:
             msg = f"intensity_gains must be one or more positive numbers (1.0: the images as they are), got {gains}."
             raise ValueError(msg)
         object.__setattr__(self, "intensity_gains", gains)
+        weights = self.map_level_weights
+        if weights is not None:
+            weights = tuple(float(weight) for weight in weights)
+            if not all(math.isfinite(weight) and weight >= 0 for weight in weights) or sum(weights) <= 0:
+                msg = (
+                    "map_level_weights must be non-negative weights, one per level (finest first) and not all "
+                    f"zero, or None for the levels' mean; got {weights}."
+                )
+                raise ValueError(msg)
+            object.__setattr__(self, "map_level_weights", weights)
         check_choices(self)
 
     @classmethod

@@ -64,6 +64,13 @@ class FodModel(nn.Module):
                 f"{len(settings.d_models)} d_models."
             )
             raise ValueError(msg)
+        weights = settings.map_level_weights
+        if weights is not None and len(weights) != len(channels):
+            msg = (
+                f"map_level_weights {weights} has {len(weights)} weights for {len(channels)} levels: give one per "
+                "level (finest first), or None for the levels' mean."
+            )
+            raise ValueError(msg)
         self.with_inter = settings.with_inter
         self.pool = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
         self.levels = nn.ModuleList(
