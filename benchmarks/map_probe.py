@@ -6,14 +6,14 @@ blur) need neither: this script predicts each finished harness cell's test set o
 settings, keeps every level's token scores (the anomaly map's distances and the per-position distances the
 image score reads), then rebuilds the map and the image score for each variant exactly as
 ``AnomalyMapGenerator`` does (bilinear upsampling with aligned corners, weighted mean over levels, Gaussian
-blur, maximum) and measures them exactly as the harness does. The first variant should be the model's own
+blur, maximum) and measures them exactly as the harness does. The empty variant ``{}`` is the model's own
 rule: its figures must equal the model's own predictions' (each row carries those as ``predicted``).
 
     python benchmarks/map_probe.py --harness benchmarks/issue17.yaml --datasets "[bottle]" \
         --variants '{"default": {}, "3/4 stride 8": {"map_weights": [0.75, 0.25]}, "blur 2": {"blur_sigma": 2}}'
 
-Variant keys: ``map_weights`` (per-level weights of the anomaly map, default equal), ``image_weights`` (of the
-image score's map, default equal), ``blur_sigma`` (default: the model's). Token scores are cached under
+Variant keys: ``map_weights`` (per-level weights of the anomaly map, default the model's), ``image_weights`` (of
+the image score's map, default equal), ``blur_sigma`` (default: the model's). Token scores are cached under
 ``<run>/map_probe/<settings' hash>/`` (one ``.npz`` per cell), so new variants cost no prediction. One JSON line
 per cell and variant goes to ``--out``; a table of mean and spread over seeds is printed at the end.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,10 @@ import numpy as np
 def cache_cell(checkpoint: Path, datamodule: Any, path: Path, settings: dict[str, Any]) -> None:  # noqa: ANN401
     """Predict the test set with ``checkpoint`` and ``settings`` and save every level's token scores to ``path``."""
     import torch  # noqa: PLC0415
-    from anomalib.engine import Engine  # noqa: PLC0415
 
     from anomalib_fod import Fod  # noqa: PLC0415
-    from anomalib_fod.evaluation import collect_predictions, exact_metrics, raw_post_processing  # noqa: PLC0415
+    from anomalib_fod.evaluation import exact_metrics  # noqa: PLC0415
+    from rescore import predict_raw  # noqa: PLC0415
 
     fod = Fod.load_from_checkpoint(checkpoint, **settings)
     fod.fit_residual_statistics(datamodule)
@@ -55,9 +54,7 @@ def cache_cell(checkpoint: Path, datamodule: Any, path: Path, settings: dict[str
 
     handle = generator.register_forward_hook(keep)
     try:
-        with tempfile.TemporaryDirectory() as scratch, raw_post_processing(fod):
-            engine = Engine(default_root_dir=scratch, logger=False, enable_progress_bar=False, devices=1)
-            raw = collect_predictions(engine.predict(fod, datamodule=datamodule, return_predictions=True))
+        raw = predict_raw(fod, datamodule)
     finally:
         handle.remove()
     arrays = {name: torch.cat(parts).numpy() if name.startswith(("map", "position")) else parts[0].numpy()
@@ -66,7 +63,9 @@ def cache_cell(checkpoint: Path, datamodule: Any, path: Path, settings: dict[str
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, labels=raw["labels"], masks=np.packbits(raw["masks"]),
                         mask_shape=np.array(raw["masks"].shape), blur_sigma=np.array(fod.model.settings.blur_sigma),
-                        predicted=np.array([predicted["image_auroc"], predicted["pixel_auroc"]]), **arrays)
+                        predicted=np.array([predicted["image_auroc"], predicted["pixel_auroc"]]),
+                        map_level_weights=np.array(generator.map_level_weights or [1.0] * len(kept["grids"][0])),
+                        **arrays)
 
 
 def combine(token_scores: list[np.ndarray], grids: np.ndarray, image_size: tuple[int, int], weights: list[float],
@@ -100,12 +99,13 @@ def evaluate(cache: dict[str, np.ndarray], variant: dict[str, Any]) -> dict[str,
         raise ValueError(msg)
     levels = len(cache["grids"])
     equal = [1.0] * levels
+    own = cache["map_level_weights"].tolist() if "map_level_weights" in cache else equal
     sigma = float(variant.get("blur_sigma", cache["blur_sigma"]))
     shape = tuple(int(x) for x in cache["mask_shape"])
     masks = np.unpackbits(cache["masks"], count=int(np.prod(shape))).reshape(shape).astype(bool)
     size = tuple(int(x) for x in cache["image_size"])
     maps, scores = combine([cache[f"map{i}"] for i in range(levels)], cache["grids"], size,
-                           variant.get("map_weights", equal), sigma, shape[-2:])
+                           variant.get("map_weights", own), sigma, shape[-2:])
     image_map = "position" if "position0" in cache else "map"
     if image_map == "position" or "image_weights" in variant or "blur_sigma" in variant:
         scores = combine([cache[f"{image_map}{i}"] for i in range(levels)], cache["grids"], size,
@@ -140,9 +140,8 @@ def main(
     """
     import torch  # noqa: PLC0415
 
-    from anomalib_fod.benchmark.config import load_config  # noqa: PLC0415
     from anomalib_fod.benchmark.data import build_datamodule  # noqa: PLC0415
-    from rescore import finished_cells, table  # noqa: PLC0415
+    from rescore import finished_cells, open_run, table  # noqa: PLC0415
 
     if not variants:
         msg = 'give --variants, e.g. \'{"default": {}, "blur 2": {"blur_sigma": 2}}\''
@@ -150,13 +149,7 @@ def main(
     settings = {"intensity_gains": [0.9, 1.0, 1.1]} if settings is None else settings
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     torch.set_num_threads(threads)
-    spec = load_config(harness)
-    run = Path(run or spec.output_dir)
-    out = Path(out or run / "map_probe.jsonl")
-    done = set()
-    if out.exists():
-        done = {(r["dataset"], r["seed"], r["variant"]) for r in map(json.loads, out.read_text().splitlines())}
-    specs = {dataset.name: dataset for dataset in spec.datasets}
+    specs, run, out, done = open_run(harness, run, out, "map_probe.jsonl")
     for dataset, seed, checkpoint in finished_cells(run, model, datasets or list(specs), seeds):
         if all((dataset, seed, name) in done for name in variants):
             continue

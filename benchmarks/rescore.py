@@ -47,24 +47,16 @@ def main(
         threads: torch threads.
     """
     import torch  # noqa: PLC0415
-    from anomalib.engine import Engine  # noqa: PLC0415
 
     from anomalib_fod import Fod  # noqa: PLC0415
-    from anomalib_fod.benchmark.config import load_config  # noqa: PLC0415
     from anomalib_fod.benchmark.data import build_datamodule  # noqa: PLC0415
-    from anomalib_fod.evaluation import collect_predictions, exact_metrics, raw_post_processing  # noqa: PLC0415
+    from anomalib_fod.evaluation import exact_metrics  # noqa: PLC0415
 
     if not variants:
         msg = 'give --variants, e.g. \'{"as before": {"intensity_gains": [1.0]}}\''
         raise SystemExit(msg)
     torch.set_num_threads(threads)
-    spec = load_config(harness)
-    run = Path(run or spec.output_dir)
-    out = Path(out or run / "rescore.jsonl")
-    done = set()
-    if out.exists():
-        done = {(r["dataset"], r["seed"], r["variant"]) for r in map(json.loads, out.read_text().splitlines())}
-    specs = {dataset.name: dataset for dataset in spec.datasets}
+    specs, run, out, done = open_run(harness, run, out, "rescore.jsonl")
     for dataset, seed, checkpoint in finished_cells(run, model, datasets or list(specs), seeds):
         datamodule = build_datamodule(specs[dataset])
         datamodule.setup()
@@ -75,15 +67,38 @@ def main(
             fod = Fod.load_from_checkpoint(checkpoint, **settings)
             fod.fit_residual_statistics(datamodule)
             fit_s = time.perf_counter() - start
-            with tempfile.TemporaryDirectory() as scratch, raw_post_processing(fod):
-                engine = Engine(default_root_dir=scratch, logger=False, enable_progress_bar=False, devices=1)
-                raw = collect_predictions(engine.predict(fod, datamodule=datamodule, return_predictions=True))
+            raw = predict_raw(fod, datamodule)
             metrics = exact_metrics(raw["scores"], raw["labels"], raw["maps"], raw["masks"])
             row = {"dataset": dataset, "seed": seed, "variant": name, "settings": settings, "fit_s": fit_s, **metrics}
             print(json.dumps(row), flush=True)
             with out.open("a") as file:
                 file.write(json.dumps(row) + "\n")
     table(out, variants)
+
+
+def open_run(harness: Path, run: Path | None, out: Path | None, name: str) -> tuple[dict[str, Any], Path, Path, set]:
+    """The harness config's datasets by name, the run folder, the results file (default ``<run>/<name>``) and the
+    ``(dataset, seed, variant)`` rows it already holds (skipped: a killed run resumes)."""
+    from anomalib_fod.benchmark.config import load_config  # noqa: PLC0415
+
+    spec = load_config(harness)
+    run = Path(run or spec.output_dir)
+    out = Path(out or run / name)
+    done = set()
+    if out.exists():
+        done = {(r["dataset"], r["seed"], r["variant"]) for r in map(json.loads, out.read_text().splitlines())}
+    return {dataset.name: dataset for dataset in spec.datasets}, run, out, done
+
+
+def predict_raw(fod: Any, datamodule: Any) -> dict[str, Any]:  # noqa: ANN401
+    """The test set's raw (un-normalised) predictions, as the harness makes them (``Engine.predict``)."""
+    from anomalib.engine import Engine  # noqa: PLC0415
+
+    from anomalib_fod.evaluation import collect_predictions, raw_post_processing  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as scratch, raw_post_processing(fod):
+        engine = Engine(default_root_dir=scratch, logger=False, enable_progress_bar=False, devices=1)
+        return collect_predictions(engine.predict(fod, datamodule=datamodule, return_predictions=True))
 
 
 def finished_cells(run: Path, model: str, datasets: list[str], seeds: list[int] | None) -> list[tuple[str, int, Path]]:
