@@ -58,8 +58,9 @@ class FodSettings:
             per level shared by all token positions (``"shared"``), under one per position shrunk towards
             the shared one (``"position"``), or the mean of the two (``"blend"``, default).
         image_score: with ``"mahalanobis"``: the image score is the maximum of the anomaly map (``"map"``) or
-            of the map the per-position distances alone make (``"position"``, default; same levels, upsampling
-            and blur), whatever ``residual_covariance`` the map uses. With other terms it is the map's maximum.
+            of the map the per-position distances alone make (``"position"``, default; same upsampling and
+            blur, levels averaged), whatever ``residual_covariance`` and ``map_level_weights`` the map uses. With
+            other terms it is the map's maximum.
         intensity_gains: with ``"mahalanobis"``: the residual statistics are fitted on the training images
             multiplied by each of these gains (intensities in ``[0, 1]``, clipped), so a global change of
             exposure or lighting within them is normal. ``(1.0,)``: the images as they are.
