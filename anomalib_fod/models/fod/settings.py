@@ -100,7 +100,7 @@ class FodSettings:
 
     def __post_init__(self) -> None:
         # YAML and jsonargparse give lists; tuples keep the object hashable and comparable.
-        for name in ("layers", "d_models", "map_level_weights"):
+        for name in ("layers", "d_models"):
             value = getattr(self, name)
             if isinstance(value, Sequence) and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
