@@ -5,7 +5,7 @@ Variants that only change how the per-level token scores become the map and the 
 blur) need neither: this script predicts each finished harness cell's test set once with the model's own
 settings, keeps every level's token scores (the anomaly map's distances and the per-position distances the
 image score reads), then rebuilds the map and the image score for each variant exactly as
-``AnomalyMapGenerator`` does (bilinear upsampling with aligned corners, weighted mean over levels, Gaussian
+``AnomalyMapGenerator`` does (bilinear upsampling, weighted mean over levels, Gaussian
 blur, maximum) and measures them exactly as the harness does. The empty variant ``{}`` is the model's own
 rule: its figures must equal the model's own predictions' (each row carries those as ``predicted``).
 
@@ -13,7 +13,8 @@ rule: its figures must equal the model's own predictions' (each row carries thos
         --variants '{"default": {}, "3/4 stride 8": {"map_weights": [0.75, 0.25]}, "blur 2": {"blur_sigma": 2}}'
 
 Variant keys: ``map_weights`` (per-level weights of the anomaly map, default the model's), ``image_weights`` (of
-the image score's map, default equal), ``blur_sigma`` (default: the model's). Token scores are cached under
+the image score's map, default equal), ``blur_sigma`` and ``align_corners`` (of the upsampling; default: the
+model's; caches made before the setting existed hold ``True``, the only rule then). Token scores are cached under
 ``<run>/map_probe/<settings' hash>/`` (one ``.npz`` per cell), so new variants cost no prediction. One JSON line
 per cell and variant goes to ``--out``; a table of mean and spread over seeds is printed at the end.
 """
@@ -65,12 +66,14 @@ def cache_cell(checkpoint: Path, datamodule: Any, path: Path, settings: dict[str
                         mask_shape=np.array(raw["masks"].shape), blur_sigma=np.array(fod.model.settings.blur_sigma),
                         predicted=np.array([predicted["image_auroc"], predicted["pixel_auroc"]]),
                         map_level_weights=np.array(generator.map_level_weights or [1.0] * len(kept["grids"][0])),
+                        align_corners=np.array(generator.align_corners),
                         **arrays)
 
 
 def combine(token_scores: list[np.ndarray], grids: np.ndarray, image_size: tuple[int, int], weights: list[float],
-            blur_sigma: float, mask_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """``AnomalyMapGenerator.combine_levels`` with these level weights and blur, then the harness's resize to the masks.
+            blur_sigma: float, mask_size: tuple[int, int], align_corners: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``AnomalyMapGenerator.combine_levels`` with these level weights, blur and upsampling, then the harness's resize
+    to the masks.
 
     Returns ``(N, H_mask, W_mask)`` maps and ``(N,)`` image scores (the maximum before the resize, as the model).
     """
@@ -80,7 +83,7 @@ def combine(token_scores: list[np.ndarray], grids: np.ndarray, image_size: tuple
     from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator  # noqa: PLC0415
     from anomalib_fod.models.fod.settings import FodSettings  # noqa: PLC0415
 
-    generator = AnomalyMapGenerator(FodSettings(blur_sigma=blur_sigma))
+    generator = AnomalyMapGenerator(FodSettings(blur_sigma=blur_sigma, map_align_corners=align_corners))
     levels = [torch.from_numpy(scores) for scores in token_scores]
     anomaly_map, image_scores = generator.combine_levels(levels, [tuple(map(int, g)) for g in grids], image_size,
                                                          weights)
@@ -93,7 +96,7 @@ def evaluate(cache: dict[str, np.ndarray], variant: dict[str, Any]) -> dict[str,
     """Image and pixel AUROC of one variant on one cell's cached token scores."""
     from anomalib_fod.evaluation import image_auroc, pixel_auroc  # noqa: PLC0415
 
-    unknown = set(variant) - {"map_weights", "image_weights", "blur_sigma"}
+    unknown = set(variant) - {"map_weights", "image_weights", "blur_sigma", "align_corners"}
     if unknown:
         msg = f"unknown variant keys {sorted(unknown)}"
         raise ValueError(msg)
@@ -101,15 +104,16 @@ def evaluate(cache: dict[str, np.ndarray], variant: dict[str, Any]) -> dict[str,
     equal = [1.0] * levels
     own = cache["map_level_weights"].tolist() if "map_level_weights" in cache else equal
     sigma = float(variant.get("blur_sigma", cache["blur_sigma"]))
+    align = bool(variant.get("align_corners", cache.get("align_corners", True)))
     shape = tuple(int(x) for x in cache["mask_shape"])
     masks = np.unpackbits(cache["masks"], count=int(np.prod(shape))).reshape(shape).astype(bool)
     size = tuple(int(x) for x in cache["image_size"])
     maps, scores = combine([cache[f"map{i}"] for i in range(levels)], cache["grids"], size,
-                           variant.get("map_weights", own), sigma, shape[-2:])
+                           variant.get("map_weights", own), sigma, shape[-2:], align)
     image_map = "position" if "position0" in cache else "map"
-    if image_map == "position" or "image_weights" in variant or "blur_sigma" in variant:
+    if image_map == "position" or {"image_weights", "blur_sigma", "align_corners"} & set(variant):
         scores = combine([cache[f"{image_map}{i}"] for i in range(levels)], cache["grids"], size,
-                         variant.get("image_weights", equal), sigma, shape[-2:])[1]
+                         variant.get("image_weights", equal), sigma, shape[-2:], align)[1]
     return {"image_auroc": image_auroc(scores, cache["labels"]), "pixel_auroc": pixel_auroc(maps, masks)}
 
 
@@ -128,7 +132,7 @@ def main(
 
     Args:
         harness: the harness config the run was made with (its datasets are rebuilt from it).
-        variants: name -> ``map_weights`` / ``image_weights`` / ``blur_sigma``.
+        variants: name -> ``map_weights`` / ``image_weights`` / ``blur_sigma`` / ``align_corners``.
         settings: keyword arguments of ``Fod.load_from_checkpoint`` the token scores are made with (default:
             ``{"intensity_gains": [0.9, 1.0, 1.1]}``, today's default, which checkpoints saved before it lack).
         model: the harness model name whose cells are probed.

@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         exported[FOD] = export(Fod.load_from_checkpoint(fod_ckpt, image_score="position"), workdir, "fod", size)
         if args.with_paper_score:  # the same weights scored as the paper does: every divergence computed
             paper = Fod.load_from_checkpoint(
-                fod_ckpt, scoring="rec_div", reconstruction_term="mse_cos", map_level_weights=None
+                fod_ckpt, scoring="rec_div", reconstruction_term="mse_cos", map_level_weights=None,
+                map_align_corners=True,
             )
             exported[FOD_PAPER_SCORE] = export(paper, workdir, "fod_paper", size)
         if args.with_shared_covariance:  # the same weights and statistics without the per-position precisions

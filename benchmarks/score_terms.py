@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         generator = AnomalyMapGenerator(
             FodSettings(
                 scoring=term[1], reconstruction_term="mse_cos", with_intra=term[2], with_inter=term[3], blur_sigma=blur,
-                map_level_weights=None,
+                map_level_weights=None, map_align_corners=True,
             )
         )
         for name, levels in level_sets.items():
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             scoring=scoring,
             reconstruction_term="mse_cos",
             map_level_weights=None,
+            map_align_corners=True,
             with_intra=own.with_intra,
             with_inter=own.with_inter,
             blur_sigma=blur,

@@ -131,7 +131,8 @@ def build(backbone: str, image_size: int, device: torch.device, score: str = "de
     """
     from anomalib_fod import Fod  # noqa: PLC0415
 
-    paper = {"scoring": "rec_div", "reconstruction_term": "mse_cos", "num_layers": 3, "map_level_weights": None}
+    paper = {"scoring": "rec_div", "reconstruction_term": "mse_cos", "num_layers": 3, "map_level_weights": None,
+             "map_align_corners": True}
     paper = paper if score == "paper" else {}
     model = Fod(backbone=backbone, pre_trained=False, image_size=image_size, visualizer=False, **paper).to(device)
     with torch.no_grad():

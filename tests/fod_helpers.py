@@ -22,7 +22,12 @@ EMBEDDED_DATA_ROOT = REPO_ROOT / "anomalib_fod" / "data"  # holds the battery_we
 TINY = {"d_models": (32, 64), "num_heads": 2, "num_layers": 1}
 # The paper's score: reconstruction times divergence, needing no fitted statistics. Tests of the geometry,
 # the branches and the divergence use it; Fod's default (the whitened residual) has its own tests.
-PAPER_SCORE = {"scoring": "rec_div", "reconstruction_term": "mse_cos", "map_level_weights": None}
+PAPER_SCORE = {
+    "scoring": "rec_div",
+    "reconstruction_term": "mse_cos",
+    "map_level_weights": None,
+    "map_align_corners": True,
+}
 DUMMY_SIZE = 64
 DUMMY_COUNTS = {"n_train": 10, "n_test_good": 4, "n_test_bad": 6}
 # 10 training images in batches of 3 and 10 test images in batches of 4: both last batches are partial.

@@ -189,6 +189,7 @@ def test_shipped_fod_configs_give_the_recipe_they_name() -> None:
     assert (paper["scoring"], paper["reconstruction_term"], paper["training_steps"]) == ("rec_div", "mse_cos", 1000)
     assert paper["num_layers"] == 3  # the paper's depth: its score fell to chance with Fod's one layer
     assert paper["map_level_weights"] is None  # the paper averages the levels
+    assert paper["map_align_corners"] is True  # and upsamples them corner-aligned
 
 
 @pytest.mark.slow

@@ -35,13 +35,13 @@ def test_cached_token_scores_give_the_models_map_image_scores_and_metrics() -> N
         maps = [generator.token_scores(t, o, i).numpy() for i, (t, o) in pairs]
         position = [generator.token_scores(t, o, i, "position").numpy() for i, (t, o) in pairs]
     grids = np.array(run.grids)
-    weights, sigma = list(generator.map_level_weights), fod.settings.blur_sigma
-    anomaly_map, _ = combine(maps, grids, (64, 64), weights, sigma, (64, 64))
+    weights, sigma, align = list(generator.map_level_weights), fod.settings.blur_sigma, generator.align_corners
+    anomaly_map, _ = combine(maps, grids, (64, 64), weights, sigma, (64, 64), align)
     np.testing.assert_allclose(anomaly_map, result.anomaly_map[:, 0].numpy(), rtol=1e-5, atol=1e-6)
-    _, scores = combine(position, grids, (64, 64), [1.0, 1.0], sigma, (64, 64))
+    _, scores = combine(position, grids, (64, 64), [1.0, 1.0], sigma, (64, 64), align)
     np.testing.assert_allclose(scores, result.pred_score.numpy(), rtol=1e-5, atol=1e-6)
     # masks of another size: the harness resizes the maps to them (bilinear, corners not aligned)
-    resized, _ = combine(maps, grids, (64, 64), weights, sigma, (96, 80))
+    resized, _ = combine(maps, grids, (64, 64), weights, sigma, (96, 80), align)
     expected = F.interpolate(result.anomaly_map, size=(96, 80), mode="bilinear", align_corners=False)[:, 0]
     np.testing.assert_allclose(resized, expected.numpy(), rtol=1e-5, atol=1e-6)
 
@@ -50,7 +50,7 @@ def test_cached_token_scores_give_the_models_map_image_scores_and_metrics() -> N
     masks[3:, 20:40, 10:30] = True
     cache = {"grids": grids, "image_size": np.array([64, 64]), "mask_shape": np.array(masks.shape),
              "masks": np.packbits(masks), "labels": labels, "blur_sigma": np.array(sigma),
-             "map_level_weights": np.array(weights), "map0": maps[0], "map1": maps[1],
+             "map_level_weights": np.array(weights), "align_corners": np.array(align), "map0": maps[0], "map1": maps[1],
              "position0": position[0], "position1": position[1]}
     from anomalib_fod.evaluation import image_auroc, pixel_auroc  # noqa: PLC0415
 
@@ -61,3 +61,7 @@ def test_cached_token_scores_give_the_models_map_image_scores_and_metrics() -> N
     mean = evaluate(cache, {"map_weights": [1.0, 1.0]})
     assert mean["image_auroc"] == own["image_auroc"]  # the map's weights never reach the image score
     assert abs(mean["pixel_auroc"] - own["pixel_auroc"]) > 1e-4
+    corners = evaluate(cache, {"align_corners": True})
+    assert abs(corners["pixel_auroc"] - own["pixel_auroc"]) > 1e-5  # the upsampling reaches the map
+    del cache["align_corners"]  # caches from before the setting: corner-aligned, the only rule then
+    assert evaluate(cache, {}) == corners

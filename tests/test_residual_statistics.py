@@ -336,7 +336,7 @@ def test_map_level_weights_weigh_the_maps_levels_and_leave_the_image_score_alone
             levels = [fod.anomaly_map_generator.token_scores(t, o, i) for i, (t, o) in
                       enumerate(zip(run.tokens, run.levels, strict=True))]
         upsampled = [
-            F.interpolate(level.reshape(-1, 1, h, w), size=(64, 64), mode="bilinear", align_corners=True)
+            F.interpolate(level.reshape(-1, 1, h, w), size=(64, 64), mode="bilinear", align_corners=False)
             for level, (h, w) in zip(levels, run.grids, strict=True)
         ]
         share = 0.5 if weights is None else weights[0] / sum(weights)
@@ -358,14 +358,48 @@ def test_map_level_weights_weigh_the_maps_levels_and_leave_the_image_score_alone
             tiny_model(map_level_weights=bad)
 
 
-def test_checkpoints_from_before_map_level_weights_keep_the_levels_mean(tmp_path) -> None:  # noqa: ANN001
-    """Their thresholds were learnt on maps of the levels' mean: loading them must not change their maps."""
+def test_map_align_corners_puts_each_token_at_the_centre_of_its_cell() -> None:
+    """One hot token of a 4x4 grid upsampled to 32x32 (stride 8): by default its score peaks on the two pixels
+    around its cell's centre (8 i + 3.5); ``map_align_corners=True`` (the paper) stretches the grid so the peak
+    moves to ``i * 31 / 3``. Both the anomaly map and the image score's map use the model's upsampling."""
+    score = torch.zeros(1, 16)
+    score[0, 1 * 4 + 2] = 1.0  # row 1, column 2
+    for align, rows, columns in ((False, [11, 12], [19, 20]), (True, [10], [21])):
+        model = tiny_model(map_align_corners=align, blur_sigma=0)
+        assert model.model.settings.map_align_corners is align
+        anomaly_map, image_score = model.model.anomaly_map_generator.combine_levels([score], [(4, 4)], (32, 32))
+        peak = anomaly_map[0, 0] == anomaly_map.max()
+        assert peak.nonzero()[:, 0].unique().tolist() == rows, f"align_corners={align}"
+        assert peak.nonzero()[:, 1].unique().tolist() == columns, f"align_corners={align}"
+        # the pixels nearest the token sit 1/16 (centred) or 1/31 (corner-aligned) of a token off it
+        assert image_score.item() == pytest.approx((30 / 31) ** 2 if align else (15 / 16) ** 2)
+    for align in (False, True):
+        model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", map_align_corners=align, blur_sigma=0)
+        features = features_and_references(model)
+        fit_statistics(model.model, [features])
+        fod = model.model.eval()
+        with torch.no_grad():
+            result = fod.forward_features(features, (64, 64))
+            run = fod.run_levels(features)
+            pairs = list(enumerate(zip(run.tokens, run.levels, strict=True)))
+            position = [fod.anomaly_map_generator.token_scores(t, o, i, "position") for i, (t, o) in pairs]
+        upsampled = [
+            F.interpolate(level.reshape(-1, 1, h, w), size=(64, 64), mode="bilinear", align_corners=align)
+            for level, (h, w) in zip(position, run.grids, strict=True)
+        ]
+        expected = (0.5 * (upsampled[0] + upsampled[1])).amax(dim=(-2, -1)).flatten()
+        torch.testing.assert_close(result.pred_score, expected)
+
+
+def test_checkpoints_from_before_the_map_settings_keep_the_papers_map(tmp_path) -> None:  # noqa: ANN001
+    """Their thresholds were learnt on maps of the levels' mean, upsampled corner-aligned: loading them must not
+    change their maps."""
     model = tiny_model(reconstruction_term="mahalanobis", scoring="rec")
     assert model.hparams["map_level_weights"] == (0.875, 0.125)
     features = features_and_references(model)
     fit_statistics(model.model, [features])
     hparams = dict(model.hparams)
-    old_hparams = {k: v for k, v in hparams.items() if k != "map_level_weights"}
+    old_hparams = {k: v for k, v in hparams.items() if k not in ("map_level_weights", "map_align_corners")}
     for name, saved in (("new.ckpt", hparams), ("old.ckpt", old_hparams)):
         checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": saved, "pytorch-lightning_version": "2.6.0"}
         torch.save(checkpoint, tmp_path / name)
@@ -373,12 +407,17 @@ def test_checkpoints_from_before_map_level_weights_keep_the_levels_mean(tmp_path
     old = Fod.load_from_checkpoint(tmp_path / "old.ckpt").eval()
     assert old.model.settings.map_level_weights is None
     assert old.hparams["map_level_weights"] is None
-    mean = tiny_model(reconstruction_term="mahalanobis", scoring="rec", map_level_weights=None).eval()
+    assert old.model.settings.map_align_corners is True
+    assert old.model.anomaly_map_generator.align_corners is True
+    mean = tiny_model(reconstruction_term="mahalanobis", scoring="rec", map_level_weights=None,
+                      map_align_corners=True).eval()
     mean.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(old.model.forward_features(features, (64, 64)).anomaly_map,
                                    mean.model.forward_features(features, (64, 64)).anomaly_map)
-    asked = Fod.load_from_checkpoint(tmp_path / "old.ckpt", map_level_weights=[1.0, 1.0])
+    asked = Fod.load_from_checkpoint(tmp_path / "old.ckpt", map_level_weights=[1.0, 1.0], map_align_corners=False)
     assert asked.model.anomaly_map_generator.map_level_weights == (1.0, 1.0)
+    assert asked.model.anomaly_map_generator.align_corners is False
+    assert asked.hparams["map_align_corners"] is False
     with pytest.raises(ValueError, match="set_scoring changes"):
         asked.set_scoring(blur_sigma=2.0)

@@ -44,6 +44,7 @@ class Ed(Fod, AnomalibModule):  # AnomalibModule again: anomalib's get_model onl
         training_steps: optimizer-step budget (``None``: the trainer's ``max_epochs`` decide).
         num_layers: encoder layers per level (the papers: 3).
         map_level_weights: the levels' weights in the anomaly map (``None``: their mean, as the papers).
+        map_align_corners: the papers' corner-aligned upsampling of the token grids (see ``Fod``).
         **kwargs: every other :class:`~anomalib_fod.Fod` argument (backbone, image_size, ...).
     """
 
@@ -58,6 +59,7 @@ class Ed(Fod, AnomalibModule):  # AnomalibModule again: anomalib's get_model onl
         training_steps: int | None = None,
         num_layers: int = 3,
         map_level_weights: Sequence[float] | None = None,
+        map_align_corners: bool = True,
         **kwargs: Any,  # noqa: ANN401 - Fod's arguments
     ) -> None:
         super().__init__(
@@ -70,5 +72,6 @@ class Ed(Fod, AnomalibModule):  # AnomalibModule again: anomalib's get_model onl
             training_steps=training_steps,
             num_layers=num_layers,
             map_level_weights=map_level_weights,
+            map_align_corners=map_align_corners,
             **kwargs,
         )

@@ -21,7 +21,8 @@ trained model can be re-scored with another term without retraining.
 With both branches the divergence is the inter one: the paper reports that the intra branch
 helps through training and scoring with inter alone is slightly better.
 
-Levels are upsampled (bilinear) to the input size and combined, then blurred with a Gaussian
+Levels are upsampled (bilinear; each token at the centre of its stride cell unless ``map_align_corners``, the
+paper's corner-aligned grid) to the input size and combined, then blurred with a Gaussian
 (sigma 4); the image score is the map's maximum. The paper averages the levels; ``Fod``'s anomaly map
 weighs them ``map_level_weights`` (7/8 on the stride-8 level by default): the finer level draws a
 defect's outline where the stride-16 level smears it over its neighbours. With the Mahalanobis term and
@@ -86,6 +87,7 @@ class AnomalyMapGenerator(nn.Module):
         settings: reads ``scoring`` (``"rec"``, ``"rec_div"`` (paper) or ``"div"``), ``with_intra`` /
             ``with_inter`` (the model's branches), ``blur_sigma`` (of the Gaussian blur on the final
             map; 0 switches it off), ``map_level_weights`` (of the levels in the anomaly map),
+            ``map_align_corners`` (of the levels' bilinear upsampling),
             ``reconstruction_term`` (what ``rec`` is), ``residual_covariance`` and ``image_score`` (which
             Mahalanobis distances make the map and the image score).
     """
@@ -104,6 +106,7 @@ class AnomalyMapGenerator(nn.Module):
         self.with_inter = with_inter
         self.statistics = nn.ModuleList(ResidualStatistics(settings.residual_covariance) for _ in settings.d_models)
         self.map_level_weights = settings.map_level_weights
+        self.align_corners = settings.map_align_corners
         self.use_image_score(settings.image_score)
         self.blur = None
         if blur_sigma > 0:
@@ -214,7 +217,7 @@ class AnomalyMapGenerator(nn.Module):
         maps = []
         for score, (height, width) in zip(scores, grids, strict=True):
             score = score.reshape(score.shape[0], 1, height, width)
-            maps.append(F.interpolate(score, size=image_size, mode="bilinear", align_corners=True))
+            maps.append(F.interpolate(score, size=image_size, mode="bilinear", align_corners=self.align_corners))
         if weights is None:
             anomaly_map = torch.stack(maps).mean(dim=0)
         else:

@@ -67,6 +67,10 @@ class FodSettings:
         map_level_weights: weight of each level in the anomaly map (finest first; normalised to sum 1), or
             ``None`` for the paper's plain mean. The image score reads the levels equally whatever these are
             (with ``image_score="position"``; with ``"map"`` it is this map's maximum).
+        map_align_corners: how the levels' token grids are upsampled (bilinear) to the image: ``False`` puts
+            each token at the centre of its stride cell (the image area it stands for); ``True`` (the
+            paper's code) stretches the grid so its corner tokens land on the image's corners, which shifts
+            a token's score by up to half a stride towards the border.
         blur_sigma: Gaussian blur of the anomaly map (0 switches it off).
         compile_kernels: run the correlation attentions' block kernels through ``torch.compile`` where
             their maps are large (see ``blocked_attention.py``); same results, faster steps.
@@ -95,6 +99,7 @@ class FodSettings:
     image_score: ImageScore = "position"
     intensity_gains: tuple[float, ...] = (0.9, 1.0, 1.1)
     map_level_weights: tuple[float, ...] | None = (0.875, 0.125)
+    map_align_corners: bool = False
     blur_sigma: float = 4.0
     compile_kernels: bool = True
 
