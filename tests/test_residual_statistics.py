@@ -321,24 +321,33 @@ def test_checkpoints_from_before_intensity_gains_refit_without_them(tmp_path) ->
     assert asked.model.settings.intensity_gains == (0.8, 1.0)
 
 
+def upsampled_levels(covariance: str | None = None, **settings) -> tuple:  # noqa: ANN003
+    """A tiny model with fitted statistics (default score, no blur, ``settings``), its output on random images, and
+    each level's token scores under ``covariance`` upsampled by hand as its settings ask: ``(fod, features, output,
+    [(B, 1, 64, 64)] per level)``."""
+    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", blur_sigma=0, **settings)
+    features = features_and_references(model)
+    fit_statistics(model.model, [features])
+    fod = model.model.eval()
+    with torch.no_grad():
+        result = fod.forward_features(features, (64, 64))
+        run = fod.run_levels(features)
+        pairs = list(enumerate(zip(run.tokens, run.levels, strict=True)))
+        levels = [fod.anomaly_map_generator.token_scores(t, o, i, covariance) for i, (t, o) in pairs]
+    align = fod.settings.map_align_corners
+    upsampled = [
+        F.interpolate(level.reshape(-1, 1, h, w), size=(64, 64), mode="bilinear", align_corners=align)
+        for level, (h, w) in zip(levels, run.grids, strict=True)
+    ]
+    return fod, features, result, upsampled
+
+
 def test_map_level_weights_weigh_the_maps_levels_and_leave_the_image_score_alone() -> None:
     """The anomaly map is the weighted mean of the upsampled levels (written out here, before the blur); the
     per-position image score averages the levels whatever the map's weights, ``image_score="map"`` reads them."""
     scores = {}
     for weights in ((0.875, 0.125), (7.0, 1.0), (1.0, 0.0), None):
-        model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", map_level_weights=weights, blur_sigma=0)
-        features = features_and_references(model)
-        fit_statistics(model.model, [features])
-        fod = model.model.eval()
-        with torch.no_grad():
-            result = fod.forward_features(features, (64, 64))
-            run = fod.run_levels(features)
-            levels = [fod.anomaly_map_generator.token_scores(t, o, i) for i, (t, o) in
-                      enumerate(zip(run.tokens, run.levels, strict=True))]
-        upsampled = [
-            F.interpolate(level.reshape(-1, 1, h, w), size=(64, 64), mode="bilinear", align_corners=False)
-            for level, (h, w) in zip(levels, run.grids, strict=True)
-        ]
+        fod, features, result, upsampled = upsampled_levels(map_level_weights=weights)
         share = 0.5 if weights is None else weights[0] / sum(weights)
         torch.testing.assert_close(result.anomaly_map, share * upsampled[0] + (1 - share) * upsampled[1])
         scores[weights] = result.pred_score
@@ -374,19 +383,7 @@ def test_map_align_corners_puts_each_token_at_the_centre_of_its_cell() -> None:
         # the pixels nearest the token sit 1/16 (centred) or 1/31 (corner-aligned) of a token off it
         assert image_score.item() == pytest.approx((30 / 31) ** 2 if align else (15 / 16) ** 2)
     for align in (False, True):
-        model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", map_align_corners=align, blur_sigma=0)
-        features = features_and_references(model)
-        fit_statistics(model.model, [features])
-        fod = model.model.eval()
-        with torch.no_grad():
-            result = fod.forward_features(features, (64, 64))
-            run = fod.run_levels(features)
-            pairs = list(enumerate(zip(run.tokens, run.levels, strict=True)))
-            position = [fod.anomaly_map_generator.token_scores(t, o, i, "position") for i, (t, o) in pairs]
-        upsampled = [
-            F.interpolate(level.reshape(-1, 1, h, w), size=(64, 64), mode="bilinear", align_corners=align)
-            for level, (h, w) in zip(position, run.grids, strict=True)
-        ]
+        _, _, result, upsampled = upsampled_levels("position", map_align_corners=align)
         expected = (0.5 * (upsampled[0] + upsampled[1])).amax(dim=(-2, -1)).flatten()
         torch.testing.assert_close(result.pred_score, expected)
 
