@@ -80,3 +80,14 @@ def block_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def fit_and_run(fod: torch.nn.Module, features: list[torch.Tensor], image_size: tuple[int, int] = (64, 64)) -> tuple:
+    """Fit a ``FodModel``'s residual statistics on ``features``, then, in eval mode without gradients, its output on
+    them and the run of its levels: ``(output, run)``."""
+    from anomalib_fod.models.fod.residual_statistics import fit_statistics  # noqa: PLC0415
+
+    fit_statistics(fod, [features])
+    fod.eval()
+    with torch.no_grad():
+        return fod.forward_features(features, image_size), fod.run_levels(features)

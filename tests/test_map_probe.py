@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from anomalib_fod import Fod
-from anomalib_fod.models.fod.residual_statistics import fit_statistics
 
-from fod_helpers import TINY
+from fod_helpers import TINY, fit_and_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from map_probe import combine, evaluate  # noqa: E402
@@ -25,12 +24,9 @@ def test_cached_token_scores_give_the_models_map_image_scores_and_metrics() -> N
     images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     features = fod.extract_features(images)
     fod.set_mean_reference([f.mean(0) for f in features])
-    fit_statistics(fod, [features])
-    fod.eval()
+    result, run = fit_and_run(fod, features)
     generator = fod.anomaly_map_generator
     with torch.no_grad():
-        result = fod.forward_features(features, (64, 64))
-        run = fod.run_levels(features)
         pairs = list(enumerate(zip(run.tokens, run.levels, strict=True)))
         maps = [generator.token_scores(t, o, i).numpy() for i, (t, o) in pairs]
         position = [generator.token_scores(t, o, i, "position").numpy() for i, (t, o) in pairs]

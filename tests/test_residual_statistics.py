@@ -10,7 +10,7 @@ from anomalib_fod import Fod
 from anomalib_fod.models.fod.reference import iterate_pooled_features
 from anomalib_fod.models.fod.residual_statistics import SHRINKAGE, ResidualStatistics, fit_statistics
 
-from fod_helpers import TINY
+from fod_helpers import TINY, fit_and_run
 
 
 def tiny_model(**settings) -> Fod:  # noqa: ANN003
@@ -207,12 +207,9 @@ def test_the_image_score_is_the_maximum_of_the_per_position_map(covariance: str)
     model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance=covariance)
     fod = model.model
     features = features_and_references(model)
-    fit_statistics(fod, [features])
-    fod.eval()
+    result, run = fit_and_run(fod, features)
     generator = fod.anomaly_map_generator
     with torch.no_grad():
-        result = fod.forward_features(features, (64, 64))
-        run = fod.run_levels(features)
         residuals = [(t - o.reconstruction).double() for t, o in zip(run.tokens, run.levels, strict=True)]
         shared = [direct_mahalanobis(r, r).float() for r in residuals]
         position = [direct_position_mahalanobis(r, r).float() for r in residuals]
@@ -327,11 +324,9 @@ def upsampled_levels(covariance: str | None = None, **settings) -> tuple:  # noq
     [(B, 1, 64, 64)] per level)``."""
     model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", blur_sigma=0, **settings)
     features = features_and_references(model)
-    fit_statistics(model.model, [features])
-    fod = model.model.eval()
+    fod = model.model
+    result, run = fit_and_run(fod, features)
     with torch.no_grad():
-        result = fod.forward_features(features, (64, 64))
-        run = fod.run_levels(features)
         pairs = list(enumerate(zip(run.tokens, run.levels, strict=True)))
         levels = [fod.anomaly_map_generator.token_scores(t, o, i, covariance) for i, (t, o) in pairs]
     align = fod.settings.map_align_corners
