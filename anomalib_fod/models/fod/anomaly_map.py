@@ -105,9 +105,7 @@ class AnomalyMapGenerator(nn.Module):
         self.with_intra = with_intra
         self.with_inter = with_inter
         self.statistics = nn.ModuleList(ResidualStatistics(settings.residual_covariance) for _ in settings.d_models)
-        self.map_level_weights = settings.map_level_weights
-        self.align_corners = settings.map_align_corners
-        self.use_image_score(settings.image_score)
+        self.use_scoring(settings)
         self.blur = None
         if blur_sigma > 0:
             kernel = 2 * int(4.0 * blur_sigma + 0.5) + 1
@@ -117,6 +115,13 @@ class AnomalyMapGenerator(nn.Module):
     def needs_statistics(self) -> bool:
         """Whether scoring reads the residual statistics of the training images."""
         return self.reconstruction_term == "mahalanobis" and self.scoring != "div"
+
+    def use_scoring(self, settings: FodSettings) -> None:
+        """Combine the levels as ``settings`` say (``map_level_weights``, ``map_align_corners``, ``image_score``): the
+        scoring settings a trained model may change (``Fod.set_scoring``)."""
+        self.map_level_weights = settings.map_level_weights
+        self.align_corners = settings.map_align_corners
+        self.use_image_score(settings.image_score)
 
     def use_image_score(self, image_score: ImageScore) -> None:
         """Take the image score from ``image_score``'s map; the statistics keep what it needs when fitted."""

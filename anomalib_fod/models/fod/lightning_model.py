@@ -278,10 +278,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             raise ValueError(msg)
         settings = dataclasses.replace(self.model.settings, **changes)
         self.model.settings = settings
-        generator = self.model.anomaly_map_generator
-        generator.map_level_weights = settings.map_level_weights
-        generator.align_corners = settings.map_align_corners
-        generator.use_image_score(settings.image_score)
+        self.model.anomaly_map_generator.use_scoring(settings)
         self.hparams.update({name: getattr(settings, name) for name in changes})
 
     def fit_residual_statistics(self, datamodule: AnomalibDataModule) -> None:
