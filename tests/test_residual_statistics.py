@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from lightning.pytorch import Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 
 from anomalib_fod import Fod
 from anomalib_fod.models.fod.reference import iterate_pooled_features
@@ -413,3 +415,22 @@ def test_checkpoints_from_before_the_map_settings_keep_the_papers_map(tmp_path) 
     assert asked.hparams["map_align_corners"] is False
     with pytest.raises(ValueError, match="set_scoring changes"):
         asked.set_scoring(blur_sigma=2.0)
+
+
+def test_a_fit_resumed_from_an_old_checkpoint_scores_with_the_settings_the_model_was_built_with() -> None:
+    """Resuming a fit refits the statistics and thresholds, so the old checkpoint's scoring must not replace the
+    settings the user built the model with; testing from it keeps the old scoring."""
+    model = tiny_model(reconstruction_term="mahalanobis", scoring="rec")
+    saved = {k: v for k, v in model.hparams.items() if k not in ("map_level_weights", "map_align_corners")}
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": saved}
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+    resumed = tiny_model(reconstruction_term="mahalanobis", scoring="rec")
+    resumed.trainer = trainer
+    trainer.state.fn = TrainerFn.FITTING
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.model.settings.map_align_corners is False
+    assert resumed.model.anomaly_map_generator.map_level_weights == (0.875, 0.125)
+    trainer.state.fn = TrainerFn.TESTING
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.model.settings.map_align_corners is True
+    assert resumed.model.anomaly_map_generator.map_level_weights is None

@@ -255,8 +255,11 @@ class Fod(OfflineBackboneModule, AnomalibModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint saved before a scoring setting existed keeps the behaviour its statistics and thresholds
-        come from (:data:`LEGACY_SCORING`)."""
+        come from (:data:`LEGACY_SCORING`), unless a fit resumes from it: the fit refits the statistics and
+        thresholds, so the settings this model was built with win."""
         super().on_load_checkpoint(checkpoint)
+        if self._trainer is not None and self._trainer.state.fn == "fit":
+            return
         saved = checkpoint.get("hyper_parameters", {})
         settings = self.model.settings
         legacy = {
