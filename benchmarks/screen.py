@@ -98,6 +98,10 @@ class TrainStats:
     maha_std: torch.Tensor  # (L,)
     divergence_mean: torch.Tensor  # (L,)
     divergence_std: torch.Tensor  # (L,)
+    cosine_mean: torch.Tensor | None = None  # (L,) of the training images' 1 - cos
+    cosine_std: torch.Tensor | None = None
+    blend_mean: torch.Tensor | None = None  # (L,) of the training images' own maha_blend
+    blend_std: torch.Tensor | None = None
 
 
 def _precision(centred: torch.Tensor) -> torch.Tensor:
@@ -133,7 +137,8 @@ def _position_precision(centred: torch.Tensor, shared: torch.Tensor, weight: flo
 def train_stats(obs: Observation) -> list[TrainStats]:
     """Per-level statistics of the training images (no test image is involved)."""
     stats = []
-    for tokens, residual, divergence in zip(obs.tokens, obs.residual, obs.divergence, strict=True):
+    for tokens, residual, divergence, cosine in zip(obs.tokens, obs.residual, obs.divergence, obs.cosine,
+                                                     strict=True):
         var = residual.var(dim=0, unbiased=False)
         mean = residual.mean(dim=0)
         feature_mean = tokens.mean(dim=0)
@@ -153,8 +158,13 @@ def train_stats(obs: Observation) -> list[TrainStats]:
                 maha_std=maha.std(dim=0) + 1e-6,
                 divergence_mean=divergence.mean(dim=0),
                 divergence_std=divergence.std(dim=0) + 1e-6,
+                cosine_mean=cosine.mean(dim=0),
+                cosine_std=cosine.std(dim=0) + 1e-6,
             )
         )
+        level = stats[-1]
+        blend = 0.5 * (maha + _position_mahalanobis(residual - mean, level.position_precision))
+        level.blend_mean, level.blend_std = blend.mean(dim=0), blend.std(dim=0) + 1e-6
     return stats
 
 
@@ -204,6 +214,12 @@ def candidates() -> dict[str, Callable[[Observation, list[TrainStats], int], tor
     def klr(o: Observation, s: list[TrainStats], i: int) -> torch.Tensor:
         return o.divergence[i] / s[i].divergence_mean.clamp_min(1e-6)
 
+    def cos_z(o: Observation, s: list[TrainStats], i: int) -> torch.Tensor:
+        return (o.cosine[i] - s[i].cosine_mean) / s[i].cosine_std
+
+    def blend_z(o: Observation, s: list[TrainStats], i: int) -> torch.Tensor:
+        return (0.5 * (maha_r(o, s, i) + maha_pc(o, s, i)) - s[i].blend_mean) / s[i].blend_std
+
     def times(a, b):  # noqa: ANN001, ANN202
         return lambda o, s, i: a(o, s, i) * b(o, s, i)
 
@@ -233,6 +249,12 @@ def candidates() -> dict[str, Callable[[Observation, list[TrainStats], int], tor
         "maha_z_klz": plus(maha_z, klz),
         "maha_z_klz_half": lambda o, s, i: maha_z(o, s, i) + 0.5 * klz(o, s, i),
         "feat_maha": feat_maha,  # diagnostic: PaDiM-like distance of the input features, no Transformer
+        # the learned direction error and the whitened residual, each in the training images' per-position z-units
+        "cos_z": cos_z,
+        "blend_z": blend_z,
+        "blend_cos_z": plus(blend_z, cos_z),
+        "blend_cos_z_half": lambda o, s, i: blend_z(o, s, i) + 0.5 * cos_z(o, s, i),
+        "blend_klz": plus(blend_z, klz),
     }
 
 
@@ -266,6 +288,30 @@ def score_all(
         yield name, row
 
 
+def token_whitening(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``(C,)`` and symmetric whitening ``(C, C)`` of every token of ``(N, C, h, w)`` features (shrunk 1 %)."""
+    tokens = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).double()
+    mean = tokens.mean(dim=0)
+    cov = (tokens - mean).T @ (tokens - mean) / max(1, tokens.shape[0] - 1)
+    cov += 0.01 * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+    values, vectors = torch.linalg.eigh(cov)
+    return mean.float(), (vectors * values.rsqrt()) @ vectors.T
+
+
+def apply_whitening(features: torch.Tensor, mean: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:
+    """``(N, C, h, w)`` features in whitened coordinates."""
+    tokens = features.permute(0, 2, 3, 1) - mean
+    return (tokens @ whitening.float()).permute(0, 3, 1, 2).contiguous()
+
+
+def scaled(loader: Any, gain: float) -> Iterator[Any]:  # noqa: ANN401 - an anomalib loader and its batches
+    """``loader``'s batches with their images (intensities in ``[0, 1]``) times ``gain``, clipped, as Fod's
+    ``intensity_gains`` sees them before the pre-processing."""
+    for batch in loader:
+        batch.image = (batch.image * gain).clamp(0, 1)
+        yield batch
+
+
 def parse_data(text: str) -> tuple[str, Path, str]:
     """``name=root:category``."""
     name, _, rest = text.partition("=")
@@ -288,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the model's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model setting (YAML value)")
     parser.add_argument("--max-train-stats", type=int, default=200, help="training images for the statistics")
+    parser.add_argument("--whiten", action="store_true",
+                        help="whiten every level's features with the training tokens' covariance before training")
+    parser.add_argument("--gains", type=float, nargs="+", default=[1.0],
+                        help="fit the statistics on the training images at each of these intensity gains (as "
+                             "Fod's intensity_gains); training sees the images as they are")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--save-checkpoints", action="store_true", help="keep the weights of every step count (fp16)")
     parser.add_argument("--candidates", nargs="*", default=None, help="score only these candidates")
@@ -327,7 +378,16 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
                          val_split_mode="same_as_test")
     datamodule.setup()
     train = cache_features(model, datamodule.train_dataloader(), f"{name}: training images")
+    gained = [train["features"] if gain == 1 else
+              cache_features(model, scaled(datamodule.train_dataloader(), gain), f"{name}: training images x{gain}")[
+                  "features"]
+              for gain in args.gains]
     test = cache_features(model, datamodule.test_dataloader(), f"{name}: test images")
+    if args.whiten:  # every feature map, training and test, in the training tokens' whitened coordinates
+        whitenings = [token_whitening(f) for f in train["features"]]
+        unique = {id(features): features for features in (train["features"], test["features"], *gained)}
+        for features in unique.values():  # the gain-1 list is the training list itself: whiten it once
+            features[:] = [apply_whitening(f, *w) for f, w in zip(features, whitenings, strict=True)]
     fod = model.model
     fod.set_mean_reference([f.mean(dim=0) for f in train["features"]])
     params = [p for p in fod.parameters() if p.requires_grad]
@@ -336,7 +396,8 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
     count = train["labels"].shape[0]
     stream = index_stream(count, args.batch, torch.Generator().manual_seed(seed))
     stats_index = torch.randperm(count, generator=torch.Generator().manual_seed(seed))[: args.max_train_stats]
-    train_subset = [f[stats_index] for f in train["features"]]
+    train_subset = [torch.cat([features[level][stats_index] for features in gained])
+                    for level in range(len(train["features"]))]
     grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in train["features"]]
     step, seconds = 0, 0.0
     progress = tqdm(total=steps[-1], desc=f"{name} seed {seed}", unit="step")
@@ -368,7 +429,8 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
             for candidate, metrics in score_all(scored.anomaly_map_generator, test_obs, stats, test, grids, wanted):
                 row = {"dataset": name, "seed": seed, "batch": args.batch, "step": step, "images_seen": step * args.batch,
                        "weights": label, "candidate": candidate, "train_seconds": round(seconds, 1),
-                       "settings": args.set, "image_size": list(args.image_size), **metrics}
+                       "settings": args.set, "image_size": list(args.image_size), "gains": args.gains,
+                       "whiten": args.whiten, **metrics}
                 with rows_file.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
         if args.save_checkpoints:
