@@ -220,14 +220,6 @@ class _Kernels:
 _KERNELS = _Kernels()
 
 
-def _logits(
-    query: torch.Tensor, key_t: torch.Tensor, bias: torch.Tensor | None, start: int, stop: int
-) -> torch.Tensor:
-    """``(B, H, Lb, S)`` logits of a block of ``(B, H, Lb, d)`` queries, with rows ``start:stop`` of ``bias``."""
-    logits = query @ key_t
-    return logits if bias is None else logits + bias[start:stop].to(logits.dtype)
-
-
 def correlation_attention_inference(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -237,7 +229,6 @@ def correlation_attention_inference(
     eps: float = LOG_EPS,
     block: int | None = None,
     compiled: bool = False,
-    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention output, per-token symmetric KL to the target and entropy, without autograd.
 
@@ -250,7 +241,6 @@ def correlation_attention_inference(
         eps: added inside the logarithms (see :data:`.correlation.LOG_EPS`).
         block: query rows per block (default: :func:`block_rows`).
         compiled: use the ``torch.compile`` kernels where the maps are large (see :class:`_Kernels`).
-        bias: ``(L, S)`` added to the attention logits (e.g. a mask of large negative values), or ``None``.
 
     Returns:
         ``(B, H, L, d)`` output, ``(B, L)`` symmetric KL and ``(B, L)`` entropy, averaged over heads.
@@ -268,12 +258,7 @@ def correlation_attention_inference(
         stop = min(length, start + block)
         part = geometry.block(start, stop)
         attention, divergence, entropy = forward(
-            _logits(query[:, :, start:stop], key_t, bias, start, stop),
-            inv[:, :, start:stop],
-            part.rows,
-            part.cols,
-            part.separable,
-            eps,
+            query[:, :, start:stop] @ key_t, inv[:, :, start:stop], part.rows, part.cols, part.separable, eps
         )
         outputs.append(attention.to(value.dtype) @ value)
         divergences.append(divergence)
@@ -297,7 +282,7 @@ class _BlockedCorrelationAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, inv, geometry, eps, block, compiled, bias):  # noqa: ANN001, ANN205, PLR0913
+    def forward(ctx, query, key, value, inv, geometry, eps, block, compiled):  # noqa: ANN001, ANN205, PLR0913
         batch, heads, length, _ = query.shape
         ctx.set_materialize_grads(False)
         key_t = key.transpose(-2, -1)
@@ -309,17 +294,11 @@ class _BlockedCorrelationAttention(torch.autograd.Function):
             stop = min(length, start + block)
             part = geometry.block(start, stop)
             attention, kl[:, start:stop], entropy[:, start:stop] = forward(
-                _logits(query[:, :, start:stop], key_t, bias, start, stop),
-                inv[:, :, start:stop],
-                part.rows,
-                part.cols,
-                part.separable,
-                eps,
+                query[:, :, start:stop] @ key_t, inv[:, :, start:stop], part.rows, part.cols, part.separable, eps
             )
             out[:, :, start:stop] = attention.to(value.dtype) @ value
         ctx.save_for_backward(query, key, value, inv)
         ctx.geometry = geometry
-        ctx.bias = bias
         ctx.eps = eps
         ctx.block = block
         ctx.compiled = compiled
@@ -348,7 +327,7 @@ class _BlockedCorrelationAttention(torch.autograd.Function):
             query_b = query[:, :, start:stop]
             grad_out_b = None if grad_out is None else grad_out[:, :, start:stop].to(value.dtype)
             attention, grad_logits, grad_inv_b = backward(
-                _logits(query_b, key_t, ctx.bias, start, stop),
+                query_b @ key_t,
                 inv[:, :, start:stop],
                 part.rows,
                 part.cols,
@@ -370,7 +349,7 @@ class _BlockedCorrelationAttention(torch.autograd.Function):
                 grad_inv[:, :, start:stop] = grad_inv_b
         grad_k = grad_k.to(key.dtype) if grad_k is not None else None
         grad_v = grad_v.to(value.dtype) if grad_v is not None else None
-        return grad_q, grad_k, grad_v, grad_inv, None, None, None, None, None
+        return grad_q, grad_k, grad_v, grad_inv, None, None, None, None
 
 
 def correlation_attention_training(
@@ -382,7 +361,6 @@ def correlation_attention_training(
     eps: float = LOG_EPS,
     block: int | None = None,
     compiled: bool = False,
-    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Output, ``kl_attention``, ``kl_target`` and entropy of an attention, differentiable, in blocks.
 
@@ -392,4 +370,4 @@ def correlation_attention_training(
     """
     batch, heads, length, _ = query.shape
     block = block or block_rows(batch, heads, length, key.shape[-2], query.device)
-    return _BlockedCorrelationAttention.apply(query, key, value, inv, geometry, eps, block, compiled, bias)
+    return _BlockedCorrelationAttention.apply(query, key, value, inv, geometry, eps, block, compiled)

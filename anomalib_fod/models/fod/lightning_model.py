@@ -152,11 +152,6 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         learnable_temperature: learn each attention's logit scale, from ``1/sqrt(head dim)`` (ED).
         relative_position_bias: learned bias of the query-to-key offset in every attention (ED
             option, off in ED's default).
-        context_radius: hide from every token's self-attention the tokens within this many grid cells of it
-            (0: the token itself), in training and inference, so its reconstruction is built from the values of
-            the rest of the image and of the normal references (its own query only chooses among them): the
-            residual the score whitens is then what a patch holds that its context does not predict. ``None``
-            (the paper): no mask. Needs ``fusion="subtract"``, both branches and ``num_layers=1``.
         learning_rate: Adam learning rate (paper: 1e-4).
         training_steps: stop training after this many optimizer steps, whatever ``max_epochs`` says
             (``None``: the trainer's limits decide, as for other anomalib models). FOD learns per step,
@@ -220,7 +215,6 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         ffn: FeedForwardMode = "mlp",
         learnable_temperature: bool = False,
         relative_position_bias: bool = False,
-        context_radius: int | None = None,
         learning_rate: float = 1e-4,
         training_steps: int | None = DEFAULT_TRAINING_STEPS,
         cache_features: bool = True,

@@ -50,12 +50,6 @@ class FodSettings:
         ffn: ``"mlp"`` (FOD) or ``"dwconv_median"`` (ED) feed-forward.
         learnable_temperature: learned attention logit scale (ED).
         relative_position_bias: learned relative-position bias in the attentions (ED option).
-        context_radius: hide from each token's self-attention the tokens within this many grid cells of it
-            (Chebyshev distance; 0 hides only the token itself), so its reconstruction is built from the values
-            of the rest of the image and of the normal references (the token's query only chooses among them):
-            the residual is then what this patch holds that its context does not predict. ``None``: no mask
-            (the paper). Needs the paper's subtracting fusion of both branches and one layer, the only layout
-            where a token's own values reach its reconstruction through no other path.
         scoring: ``"rec"`` (default), ``"rec_div"`` (paper) or ``"div"``.
         reconstruction_term: what the ``rec`` term is: ``"mahalanobis"`` (default): the residual whitened
             by the training images' own residual statistics (fitted after training, stored as buffers;
@@ -99,7 +93,6 @@ class FodSettings:
     ffn: FeedForwardMode = field(default="mlp", metadata=_SHAPES)
     learnable_temperature: bool = field(default=False, metadata=_SHAPES)
     relative_position_bias: bool = field(default=False, metadata=_SHAPES)
-    context_radius: int | None = None
     scoring: ScoringMode = "rec"
     reconstruction_term: ReconstructionTerm = "mahalanobis"
     residual_covariance: ResidualCovariance = "blend"
@@ -132,26 +125,7 @@ class FodSettings:
                 )
                 raise ValueError(msg)
             object.__setattr__(self, "map_level_weights", weights)
-        self._check_context_radius()
         check_choices(self)
-
-    def _check_context_radius(self) -> None:
-        radius = self.context_radius
-        if radius is None:
-            return
-        if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
-            msg = f"context_radius must be a non-negative number of grid cells or None, got {radius!r}."
-            raise ValueError(msg)
-        # Another layout hands a token's own features to its reconstruction: ED's fusion and a single branch
-        # keep the residual x, and a second layer reads tokens that attended to it in the first.
-        if not (self.with_intra and self.with_inter and self.fusion == "subtract" and self.num_layers == 1):
-            msg = (
-                "context_radius hides a token from its own reconstruction only with both branches, "
-                "fusion='subtract' and num_layers=1 (otherwise its features reach the reconstruction through the "
-                f"residual path or a second layer); got with_intra={self.with_intra}, with_inter={self.with_inter}, "
-                f"fusion={self.fusion!r}, num_layers={self.num_layers}."
-            )
-            raise ValueError(msg)
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> FodSettings:

@@ -47,20 +47,6 @@ def grid_geometry(queries: torch.Tensor, height: int, width: int) -> KeyGeometry
     return KeyGeometry(rows, cols, separable=True)
 
 
-# Added to the logits of hidden keys: exp(-1e4) is 0 in float32, and the value stays finite in fp16 and bf16,
-# so a query that sees no key at all gets a uniform attention instead of NaN.
-MASKED_LOGIT = -1e4
-
-
-def context_mask(coords: torch.Tensor, radius: int) -> torch.Tensor:
-    """``(L, L)`` logit bias hiding from each of ``(L, 2)`` grid positions the keys within ``radius`` cells of it.
-
-    Chebyshev distance: a ``(2 radius + 1)``-square window around the query (its own token included).
-    """
-    near = (coords[:, None, :] - coords[None, :, :]).abs().amax(dim=-1) <= radius
-    return torch.zeros(near.shape, device=coords.device).masked_fill(near, MASKED_LOGIT)
-
-
 def squared_distances(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared row and column distances ``(L, S)`` between ``(L, 2)`` and ``(S, 2)`` coordinates."""
     diff = queries[:, None, :] - keys[None, :, :]
@@ -224,7 +210,6 @@ class CorrelationAttention(nn.Module):
         geometry: KeyGeometry | None = None,
         offsets: RelativeOffsets | None = None,
         keep_maps: bool = False,
-        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, BranchStats | None]:
         """Attend from ``x`` to ``context``.
 
@@ -235,7 +220,6 @@ class CorrelationAttention(nn.Module):
                 when given (and this attention has a sigma projection).
             offsets: query-to-key offsets, needed with ``relative_position_bias``.
             keep_maps: also return the ``(B, H, L, S)`` attention and target maps (for figures).
-            bias: ``(L, S)`` added to the attention logits (:func:`context_mask`), or ``None``.
 
         Returns:
             ``(B, L, D)`` output, and the branch statistics or ``None``.
@@ -250,25 +234,22 @@ class CorrelationAttention(nn.Module):
             if self.position_bias is not None and offsets is None:
                 msg = "relative_position_bias needs the query-to-key offsets."
                 raise ValueError(msg)
-            out, stats = self._plain(
-                query, key, value, x, geometry if with_stats else None, offsets, keep_maps, bias
-            )
+            out, stats = self._plain(query, key, value, x, geometry if with_stats else None, offsets, keep_maps)
         elif not with_stats:
             # Only the output is needed: a fused kernel that never writes the (B, H, L, S) map.
             key, value = key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
-            mask = None if bias is None else bias.to(query.dtype)
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=1.0)
+            out = F.scaled_dot_product_attention(query, key, value, scale=1.0)
             stats = None
         else:
             inv = self._target_scales(x)
             if self.training and torch.is_grad_enabled():
                 out, kl_attention, kl_target, entropy = correlation_attention_training(
-                    query, key, value, inv, geometry, compiled=self.compile_kernels, bias=bias
+                    query, key, value, inv, geometry, compiled=self.compile_kernels
                 )
                 stats = BranchStats(kl_attention, kl_target, entropy)
             else:
                 out, divergence, entropy = correlation_attention_inference(
-                    query, key, value, inv, geometry, compiled=self.compile_kernels, bias=bias
+                    query, key, value, inv, geometry, compiled=self.compile_kernels
                 )
                 stats = BranchStats(divergence, divergence, entropy)
         out = out.transpose(1, 2).reshape(batch, length, width)
@@ -303,12 +284,9 @@ class CorrelationAttention(nn.Module):
         geometry: KeyGeometry | None,
         offsets: RelativeOffsets | None,
         keep_maps: bool,
-        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, BranchStats | None]:
         """The straightforward computation over full ``(B, H, L, S)`` maps (the reference of the fast paths)."""
         logits = query @ key.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias.to(logits.dtype)
         if self.position_bias is not None:
             logits = logits + self.position_bias(offsets).to(logits.dtype)
         attention = torch.softmax(logits, dim=-1)
@@ -433,7 +411,6 @@ class I2CorrelationLayer(nn.Module):
         grid: tuple[int, int] | None = None,
         intra_offsets: RelativeOffsets | None = None,
         inter_offsets: RelativeOffsets | None = None,
-        intra_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, BranchStats | None, BranchStats | None]:
         """Run one layer.
 
@@ -447,7 +424,6 @@ class I2CorrelationLayer(nn.Module):
             grid: token grid ``(height, width)`` of ``x``; needed by ``ffn="dwconv_median"``.
             intra_offsets: query-to-key offsets of the self-attention (relative position bias).
             inter_offsets: query-to-reference offsets of the cross-attention (likewise).
-            intra_bias: ``(L, L)`` logit bias of the self-attention (:func:`context_mask`), or ``None``.
 
         Returns:
             ``(B, L, D)`` tokens, intra statistics or ``None``, inter statistics or ``None``.
@@ -455,7 +431,7 @@ class I2CorrelationLayer(nn.Module):
         intra = inter = None
         intra_out = inter_out = None
         if self.self_attention is not None:
-            intra_out, intra = self.self_attention(x, x, intra_geometry, intra_offsets, keep_maps, intra_bias)
+            intra_out, intra = self.self_attention(x, x, intra_geometry, intra_offsets, keep_maps)
             intra_out = self.dropout(intra_out)
         if self.cross_attention is not None:
             inter_out, inter = self.cross_attention(x, reference, inter_geometry, inter_offsets, keep_maps)
@@ -501,8 +477,7 @@ class FodTransformer(DynamicBufferMixin, nn.Module):
         d_model: Transformer width ``D`` (multiple of 4 and of ``num_heads``).
         settings: reads ``num_layers``, ``with_intra``, ``with_inter``, ``reference`` (``"mean"``:
             one reference per grid position, enabling the factorised target; ``"coreset"``:
-            references at arbitrary positions), ``relative_position_bias``, ``context_radius`` (the
-            self-attention's hidden window, :func:`context_mask`) and what
+            references at arbitrary positions), ``relative_position_bias`` and what
             :class:`I2CorrelationLayer` reads.
     """
 
@@ -517,7 +492,6 @@ class FodTransformer(DynamicBufferMixin, nn.Module):
         self.with_inter = settings.with_inter
         self.reference = settings.reference
         self.relative_position_bias = settings.relative_position_bias
-        self.context_radius = settings.context_radius
         self.embedding = TokenEmbedding(in_channels, d_model)
         self.ref_embedding = TokenEmbedding(in_channels, d_model) if settings.with_inter else None
         self.layers = nn.ModuleList(I2CorrelationLayer(d_model, settings) for _ in range(settings.num_layers))
@@ -595,7 +569,6 @@ class FodTransformer(DynamicBufferMixin, nn.Module):
             intra_offsets = relative_offsets(coords, coords, height, width)
             if self.with_inter:
                 inter_offsets = relative_offsets(coords, self.ref_positions.float(), height, width)
-        intra_bias = None if self.context_radius is None else context_mask(coords, self.context_radius)
         output = LevelOutput(reconstruction=tokens)
         for layer in self.layers:
             x, intra, inter = layer(
@@ -607,7 +580,6 @@ class FodTransformer(DynamicBufferMixin, nn.Module):
                 (height, width),
                 intra_offsets,
                 inter_offsets,
-                intra_bias,
             )
             if intra is not None:
                 output.intra.append(intra)
