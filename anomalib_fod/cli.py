@@ -75,10 +75,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(plugin_help())
         sys.exit(0)
 
-    import anomalib_fod  # noqa: F401, PLC0415 - registers the models
     from anomalib.cli.cli import main as anomalib_main  # noqa: PLC0415
 
     from anomalib_fod.configs import resolve_config_argument  # noqa: PLC0415
+    from anomalib_fod.registry import register_with_anomalib  # noqa: PLC0415
+
+    register_with_anomalib()
 
     sys.argv = [sys.argv[0], *resolve_config_argument(args)]
     anomalib_main()

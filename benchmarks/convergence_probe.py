@@ -112,7 +112,7 @@ def evaluate(
     weights on ``train``'s cached features first, as the model's callback does before a validation.
     """
     from anomalib_fod.evaluation import exact_metrics  # noqa: PLC0415
-    from anomalib_fod.models.fod.residual_statistics import fit_statistics  # noqa: PLC0415
+    from anomalib_fod.models.fod.fitting import fit_statistics  # noqa: PLC0415
 
     fod = model.model
     if fod.anomaly_map_generator.needs_statistics:

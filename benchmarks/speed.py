@@ -140,7 +140,7 @@ def build(backbone: str, image_size: int, device: torch.device, score: str = "de
         features = model.model.extract_features(images)
         model.model.set_mean_reference([f.mean(dim=0) for f in features])
         if getattr(model.model.anomaly_map_generator, "needs_statistics", False):
-            from anomalib_fod.models.fod.residual_statistics import fit_statistics  # noqa: PLC0415
+            from anomalib_fod.models.fod.fitting import fit_statistics  # noqa: PLC0415
 
             fit_statistics(model.model, [features])
     return model

@@ -186,8 +186,10 @@ def test_offline_weights_loaded_into_anomalib_extractor() -> None:
 
 
 def test_anomalib_get_model_resolves_fod(tmp_path: Path) -> None:
-    """After ``import anomalib_fod``, anomalib's own model lookup (used by ``anomalib benchmark``) finds Fod."""
+    """After ``register_with_anomalib()``, anomalib's own model lookup (used by ``anomalib benchmark``) finds Fod."""
     import anomalib_fod
+
+    anomalib_fod.register_with_anomalib()
     from anomalib.models import get_model
     from anomalib.pipelines.benchmark.generator import BenchmarkJobGenerator
 

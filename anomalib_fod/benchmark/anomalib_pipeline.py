@@ -3,8 +3,8 @@
 anomalib's pipeline builds each model with ``anomalib.models.get_model``, which accepts only
 ``class_path: Fod`` / ``anomalib.models.Fod`` (attributes of ``anomalib.models``) or a bare name
 (a direct ``AnomalibModule`` subclass): ``anomalib_fod.Fod`` is refused by its module allow-list.
-``import anomalib_fod`` attaches ``Fod`` to ``anomalib.models`` (see :mod:`anomalib_fod.registry`),
-so a config with ``class_path: Fod`` works once the plugin is imported before the pipeline runs.
+:func:`~anomalib_fod.registry.register_with_anomalib` attaches ``Fod`` to ``anomalib.models``, so a
+config with ``class_path: Fod`` works once it has run.
 
 anomalib's ``BenchmarkJob`` creates its ``Engine`` without ``max_epochs`` (Lightning's default is
 1000 epochs) and offers no setting for it; Lightning reads trainer defaults from
@@ -30,7 +30,9 @@ def run_anomalib_benchmark(config: str | Path, max_epochs: int | None = None) ->
     if not path.is_file():
         msg = f"anomalib benchmark config '{path}' does not exist."
         raise FileNotFoundError(msg)
-    import anomalib_fod  # noqa: F401, PLC0415 - attaches Fod to anomalib.models
+    from anomalib_fod.registry import register_with_anomalib  # noqa: PLC0415
+
+    register_with_anomalib()
 
     if max_epochs is not None:
         os.environ[MAX_EPOCHS_VARIABLE] = str(max_epochs)

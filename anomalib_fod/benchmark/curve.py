@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from anomalib_fod.evaluation import collect_predictions, exact_metrics
-from anomalib_fod.models.fod.residual_statistics import ResidualStatisticsCallback
+from anomalib_fod.models.fod.callbacks import ResidualStatisticsCallback
 
 
 def preprocess_as_test(pl_module: pl.LightningModule, batch: Any) -> Any:  # noqa: ANN401 - anomalib batch

@@ -37,17 +37,20 @@ so each part of the output takes the rule that measured better for it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from anomalib.models.components import GaussianBlur2d
 from torch import nn
 
+from anomalib_fod.models.blur import gaussian_blur
 from anomalib_fod.utils import check_choice
 
 from .residual_statistics import ResidualStatistics
 from .settings import FodSettings, ImageScore, ReconstructionTerm, ResidualCovariance
-from .transformer import BranchStats, LevelOutput
+
+if TYPE_CHECKING:
+    from .transformer import BranchStats, LevelOutput
 
 
 def reconstruction_parts(tokens: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,10 +109,7 @@ class AnomalyMapGenerator(nn.Module):
         self.with_inter = with_inter
         self.statistics = nn.ModuleList(ResidualStatistics(settings.residual_covariance) for _ in settings.d_models)
         self.use_scoring(settings)
-        self.blur = None
-        if blur_sigma > 0:
-            kernel = 2 * int(4.0 * blur_sigma + 0.5) + 1
-            self.blur = GaussianBlur2d(sigma=blur_sigma, channels=1, kernel_size=kernel)
+        self.blur = gaussian_blur(blur_sigma)
 
     @property
     def needs_statistics(self) -> bool:

@@ -13,25 +13,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib.data import AnomalibDataModule, AnomalibDataset, Batch
+from anomalib.data import AnomalibDataModule, Batch
 from anomalib.models import AnomalibModule
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from anomalib_fod.models.base import ONNX_OPSET, NonFiniteLossError, OfflineBackboneModule
 
-from .feature_cache import FeatureCache, is_deterministic
+from .callbacks import ReferenceFeatureCallback, ResidualStatisticsCallback, training_transform
+from .feature_cache import FeatureCache, cache_blocker
+from .fitting import fill_feature_cache, fit_residual_statistics, shard_loader
 from .loss import FodLoss
-from .reference import ReferenceFeatureCallback, iterate_pooled_features, shard_loader
-from .residual_statistics import ResidualStatisticsCallback, fit_statistics
 from .settings import (
     FeedForwardMode,
     FodSettings,
@@ -292,16 +290,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             >>> model.fit_residual_statistics(datamodule)  # doctest: +SKIP
         """
         datamodule.setup("fit")
-        transform = getattr(self.pre_processor, "transform", None)
-        batches = iterate_pooled_features(
-            self.model,
-            datamodule.train_dataloader(),
-            transform,
-            self.device,
-            desc="FOD residual statistics",
-            gains=self.model.settings.intensity_gains,
-        )
-        fit_statistics(self.model, batches)
+        fit_residual_statistics(self.model, datamodule.train_dataloader(), training_transform(self), self.device)
 
     def configure_optimizers(self) -> optim.Optimizer:
         """Adam over the Transformers (the backbone is frozen)."""
@@ -323,44 +312,25 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         self._use_cache = False
         if not self.cache_features:
             return
-        blocker = self._feature_cache_blocker()
+        blocker = cache_blocker(self.trainer.train_dataloader, training_transform(self))
         if blocker is not None:
             logger.info("FOD: backbone features are not cached: %s.", blocker)
             return
         self._use_cache = True
-        self._fill_feature_cache()
+        trainer = self.trainer
+        fill_feature_cache(
+            self._feature_cache,
+            self.model,
+            shard_loader(trainer.train_dataloader, trainer.global_rank, trainer.world_size),
+            training_transform(self),
+            self.device,
+            progress=trainer.is_global_zero,
+        )
         logger.info(
             "FOD feature cache: %d images, %.1f MB of CPU memory",
             len(self._feature_cache),
             self._feature_cache.nbytes / 2**20,
         )
-
-    def _feature_cache_blocker(self) -> str | None:
-        """Why cached features could differ from fresh ones (``None``: they cannot)."""
-        loader = self.trainer.train_dataloader
-        if not isinstance(loader, DataLoader) or not isinstance(loader.dataset, AnomalibDataset):
-            return "the training data is not a single anomalib dataset, so its transforms are unknown"
-        if not is_deterministic(loader.dataset.augmentations):
-            return "the training set has random (or unknown) augmentations"
-        if not is_deterministic(getattr(self.pre_processor, "transform", None)):
-            return "the pre-processor's transform is not known to be deterministic"
-        return None
-
-    def _fill_feature_cache(self) -> None:
-        """One ordered pass over this device's share of the training set (as the training steps see it)."""
-        trainer = self.trainer
-        loader = shard_loader(trainer.train_dataloader, trainer.global_rank, trainer.world_size)
-        transform = getattr(self.pre_processor, "transform", None)
-
-        def batches() -> Iterator[tuple[list[str], torch.Tensor]]:
-            for batch in tqdm(loader, desc="FOD feature cache", disable=not trainer.is_global_zero, leave=False):
-                images = batch.image.to(self.device)
-                yield list(batch.image_path), transform(images) if transform else images
-
-        # Iterating a DataLoader draws from the global RNG; the training order must not depend on the cache.
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            self._feature_cache.fill(batches(), self.model.extract_features)
 
     @property
     def stops_itself(self) -> bool:
