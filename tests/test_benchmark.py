@@ -495,3 +495,35 @@ def test_a_self_stopping_fod_cell_validates_so_anomalib_learns_its_thresholds(
     post = model.post_processor
     thresholds = torch.stack([post._image_threshold, post._pixel_threshold])  # noqa: SLF001
     assert bool(torch.isfinite(thresholds).all()) == fixed
+
+
+@pytest.mark.parametrize("before", [None, "7"], ids=["unset", "set"])
+def test_anomalib_pipeline_sets_max_epochs_only_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: str | None
+) -> None:
+    """``--max-epochs`` reaches the pipeline's trainers through ``PL_TRAINER_MAX_EPOCHS``, and the process's
+    environment is as it was afterwards (also when the pipeline fails)."""
+    import os
+
+    import anomalib.pipelines
+
+    from anomalib_fod.benchmark.anomalib_pipeline import MAX_EPOCHS_VARIABLE, run_anomalib_benchmark
+
+    seen = []
+
+    class FakeBenchmark:
+        def run(self, args) -> None:  # noqa: ANN001
+            seen.append((args.config, os.environ.get(MAX_EPOCHS_VARIABLE)))
+            raise RuntimeError("a job failed")
+
+    monkeypatch.setattr(anomalib.pipelines, "Benchmark", FakeBenchmark)
+    if before is None:
+        monkeypatch.delenv(MAX_EPOCHS_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(MAX_EPOCHS_VARIABLE, before)
+    config = tmp_path / "anomalib_benchmark.yaml"
+    config.write_text("benchmark: {}\n")
+    with pytest.raises(RuntimeError, match="a job failed"):
+        run_anomalib_benchmark(config, max_epochs=3)
+    assert seen == [(str(config), "3")]
+    assert os.environ.get(MAX_EPOCHS_VARIABLE) == before
