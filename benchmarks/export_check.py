@@ -120,11 +120,11 @@ def export_all(model: Any, args: argparse.Namespace, workdir: Path) -> dict[str,
 
 
 def image_auroc(outputs: Any) -> float:  # noqa: ANN401
-    from sklearn.metrics import roc_auc_score
+    from anomalib_fod.evaluation import image_auroc as exact_image_auroc
 
     names = sorted(outputs.score)
-    labels = [not name.startswith("good_") for name in names]
-    return float(roc_auc_score(labels, [outputs.score[n] for n in names]))
+    labels = np.array([not name.startswith("good_") for name in names], dtype=np.int64)
+    return exact_image_auroc(np.array([outputs.score[n] for n in names]), labels)
 
 
 def load_batch(path: Path) -> np.ndarray:

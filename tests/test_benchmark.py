@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 import yaml
 
 from anomalib_fod.benchmark import BenchmarkConfigError, main, parse_config
-from anomalib_fod.evaluation import aupro, exact_metrics, f1_max
+from anomalib_fod.evaluation import aupro, exact_metrics, f1_max, image_auroc, pixel_auroc
 
 TINY_FOD = {"d_models": [32, 64], "num_heads": 2, "num_layers": 1}
 
@@ -71,6 +72,30 @@ def test_f1_max_and_exact_metrics() -> None:
     metrics = exact_metrics(scores, labels, maps=None, masks=None)
     assert metrics["image_auroc"] == pytest.approx(5 / 6)
     assert np.isnan(metrics["pixel_auroc"]) and np.isnan(metrics["pixel_aupro"])
+
+
+def test_exact_metrics_equal_scikit_learn_on_raw_scores() -> None:
+    """anomalib's AUROC and F1Max on raw, unbounded scores with ties give scikit-learn's figures (within the
+    float32 rounding of torchmetrics' curves), where anomalib's AUROC on the raw values alone gives 0.5."""
+    from anomalib.metrics import AUROC
+    from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(300) < 0.4).astype(np.int64)
+    scores = (rng.normal(30.0, 3.0, 300) + 2.0 * labels).astype(np.float32)  # Mahalanobis distances: tens
+    scores[::7] = scores[0]  # ties
+    assert image_auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    best = max(2 * p * r / (p + r) for p, r in zip(precision, recall, strict=True) if p + r > 0)
+    assert f1_max(scores, labels) == pytest.approx(best, abs=1e-6)
+
+    masks = rng.random((4, 32, 48)) < 0.05
+    maps = (rng.normal(20.0, 4.0, masks.shape) + 3.0 * masks).astype(np.float32).round(1)  # many ties
+    assert pixel_auroc(maps, masks) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-6)
+
+    squashed = AUROC(fields=["pred_score", "gt_label"])
+    squashed.update(SimpleNamespace(pred_score=torch.as_tensor(scores), gt_label=torch.as_tensor(labels)))
+    assert float(squashed.compute()) == 0.5
 
 
 # --------------------------------------------------------------------------- config
@@ -263,7 +288,8 @@ def test_harness_exact_auroc_matches_sklearn(benchmark_run: dict) -> None:
         assert cell["status"] == "ok"
         predictions = np.load(run_dir / "cells" / cell["predictions"])
         assert predictions["scores"].shape == (10,)
-        assert cell["metrics"]["image_auroc"] == roc_auc_score(predictions["labels"], predictions["scores"])
+        expected = roc_auc_score(predictions["labels"], predictions["scores"])
+        assert cell["metrics"]["image_auroc"] == pytest.approx(expected, abs=1e-6)
         for key in ("pixel_auroc", "pixel_aupro", "image_f1_max"):
             assert 0.0 <= cell["metrics"][key] <= 1.0
         cost = cell["cost"]

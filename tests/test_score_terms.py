@@ -45,7 +45,7 @@ def test_score_terms_table_and_paper_row_match_the_model(trained_dummy, tmp_path
             labels.append(batch.gt_label.flatten().int())
     own = roc_auc_score(torch.cat(labels).numpy(), torch.cat(scores).numpy())
     paper = next(r for r in rows if r["term"].endswith("(paper)") and r["levels"] == "all levels")
-    np.testing.assert_allclose(paper["image_auroc"], own, atol=1e-12)
+    np.testing.assert_allclose(paper["image_auroc"], own, atol=1e-6)
 
 
 def test_reconstruction_parts_add_up_to_the_model_term(trained_dummy) -> None:  # noqa: ANN001
