@@ -44,7 +44,7 @@ PLUGIN_COMMANDS: dict[str, Command] = {
 
 
 def run_command(name: str, argv: Sequence[str] | None = None) -> int:
-    """Run plugin command ``name`` with argparse-style ``argv``; return its exit status."""
+    """Run plugin command ``name`` with command-line ``argv``; return its exit status."""
     command = PLUGIN_COMMANDS[name]
     return run_function(command.function(), argv, prog=f"anomalib-fod {name}")
 

@@ -12,7 +12,7 @@ For each image it writes one PNG (matplotlib, Agg) with
   token, and their product, the level's contribution to the final map (see ``anomaly_map.py``).
 
 The chosen token is the one under the maximum of the final anomaly map (the pixel that gives the
-image score), unless ``--token ROW COL`` picks one on the level's token grid.
+image score), unless ``--token "[ROW, COL]"`` picks one on the level's token grid.
 
 Example:
     anomalib-fod explain --checkpoint results/Fod/MVTecAD/bottle/latest/weights/lightning/model.ckpt \\
@@ -305,7 +305,7 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 
 def explain(
     checkpoint: Path,
-    image: list[Path],
+    image: Path | list[Path],
     output: Path = Path("explanations"),
     token: tuple[int, int] | None = None,
     level: int = 0,
@@ -319,7 +319,7 @@ def explain(
 
     Args:
         checkpoint: trained FOD checkpoint (.ckpt).
-        image: one or more image files.
+        image: an image file, or a list of them (``"[a.png, b.png]"``).
         output: output folder.
         token: query token (row, column) on the level's grid (default: the token under the anomaly
             map's maximum).
@@ -333,7 +333,8 @@ def explain(
     if not checkpoint.is_file():
         print(f"explain: checkpoint {checkpoint} not found.", file=sys.stderr)
         return 2
-    missing = [str(p) for p in image if not p.is_file()]
+    images = [image] if isinstance(image, Path) else list(image)
+    missing = [str(p) for p in images if not p.is_file()]
     if missing:
         print(f"explain: image file(s) not found: {', '.join(missing)}", file=sys.stderr)
         return 2
@@ -341,7 +342,7 @@ def explain(
 
     model = Fod.load_from_checkpoint(checkpoint, map_location=device).to(device)
     status = 0
-    for path, name in zip(image, output_names(image), strict=True):
+    for path, name in zip(images, output_names(images), strict=True):
         try:
             explanation = explain_image(model, path, token, level)
         except (OSError, ValueError) as error:
@@ -354,7 +355,7 @@ def explain(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``anomalib-fod explain`` with argparse-style ``argv``; returns the exit status."""
+    """``anomalib-fod explain`` with command-line ``argv``; returns the exit status."""
     from anomalib_fod.cli import run_command  # noqa: PLC0415
 
     return run_command("explain", argv)

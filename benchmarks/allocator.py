@@ -1,7 +1,7 @@
 """FOD training-step time on a CPU under each memory-allocator setting (glibc default, mallopt, env, LD_PRELOAD).
 
     python benchmarks/allocator.py                          # 256x256, batch 2, 5 timed steps, 2 rounds
-    python benchmarks/allocator.py --steps 3 --rounds 1 --image-size 128 --json-path out.json
+    python benchmarks/allocator.py --steps 3 --rounds 1 --image_size 128 --json_path out.json
 
 Every setting runs in its own process (an allocator is process-wide), one after the other, and the
 whole set is repeated ``--rounds`` times so a busy machine shows up as spread rather than as a
@@ -148,7 +148,7 @@ def allocator_benchmark(
             if env is None:
                 print(f"round {round_index + 1}: {setting}: library not installed, skipped", flush=True)
                 continue
-            command = [sys.executable, __file__, "--child", setting, "--image-size", str(image_size)]
+            command = [sys.executable, __file__, "--child", setting, "--image_size", str(image_size)]
             command += ["--batch", str(batch), "--steps", str(steps)]
             process = subprocess.run(command, env=env, capture_output=True, text=True, check=False)  # noqa: S603
             if process.returncode != 0:
@@ -172,7 +172,7 @@ def allocator_benchmark(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line (argparse spelling, e.g. ``--steps 3 --settings glibc tcmalloc``), parsed by jsonargparse."""
+    """Command line (jsonargparse, e.g. ``--steps 3 --settings "[glibc, tcmalloc]"``)."""
     from anomalib_fod.typed_cli import run_function  # noqa: PLC0415
 
     return run_function(allocator_benchmark, argv, prog="benchmarks/allocator.py")

@@ -100,7 +100,7 @@ def test_allocator_benchmark_times_each_setting_in_its_own_process(tmp_path) -> 
     sys.modules[spec.name] = script  # jsonargparse resolves the annotations through the module
     spec.loader.exec_module(script)
     out = tmp_path / "allocators.json"
-    argv = ["--image-size", "64", "--steps", "1", "--rounds", "1", "--settings", "glibc", "env", "--json-path", str(out)]
+    argv = ["--image_size", "64", "--steps", "1", "--rounds", "1", "--settings", "[glibc, env]", "--json_path", str(out)]
     assert script.main(argv) == 0
     results = json.loads(out.read_text())
     assert set(results) == {"glibc", "env"}

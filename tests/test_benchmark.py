@@ -316,7 +316,7 @@ def test_harness_model_selection(benchmark_run: dict, capsys: pytest.CaptureFixt
     assert [c["model"] for c in benchmark_run["selective_report"]["cells"]] == ["Patchcore"]
     assert "[2/2] dummy / Patchcore / seed 0: skipped (done)" in first  # the whole run reused it
     assert "[1/2] dummy / Fod / seed 0: skipped (done)" in last and "Patchcore" not in last.split("report:")[0]
-    assert main(["--config", str(benchmark_run["config"]), "--models", "Fod", "Cflow"]) == 2
+    assert main(["--config", str(benchmark_run["config"]), "--models", "[Fod, Cflow]"]) == 2
     assert "unknown model(s) ['Cflow']" in capsys.readouterr().err
 
 
@@ -467,7 +467,7 @@ def test_harness_resumes_an_interrupted_cell(
     assert "## Resumed cells" in report and "dummy / Fod / seed 0: resumed after 1 epoch(s)" in report
 
     # The finished fit's own checkpoint carries the fingerprint; --force must not reuse it.
-    assert main(["--config", str(config_path), "--force"]) == 0
+    assert main(["--config", str(config_path), "--force", "true"]) == 0
     assert record("interrupted")["resumed"] is None
 
 
@@ -527,7 +527,7 @@ def test_a_self_stopping_fod_cell_validates_so_anomalib_learns_its_thresholds(
 def test_anomalib_pipeline_sets_max_epochs_only_while_it_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: str | None
 ) -> None:
-    """``--max-epochs`` reaches the pipeline's trainers through ``PL_TRAINER_MAX_EPOCHS``, and the process's
+    """``--max_epochs`` reaches the pipeline's trainers through ``PL_TRAINER_MAX_EPOCHS``, and the process's
     environment is as it was afterwards (also when the pipeline fails)."""
     import os
 

@@ -117,24 +117,23 @@ def test_plugin_cli_trains_fod_by_short_name(dummy_dataset, tmp_path):
 # --------------------------------------------------------------------------- the plugin's own commands
 
 
-def test_plugin_commands_keep_their_argparse_spelling() -> None:
-    """``--image-size 64 96``, ``--models A B`` and a bare ``--force`` reach the typed functions as before."""
+def test_plugin_commands_take_anomalib_clis_spelling() -> None:
+    """The plugin's commands parse their options as anomalib's CLI does (jsonargparse, no rewriting)."""
     from anomalib_fod import demo, explain
     from anomalib_fod.benchmark.__main__ import benchmark
-    from anomalib_fod.typed_cli import function_parser, to_jsonargparse_argv
+    from anomalib_fod.typed_cli import function_parser
 
     def parse(function, argv):  # noqa: ANN001, ANN202
-        return function_parser(function, "test").parse_args(to_jsonargparse_argv(argv, function))
+        return function_parser(function, "test").parse_args(argv)
 
-    args = parse(demo.demo, ["--epochs", "1", "--image-size", "64", "96", "--batch-size", "2", "--output", "out"])
+    args = parse(demo.demo, ["--epochs", "1", "--image_size", "[64, 96]", "--batch_size", "2", "--output", "out"])
     assert (args.epochs, tuple(args.image_size), args.batch_size, str(args.output)) == (1, (64, 96), 2, "out")
-    args = parse(benchmark, ["--config", "b.yaml", "--models", "Fod", "Patchcore", "--force", "--max-epochs", "3"])
+    args = parse(benchmark, ["--config", "b.yaml", "--models", "[Fod, Patchcore]", "--force", "true", "--max_epochs", "3"])
     assert (args.models, args.force, args.max_epochs, args.datasets) == (["Fod", "Patchcore"], True, 3, None)
-    args = parse(benchmark, ["--config", "b.yaml", "--datasets", "bottle", "--force", "false"])
-    assert (args.datasets, args.force) == (["bottle"], False)
-    args = parse(explain.explain, ["--checkpoint", "m.ckpt", "--image", "a.png", "--token", "2", "5"])
+    args = parse(benchmark, ["--config", "b.yaml", "--datasets+=bottle", "--datasets+=screw", "--force", "false"])
+    assert (args.datasets, args.force) == (["bottle", "screw"], False)
+    args = parse(explain.explain, ["--checkpoint", "m.ckpt", "--image", "[a.png]", "--token", "[2, 5]"])
     assert ([str(p) for p in args.image], tuple(args.token)) == (["a.png"], (2, 5))
-    # jsonargparse's own spelling works as well
     assert parse(demo.demo, ["--image_size=[32, 48]"]).image_size == (32, 48)
 
 
