@@ -1,6 +1,7 @@
 """The anomalib CLI configs shipped with the package, usable by name: ``anomalib-fod train --config mvtec_ad``.
 
-The YAML files live in this package, so they are in the wheel and work without a checkout. A
+This folder (``configs/`` in the repository) is installed as the package ``anomalib_fod.configs``
+(``pyproject.toml`` maps it), so the YAML files are in the wheel and work without a checkout. A
 ``--config`` value that is not an existing file but names one of them (with or without ``.yaml``)
 is replaced by that file's path; anything else reaches anomalib's CLI unchanged.
 """
