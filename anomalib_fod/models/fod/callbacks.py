@@ -17,7 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from anomalib_fod.utils import check_choice
 
-from .fitting import distributed_sum, fit_reference, fit_residual_statistics, rank_batches
+from .fitting import TrainingImages, distributed_sum, fit_reference, fit_residual_statistics, rank_batches
 from .residual_statistics import per_position_bytes
 from .settings import ReferenceMode
 
@@ -38,6 +38,19 @@ def training_transform(pl_module: LightningModule) -> torch.nn.Module | None:
     """The pre-processor's transform, which the training steps see their images through."""
     pre_processor = getattr(pl_module, "pre_processor", None)
     return getattr(pre_processor, "transform", None) if pre_processor else None
+
+
+def training_images(trainer: Trainer, pl_module: LightningModule) -> TrainingImages:
+    """This process's share of the fit's training images, pre-processed as the training steps see them."""
+    batches, weight = rank_batches(trainer)
+    return TrainingImages(
+        batches,
+        training_transform(pl_module),
+        pl_module.device,
+        progress=trainer.is_global_zero,
+        reduce=distributed_sum(trainer),
+        weight=weight,
+    )
 
 
 class ReferenceFeatureCallback(Callback):
@@ -63,17 +76,7 @@ class ReferenceFeatureCallback(Callback):
         if self.mode == "coreset" and trainer.world_size > 1:
             msg = "reference='coreset' is single-device only; use reference='mean' with DDP."
             raise RuntimeError(msg)
-        batches, weight = rank_batches(trainer)
-        fit_reference(
-            model,
-            batches,
-            training_transform(pl_module),
-            pl_module.device,
-            self.mode,
-            progress=trainer.is_global_zero,
-            reduce=distributed_sum(trainer),
-            weight=weight,
-        )
+        fit_reference(model, training_images(trainer, pl_module), self.mode)
 
 
 class ResidualStatisticsCallback(Callback):
@@ -92,16 +95,7 @@ class ResidualStatisticsCallback(Callback):
         model: FodModel = pl_module.model
         if not model.anomaly_map_generator.needs_statistics or self.fitted_at_step == trainer.global_step:
             return
-        batches, weight = rank_batches(trainer)
-        fit_residual_statistics(
-            model,
-            batches,
-            training_transform(pl_module),
-            pl_module.device,
-            progress=trainer.is_global_zero,
-            reduce=distributed_sum(trainer),
-            weight=weight,
-        )
+        fit_residual_statistics(model, training_images(trainer, pl_module))
         self.fitted_at_step = trainer.global_step
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

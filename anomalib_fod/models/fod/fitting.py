@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -178,23 +179,39 @@ def coreset_reference(
     return tokens, positions, grids
 
 
-def fit_reference(
-    model: FodModel,
-    batches: Iterable,
-    transform: torch.nn.Module | None,
-    device: torch.device,
-    mode: ReferenceMode = "mean",
-    progress: bool = True,
-    reduce: Reduce | None = None,
-    weight: float = 1.0,
-) -> None:
-    """Store the reference features of ``mode`` computed from the training ``batches`` (model in eval mode)."""
+@dataclass(frozen=True)
+class TrainingImages:
+    """The training images as one pass sees them.
+
+    Attributes:
+        batches: this process's batches of training images (intensities in ``[0, 1]``).
+        transform: the training pre-processing (the pre-processor's transform), or ``None``.
+        device: where the model runs.
+        progress: show a progress bar.
+        reduce: sums over the processes of a distributed fit (:func:`distributed_sum`), ``None`` on one process.
+        weight: 0 when this process's share is empty under DDP: it contributes shapes but no data.
+    """
+
+    batches: Iterable
+    transform: torch.nn.Module | None
+    device: torch.device
+    progress: bool = True
+    reduce: Reduce | None = None
+    weight: float = 1.0
+
+    def features(self, model: FodModel, desc: str, gains: Sequence[float] = (1.0,)) -> Iterator[list[torch.Tensor]]:
+        """Pooled backbone features of every batch (see :func:`iterate_pooled_features`)."""
+        return iterate_pooled_features(model, self.batches, self.transform, self.device, self.progress, desc, gains)
+
+
+def fit_reference(model: FodModel, images: TrainingImages, mode: ReferenceMode = "mean") -> None:
+    """Store the reference features of ``mode`` computed from the training images (model in eval mode)."""
     was_training = model.training
     model.eval()
     try:
-        features = iterate_pooled_features(model, batches, transform, device, progress=progress)
+        features = images.features(model, "FOD reference features")
         if mode == "mean":
-            model.set_mean_reference(mean_reference(features, reduce, weight))
+            model.set_mean_reference(mean_reference(features, images.reduce, images.weight))
         else:
             model.set_reference_tokens(*coreset_reference(features))
     finally:
@@ -234,48 +251,26 @@ def fit_statistics(
         statistics.set(*accumulator.finish(reduce))
 
 
-def fit_residual_statistics(
-    model: FodModel,
-    batches: Iterable,
-    transform: torch.nn.Module | None,
-    device: torch.device,
-    progress: bool = True,
-    reduce: Reduce | None = None,
-    weight: float = 1.0,
-) -> None:
-    """Fit the residual statistics on the training ``batches``, each seen at every one of the model's
+def fit_residual_statistics(model: FodModel, images: TrainingImages) -> None:
+    """Fit the residual statistics on the training images, each seen at every one of the model's
     ``intensity_gains``."""
-    features = iterate_pooled_features(
-        model,
-        batches,
-        transform,
-        device,
-        progress=progress,
-        desc="FOD residual statistics",
-        gains=model.settings.intensity_gains,
-    )
-    fit_statistics(model, features, reduce, weight)
+    features = images.features(model, "FOD residual statistics", model.settings.intensity_gains)
+    fit_statistics(model, features, images.reduce, images.weight)
 
 
-def fill_feature_cache(
-    cache: FeatureCache,
-    model: FodModel,
-    loader: DataLoader,
-    transform: torch.nn.Module | None,
-    device: torch.device,
-    progress: bool = True,
-) -> None:
-    """One ordered pass over ``loader`` (this device's share, as the training steps see it) into ``cache``.
+def fill_feature_cache(cache: FeatureCache, model: FodModel, images: TrainingImages) -> None:
+    """One ordered pass over the training images (this device's share, as the training steps see it) into
+    ``cache``, keyed by each image's path.
 
     Iterating a DataLoader draws from the global RNG; the RNG states are restored afterwards, so the
     training order does not depend on whether the cache was filled.
     """
 
     def batches() -> Iterator[tuple[list[str], torch.Tensor]]:
-        for batch in tqdm(loader, desc="FOD feature cache", disable=not progress, leave=False):
-            images = batch.image.to(device)
-            yield list(batch.image_path), transform(images) if transform else images
+        for batch in tqdm(images.batches, desc="FOD feature cache", disable=not images.progress, leave=False):
+            pixels = batch.image.to(images.device)
+            yield list(batch.image_path), images.transform(pixels) if images.transform else pixels
 
-    cuda = [device.index or 0] if device.type == "cuda" else []
+    cuda = [images.device.index or 0] if images.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         cache.fill(batches(), model.extract_features)

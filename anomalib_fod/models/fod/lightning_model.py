@@ -28,7 +28,7 @@ from anomalib_fod.models.base import ONNX_OPSET, NonFiniteLossError, OfflineBack
 
 from .callbacks import ReferenceFeatureCallback, ResidualStatisticsCallback, training_transform
 from .feature_cache import FeatureCache, cache_blocker
-from .fitting import fill_feature_cache, fit_residual_statistics, shard_loader
+from .fitting import TrainingImages, fill_feature_cache, fit_residual_statistics, shard_loader
 from .loss import FodLoss
 from .settings import (
     FeedForwardMode,
@@ -290,7 +290,8 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             >>> model.fit_residual_statistics(datamodule)  # doctest: +SKIP
         """
         datamodule.setup("fit")
-        fit_residual_statistics(self.model, datamodule.train_dataloader(), training_transform(self), self.device)
+        images = TrainingImages(datamodule.train_dataloader(), training_transform(self), self.device)
+        fit_residual_statistics(self.model, images)
 
     def configure_optimizers(self) -> optim.Optimizer:
         """Adam over the Transformers (the backbone is frozen)."""
@@ -312,20 +313,15 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         self._use_cache = False
         if not self.cache_features:
             return
-        blocker = cache_blocker(self.trainer.train_dataloader, training_transform(self))
+        trainer = self.trainer
+        blocker = cache_blocker(trainer.train_dataloader, training_transform(self))
         if blocker is not None:
             logger.info("FOD: backbone features are not cached: %s.", blocker)
             return
         self._use_cache = True
-        trainer = self.trainer
-        fill_feature_cache(
-            self._feature_cache,
-            self.model,
-            shard_loader(trainer.train_dataloader, trainer.global_rank, trainer.world_size),
-            training_transform(self),
-            self.device,
-            progress=trainer.is_global_zero,
-        )
+        shard = shard_loader(trainer.train_dataloader, trainer.global_rank, trainer.world_size)
+        images = TrainingImages(shard, training_transform(self), self.device, progress=trainer.is_global_zero)
+        fill_feature_cache(self._feature_cache, self.model, images)
         logger.info(
             "FOD feature cache: %d images, %.1f MB of CPU memory",
             len(self._feature_cache),
