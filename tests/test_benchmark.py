@@ -180,8 +180,10 @@ def test_shipped_configs_parse() -> None:
     from anomalib_fod.benchmark import load_config
 
     root = Path(__file__).resolve().parents[1] / "benchmarks"
-    for name in ("bottle", "bottle_batch1", "battery_weld", "tiny", "ablation", "ablation_cpu"):
-        config = load_config(root / f"{name}.yaml")
+    shipped = sorted([*root.glob("*.yaml"), *(root / "research").glob("*.yaml")])
+    assert {p.stem for p in shipped} >= {"bottle", "battery_weld", "tiny", "ablation", "shared_datasets_256"}
+    for path in shipped:
+        config = load_config(path)
         assert config.backbone == "tf_efficientnet_lite0"
         assert config.layers == ("blocks.2", "blocks.4")
         assert all(d.init_args["val_split_mode"] == "same_as_test" for d in config.datasets)
