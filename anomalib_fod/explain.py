@@ -7,12 +7,16 @@ For each image it writes one PNG (matplotlib, Agg) with
   **target**, and the **inter-correlation** (cross-attention to the reference features) map and
   its target. Maps are the last layer's, averaged over heads, at one level (default: the first,
   stride 8), laid out on the token grid and upsampled (nearest) over the image;
-- bottom row, per level: the reconstruction score ``MSE + 1 - cos`` and the divergence score
-  (inter: ``max softmax(-KL) - softmax(-KL)``; intra-only models: ``softmax(-KL)``) of every
-  token, and their product, the level's contribution to the final map (see ``anomaly_map.py``).
+- bottom row, per level: every token's score as the model computes it (see ``anomaly_map.py``): the
+  reconstruction score the model's ``reconstruction_term`` makes (by default the residual's Mahalanobis
+  distance under the training images' residual statistics; ``MSE + 1 - cos`` with the paper's term), the
+  divergence score when the scoring reads one (inter: ``max softmax(-KL) - softmax(-KL)``; intra-only
+  models: ``softmax(-KL)``), and the token score the level adds to the map (their product with the
+  paper's ``scoring="rec_div"``, the reconstruction score alone with ``Fod``'s default ``"rec"``).
 
-The chosen token is the one under the maximum of the final anomaly map (the pixel that gives the
-image score), unless ``--token "[ROW, COL]"`` picks one on the level's token grid.
+The chosen token is the one under the maximum of the final anomaly map, unless ``--token "[ROW, COL]"``
+picks one on the level's token grid. (With ``Fod``'s default ``image_score="position"`` the image score is
+the maximum of a second map, of the per-position distances, so its pixel may lie elsewhere.)
 
 Example:
     anomalib-fod explain --checkpoint results/Fod/MVTecAD/bottle/latest/weights/lightning/model.ckpt \\
@@ -57,7 +61,8 @@ class Explanation:
         path: the image file.
         image: ``(H, W, 3)`` image in ``[0, 1]`` at the model's input size (resized, not normalised).
         anomaly_map: ``(H, W)`` raw (un-normalised) final anomaly map.
-        pred_score: raw image score (the map's maximum).
+        pred_score: the model's raw image score (the anomaly map's maximum, or with ``image_score="position"``
+            that of the per-position distances' map).
         level: level whose correlation maps are shown.
         token: ``(row, col)`` of the chosen query token on that level's grid.
         grids: ``(h_i, w_i)`` token grid of every level.
