@@ -5,7 +5,7 @@ glibc serves blocks that large with ``mmap`` and unmaps them on ``free``, so eac
 page-faulted its memory in again, and raising glibc's mmap and trim thresholds (this function)
 made a training step 2-4x faster. Since the attention runs in cache-sized query blocks
 (``models/fod/blocked_attention.py``) no tensor is that large and the setting makes no measurable
-difference (``benchmarks/allocator.py``, figures in ``docs/speed_and_memory.md``). It stays for
+difference (``benchmarks/research/allocator.py``, figures in ``benchmarks/results/memory.md``). It stays for
 measuring that, and for a user whose own process allocates such blocks; it changes the allocator
 of the whole process, so only call it in a process you own. The standard switches do the same:
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``, or jemalloc or tcmalloc through ``LD_PRELOAD``.

@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.data import _update_dataloader
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 logger = logging.getLogger(__name__)
 
 INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
+_ABSENT = object()
 
 
 class EpochSeededSampler(RandomSampler):
@@ -74,27 +76,26 @@ def epoch_seeded_loader(loader: DataLoader, seed: int, epoch: int) -> DataLoader
 
     Only a loader that shuffles with a plain ``RandomSampler`` (no replacement, every sample once)
     and the default ``BatchSampler`` is rebuilt; anything custom is the user's and is left alone.
+    The rebuild is Lightning's own (the one that puts a ``DistributedSampler`` into a loader under
+    DDP): the same ``DataLoader`` class with every argument it was built with, only the sampler new.
+    A loader that cannot be rebuilt so (a subclass whose arguments Lightning did not record) is
+    left alone too, with a warning.
     """
     sampler = loader.sampler
     if type(sampler) is not RandomSampler or type(loader.batch_sampler) is not BatchSampler:
         return None
     if sampler.replacement or sampler.num_samples != len(loader.dataset):
         return None
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=EpochSeededSampler(loader.dataset, seed, epoch),
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-        generator=loader.generator,
-        prefetch_factor=loader.prefetch_factor,
-        persistent_workers=loader.persistent_workers,
-    )
+    try:
+        return _update_dataloader(loader, EpochSeededSampler(loader.dataset, seed, epoch))
+    except (MisconfigurationException, TypeError) as error:
+        logger.warning(
+            "ResumableInterruptCallback: the training loader (%s) cannot be rebuilt with a seeded sampler (%s); "
+            "it is used as it is, and a resumed run may see the data in another order.",
+            type(loader).__name__,
+            error,
+        )
+        return None
 
 
 class ResumableInterruptCallback(OnExceptionCheckpoint):
@@ -106,8 +107,9 @@ class ResumableInterruptCallback(OnExceptionCheckpoint):
     As in Lightning, a run that ends normally removes its own ``interrupted.ckpt``.
 
     For the resumed run to match an uninterrupted one, the training data order must not depend on
-    the process's RNG history: the datamodule's shuffled training loader is rebuilt around an
-    :class:`EpochSeededSampler` whose seed is drawn once (from the seeded global RNG). The seed and
+    the process's RNG history: while the fit runs, the datamodule's shuffled training loader is
+    rebuilt around an :class:`EpochSeededSampler` whose seed is drawn once (from the seeded global
+    RNG); when the fit ends, normally or not, the datamodule is as it was. The seed and
     the number of batches trained in the current epoch are this callback's state, which Lightning
     saves in every checkpoint and restores on resume; a mid-epoch resume skips those batches.
     Loaders that do not shuffle with a plain ``RandomSampler``, and data passed to ``fit`` without a
@@ -125,6 +127,7 @@ class ResumableInterruptCallback(OnExceptionCheckpoint):
         self._epoch = 0
         self._batches_done = 0
         self._resume_point: tuple[int, int] | None = None
+        self._wrapped: tuple[Any, Any] | None = None  # (datamodule, its own train_dataloader attribute or _ABSENT)
 
     def state_dict(self) -> dict[str, Any]:
         """The data-order seed and the position in the current epoch travel with the checkpoint."""
@@ -137,20 +140,33 @@ class ResumableInterruptCallback(OnExceptionCheckpoint):
             self._resume_point = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Route the datamodule's training loader through :func:`epoch_seeded_loader`."""
+        """Route the datamodule's training loader through :func:`epoch_seeded_loader` for this fit.
+
+        The datamodule's ``train_dataloader`` is wrapped on the instance only while the fit runs:
+        :meth:`teardown` (or :meth:`on_exception`) puts back what was there before.
+        """
         del pl_module
         datamodule = getattr(trainer, "datamodule", None)
-        if stage != "fit" or datamodule is None:
+        if stage != "fit" or datamodule is None or self._wrapped is not None:
             return
         original: Callable[[], Any] = datamodule.train_dataloader
-        if getattr(original, "_fod_epoch_seeded", False):
-            return
 
         def train_dataloader() -> Any:  # noqa: ANN401 - whatever the datamodule returns
             return self._reseeded(original(), trainer)
 
-        train_dataloader._fod_epoch_seeded = True  # type: ignore[attr-defined]
+        self._wrapped = (datamodule, vars(datamodule).get("train_dataloader", _ABSENT))
         datamodule.train_dataloader = train_dataloader
+
+    def _unwrap(self) -> None:
+        """Give the datamodule back its own ``train_dataloader``."""
+        if self._wrapped is None:
+            return
+        datamodule, before = self._wrapped
+        self._wrapped = None
+        if before is _ABSENT:
+            vars(datamodule).pop("train_dataloader", None)
+        else:
+            datamodule.train_dataloader = before
 
     def _reseeded(self, loader: Any, trainer: Trainer) -> Any:  # noqa: ANN401
         if not isinstance(loader, DataLoader):
@@ -187,8 +203,10 @@ class ResumableInterruptCallback(OnExceptionCheckpoint):
         self._batches_done += 1
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        """Write the resumable checkpoint when training is interrupted (not on other errors)."""
+        """Write the resumable checkpoint when training is interrupted (not on other errors); Lightning skips
+        ``teardown`` after an exception, so the datamodule gets its loader back here."""
         del pl_module
+        self._unwrap()
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not trainer.training or not self.dirpath:
             return
         super().on_exception(trainer)
@@ -198,6 +216,9 @@ class ResumableInterruptCallback(OnExceptionCheckpoint):
             )
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """After a normal end, remove this run's ``interrupted.ckpt`` (never a path not yet resolved)."""
+        """After a normal end, give the datamodule its loader back and remove this run's ``interrupted.ckpt``
+        (never a path not yet resolved)."""
+        if stage == "fit":
+            self._unwrap()
         if self.dirpath:
             super().teardown(trainer, pl_module, stage)

@@ -44,7 +44,7 @@ PLUGIN_COMMANDS: dict[str, Command] = {
 
 
 def run_command(name: str, argv: Sequence[str] | None = None) -> int:
-    """Run plugin command ``name`` with argparse-style ``argv``; return its exit status."""
+    """Run plugin command ``name`` with command-line ``argv``; return its exit status."""
     command = PLUGIN_COMMANDS[name]
     return run_function(command.function(), argv, prog=f"anomalib-fod {name}")
 
@@ -75,10 +75,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(plugin_help())
         sys.exit(0)
 
-    import anomalib_fod  # noqa: F401, PLC0415 - registers the models
     from anomalib.cli.cli import main as anomalib_main  # noqa: PLC0415
 
     from anomalib_fod.configs import resolve_config_argument  # noqa: PLC0415
+    from anomalib_fod.registry import register_with_anomalib  # noqa: PLC0415
+
+    register_with_anomalib()
 
     sys.argv = [sys.argv[0], *resolve_config_argument(args)]
     anomalib_main()

@@ -85,7 +85,7 @@ def demo(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``anomalib-fod demo`` with argparse-style ``argv`` (e.g. ``--epochs 1 --image-size 64 96``)."""
+    """``anomalib-fod demo`` with command-line ``argv`` (e.g. ``--epochs 1 --image_size "[64, 96]"``)."""
     from anomalib_fod.cli import run_command  # noqa: PLC0415
 
     return run_command("demo", argv)

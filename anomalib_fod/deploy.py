@@ -282,7 +282,7 @@ def predict_folder(model: Path, input: Path, output: Path, device: str = "CPU", 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``anomalib-fod predict-folder`` with argparse-style ``argv``; returns the exit status."""
+    """``anomalib-fod predict-folder`` with command-line ``argv``; returns the exit status."""
     from anomalib_fod.cli import run_command  # noqa: PLC0415
 
     return run_command("predict-folder", argv)

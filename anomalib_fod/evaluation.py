@@ -5,10 +5,18 @@ validation statistics and clamped to [0, 1], which creates ties). For exact figu
 :func:`raw_post_processing` switches that off around ``Engine.predict``, :func:`collect_predictions`
 gathers the outputs, and :func:`exact_metrics` computes:
 
-- image AUROC and F1-max: scikit-learn on the image scores;
-- pixel AUROC: scikit-learn on every pixel of every test image;
+- image AUROC and F1-max: anomalib's ``AUROC`` and ``F1Max`` on the image scores;
+- pixel AUROC: anomalib's ``AUROC`` on every pixel of every test image;
 - pixel AUPRO: anomalib's ``AUPRO`` (per-region overlap against the global false-positive rate,
   regions = connected components of each mask), integrated up to FPR 0.3 and divided by 0.3.
+
+Each uses every distinct score as a threshold (no binning), so it depends only on the scores' ranking.
+One care is needed for AUROC: torchmetrics' ROC takes scores outside ``[0, 1]`` for logits and squashes
+them with a sigmoid, which ties every large raw score (anomalib's ``AUROC`` gives exactly 0.5 on raw
+Mahalanobis distances in the tens). The scores are therefore mapped into ``[0, 1]`` first by an increasing
+affine map in float64, which keeps every score's rank and keeps distinct float32 scores distinct; the
+result equals scikit-learn's ``roc_auc_score`` up to the float32 rounding of torchmetrics' curve (below
+1e-6, tested).
 
 Used by ``anomalib-fod demo`` and the benchmark harness.
 """
@@ -18,12 +26,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
-from anomalib.metrics import AUPRO
-from sklearn.metrics import precision_recall_curve, roc_auc_score
+from anomalib.metrics import AUPRO, AUROC, F1Max
+from anomalib.metrics.base import AnomalibMetric
 from torch import nn
 
 
@@ -87,39 +96,45 @@ def _has_both_classes(labels: np.ndarray) -> bool:
     return labels.size > 0 and 0 < int(labels.max()) and int(labels.min()) == 0
 
 
+def _unit_interval(values: torch.Tensor) -> torch.Tensor:
+    """``values`` mapped into ``[0, 1]`` by an increasing affine map, in float64 (ranks and ties unchanged)."""
+    values = values.double()
+    low, high = values.min(), values.max()
+    return (values - low) / (high - low) if high > low else torch.zeros_like(values)
+
+
+def _compute(metric: AnomalibMetric, prediction: torch.Tensor, target: torch.Tensor) -> float:
+    """One anomalib metric over ``prediction`` and ``target``, handed over as the batch fields it reads."""
+    metric.update(SimpleNamespace(**dict(zip(metric.fields, (prediction, target), strict=True))))
+    return float(metric.compute())
+
+
 def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Image-level AUROC; NaN when the test set lacks normal or anomalous images."""
+    """Image-level AUROC (anomalib's ``AUROC``); NaN when the test set lacks normal or anomalous images."""
     labels = np.asarray(labels).astype(np.int64).ravel()
     if not _has_both_classes(labels):
         return math.nan
-    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64).ravel()))
+    scores_t = _unit_interval(torch.as_tensor(np.asarray(scores)).flatten())
+    return _compute(AUROC(fields=["pred_score", "gt_label"]), scores_t, torch.as_tensor(labels))
 
 
 def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
-    """Pixel-level AUROC over all pixels of all images; NaN without both pixel classes."""
+    """Pixel-level AUROC over all pixels of all images (anomalib's ``AUROC``); NaN without both pixel classes."""
     masks = np.asarray(masks).astype(np.uint8).ravel()
     if not _has_both_classes(masks):
         return math.nan
-    return float(roc_auc_score(masks, np.asarray(maps, dtype=np.float64).ravel()))
+    maps_t = _unit_interval(torch.as_tensor(np.asarray(maps)).flatten())
+    return _compute(AUROC(fields=["anomaly_map", "gt_mask"]), maps_t, torch.as_tensor(masks).long())
 
 
 def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Best image-level F1 over all thresholds (the threshold is chosen on the test set: an
-    upper bound, reported as anomalib's ``F1Max`` is)."""
+    """Best image-level F1 over all thresholds (anomalib's ``F1Max``; the threshold is chosen on the test set:
+    an upper bound)."""
     labels = np.asarray(labels).astype(np.int64).ravel()
     if not _has_both_classes(labels):
         return math.nan
-    precision, recall, _ = precision_recall_curve(labels, np.asarray(scores, dtype=np.float64).ravel())
-    denominator = precision + recall
-    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
-    return float(f1.max())
-
-
-class _MapsAndMasks(NamedTuple):
-    """The two batch fields anomalib's ``AUPRO`` reads."""
-
-    anomaly_map: torch.Tensor
-    gt_mask: torch.Tensor
+    scores_t = torch.as_tensor(np.asarray(scores, dtype=np.float64)).flatten()
+    return _compute(F1Max(fields=["pred_score", "gt_label"]), scores_t, torch.as_tensor(labels))
 
 
 def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
@@ -138,9 +153,7 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
         raise ValueError(msg)
     if not _has_both_classes(masks_t.numpy()):
         return math.nan
-    metric = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=fpr_limit)
-    metric.update(_MapsAndMasks(anomaly_map=maps_t, gt_mask=masks_t))
-    return float(metric.compute())
+    return _compute(AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=fpr_limit), maps_t, masks_t)
 
 
 def exact_metrics(

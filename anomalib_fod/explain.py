@@ -7,12 +7,16 @@ For each image it writes one PNG (matplotlib, Agg) with
   **target**, and the **inter-correlation** (cross-attention to the reference features) map and
   its target. Maps are the last layer's, averaged over heads, at one level (default: the first,
   stride 8), laid out on the token grid and upsampled (nearest) over the image;
-- bottom row, per level: the reconstruction score ``MSE + 1 - cos`` and the divergence score
-  (inter: ``max softmax(-KL) - softmax(-KL)``; intra-only models: ``softmax(-KL)``) of every
-  token, and their product, the level's contribution to the final map (see ``anomaly_map.py``).
+- bottom row, per level: every token's score as the model computes it (see ``anomaly_map.py``): the
+  reconstruction score the model's ``reconstruction_term`` makes (by default the residual's Mahalanobis
+  distance under the training images' residual statistics; ``MSE + 1 - cos`` with the paper's term), the
+  divergence score when the scoring reads one (inter: ``max softmax(-KL) - softmax(-KL)``; intra-only
+  models: ``softmax(-KL)``), and the token score the level adds to the map (their product with the
+  paper's ``scoring="rec_div"``, the reconstruction score alone with ``Fod``'s default ``"rec"``).
 
-The chosen token is the one under the maximum of the final anomaly map (the pixel that gives the
-image score), unless ``--token ROW COL`` picks one on the level's token grid.
+The chosen token is the one under the maximum of the final anomaly map, unless ``--token "[ROW, COL]"``
+picks one on the level's token grid. (With ``Fod``'s default ``image_score="position"`` the image score is
+the maximum of a second map, of the per-position distances, so its pixel may lie elsewhere.)
 
 Example:
     anomalib-fod explain --checkpoint results/Fod/MVTecAD/bottle/latest/weights/lightning/model.ckpt \\
@@ -57,7 +61,8 @@ class Explanation:
         path: the image file.
         image: ``(H, W, 3)`` image in ``[0, 1]`` at the model's input size (resized, not normalised).
         anomaly_map: ``(H, W)`` raw (un-normalised) final anomaly map.
-        pred_score: raw image score (the map's maximum).
+        pred_score: the model's raw image score (the anomaly map's maximum, or with ``image_score="position"``
+            that of the per-position distances' map).
         level: level whose correlation maps are shown.
         token: ``(row, col)`` of the chosen query token on that level's grid.
         grids: ``(h_i, w_i)`` token grid of every level.
@@ -305,7 +310,7 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 
 def explain(
     checkpoint: Path,
-    image: list[Path],
+    image: Path | list[Path],
     output: Path = Path("explanations"),
     token: tuple[int, int] | None = None,
     level: int = 0,
@@ -319,7 +324,7 @@ def explain(
 
     Args:
         checkpoint: trained FOD checkpoint (.ckpt).
-        image: one or more image files.
+        image: an image file, or a list of them (``"[a.png, b.png]"``).
         output: output folder.
         token: query token (row, column) on the level's grid (default: the token under the anomaly
             map's maximum).
@@ -333,7 +338,8 @@ def explain(
     if not checkpoint.is_file():
         print(f"explain: checkpoint {checkpoint} not found.", file=sys.stderr)
         return 2
-    missing = [str(p) for p in image if not p.is_file()]
+    images = [image] if isinstance(image, Path) else list(image)
+    missing = [str(p) for p in images if not p.is_file()]
     if missing:
         print(f"explain: image file(s) not found: {', '.join(missing)}", file=sys.stderr)
         return 2
@@ -341,7 +347,7 @@ def explain(
 
     model = Fod.load_from_checkpoint(checkpoint, map_location=device).to(device)
     status = 0
-    for path, name in zip(image, output_names(image), strict=True):
+    for path, name in zip(images, output_names(images), strict=True):
         try:
             explanation = explain_image(model, path, token, level)
         except (OSError, ValueError) as error:
@@ -354,7 +360,7 @@ def explain(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``anomalib-fod explain`` with argparse-style ``argv``; returns the exit status."""
+    """``anomalib-fod explain`` with command-line ``argv``; returns the exit status."""
     from anomalib_fod.cli import run_command  # noqa: PLC0415
 
     return run_command("explain", argv)

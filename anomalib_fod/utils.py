@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 
@@ -42,3 +43,17 @@ def check_choices(instance: Any) -> None:  # noqa: ANN401
     hints = typing.get_type_hints(type(instance))
     for field in dataclasses.fields(instance):
         check_choice(field.name, getattr(instance, field.name), hints[field.name])
+
+
+def lazy_attributes(package: str, sources: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that imports each name of ``sources`` from its module (relative to ``package``)
+    on first use, so importing the package does not import what those modules import (Lightning, anomalib's
+    model zoo). ``sources``: name -> module, e.g. ``{"Fod": ".lightning_model"}``."""
+
+    def __getattr__(name: str) -> Any:  # noqa: ANN401, N807
+        if name not in sources:
+            msg = f"module {package!r} has no attribute {name!r}"
+            raise AttributeError(msg)
+        return getattr(importlib.import_module(sources[name], package), name)
+
+    return __getattr__

@@ -8,7 +8,8 @@ For one model and one MVTec-layout category, from a checkpoint (``--ckpt``) or a
 2. Parity with ``Engine.predict`` on every test image *at its original size*, for anomalib's
    ``OpenVINOInferencer.predict(path)`` and for ONNX Runtime (when installed): max relative score
    difference, max map difference over the map's range, label flips.
-3. Image AUROC (scikit-learn, on the OpenVINO models' normalised scores) of FP32 and each INT8 model.
+3. Exact image AUROC (``anomalib_fod.evaluation``, on the OpenVINO models' normalised scores) of FP32 and each
+   INT8 model.
 4. Batch-1 OpenVINO CPU latency, all graphs timed alternately (A, B, C, A, B, C, ...) so that a
    shared machine's load affects them alike: the fixed graph on a training-size image, the any-size
    graph on the same image (its no-resize branch), on an original test image and on a 900x900 image;
@@ -17,7 +18,7 @@ For one model and one MVTec-layout category, from a checkpoint (``--ckpt``) or a
 
 Usage (from the repository root; one thread, as the machine is shared):
     OMP_NUM_THREADS=1 python benchmarks/export_check.py --model cdo --category battery_weld --epochs 20 --int8
-    OMP_NUM_THREADS=1 python benchmarks/export_check.py --model fod --root ../shared/datasets/mvtec_ad \\
+    OMP_NUM_THREADS=1 python benchmarks/export_check.py --model fod --root <datasets>/mvtec_ad \\
         --category bottle --ckpt X.ckpt --int8 --json out.json
 
 Prints one JSON object (also written to ``--json``).
@@ -120,11 +121,11 @@ def export_all(model: Any, args: argparse.Namespace, workdir: Path) -> dict[str,
 
 
 def image_auroc(outputs: Any) -> float:  # noqa: ANN401
-    from sklearn.metrics import roc_auc_score
+    from anomalib_fod.evaluation import image_auroc as exact_image_auroc
 
     names = sorted(outputs.score)
-    labels = [not name.startswith("good_") for name in names]
-    return float(roc_auc_score(labels, [outputs.score[n] for n in names]))
+    labels = np.array([not name.startswith("good_") for name in names], dtype=np.int64)
+    return exact_image_auroc(np.array([outputs.score[n] for n in names]), labels)
 
 
 def load_batch(path: Path) -> np.ndarray:

@@ -4,7 +4,7 @@
     python benchmarks/speed.py --backbones tf_efficientnet_lite0 --batch-sizes 1 8 --repeats 3
     python benchmarks/speed.py --device cuda --precision bf16      # bf16 autocast (KL/entropy stay fp32)
     python benchmarks/speed.py --device cuda --compile             # torch.compile'd Transformers
-    git worktree add --detach ../fod-old 1cd49d8                   # an older version, timed alternately:
+    git worktree add --detach ../fod-old <commit>                  # an older version, timed alternately:
     python benchmarks/speed.py --backbones tf_efficientnet_lite0 --batch-sizes 1 4 8 --baseline ../fod-old
 
 For each backbone and batch size it times, after warm-up, the median of ``--repeats`` runs of:
@@ -25,7 +25,7 @@ e.g. a ``git worktree`` of an older commit) in alternation with this one, agains
 memory exceeds 80% of the available RAM are skipped on CPU (an OOM kill would lose every result),
 and said so.
 
-The original FOD code trains at about 7 images/s on an H100 (batch 1; its reference run, see benchmarks/RESULTS.md) and
+The original FOD code trains at about 7 images/s on an H100 (batch 1, its authors' reference run) and
 does not run on a CPU; on CUDA the report gives our training throughput as a multiple of that.
 """
 
@@ -140,7 +140,7 @@ def build(backbone: str, image_size: int, device: torch.device, score: str = "de
         features = model.model.extract_features(images)
         model.model.set_mean_reference([f.mean(dim=0) for f in features])
         if getattr(model.model.anomaly_map_generator, "needs_statistics", False):
-            from anomalib_fod.models.fod.residual_statistics import fit_statistics  # noqa: PLC0415
+            from anomalib_fod.models.fod.fitting import fit_statistics  # noqa: PLC0415
 
             fit_statistics(model.model, [features])
     return model

@@ -2,7 +2,7 @@
 
 Import as ``from export_parity import ...`` (the tests folder is on ``sys.path``). Each inference
 path fills an :class:`Outputs` keyed by file name; :func:`parity` gives the worst differences and
-:func:`assert_parity` checks them against the bounds of issue 20:
+:func:`assert_parity` checks them against the bounds of docs/deploy.md ("Parity with `Engine.predict`"):
 
 - ``pred_score`` within ``SCORE_RTOL`` relative;
 - anomaly maps within ``MAP_TOL`` of the reference map's range (max abs difference);

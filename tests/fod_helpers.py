@@ -85,7 +85,7 @@ def block_network(monkeypatch: pytest.MonkeyPatch) -> None:
 def fit_and_run(fod: torch.nn.Module, features: list[torch.Tensor], image_size: tuple[int, int] = (64, 64)) -> tuple:
     """Fit a ``FodModel``'s residual statistics on ``features``, then, in eval mode without gradients, its output on
     them and the run of its levels: ``(output, run)``."""
-    from anomalib_fod.models.fod.residual_statistics import fit_statistics  # noqa: PLC0415
+    from anomalib_fod.models.fod.fitting import fit_statistics  # noqa: PLC0415
 
     fit_statistics(fod, [features])
     fod.eval()

@@ -187,7 +187,7 @@ def test_two_rows_run_through_the_harness(dummy_dataset: Path, tmp_path: Path) -
             assert hparams[key] == (TINY[key] if key in TINY else value), f"{name}: {key}"  # TINY's shape wins
     assert "InterCoreset-RecDiv" in (tmp_path / "run" / "results.md").read_text()
 
-    # The report script turns the run into ABLATION.md's table, verdicts and figures.
+    # The report script turns the run into benchmarks/results/ablation.md's table, verdicts and figures.
     spec = importlib.util.spec_from_file_location("ablation_report", ROOT / "benchmarks" / "ablation_report.py")
     report_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report_module)

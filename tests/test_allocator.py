@@ -86,22 +86,3 @@ def test_opt_in_keeps_freed_memory_but_not_for_forked_workers() -> None:
     assert memory["kept"] > memory["base"] + POOL_MB * 3 / 4, memory  # freed, but kept for the next step
     # A worker forked now must not map the parent's freed pool (it would pin it copy-on-write).
     assert memory["worker_after"] < memory["worker_before"] + POOL_MB / 4, memory
-
-
-@pytest.mark.slow
-def test_allocator_benchmark_times_each_setting_in_its_own_process(tmp_path) -> None:  # noqa: ANN001
-    """``benchmarks/allocator.py`` (the figures in docs/speed_and_memory.md) on a tiny input."""
-    import importlib.util
-
-    from fod_helpers import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("allocator_benchmark", REPO_ROOT / "benchmarks" / "allocator.py")
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script  # jsonargparse resolves the annotations through the module
-    spec.loader.exec_module(script)
-    out = tmp_path / "allocators.json"
-    argv = ["--image-size", "64", "--steps", "1", "--rounds", "1", "--settings", "glibc", "env", "--json-path", str(out)]
-    assert script.main(argv) == 0
-    results = json.loads(out.read_text())
-    assert set(results) == {"glibc", "env"}
-    assert all(len(rows) == 1 and rows[0]["step_s"] > 0 and rows[0]["peak_rss_mb"] > 0 for rows in results.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 import yaml
 
 from anomalib_fod.benchmark import BenchmarkConfigError, main, parse_config
-from anomalib_fod.evaluation import aupro, exact_metrics, f1_max
+from anomalib_fod.evaluation import aupro, exact_metrics, f1_max, image_auroc, pixel_auroc
 
 TINY_FOD = {"d_models": [32, 64], "num_heads": 2, "num_layers": 1}
 
@@ -71,6 +72,30 @@ def test_f1_max_and_exact_metrics() -> None:
     metrics = exact_metrics(scores, labels, maps=None, masks=None)
     assert metrics["image_auroc"] == pytest.approx(5 / 6)
     assert np.isnan(metrics["pixel_auroc"]) and np.isnan(metrics["pixel_aupro"])
+
+
+def test_exact_metrics_equal_scikit_learn_on_raw_scores() -> None:
+    """anomalib's AUROC and F1Max on raw, unbounded scores with ties give scikit-learn's figures (within the
+    float32 rounding of torchmetrics' curves), where anomalib's AUROC on the raw values alone gives 0.5."""
+    from anomalib.metrics import AUROC
+    from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(300) < 0.4).astype(np.int64)
+    scores = (rng.normal(30.0, 3.0, 300) + 2.0 * labels).astype(np.float32)  # Mahalanobis distances: tens
+    scores[::7] = scores[0]  # ties
+    assert image_auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    best = max(2 * p * r / (p + r) for p, r in zip(precision, recall, strict=True) if p + r > 0)
+    assert f1_max(scores, labels) == pytest.approx(best, abs=1e-6)
+
+    masks = rng.random((4, 32, 48)) < 0.05
+    maps = (rng.normal(20.0, 4.0, masks.shape) + 3.0 * masks).astype(np.float32).round(1)  # many ties
+    assert pixel_auroc(maps, masks) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-6)
+
+    squashed = AUROC(fields=["pred_score", "gt_label"])
+    squashed.update(SimpleNamespace(pred_score=torch.as_tensor(scores), gt_label=torch.as_tensor(labels)))
+    assert float(squashed.compute()) == 0.5
 
 
 # --------------------------------------------------------------------------- config
@@ -155,8 +180,10 @@ def test_shipped_configs_parse() -> None:
     from anomalib_fod.benchmark import load_config
 
     root = Path(__file__).resolve().parents[1] / "benchmarks"
-    for name in ("bottle", "bottle_batch1", "battery_weld", "tiny", "ablation", "ablation_cpu"):
-        config = load_config(root / f"{name}.yaml")
+    shipped = sorted([*root.glob("*.yaml"), *(root / "research").glob("*.yaml")])
+    assert {p.stem for p in shipped} >= {"bottle", "battery_weld", "tiny", "ablation", "shared_datasets_256"}
+    for path in shipped:
+        config = load_config(path)
         assert config.backbone == "tf_efficientnet_lite0"
         assert config.layers == ("blocks.2", "blocks.4")
         assert all(d.init_args["val_split_mode"] == "same_as_test" for d in config.datasets)
@@ -186,8 +213,10 @@ def test_offline_weights_loaded_into_anomalib_extractor() -> None:
 
 
 def test_anomalib_get_model_resolves_fod(tmp_path: Path) -> None:
-    """After ``import anomalib_fod``, anomalib's own model lookup (used by ``anomalib benchmark``) finds Fod."""
+    """After ``register_with_anomalib()``, anomalib's own model lookup (used by ``anomalib benchmark``) finds Fod."""
     import anomalib_fod
+
+    anomalib_fod.register_with_anomalib()
     from anomalib.models import get_model
     from anomalib.pipelines.benchmark.generator import BenchmarkJobGenerator
 
@@ -261,7 +290,8 @@ def test_harness_exact_auroc_matches_sklearn(benchmark_run: dict) -> None:
         assert cell["status"] == "ok"
         predictions = np.load(run_dir / "cells" / cell["predictions"])
         assert predictions["scores"].shape == (10,)
-        assert cell["metrics"]["image_auroc"] == roc_auc_score(predictions["labels"], predictions["scores"])
+        expected = roc_auc_score(predictions["labels"], predictions["scores"])
+        assert cell["metrics"]["image_auroc"] == pytest.approx(expected, abs=1e-6)
         for key in ("pixel_auroc", "pixel_aupro", "image_f1_max"):
             assert 0.0 <= cell["metrics"][key] <= 1.0
         cost = cell["cost"]
@@ -288,7 +318,7 @@ def test_harness_model_selection(benchmark_run: dict, capsys: pytest.CaptureFixt
     assert [c["model"] for c in benchmark_run["selective_report"]["cells"]] == ["Patchcore"]
     assert "[2/2] dummy / Patchcore / seed 0: skipped (done)" in first  # the whole run reused it
     assert "[1/2] dummy / Fod / seed 0: skipped (done)" in last and "Patchcore" not in last.split("report:")[0]
-    assert main(["--config", str(benchmark_run["config"]), "--models", "Fod", "Cflow"]) == 2
+    assert main(["--config", str(benchmark_run["config"]), "--models", "[Fod, Cflow]"]) == 2
     assert "unknown model(s) ['Cflow']" in capsys.readouterr().err
 
 
@@ -439,7 +469,7 @@ def test_harness_resumes_an_interrupted_cell(
     assert "## Resumed cells" in report and "dummy / Fod / seed 0: resumed after 1 epoch(s)" in report
 
     # The finished fit's own checkpoint carries the fingerprint; --force must not reuse it.
-    assert main(["--config", str(config_path), "--force"]) == 0
+    assert main(["--config", str(config_path), "--force", "true"]) == 0
     assert record("interrupted")["resumed"] is None
 
 
@@ -493,3 +523,35 @@ def test_a_self_stopping_fod_cell_validates_so_anomalib_learns_its_thresholds(
     post = model.post_processor
     thresholds = torch.stack([post._image_threshold, post._pixel_threshold])  # noqa: SLF001
     assert bool(torch.isfinite(thresholds).all()) == fixed
+
+
+@pytest.mark.parametrize("before", [None, "7"], ids=["unset", "set"])
+def test_anomalib_pipeline_sets_max_epochs_only_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: str | None
+) -> None:
+    """``--max_epochs`` reaches the pipeline's trainers through ``PL_TRAINER_MAX_EPOCHS``, and the process's
+    environment is as it was afterwards (also when the pipeline fails)."""
+    import os
+
+    import anomalib.pipelines
+
+    from anomalib_fod.benchmark.anomalib_pipeline import MAX_EPOCHS_VARIABLE, run_anomalib_benchmark
+
+    seen = []
+
+    class FakeBenchmark:
+        def run(self, args) -> None:  # noqa: ANN001
+            seen.append((args.config, os.environ.get(MAX_EPOCHS_VARIABLE)))
+            raise RuntimeError("a job failed")
+
+    monkeypatch.setattr(anomalib.pipelines, "Benchmark", FakeBenchmark)
+    if before is None:
+        monkeypatch.delenv(MAX_EPOCHS_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(MAX_EPOCHS_VARIABLE, before)
+    config = tmp_path / "anomalib_benchmark.yaml"
+    config.write_text("benchmark: {}\n")
+    with pytest.raises(RuntimeError, match="a job failed"):
+        run_anomalib_benchmark(config, max_epochs=3)
+    assert seen == [(str(config), "3")]
+    assert os.environ.get(MAX_EPOCHS_VARIABLE) == before

@@ -13,6 +13,8 @@ import pytest
 import yaml
 from fod_helpers import DUMMY_SIZE, TEST_THREADS, TINY
 
+from anomalib_fod import utils
+
 
 def executable(name: str) -> str:
     candidate = Path(sys.executable).parent / name
@@ -117,24 +119,23 @@ def test_plugin_cli_trains_fod_by_short_name(dummy_dataset, tmp_path):
 # --------------------------------------------------------------------------- the plugin's own commands
 
 
-def test_plugin_commands_keep_their_argparse_spelling() -> None:
-    """``--image-size 64 96``, ``--models A B`` and a bare ``--force`` reach the typed functions as before."""
+def test_plugin_commands_take_anomalib_clis_spelling() -> None:
+    """The plugin's commands parse their options as anomalib's CLI does (jsonargparse, no rewriting)."""
     from anomalib_fod import demo, explain
     from anomalib_fod.benchmark.__main__ import benchmark
-    from anomalib_fod.typed_cli import function_parser, to_jsonargparse_argv
+    from anomalib_fod.typed_cli import function_parser
 
     def parse(function, argv):  # noqa: ANN001, ANN202
-        return function_parser(function, "test").parse_args(to_jsonargparse_argv(argv, function))
+        return function_parser(function, "test").parse_args(argv)
 
-    args = parse(demo.demo, ["--epochs", "1", "--image-size", "64", "96", "--batch-size", "2", "--output", "out"])
+    args = parse(demo.demo, ["--epochs", "1", "--image_size", "[64, 96]", "--batch_size", "2", "--output", "out"])
     assert (args.epochs, tuple(args.image_size), args.batch_size, str(args.output)) == (1, (64, 96), 2, "out")
-    args = parse(benchmark, ["--config", "b.yaml", "--models", "Fod", "Patchcore", "--force", "--max-epochs", "3"])
+    args = parse(benchmark, ["--config", "b.yaml", "--models", "[Fod, Patchcore]", "--force", "true", "--max_epochs", "3"])
     assert (args.models, args.force, args.max_epochs, args.datasets) == (["Fod", "Patchcore"], True, 3, None)
-    args = parse(benchmark, ["--config", "b.yaml", "--datasets", "bottle", "--force", "false"])
-    assert (args.datasets, args.force) == (["bottle"], False)
-    args = parse(explain.explain, ["--checkpoint", "m.ckpt", "--image", "a.png", "--token", "2", "5"])
+    args = parse(benchmark, ["--config", "b.yaml", "--datasets+=bottle", "--datasets+=screw", "--force", "false"])
+    assert (args.datasets, args.force) == (["bottle", "screw"], False)
+    args = parse(explain.explain, ["--checkpoint", "m.ckpt", "--image", "[a.png]", "--token", "[2, 5]"])
     assert ([str(p) for p in args.image], tuple(args.token)) == (["a.png"], (2, 5))
-    # jsonargparse's own spelling works as well
     assert parse(demo.demo, ["--image_size=[32, 48]"]).image_size == (32, 48)
 
 
@@ -173,18 +174,31 @@ def test_shipped_configs_resolve_by_name_and_parse(tmp_path: Path) -> None:
 
 
 def test_shipped_fod_configs_give_the_recipe_they_name() -> None:
-    """The default-recipe configs let FOD run its step budget; ``fod_paper`` is the paper's score."""
+    """The default-recipe configs let FOD run its step budget; ``fod`` writes out every setting at its default;
+    ``fod_paper`` is the paper's recipe."""
     import inspect
 
     from anomalib_fod import Fod
     from anomalib_fod.configs import config_path
+    from anomalib_fod.models.base import OfflineBackboneModule
 
-    defaults = {k: p.default for k, p in inspect.signature(Fod.__init__).parameters.items()}
-    for name in ("mvtec_ad", "mvtec3d", "folder", "btad", "fod_offline"):
+    defaults = {
+        name: parameter.default
+        for function in (Fod.__init__, OfflineBackboneModule.__init__)
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    for name in ("fod", "mvtec_ad", "mvtec3d", "folder", "btad"):
         config = yaml.safe_load(config_path(name).read_text())
         args = {**defaults, **config["model"]["init_args"]}
         assert (args["scoring"], args["reconstruction_term"]) == ("rec", "mahalanobis"), name
         assert config["trainer"]["max_epochs"] >= args["training_steps"], name  # epochs never stop it first
+    written = yaml.safe_load(config_path("fod").read_text())["model"]["init_args"]
+    handled_apart = {"pre_processor", "post_processor", "evaluator", "visualizer"}
+    assert set(written) == set(defaults) - handled_apart, "fod.yaml writes out every Fod setting"
+    for name, value in written.items():
+        if name != "image_size":  # None is 256x256, written out
+            assert utils.plain_value(value) == utils.plain_value(defaults[name]), name
     paper = yaml.safe_load(config_path("fod_paper").read_text())["model"]["init_args"]
     assert (paper["scoring"], paper["reconstruction_term"], paper["training_steps"]) == ("rec_div", "mse_cos", 1000)
     assert paper["num_layers"] == 3  # the paper's depth: its score fell to chance with Fod's one layer
@@ -201,7 +215,7 @@ def test_wheel_ships_the_configs_and_the_demo_data(tmp_path: Path) -> None:
 
     source = tmp_path / "source"
     tracked = subprocess.run(  # noqa: S603 - git, fixed arguments
-        ["git", "ls-files", "pyproject.toml", "README.md", "anomalib_fod"],  # noqa: S607
+        ["git", "ls-files", "pyproject.toml", "README.md", "anomalib_fod", "configs"],  # noqa: S607
         cwd=REPO_ROOT, capture_output=True, text=True, check=True,
     ).stdout.split()
     for name in tracked:
@@ -215,7 +229,9 @@ def test_wheel_ships_the_configs_and_the_demo_data(tmp_path: Path) -> None:
     (wheel,) = (tmp_path / "dist").glob("anomalib_fod-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {Path(n).name for n in names if n.startswith("anomalib_fod/configs/") and n.endswith(".yaml")}
-    assert shipped == {Path(n).name for n in tracked if n.startswith("anomalib_fod/configs/") and n.endswith(".yaml")}
+    assert shipped == {Path(n).name for n in tracked if n.startswith("configs/") and n.endswith(".yaml")}
+    packages = {str(Path(n).parent) for n in tracked if n.endswith("__init__.py")}
+    assert {f"anomalib_fod/{p}" if p == "configs" else p for p in packages} <= {str(Path(n).parent) for n in names}
     assert "anomalib_fod/data/battery_weld/ATTRIBUTION.md" in names
     pngs = [n for n in names if n.startswith("anomalib_fod/data/battery_weld/") and n.endswith(".png")]
     assert len(pngs) == 37 + 128 + 93  # train, test images and the defect masks

@@ -33,12 +33,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from anomalib_fod.data.dummy import make_dummy_mvtec
-from anomalib_fod.models.fod.reference import (
-    ReferenceFeatureCallback,
-    iterate_pooled_features,
-    mean_reference,
-    shard_loader,
-)
+from anomalib_fod.models.fod.callbacks import ReferenceFeatureCallback
+from anomalib_fod.models.fod.fitting import iterate_pooled_features, mean_reference, shard_loader
 
 SCRIPT = Path(__file__).resolve().parent / "_ddp_fit.py"
 N_TRAIN = 5  # odd: DistributedSampler pads the 2 shards to 3 + 3

@@ -94,8 +94,8 @@ def test_cli_writes_one_png_per_image(trained, tmp_path, monkeypatch, capsys):
     images = [sorted((category / "test" / kind).glob("*.png"))[0] for kind in ("blob", "good")]
     assert images[0].name == images[1].name  # same stem: the folder name tells them apart
     output = tmp_path / "figures"
-    argv = ["anomalib-fod", "explain", "--checkpoint", str(checkpoint), "--image", *map(str, images)]
-    monkeypatch.setattr(sys, "argv", [*argv, "--output", str(output), "--token", "2", "5"])
+    argv = ["anomalib-fod", "explain", "--checkpoint", str(checkpoint), "--image", f"[{', '.join(map(str, images))}]"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--output", str(output), "--token", "[2, 5]"])
     assert "explain" in cli.PLUGIN_COMMANDS
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
@@ -122,7 +122,7 @@ def test_token_outside_the_grid_is_a_clear_error(trained, tmp_path, capsys):
         explain_image(model, path, level=2)
     from anomalib_fod.explain import main
 
-    status = main(["--checkpoint", str(checkpoint), "--image", str(path), "--output", str(tmp_path), "--token", "9", "9"])
+    status = main(["--checkpoint", str(checkpoint), "--image", str(path), "--output", str(tmp_path), "--token", "[9, 9]"])
     assert status == 1
     assert "outside" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "missing.ckpt"), "--image", str(path)]) == 2  # noqa: PLR2004

@@ -192,7 +192,7 @@ def test_output_inside_input_is_not_reprocessed(model_xml: Path, tmp_path: Path)
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (10, 10), (10, 20, 30)).save(images / "x.png")
-    args = ["--model", str(model_xml), "--input", str(images), "--output", str(images / "out"), "--no-progress"]
+    args = ["--model", str(model_xml), "--input", str(images), "--output", str(images / "out"), "--no_progress", "true"]
     assert main(args) == 0
     assert main(args) == 0  # second run must not pick up the overlays of the first
     assert list(read_csv(images / "out" / CSV_NAME)) == [str(images / "x.png")]

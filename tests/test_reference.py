@@ -11,7 +11,7 @@ from fod_helpers import TINY
 
 import anomalib_fod.backbone
 from anomalib_fod import Fod
-from anomalib_fod.models.fod.reference import ReferenceFeatureCallback
+from anomalib_fod.models.fod.callbacks import ReferenceFeatureCallback
 from anomalib_fod.models.fod.settings import FodSettings
 from anomalib_fod.models.fod.torch_model import FodModel
 from anomalib_fod.models.fod.transformer import grid_coordinates

@@ -9,8 +9,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
 from anomalib_fod import Fod
-from anomalib_fod.models.fod.reference import iterate_pooled_features
-from anomalib_fod.models.fod.residual_statistics import SHRINKAGE, ResidualStatistics, fit_statistics
+from anomalib_fod.models.fod.fitting import fit_statistics, iterate_pooled_features
+from anomalib_fod.models.fod.residual_statistics import SHRINKAGE, ResidualStatistics
 
 from fod_helpers import TINY, fit_and_run
 
@@ -173,17 +173,17 @@ def test_an_unknown_covariance_kind_is_refused() -> None:
 
 def test_per_position_statistics_too_large_to_keep_are_refused_before_training(monkeypatch) -> None:  # noqa: ANN001
     """A backbone with many channels would need GiBs of (L, C, C) covariances: refused at train start."""
-    from anomalib_fod.models.fod import residual_statistics  # noqa: PLC0415
+    from anomalib_fod.models.fod import callbacks, residual_statistics  # noqa: PLC0415
 
     model = tiny_model(reconstruction_term="mahalanobis", scoring="rec", residual_covariance="position")
     features = features_and_references(model)
     grids = [tuple(f.shape[-2:]) for f in features]
     needed = residual_statistics.per_position_bytes(grids, [f.shape[1] for f in features])
     assert needed == sum(8 * f.shape[-2] * f.shape[-1] * f.shape[1] ** 2 for f in features)
-    callback = residual_statistics.ResidualStatisticsCallback()
-    monkeypatch.setattr(residual_statistics, "PER_POSITION_BUDGET_BYTES", needed)
+    callback = callbacks.ResidualStatisticsCallback()
+    monkeypatch.setattr(callbacks, "PER_POSITION_BUDGET_BYTES", needed)
     callback.on_train_start(None, model)  # within the budget: nothing happens
-    monkeypatch.setattr(residual_statistics, "PER_POSITION_BUDGET_BYTES", needed - 1)
+    monkeypatch.setattr(callbacks, "PER_POSITION_BUDGET_BYTES", needed - 1)
     with pytest.raises(ValueError, match="residual_covariance='shared'"):
         callback.on_train_start(None, model)
     with pytest.raises(ValueError, match="image_score='map'"):

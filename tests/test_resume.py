@@ -6,12 +6,14 @@ Without the callback, the datamodule's loader and sampler reach training untouch
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from lightning.pytorch import Callback, seed_everything
 
-from torch.utils.data import RandomSampler
+from lightning.fabric.utilities.data import _replace_dunder_methods
+from torch.utils.data import DataLoader, RandomSampler
 
 from anomalib_fod import Fod
 from anomalib_fod.callbacks import INTERRUPTED_CHECKPOINT, EpochSeededSampler, ResumableInterruptCallback
@@ -82,10 +84,12 @@ def test_resumed_run_matches_the_uninterrupted_run(dummy_dataset: Path, tmp_path
     seed_everything(7)
     straight = _model(cache_features)
     straight_batches = RecordBatches()
+    straight_data = datamodule()
     make_engine(
         tmp_path / "straight", max_epochs=EPOCHS, callbacks=[straight_batches, ResumableInterruptCallback()]
-    ).fit(straight, datamodule=datamodule())
+    ).fit(straight, datamodule=straight_data)
     assert isinstance(straight_batches.sampler, EpochSeededSampler)
+    assert "train_dataloader" not in vars(straight_data), "the datamodule keeps the callback's loader after the fit"
 
     seed_everything(7)
     interrupted = _model(cache_features)
@@ -94,8 +98,10 @@ def test_resumed_run_matches_the_uninterrupted_run(dummy_dataset: Path, tmp_path
         max_epochs=EPOCHS,
         callbacks=[InterruptAt(INTERRUPT_EPOCH, INTERRUPT_BATCH), ResumableInterruptCallback()],
     )
+    interrupted_data = datamodule()
     with pytest.raises(SystemExit):  # Lightning shuts down gracefully, then exits
-        engine.fit(interrupted, datamodule=datamodule())
+        engine.fit(interrupted, datamodule=interrupted_data)
+    assert "train_dataloader" not in vars(interrupted_data), "an interrupted fit keeps the callback's loader"
     checkpoints = list((tmp_path / "interrupted").rglob(INTERRUPTED_CHECKPOINT))
     assert len(checkpoints) == 1, "no resumable checkpoint was written on interrupt"
     steps_before = engine.trainer.global_step
@@ -152,3 +158,56 @@ def test_epoch_seeded_sampler_order_depends_only_on_seed_and_epoch() -> None:
     assert len(list(other_epoch)) == len(data), "a resume point applies to its own epoch only"
     again.set_epoch(3)
     assert list(again) != first and sorted(again) == data
+
+
+class LoaderWithTag(DataLoader):
+    """A DataLoader subclass with an argument of its own, as a user's datamodule may return."""
+
+    def __init__(self, dataset, tag: str, **kwargs) -> None:  # noqa: ANN001
+        self.tag = tag
+        super().__init__(dataset, **kwargs)
+
+
+class TinyDataModule:
+    """Only what the callback touches: ``train_dataloader``."""
+
+    def __init__(self, size: int = 10) -> None:
+        self.data = list(range(size))
+
+    def train_dataloader(self) -> DataLoader:
+        # Lightning records a loader's arguments while it asks the datamodule for it (as in a fit).
+        with _replace_dunder_methods(DataLoader, "dataset"):
+            return LoaderWithTag(self.data, "mine", batch_size=3, shuffle=True, in_order=False, drop_last=True)
+
+
+def test_the_callback_rebuilds_the_loader_whole_and_gives_the_datamodule_back() -> None:
+    """During the fit: the same loader class and arguments, a seeded sampler; after it (normal end or an
+    exception): the datamodule's own method again, nothing left on the instance."""
+    for ending in ("teardown", "on_exception"):
+        datamodule = TinyDataModule()
+        trainer = SimpleNamespace(datamodule=datamodule, current_epoch=0, training=False)
+        callback = ResumableInterruptCallback(seed=3)
+        callback.setup(trainer, None, "fit")
+        loader = datamodule.train_dataloader()
+        assert type(loader) is LoaderWithTag and loader.tag == "mine"
+        assert (loader.batch_size, loader.drop_last, loader.in_order) == (3, True, False)
+        assert isinstance(loader.sampler, EpochSeededSampler)
+        assert [int(i) for batch in loader for i in batch] == EpochSeededSampler(datamodule.data, 3, 0).order(0)[:9]
+        if ending == "teardown":
+            callback.teardown(trainer, None, "fit")
+        else:
+            callback.on_exception(trainer, None, RuntimeError("boom"))
+        assert "train_dataloader" not in vars(datamodule)
+        assert type(datamodule.train_dataloader().sampler) is RandomSampler
+
+
+def test_the_callback_puts_back_a_loader_function_the_user_set_on_the_instance() -> None:
+    datamodule = TinyDataModule()
+    own = datamodule.train_dataloader
+    datamodule.train_dataloader = own  # the user's own instance attribute
+    trainer = SimpleNamespace(datamodule=datamodule, current_epoch=0, training=False)
+    callback = ResumableInterruptCallback(seed=3)
+    callback.setup(trainer, None, "fit")
+    assert datamodule.train_dataloader is not own
+    callback.teardown(trainer, None, "fit")
+    assert vars(datamodule)["train_dataloader"] is own

@@ -2,9 +2,9 @@
 
 Examples:
     anomalib-fod benchmark --config benchmarks/bottle.yaml            # run or resume
-    anomalib-fod benchmark --config benchmarks/bottle.yaml --force    # recompute every cell
-    anomalib-fod benchmark --config benchmarks/bottle.yaml --models Fod Patchcore   # only these models
-    anomalib-fod benchmark --anomalib-config my_anomalib_benchmark.yaml --max-epochs 10
+    anomalib-fod benchmark --config benchmarks/bottle.yaml --force true    # recompute every cell
+    anomalib-fod benchmark --config benchmarks/bottle.yaml --models "[Fod, Patchcore]"   # only these models
+    anomalib-fod benchmark --anomalib_config my_anomalib_benchmark.yaml --max_epochs 10
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ def benchmark(
     anomalib_config: Path | None = None,
     output: Path | None = None,
     force: bool = False,
-    models: list[str] | None = None,
-    datasets: list[str] | None = None,
+    models: list[str] | str | None = None,
+    datasets: list[str] | str | None = None,
     max_epochs: int | None = None,
 ) -> int:
     """Benchmark FOD next to anomalib's models: same data, image size, backbone and layers.
@@ -35,8 +35,8 @@ def benchmark(
             the plugin's models registered.
         output: run folder (default: the config's output_dir).
         force: recompute cells that already finished.
-        models: run only these models of the config (the report still shows all).
-        datasets: run only these datasets of the config.
+        models: run only these models of the config, one name or a list (the report still shows all).
+        datasets: run only these datasets of the config, one name or a list.
         max_epochs: with anomalib_config: epochs for models that do not fix their own (sets
             PL_TRAINER_MAX_EPOCHS).
 
@@ -44,7 +44,7 @@ def benchmark(
         0 when every cell finished, 1 when some failed, 2 for a usage or config error.
     """
     if (config is None) == (anomalib_config is None):
-        print("error: give exactly one of --config and --anomalib-config.", file=sys.stderr)
+        print("error: give exactly one of --config and --anomalib_config.", file=sys.stderr)
         return 2
     if anomalib_config is not None:
         from .anomalib_pipeline import run_anomalib_benchmark  # noqa: PLC0415
@@ -52,9 +52,11 @@ def benchmark(
         run_anomalib_benchmark(anomalib_config, max_epochs=max_epochs)
         return 0
     if max_epochs is not None:
-        print("--max-epochs only applies to --anomalib-config; set max_epochs per model.", file=sys.stderr)
+        print("--max_epochs only applies to --anomalib_config; set max_epochs per model.", file=sys.stderr)
         return 2
 
+    models = [models] if isinstance(models, str) else models
+    datasets = [datasets] if isinstance(datasets, str) else datasets
     from .config import BenchmarkConfigError, load_config, resolve_path  # noqa: PLC0415
     from .runner import run_benchmark  # noqa: PLC0415
 
@@ -73,7 +75,7 @@ def benchmark(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``anomalib-fod benchmark`` with argparse-style ``argv``; returns the exit status."""
+    """``anomalib-fod benchmark`` with command-line ``argv``; returns the exit status."""
     from anomalib_fod.cli import run_command  # noqa: PLC0415
 
     return run_command("benchmark", argv)

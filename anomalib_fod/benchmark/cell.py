@@ -36,7 +36,7 @@ from .config import CellSpec
 from .cost import model_device, openvino_latency, peak_gpu_mb, peak_rss_mb, size_mb, torch_throughput
 from .curve import TestCurve
 from .environment import environment
-from .jsonio import write_json
+from .jsonio import failure_record, write_json
 from .resume import RESUME_CHECKPOINT, CellCheckpoint, discard_resume_state, find_resume_point
 
 # The exported graph is built with torch's dynamo exporter, which emits opset 18.
@@ -285,21 +285,9 @@ def plain_hparams(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def record_failure(spec: CellSpec, error: BaseException, rss_scope: str) -> dict[str, Any]:
-    """Write and return the error record of a failed cell."""
-    result = {
-        "cell_id": spec.cell_id,
-        "dataset": spec.dataset.name,
-        "model": spec.model.name,
-        "seed": spec.seed,
-        "status": "failed",
-        "fingerprint": spec.fingerprint(),
-        "error": f"{type(error).__name__}: {error}"[:2000],
-        "traceback": "".join(traceback.format_exception(error))[-6000:],
-        "rss_scope": rss_scope,
-        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    write_json(spec.error_path, result)
-    return result
+    """Write and return the error record of a cell that raised ``error``."""
+    message = f"{type(error).__name__}: {error}"[:2000]
+    return failure_record(spec, message, rss_scope, traceback="".join(traceback.format_exception(error))[-6000:])
 
 
 def _process_age_s() -> float | None:

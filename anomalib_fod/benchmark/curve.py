@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from anomalib_fod.evaluation import collect_predictions, exact_metrics
-from anomalib_fod.models.fod.residual_statistics import ResidualStatisticsCallback
+from anomalib_fod.models.fod.callbacks import ResidualStatisticsCallback
 
 
 def preprocess_as_test(pl_module: pl.LightningModule, batch: Any) -> Any:  # noqa: ANN401 - anomalib batch
@@ -40,8 +40,8 @@ def feature_batches(
 ) -> Iterator[tuple[Any, list[torch.Tensor]]]:
     """Each batch of ``loader`` pre-processed as ``Engine.test`` does, with its pooled backbone features.
 
-    For the scripts that score a FOD model outside the engine (``benchmarks/score_terms.py``,
-    ``benchmarks/convergence_probe.py``): one progress bar, one pre-processing path.
+    For the scripts that score a FOD model outside the engine (``benchmarks/research/convergence_probe.py``):
+    one progress bar, one pre-processing path.
 
     Yields:
         ``(batch, features)``: the pre-processed anomalib batch and per level ``(B, C_i, h_i, w_i)``.

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .config import CellSpec
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -36,3 +40,21 @@ def _json_default(value: object) -> object:
     if isinstance(value, np.generic) or hasattr(value, "item"):
         return value.item()
     return str(value)
+
+
+def failure_record(spec: CellSpec, message: str, rss_scope: str, **details: str) -> dict[str, Any]:
+    """Write and return the error record of a failed cell (``details``: more fields, e.g. the traceback)."""
+    result = {
+        "cell_id": spec.cell_id,
+        "dataset": spec.dataset.name,
+        "model": spec.model.name,
+        "seed": spec.seed,
+        "status": "failed",
+        "fingerprint": spec.fingerprint(),
+        "error": message,
+        **details,
+        "rss_scope": rss_scope,
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    write_json(spec.error_path, result)
+    return result

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .config import BenchmarkConfig, CellSpec, expand_cells
 from .data import ensure_dummy_dataset
-from .jsonio import write_json
+from .jsonio import failure_record, write_json
 from .resume import discard_training
 
 logger = logging.getLogger("anomalib_fod.benchmark")
@@ -35,21 +35,6 @@ def load_finished(cell: CellSpec) -> dict[str, Any] | None:
         return None
     if result.get("status") != "ok" or result.get("fingerprint") != cell.fingerprint():
         return None
-    return result
-
-
-def _failure(cell: CellSpec, message: str, rss_scope: str) -> dict[str, Any]:
-    result = {
-        "cell_id": cell.cell_id,
-        "dataset": cell.dataset.name,
-        "model": cell.model.name,
-        "seed": cell.seed,
-        "status": "failed",
-        "fingerprint": cell.fingerprint(),
-        "error": message,
-        "rss_scope": rss_scope,
-    }
-    write_json(cell.error_path, result)
     return result
 
 
@@ -113,7 +98,7 @@ def run_isolated(
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            return _failure(cell, f"timeout after {timeout_s:.0f} s (see {log_path})", "cell process")
+            return failure_record(cell, f"timeout after {timeout_s:.0f} s (see {log_path})", "cell process")
         except BaseException:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
@@ -125,7 +110,7 @@ def run_isolated(
         result = json.loads(cell.error_path.read_text(encoding="utf-8"))
         result["error"] = f"{result.get('error')} (see {log_path})"
         return result
-    return _failure(cell, f"cell process exited with code {code} without a result (see {log_path})", "cell process")
+    return failure_record(cell, f"cell process exited with code {code} without a result (see {log_path})", "cell process")
 
 
 def run_in_process(cell: CellSpec) -> dict[str, Any]:

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from anomalib.models.components import GaussianBlur2d
 from torch import nn
+
+from anomalib_fod.models.blur import gaussian_blur
 
 
 def top_fraction_mean(anomaly_map: torch.Tensor, fraction: float = 0.01) -> torch.Tensor:
@@ -46,11 +47,8 @@ class AnomalyMapGenerator(nn.Module):
             msg = f"top_fraction must be in (0, 1], got {top_fraction}."
             raise ValueError(msg)
         self.top_fraction = top_fraction
-        self.blur = None
-        if blur_sigma > 0:
-            # Truncated at 4 sigma (scipy's gaussian_filter default, used by the original code).
-            kernel = 2 * int(4.0 * blur_sigma + 0.5) + 1
-            self.blur = GaussianBlur2d(sigma=blur_sigma, channels=1, kernel_size=kernel)
+        # Truncated at 4 sigma (scipy's gaussian_filter default, used by the original code).
+        self.blur = gaussian_blur(blur_sigma)
 
     def forward(
         self,

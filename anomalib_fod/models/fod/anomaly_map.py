@@ -14,9 +14,8 @@ Per level and token (paper, eq. 11):
 ``reconstruction_term`` chooses what ``rec`` is: ``"mahalanobis"`` (``Fod``'s default: the residual
 whitened by the training images' own residual statistics, ``residual_statistics.py``), ``"mse_cos"``
 (the paper's sum), ``"cos"`` (``1 - cos`` alone) or ``"mse"`` (the MSE alone). The MSE depends on
-the feature scale, the cosine does not; on our checkpoints the stride-8 MSE ranked defects below
-normal images while the cosine half separated them (benchmarks/RESULTS.md). Scoring only: a
-trained model can be re-scored with another term without retraining.
+the feature scale, the cosine does not; the whitened residual is judged against what the model does
+on normal images. Scoring only: a trained model can be re-scored with another term without retraining.
 
 With both branches the divergence is the inter one: the paper reports that the intra branch
 helps through training and scoring with inter alone is slightly better.
@@ -27,27 +26,29 @@ paper's corner-aligned grid) to the input size and combined, then blurred with a
 weighs them ``map_level_weights`` (7/8 on the stride-8 level by default): the finer level draws a
 defect's outline where the stride-16 level smears it over its neighbours. With the Mahalanobis term and
 ``image_score="position"`` (``Fod``'s default) the image score is the maximum of a second map, made from
-every token's distance under its own position's covariance alone with the levels averaged equally:
-the per-position Gaussian ranked images at least as well as the blended distance on every shared dataset
-(better on bsdata_pitting), the coarser level's larger context ranks images better than the finer one
-(battery_weld, screw), the blend and the finer level localise better (benchmarks/RESULTS.md, issue 17),
-so each part of the output takes the rule that measured better for it.
+every token's distance under its own position's covariance alone with the levels averaged equally: the
+per-position Gaussian and the coarser level's context rank images better, the blended distance and the
+finer level localise better, so each part of the output takes the rule that measured better for it
+(benchmarks/results/accuracy.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from anomalib.models.components import GaussianBlur2d
 from torch import nn
 
+from anomalib_fod.models.blur import gaussian_blur
 from anomalib_fod.utils import check_choice
 
 from .residual_statistics import ResidualStatistics
 from .settings import FodSettings, ImageScore, ReconstructionTerm, ResidualCovariance
-from .transformer import BranchStats, LevelOutput
+
+if TYPE_CHECKING:
+    from .transformer import BranchStats, LevelOutput
 
 
 def reconstruction_parts(tokens: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,10 +107,7 @@ class AnomalyMapGenerator(nn.Module):
         self.with_inter = with_inter
         self.statistics = nn.ModuleList(ResidualStatistics(settings.residual_covariance) for _ in settings.d_models)
         self.use_scoring(settings)
-        self.blur = None
-        if blur_sigma > 0:
-            kernel = 2 * int(4.0 * blur_sigma + 0.5) + 1
-            self.blur = GaussianBlur2d(sigma=blur_sigma, channels=1, kernel_size=kernel)
+        self.blur = gaussian_blur(blur_sigma)
 
     @property
     def needs_statistics(self) -> bool:

@@ -4,11 +4,11 @@ The backbone is frozen and in eval mode, so when every transform an image goes t
 deterministic, an image gives the same features in every epoch: computing them once saves the
 backbone's forward pass (for WideResNet50 at 256x256 about a third of a training step's FLOPs).
 
-The cache is filled in one ordered pass over the training set when training starts (the same
-pass in a fresh and in a resumed run, so a resumed run trains on the same bits), and is served
-only when the data cannot change between epochs: :func:`is_deterministic` must hold for the
-dataset's augmentations (anomalib puts the datamodule's training augmentations there) and for the
-model's pre-processing transform. It lives in CPU memory (moved to the model's device per batch):
+The cache is filled in one ordered pass over the training set when training starts
+(``fitting.fill_feature_cache``; the same pass in a fresh and in a resumed run, so a resumed run trains
+on the same bits), and is served only when the data cannot change between epochs (:func:`cache_blocker`):
+:func:`is_deterministic` must hold for the dataset's augmentations (anomalib puts the datamodule's
+training augmentations there) and for the model's pre-processing transform. It lives in CPU memory (moved to the model's device per batch):
 ``sum_i C_i * h_i * w_i * 4`` bytes per image, e.g. 0.28 MB for EfficientNet-Lite0 and 3.1 MB for
 WideResNet50 at 256x256 (209 MVTec bottle images: 58 MB / 660 MB).
 """
@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from anomalib.data import AnomalibDataset
 from anomalib.data.transforms import ExportableCenterCrop, SquarePad
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 # Transforms whose output depends only on their input (exact types: a subclass may add randomness).
@@ -53,6 +55,18 @@ def is_deterministic(transform: object) -> bool:
     if type(transform) not in DETERMINISTIC_TRANSFORMS:
         return False
     return all(is_deterministic(child) for child in getattr(transform, "transforms", ()))
+
+
+def cache_blocker(loader: object, transform: object) -> str | None:
+    """Why cached features of ``loader``'s images, pre-processed by ``transform``, could differ from fresh ones
+    (``None``: they cannot)."""
+    if not isinstance(loader, DataLoader) or not isinstance(loader.dataset, AnomalibDataset):
+        return "the training data is not a single anomalib dataset, so its transforms are unknown"
+    if not is_deterministic(loader.dataset.augmentations):
+        return "the training set has random (or unknown) augmentations"
+    if not is_deterministic(transform):
+        return "the pre-processor's transform is not known to be deterministic"
+    return None
 
 
 class FeatureCache:

@@ -13,25 +13,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib.data import AnomalibDataModule, AnomalibDataset, Batch
+from anomalib.data import AnomalibDataModule, Batch
 from anomalib.models import AnomalibModule
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from anomalib_fod.models.base import ONNX_OPSET, NonFiniteLossError, OfflineBackboneModule
 
-from .feature_cache import FeatureCache, is_deterministic
+from .callbacks import ReferenceFeatureCallback, ResidualStatisticsCallback, training_transform
+from .feature_cache import FeatureCache, cache_blocker
+from .fitting import TrainingImages, fill_feature_cache, fit_residual_statistics, shard_loader
 from .loss import FodLoss
-from .reference import ReferenceFeatureCallback, iterate_pooled_features, shard_loader
-from .residual_statistics import ResidualStatisticsCallback, fit_statistics
 from .settings import (
     FeedForwardMode,
     FodSettings,
@@ -55,7 +53,7 @@ LEGACY_SCORING: dict[str, Any] = {
     "map_align_corners": True,
 }
 
-# Fewer optimizer steps than this leave FOD's minimax game under-trained (see _warn_few_steps).
+# Fewer optimizer steps than this are warned about: the minimax game may be under-trained (see _warn_few_steps).
 MIN_RECOMMENDED_STEPS = 200
 # The default budget: the default score (the whitened residual) no longer changes after it.
 DEFAULT_TRAINING_STEPS = 250
@@ -68,13 +66,16 @@ class Fod(OfflineBackboneModule, AnomalibModule):
 
     Every setting of :class:`~.settings.FodSettings` is an argument here (flat, for anomalib's CLI
     and the checkpoint's hyper-parameters); the backbone and pre-processing arguments are those of
-    :class:`~anomalib_fod.models.base.OfflineBackboneModule` (passed on through ``**kwargs``).
+    :class:`~anomalib_fod.models.base.OfflineBackboneModule` (passed on through ``**kwargs``). Where a
+    default differs from the paper, docs/differences.md says why; the measurements behind each default
+    are in benchmarks/results/accuracy.md and docs/training.md. The paper's recipe is the ``fod_paper`` config.
 
     Args:
         d_models: Transformer width per level (paper: 256, 512).
         num_heads: attention heads (paper: 8).
-        num_layers: encoder layers per level (paper: 3). One by default: with the default score three
-            layers measured no better and cost three times the Transformers' arithmetic (docs/differences.md).
+        num_layers: I2Correlation layers per level (paper: 3). One by default: the default score reads only
+            the reconstruction, which a second and third layer did not improve, at three times the
+            Transformers' arithmetic. The paper's score (``scoring="rec_div"``) needs the three.
         ffn_ratio: feed-forward width multiple (paper: 4).
         dropout: Transformer dropout (paper: 0).
         with_intra: intra-correlation branch (ablation switch).
@@ -83,67 +84,56 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         kl_weight: ``lambda1`` (paper: 0.5).
         entropy_weight: ``lambda2`` (paper: 0.5).
         scoring: ``"rec"`` (default: the reconstruction term alone), ``"rec_div"`` (paper: times the
-            inter-branch divergence's within-image softmax) or ``"div"``.
+            inter-branch divergence's within-image softmax) or ``"div"`` (the divergence alone).
         reconstruction_term: what the ``rec`` scoring term is: ``"mahalanobis"`` (default: the residual's
             Mahalanobis distance under a Gaussian model of the training images' residuals, fitted after
-            training: see ``residual_statistics.py``), ``"mse_cos"`` (paper: MSE + 1 - cos), ``"cos"``
-            (1 - cos alone) or ``"mse"``. Scoring only, so a trained model can be re-scored with another
-            one (``Fod.load_from_checkpoint(path, reconstruction_term="cos")``; for ``"mahalanobis"``
-            then call :meth:`fit_residual_statistics`). Why the defaults differ from the paper:
-            docs/differences.md; the paper's recipe is the ``fod_paper`` config.
+            training, see ``residual_statistics.py``; it judges a residual against those the model makes on
+            normal images, channel by channel), ``"mse_cos"`` (paper: MSE + 1 - cos, in practice the MSE,
+            whose scale follows the backbone's channels), ``"cos"`` (1 - cos alone) or ``"mse"``. Scoring
+            only, so a trained model can be re-scored with another one
+            (``Fod.load_from_checkpoint(path, reconstruction_term="cos")``; for ``"mahalanobis"`` then call
+            :meth:`fit_residual_statistics`).
         residual_covariance: with ``reconstruction_term="mahalanobis"``, which covariance of the residuals
-            a token's distance is measured under: ``"shared"`` (one per level for all token positions),
-            ``"position"`` (one per position, shrunk towards the shared one by ``C / (N + C)`` for ``N``
-            training images and ``C`` channels) or ``"blend"`` (default: the mean of the two distances).
-            Per position suits aligned parts and costs localisation where one covariance fits all
-            positions; the mean keeps most of both (256 px, 3 seeds, against ``"shared"``: bsdata_pitting
-            +0.026 image / +0.013 pixel AUROC, screw +0.149 / +0.011, battery_weld +0.002 / -0.004, bottle
-            0 / -0.001; benchmarks/RESULTS.md, issue 17). The per-position statistics take ``L x C x C``
-            floats per level (18.5 MiB at 256 px with Lite0); training refuses, before its first step, more
-            than 1 GiB of them (e.g. WideResNet50): then use ``"shared"``. Scoring only: on a trained
-            checkpoint, refit with :meth:`fit_residual_statistics` (per-position statistics also hold the
-            shared ones, so they serve all three).
+            a token's distance is measured under: ``"shared"`` (one per level for all token positions: parts
+            that sit anywhere), ``"position"`` (one per position, shrunk towards the shared one by
+            ``C / (N + C)`` for ``N`` training images and ``C`` channels: aligned parts, small defects) or
+            ``"blend"`` (default: the mean of the two distances, which keeps most of what each is good at).
+            The per-position statistics take ``L x C x C`` floats per level; training refuses, before its
+            first step, more than 1 GiB of them (e.g. WideResNet50 at 256 px): then use ``"shared"``. Scoring
+            only: on a trained checkpoint, refit with :meth:`fit_residual_statistics` (per-position
+            statistics also hold the shared ones, so they serve all three).
         image_score: with ``reconstruction_term="mahalanobis"``, what the image score is the maximum of:
             ``"position"`` (default) a map made like the anomaly map from every token's distance under its
-            own position's covariance alone, or ``"map"`` the anomaly map itself (as before). The per-position
-            distance ranked images at least as well as the blend on every shared dataset (256 px, 3 seeds:
-            bsdata_pitting 0.949 against 0.930 image AUROC, the others within their spread) while the blend
-            localises better, so the map stays the blend's (benchmarks/RESULTS.md, issue 17). Needs the
-            per-position statistics whatever ``residual_covariance`` is: with ``"shared"`` for their memory,
-            set ``"map"`` too. Checkpoints saved before this setting existed keep ``"map"`` (their
-            thresholds were learnt on the map's maximum) unless ``load_from_checkpoint`` is given another.
+            own position's covariance alone, with the levels averaged equally, or ``"map"`` the anomaly map
+            itself. The per-position distance ranks images best and the blend localises best, so each output
+            takes its own. Needs the per-position statistics whatever ``residual_covariance`` is: with
+            ``"shared"`` for their memory, set ``"map"`` too. Checkpoints saved before this setting existed
+            keep ``"map"`` (their thresholds were learnt on the map's maximum) unless ``load_from_checkpoint``
+            is given another.
         intensity_gains: with ``reconstruction_term="mahalanobis"``, the residual statistics are fitted on
             every training image multiplied by each of these gains (intensities in ``[0, 1]`` as anomalib's
             datasets load them, clipped), so their covariances hold what a global change of exposure or
             lighting does to the features and such a change within the gains is not scored as a defect.
-            Default ``(0.9, 1.0, 1.1)``: +-10 %, the smallest range that covered screw's darker good test
-            images (256 px, 3 seeds, same weights: image AUROC 0.58 to 0.82; battery_weld -0.004 image and
-            +0.010 pixel AUROC, bottle -0.0006 pixel; benchmarks/RESULTS.md, issue 17). ``(1.0,)``: the
-            images as they are (set it when a global change of brightness is itself a defect of your
-            product). Scoring only: the training is the same; the statistics' fit sees every training batch
-            at every gain (in one batch of ``len(gains)`` times the size). Checkpoints saved before this
-            setting existed refit with ``(1.0,)`` unless ``load_from_checkpoint`` is given another.
+            Default ``(0.9, 1.0, 1.1)``: +-10 %. ``(1.0,)``: the images as they are (set it when a global
+            change of brightness is itself a defect of your product). Scoring only: the training is the same;
+            the statistics' fit sees every training batch at every gain (in one batch of ``len(gains)`` times
+            the size). Checkpoints saved before this setting existed refit with ``(1.0,)`` unless
+            ``load_from_checkpoint`` is given another.
         map_level_weights: weight of each level in the anomaly map, finest first (normalised to sum 1), or
             ``None`` for the levels' mean (paper). Default ``(0.875, 0.125)``: the stride-8 level draws a
-            defect's outline that the stride-16 level smears over its neighbours. Same weights, 256 px, 3 seeds,
-            pixel AUROC against the mean: bottle 0.9847 to 0.9906, battery_weld 0.916 to 0.921, bsdata_pitting
-            0.9753 to 0.9785, screw 0.9736 to 0.9703 (RESULTS.md, issue 17); at 128 px the finer share raised
-            the training-free pixel AUROC on all four datasets. The image score stays on the levels' mean (the
-            coarser level's context ranks images better: battery_weld 0.986 against 0.982 with 3/4 on stride 8,
-            screw 0.815 against 0.775) unless ``image_score="map"``. Scoring only; checkpoints saved before this
-            setting existed keep the mean unless ``load_from_checkpoint`` is given weights.
+            defect's outline that the stride-16 level smears over its neighbours. The image score stays on
+            the levels' mean, whose coarser context ranks images better, unless ``image_score="map"``.
+            Scoring only; checkpoints saved before this setting existed keep the mean unless
+            ``load_from_checkpoint`` is given weights.
         map_align_corners: upsample the levels' token grids with ``align_corners=True`` (the paper's code: the
             grid's corner tokens on the image's corners, up to half a stride off their cells' centres) instead
-            of putting every token at the centre of its stride cell (default, as PaDiM and ``Cdo``). Same
-            weights, 256 px, 3 seeds, image / pixel AUROC True -> False: battery_weld 0.9858 / 0.9214 to
-            0.9847 / 0.9232, bsdata_pitting 0.9519 / 0.9785 to 0.9516 / 0.9791, screw 0.8154 / 0.9703 to
-            0.8157 / 0.9707, bottle 1.0 / 0.9906 to 1.0 / 0.9907 (RESULTS.md, issue 17). Scoring only;
-            checkpoints saved before this setting existed keep ``True``.
+            of putting every token at the centre of its stride cell (default, as PaDiM and ``Cdo``). Scoring
+            only; checkpoints saved before this setting existed keep ``True``.
         reference: ``"mean"`` (paper) or ``"coreset"`` reference features.
         out_projection: apply an output projection after each attention. ``False`` (default)
             matches the paper's code, which computed the projection and discarded it. Applying
             it (standard multi-head attention) made FOD leave chance in its first epoch less
-            reliably in our measurements (docs/differences.md).
+            reliably (docs/differences.md).
         blur_sigma: Gaussian blur of the anomaly map (paper: 4).
         fusion: how a layer combines its intra and inter branches: ``"subtract"`` (FOD's
             I2Correlation) or ``"concat_mlp"`` (ED: concatenation, Linear 2D->4D, ReLU, Linear 4D->D).
@@ -156,8 +146,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         training_steps: stop training after this many optimizer steps, whatever ``max_epochs`` says
             (``None``: the trainer's limits decide, as for other anomalib models). FOD learns per step,
             so a budget in steps means the same training on a small and a large dataset. The default,
-            250, is where the default score stopped changing (flat from 250 to 1000 steps at batch 1
-            on every shared dataset, benchmarks/RESULTS.md); the paper's score needs 1000 or more.
+            250, is where the default score stopped changing; the paper's score needs 1000 or more.
         cache_features: compute the frozen backbone's pooled features of every training image once,
             in CPU memory, when training starts (see ``feature_cache.py``). Used only when the
             dataset's augmentations and the pre-processor's transform are known to be deterministic
@@ -169,11 +158,11 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             wins back. Results are the same up to floating-point reordering.
         compile_kernels: compile only the correlation attentions' per-block kernels (softmax, logarithms,
             KL and entropy sums and their gradients; ``blocked_attention.py``) with ``torch.compile``, for
-            maps large enough to pay for it (256 px: a few seconds of compiling, then faster steps;
-            benchmarks/RESULTS.md, issue 18). Without a working compiler (no C++ compiler on a CPU, no
-            Triton on a GPU) it warns once and runs the eager kernels. Results equal within float32 rounding.
+            maps large enough to pay for it: a few seconds of compiling, then faster training steps. Without
+            a working compiler (no C++ compiler on a CPU, no Triton on a GPU) it warns once and runs the
+            eager kernels. Results equal within float32 rounding.
         **kwargs: ``backbone`` (default ``"tf_efficientnet_lite0"``; the paper uses
-            ``"wide_resnet50_2"``, see ``configs/fod.yaml``), ``layers`` (two feature layers;
+            ``"wide_resnet50_2"``, see ``configs/fod_paper.yaml``), ``layers`` (two feature layers;
             ``None`` picks the stride-8 and stride-16 stages: WideResNet50 layer2, layer3;
             EfficientNet-Lite blocks.2, blocks.4), ``pre_trained``, ``weights_path``,
             ``image_size`` (any size with a few stride-16 tokens, >= 64 px per side),
@@ -292,16 +281,8 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             >>> model.fit_residual_statistics(datamodule)  # doctest: +SKIP
         """
         datamodule.setup("fit")
-        transform = getattr(self.pre_processor, "transform", None)
-        batches = iterate_pooled_features(
-            self.model,
-            datamodule.train_dataloader(),
-            transform,
-            self.device,
-            desc="FOD residual statistics",
-            gains=self.model.settings.intensity_gains,
-        )
-        fit_statistics(self.model, batches)
+        images = TrainingImages(datamodule.train_dataloader(), training_transform(self), self.device)
+        fit_residual_statistics(self.model, images)
 
     def configure_optimizers(self) -> optim.Optimizer:
         """Adam over the Transformers (the backbone is frozen)."""
@@ -323,44 +304,20 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         self._use_cache = False
         if not self.cache_features:
             return
-        blocker = self._feature_cache_blocker()
+        trainer = self.trainer
+        blocker = cache_blocker(trainer.train_dataloader, training_transform(self))
         if blocker is not None:
             logger.info("FOD: backbone features are not cached: %s.", blocker)
             return
         self._use_cache = True
-        self._fill_feature_cache()
+        shard = shard_loader(trainer.train_dataloader, trainer.global_rank, trainer.world_size)
+        images = TrainingImages(shard, training_transform(self), self.device, progress=trainer.is_global_zero)
+        fill_feature_cache(self._feature_cache, self.model, images)
         logger.info(
             "FOD feature cache: %d images, %.1f MB of CPU memory",
             len(self._feature_cache),
             self._feature_cache.nbytes / 2**20,
         )
-
-    def _feature_cache_blocker(self) -> str | None:
-        """Why cached features could differ from fresh ones (``None``: they cannot)."""
-        loader = self.trainer.train_dataloader
-        if not isinstance(loader, DataLoader) or not isinstance(loader.dataset, AnomalibDataset):
-            return "the training data is not a single anomalib dataset, so its transforms are unknown"
-        if not is_deterministic(loader.dataset.augmentations):
-            return "the training set has random (or unknown) augmentations"
-        if not is_deterministic(getattr(self.pre_processor, "transform", None)):
-            return "the pre-processor's transform is not known to be deterministic"
-        return None
-
-    def _fill_feature_cache(self) -> None:
-        """One ordered pass over this device's share of the training set (as the training steps see it)."""
-        trainer = self.trainer
-        loader = shard_loader(trainer.train_dataloader, trainer.global_rank, trainer.world_size)
-        transform = getattr(self.pre_processor, "transform", None)
-
-        def batches() -> Iterator[tuple[list[str], torch.Tensor]]:
-            for batch in tqdm(loader, desc="FOD feature cache", disable=not trainer.is_global_zero, leave=False):
-                images = batch.image.to(self.device)
-                yield list(batch.image_path), transform(images) if transform else images
-
-        # Iterating a DataLoader draws from the global RNG; the training order must not depend on the cache.
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            self._feature_cache.fill(batches(), self.model.extract_features)
 
     @property
     def stops_itself(self) -> bool:
@@ -393,12 +350,13 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         if not math.isfinite(steps) or steps >= MIN_RECOMMENDED_STEPS:
             return
         logger.warning(
-            "%s: this run takes only %d optimizer steps. FOD learns per step: on MVTec bottle at batch 1 it "
-            "separated defects at 0.76-0.82 image AUROC after 100 steps and 0.83-0.89 after 209, and the paper's "
-            "code reached its best after 1000-1500 steps. Use a smaller train_batch_size (1-4) or more epochs; "
-            "see docs/training.md, 'Training length: optimizer steps'.",
+            "%s: this run takes only %d optimizer steps. FOD learns per step: its default score was measured "
+            "from %d steps on, and the paper's score (scoring='rec_div') needs its minimax game trained for 1000 "
+            "or more. Use a smaller train_batch_size (1-4) or more epochs; see docs/training.md, 'Training length: "
+            "optimizer steps'.",
             self.DISPLAY_NAME,
             int(steps),
+            DEFAULT_TRAINING_STEPS,
         )
 
     def _training_features(self, batch: Batch) -> list[torch.Tensor]:

@@ -14,43 +14,32 @@ With ``residual_covariance="position"`` each position keeps its own covariance `
 ``(L, C, C)``, shrunk towards the shared one: ``(1 - w) Sigma_l + w Sigma`` with ``w = C / (N + C)``
 for ``N`` training images (half the shared covariance when there are as many images as channels).
 That helps where positions differ and images are aligned, and adds estimation noise where they do
-not (benchmarks/RESULTS.md, issue 17). ``residual_covariance="blend"`` scores a token by the mean of
-its two distances, under the shared and under its own position's covariance: most of the per-position
-gain in image AUROC where parts are aligned, without its loss of localisation where they are not.
+not. ``residual_covariance="blend"`` scores a token by the mean of its two distances, under the shared
+and under its own position's covariance: most of the per-position gain in image AUROC where parts are
+aligned, without its loss of localisation where they are not.
 
 The statistics are buffers, so they are saved in checkpoints and become constants of an exported
-graph, like the reference features. :class:`ResidualStatisticsCallback` fits them on the training
-set whenever the scoring needs them and the weights have changed since the last fit (before each
-validation, which sets anomalib's thresholds, and at the end of training).
+graph, like the reference features. This module holds the statistics and their estimate from summed
+residuals; the pass over the training images that feeds it is ``fitting.fit_statistics``, run by
+``callbacks.ResidualStatisticsCallback`` during a fit.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, get_args
+from collections.abc import Callable, Iterable
+from typing import get_args
 
 import torch
-from anomalib.models.components import DynamicBufferMixin
-from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from .reference import iterate_pooled_features, rank_batches
 from .settings import ResidualCovariance
 
-if TYPE_CHECKING:
-    from .torch_model import FodModel
-
-logger = logging.getLogger(__name__)
+# Sums over the processes of a distributed fit (``trainer.strategy.reduce(tensor, reduce_op="sum")``).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 # Added to the covariance's diagonal, as a share of its mean variance: keeps the inverse finite when
 # the training images span fewer directions than there are channels.
 SHRINKAGE = 0.01
-
-# Largest float64 sums of per-position outer products (L, C, C) the fit may hold, over all levels.
-# EfficientNet-Lite0 at 256x256 needs 39 MiB and at 1024x1024 620 MiB; WideResNet50 (512 and 1024
-# channels) needs 4 GiB at 256x256, which belongs in a shared covariance, not in a checkpoint.
-PER_POSITION_BUDGET_BYTES = 1 << 30
 
 
 def per_position_bytes(grids: Iterable[tuple[int, int]], channels: Iterable[int]) -> int:
@@ -58,7 +47,7 @@ def per_position_bytes(grids: Iterable[tuple[int, int]], channels: Iterable[int]
     return sum(8 * h * w * c * c for (h, w), c in zip(grids, channels, strict=True))
 
 
-class ResidualStatistics(DynamicBufferMixin, nn.Module):
+class ResidualStatistics(nn.Module):
     """Per-position mean and precisions of one level's residuals; empty until fitted.
 
     Buffers: ``mean`` ``(L, C)``, ``precision`` ``(C, C)`` (of the covariance shared by all positions)
@@ -94,11 +83,16 @@ class ResidualStatistics(DynamicBufferMixin, nn.Module):
         return self.mean.numel() > 0
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:  # noqa: ANN001
-        """Older checkpoints load: without statistics (empty, fit them to use them), or with the per-position
-        precisions stored as ``precision`` ``(L, C, C)`` (moved to ``position_precision``)."""
+        """Load statistics of any shape (the buffers take the stored ones'); older checkpoints load too: without
+        statistics (empty, fit them to use them), or with the per-position precisions stored as ``precision``
+        ``(L, C, C)`` (moved to ``position_precision``)."""
         old = state_dict.get(prefix + "precision")
         if old is not None and old.dim() == 3 and prefix + "position_precision" not in state_dict:  # noqa: PLR2004
             state_dict[prefix + "position_precision"] = state_dict.pop(prefix + "precision")
+        for name in ("mean", "precision", "position_precision"):
+            stored, current = state_dict.get(prefix + name), getattr(self, name)
+            if stored is not None and stored.shape != current.shape:
+                setattr(self, name, current.new_empty(stored.shape))
         before = set(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         for name in ("mean", "precision", "position_precision"):
@@ -160,7 +154,7 @@ class ResidualStatistics(DynamicBufferMixin, nn.Module):
 
 
 class ResidualAccumulator:
-    """Running float64 sums of residuals ``(B, L, C)`` for :func:`fit_statistics`, per level.
+    """Running float64 sums of one level's residuals ``(B, L, C)``, and the statistics they give.
 
     ``per_position``: keep every position's outer products ``(L, C, C)`` (their sum over positions
     is the shared one) for per-position covariances.
@@ -188,18 +182,19 @@ class ResidualAccumulator:
             self.outer += flat.T @ flat
         self.count += r.shape[0]
 
-    def finish(self, trainer: Trainer | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def finish(self, reduce: Reduce | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(L, C)`` means, the precision ``(C, C)`` of the pooled within-position covariance and, per
-        position, ``(L, C, C)`` those of each position's covariance shrunk towards the pooled one (else None)."""
+        position, ``(L, C, C)`` those of each position's covariance shrunk towards the pooled one (else None).
+
+        ``reduce``: sums the running sums over the processes of a distributed fit first.
+        """
         if self.sum is None or self.outer is None:
             msg = "no training images: FOD needs them to fit its residual statistics."
             raise RuntimeError(msg)
         total, outer = self.sum, self.outer
         count = torch.tensor(self.count, dtype=torch.float64, device=total.device)
-        if trainer is not None and trainer.world_size > 1:
-            total = trainer.strategy.reduce(total, reduce_op="sum")
-            outer = trainer.strategy.reduce(outer, reduce_op="sum")
-            count = trainer.strategy.reduce(count, reduce_op="sum")
+        if reduce is not None:
+            total, outer, count = reduce(total), reduce(outer), reduce(count)
         mean = total / count
         positions, channels = mean.shape
         pooled = outer.sum(dim=0) if self.per_position else outer
@@ -213,96 +208,3 @@ class ResidualAccumulator:
             weight = channels / (count + channels)
             position_precision = torch.linalg.inv((1 - weight) * own + weight * cov).float()
         return mean.float(), torch.linalg.inv(cov).float(), position_precision
-
-
-@torch.no_grad()
-def fit_statistics(
-    model: FodModel,
-    features: Iterable[list[torch.Tensor]],
-    trainer: Trainer | None = None,
-    weight: float = 1.0,
-) -> None:
-    """Fit every level's :class:`ResidualStatistics` on pooled training features (all batches, all ranks).
-
-    ``weight=0``: this rank's shard is empty under DDP; it contributes shapes but no data.
-    """
-    was_training = model.training
-    model.eval()
-    accumulators: list[ResidualAccumulator] | None = None
-    per_position = [statistics.per_position for statistics in model.anomaly_map_generator.statistics]
-    try:
-        for levels in features:
-            run = model.run_levels(levels)
-            if accumulators is None:
-                accumulators = [ResidualAccumulator(flag) for flag in per_position]
-            for accumulator, tokens, output in zip(accumulators, run.tokens, run.levels, strict=True):
-                residual = tokens - output.reconstruction
-                accumulator.add(residual if weight else residual[:0])
-    finally:
-        model.train(was_training)
-    if accumulators is None:
-        msg = "no training images: FOD needs them to fit its residual statistics."
-        raise RuntimeError(msg)
-    for statistics, accumulator in zip(model.anomaly_map_generator.statistics, accumulators, strict=True):
-        statistics.set(*accumulator.finish(trainer))
-
-
-class ResidualStatisticsCallback(Callback):
-    """Fit the residual statistics on the training set when the scoring needs them and the weights changed.
-
-    Before every validation of a fit (the post-processor learns its thresholds from validation scores)
-    and at the end of training, if an optimizer step has happened since the last fit.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fitted_at_step: int | None = None
-
-    def refresh(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Fit now if the scoring needs the statistics and an optimizer step has happened since the last fit."""
-        model: FodModel = pl_module.model
-        if not model.anomaly_map_generator.needs_statistics or self.fitted_at_step == trainer.global_step:
-            return
-        transform = pl_module.pre_processor.transform if pl_module.pre_processor is not None else None
-        loader, weight = rank_batches(trainer)
-        batches = iterate_pooled_features(
-            model,
-            loader,
-            transform,
-            pl_module.device,
-            progress=trainer.is_global_zero,
-            desc="FOD residual statistics",
-            gains=model.settings.intensity_gains,
-        )
-        fit_statistics(model, batches, trainer, weight)
-        self.fitted_at_step = trainer.global_step
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Refuse, before any step, per-position statistics too large to keep (the grids are known by now)."""
-        del trainer
-        model: FodModel = pl_module.model
-        statistics = model.anomaly_map_generator.statistics
-        if not model.anomaly_map_generator.needs_statistics or not any(s.per_position for s in statistics):
-            return
-        grids = [tuple(int(v) for v in level.ref_grid) for level in model.levels]
-        if not all(h * w for h, w in grids):  # no references (with_inter=False): the grid is known only later
-            return
-        size = per_position_bytes(grids, model.feature_extractor.channels)
-        if size > PER_POSITION_BUDGET_BYTES:
-            msg = (
-                f"residual_covariance={model.settings.residual_covariance!r} with image_score="
-                f"{model.settings.image_score!r} needs {size / 2**30:.1f} GiB for one "
-                f"covariance per token position (grids {grids}, backbone channels "
-                f"{list(model.feature_extractor.channels)}); use residual_covariance='shared' and image_score='map' "
-                "(one covariance per level), a smaller image size or a backbone with fewer channels."
-            )
-            raise ValueError(msg)
-
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Refit before validation scores the images (only during fit: test and predict use what is stored)."""
-        if trainer.state.fn == "fit":
-            self.refresh(trainer, pl_module)
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Refit after the last step (a run without validation still leaves a usable model)."""
-        self.refresh(trainer, pl_module)

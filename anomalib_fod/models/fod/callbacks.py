@@ -1,0 +1,129 @@
+"""The Lightning callbacks ``Fod`` trains with: when its passes over the training images run (``fitting.py``).
+
+- :class:`ReferenceFeatureCallback`: the reference features, once when training starts, before the first
+  optimisation step. When training resumes from a checkpoint (``ckpt_path``) that already holds
+  references, they are kept as they are, so a resumed run matches an uninterrupted one.
+- :class:`ResidualStatisticsCallback`: the residual statistics, whenever the scoring needs them and the
+  weights have changed since the last fit: before each validation of a fit (anomalib's post-processor
+  learns its thresholds from validation scores) and at the end of training.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from anomalib_fod.utils import check_choice
+
+from .fitting import TrainingImages, distributed_sum, fit_reference, fit_residual_statistics, rank_batches
+from .residual_statistics import per_position_bytes
+from .settings import ReferenceMode
+
+if TYPE_CHECKING:
+    import torch
+
+    from .torch_model import FodModel
+
+logger = logging.getLogger(__name__)
+
+# Largest float64 sums of per-position outer products (L, C, C) the fit may hold, over all levels.
+# EfficientNet-Lite0 at 256x256 needs 39 MiB and at 1024x1024 620 MiB; WideResNet50 (512 and 1024
+# channels) needs 4 GiB at 256x256, which belongs in a shared covariance, not in a checkpoint.
+PER_POSITION_BUDGET_BYTES = 1 << 30
+
+
+def training_transform(pl_module: LightningModule) -> torch.nn.Module | None:
+    """The pre-processor's transform, which the training steps see their images through."""
+    pre_processor = getattr(pl_module, "pre_processor", None)
+    return getattr(pre_processor, "transform", None) if pre_processor else None
+
+
+def training_images(trainer: Trainer, pl_module: LightningModule) -> TrainingImages:
+    """This process's share of the fit's training images, pre-processed as the training steps see them."""
+    batches, weight = rank_batches(trainer)
+    return TrainingImages(
+        batches,
+        training_transform(pl_module),
+        pl_module.device,
+        progress=trainer.is_global_zero,
+        reduce=distributed_sum(trainer),
+        weight=weight,
+    )
+
+
+class ReferenceFeatureCallback(Callback):
+    """Fill FOD's reference-feature buffers from the training set before training starts.
+
+    Args:
+        mode: ``"mean"`` or ``"coreset"``.
+    """
+
+    def __init__(self, mode: ReferenceMode = "mean") -> None:
+        super().__init__()
+        check_choice("reference", mode, ReferenceMode)
+        self.mode = mode
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Compute the references (unless resuming with references already in the checkpoint)."""
+        model: FodModel = pl_module.model
+        if not model.with_inter:
+            return
+        if trainer.ckpt_path is not None and model.has_reference:
+            logger.info("Resuming: keeping the reference features stored in %s", trainer.ckpt_path)
+            return
+        if self.mode == "coreset" and trainer.world_size > 1:
+            msg = "reference='coreset' is single-device only; use reference='mean' with DDP."
+            raise RuntimeError(msg)
+        fit_reference(model, training_images(trainer, pl_module), self.mode)
+
+
+class ResidualStatisticsCallback(Callback):
+    """Fit the residual statistics on the training set when the scoring needs them and the weights changed.
+
+    Before every validation of a fit (the post-processor learns its thresholds from validation scores)
+    and at the end of training, if an optimizer step has happened since the last fit.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fitted_at_step: int | None = None
+
+    def refresh(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fit now if the scoring needs the statistics and an optimizer step has happened since the last fit."""
+        model: FodModel = pl_module.model
+        if not model.anomaly_map_generator.needs_statistics or self.fitted_at_step == trainer.global_step:
+            return
+        fit_residual_statistics(model, training_images(trainer, pl_module))
+        self.fitted_at_step = trainer.global_step
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse, before any step, per-position statistics too large to keep (the grids are known by now)."""
+        del trainer
+        model: FodModel = pl_module.model
+        statistics = model.anomaly_map_generator.statistics
+        if not model.anomaly_map_generator.needs_statistics or not any(s.per_position for s in statistics):
+            return
+        grids = [tuple(int(v) for v in level.ref_grid) for level in model.levels]
+        if not all(h * w for h, w in grids):  # no references (with_inter=False): the grid is known only later
+            return
+        size = per_position_bytes(grids, model.feature_extractor.channels)
+        if size > PER_POSITION_BUDGET_BYTES:
+            msg = (
+                f"residual_covariance={model.settings.residual_covariance!r} with image_score="
+                f"{model.settings.image_score!r} needs {size / 2**30:.1f} GiB for one "
+                f"covariance per token position (grids {grids}, backbone channels "
+                f"{list(model.feature_extractor.channels)}); use residual_covariance='shared' and image_score='map' "
+                "(one covariance per level), a smaller image size or a backbone with fewer channels."
+            )
+            raise ValueError(msg)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refit before validation scores the images (only during fit: test and predict use what is stored)."""
+        if trainer.state.fn == "fit":
+            self.refresh(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refit after the last step (a run without validation still leaves a usable model)."""
+        self.refresh(trainer, pl_module)

@@ -1,0 +1,276 @@
+"""Every pass of FOD over its training images besides the optimizer steps, in one place.
+
+- **Reference features** (the inter-correlation branch's keys), once before the first step:
+  ``mean`` (paper default) is the per-position mean of the 3x3-pooled features; ``coreset`` is a
+  greedy k-center coreset of all pooled training tokens (as many as there are token positions),
+  each keeping the grid position it came from, so the inter target stays a Gaussian over positions
+  (single device only).
+- **Residual statistics** (``residual_statistics.py``), after steps: the model's residuals on every
+  training image, at every intensity gain, summed into each level's Gaussian.
+- **Feature cache** (``feature_cache.py``), when training starts: the frozen backbone's pooled
+  features of every training image, in one ordered pass.
+
+Every pass runs the model in eval mode and pre-processes the images exactly as training does.
+Under DDP each rank sums its own shard ``rank, rank + world_size, ...`` of the training set and the
+sums are all-reduced, so the results equal the single-device ones; the trainer's
+``DistributedSampler`` is not used for these passes, because it pads the dataset to a multiple of
+the world size by repeating images, which would count those images twice.
+
+The Lightning callbacks that decide *when* a pass runs are in ``callbacks.py``; this module only
+reads what it is handed (a model, batches, a transform) and a trainer's loader, rank and all-reduce.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from anomalib.models.components import KCenterGreedy
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from .residual_statistics import Reduce, ResidualAccumulator
+from .settings import ReferenceMode
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+    from .feature_cache import FeatureCache
+    from .torch_model import FodModel
+
+logger = logging.getLogger(__name__)
+
+EMPTY_TRAINING_SET = "the training set is empty: FOD needs normal training images to compute its reference features."
+
+# How far outside [0, 1] images may lie before intensity gains refuse them as already normalised: resizing
+# (bilinear, bicubic) overshoots by rounding or ringing, an ImageNet-normalised image spans about [-2.1, 2.6].
+INTENSITY_SLACK = 0.25
+
+
+def iterate_pooled_features(
+    model: FodModel,
+    batches: Iterable,
+    transform: torch.nn.Module | None,
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "FOD reference features",
+    gains: Sequence[float] = (1.0,),
+) -> Iterator[list[torch.Tensor]]:
+    """Yield pooled backbone features of every batch, pre-processed as in training.
+
+    ``gains``: each batch is seen once per gain, its images ``(B, 3, H, W)`` (intensities in ``[0, 1]``, as
+    anomalib's datasets load them) multiplied by it and clipped to ``[0, 1]`` before the pre-processing; the
+    copies go through the backbone together, so each yielded level is ``(len(gains) * B, C_i, h_i, w_i)``.
+    """
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        images = batch.image if hasattr(batch, "image") else batch
+        images = images.to(device)
+        # A resize may overshoot [0, 1] a little (the clip below handles it); a normalised batch is far outside.
+        if any(gain != 1 for gain in gains) and (images.min() < -INTENSITY_SLACK or images.max() > 1 + INTENSITY_SLACK):
+            msg = (
+                f"intensity_gains {tuple(gains)} scale images with intensities in [0, 1], as anomalib's datasets "
+                f"load them; this batch spans [{float(images.min()):.3g}, {float(images.max()):.3g}] (already "
+                "normalised?). Give the model unnormalised images or set intensity_gains=(1.0,)."
+            )
+            raise ValueError(msg)
+        # One forward pass over every gain's copy: batched convolutions and attentions cost less than one per gain.
+        scaled = torch.cat([images if gain == 1 else (images * gain).clamp(0, 1) for gain in gains])
+        yield model.extract_features(transform(scaled) if transform is not None else scaled)
+
+
+def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
+    """Rank ``rank``'s share of ``loader``'s dataset, in order and without padding.
+
+    Samples ``rank, rank + world_size, ...``: over all ranks every sample is seen exactly once
+    (a ``DistributedSampler`` would repeat samples to even out the shards). Uses the loader's
+    batch size, collate function and workers. A rank left without samples (fewer samples than
+    ranks) gets sample 0, which :func:`mean_reference` is told to weigh with zero.
+    """
+    indices = list(range(rank, len(loader.dataset), world_size)) or [0]
+    return DataLoader(
+        Subset(loader.dataset, indices),
+        batch_size=loader.batch_size or 1,
+        shuffle=False,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+    )
+
+
+def distributed_sum(trainer: Trainer | None) -> Reduce | None:
+    """The all-reduce (sum) over the trainer's processes, or ``None`` on one process."""
+    if trainer is None or trainer.world_size <= 1:
+        return None
+    return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")
+
+
+def rank_batches(trainer: Trainer) -> tuple[Iterable, float]:
+    """The training batches this rank sums over, and their weight (0 for an empty DDP shard).
+
+    Under DDP each rank takes its own unpadded shard (:func:`shard_loader`), so a sum over ranks sees
+    every training image once.
+    """
+    loader = trainer.train_dataloader
+    if trainer.world_size <= 1:
+        return loader, 1.0
+    if not isinstance(loader, DataLoader):
+        logger.warning(
+            "FOD: the training data is not a single DataLoader; under DDP its padded distributed "
+            "sampler may count a few images twice in sums over the training set.",
+        )
+        return loader, 1.0
+    rank, world_size = trainer.global_rank, trainer.world_size
+    weight = 1.0 if rank < len(loader.dataset) else 0.0
+    return shard_loader(loader, rank, world_size), weight
+
+
+def mean_reference(
+    features: Iterable[list[torch.Tensor]],
+    reduce: Reduce | None = None,
+    weight: float = 1.0,
+) -> list[torch.Tensor]:
+    """Per-position mean ``(C_i, h_i, w_i)`` of each level over all batches (and all processes, with ``reduce``).
+
+    ``weight=0`` makes this rank contribute shapes but no data to the all-reduce (an empty shard).
+    """
+    sums: list[torch.Tensor] | None = None
+    count = None
+    for levels in features:
+        if weight == 0:
+            levels = [f[:0] for f in levels]  # noqa: PLW2901 - keep the shapes, drop the samples
+        if sums is None:
+            sums = [torch.zeros(f.shape[1:], dtype=torch.float64, device=f.device) for f in levels]
+            count = torch.zeros((), dtype=torch.float64, device=levels[0].device)
+        for total, f in zip(sums, levels, strict=True):
+            total += f.double().sum(dim=0)
+        count += levels[0].shape[0]
+    if sums is None:
+        raise RuntimeError(EMPTY_TRAINING_SET)
+    if reduce is not None:
+        sums = [reduce(s) for s in sums]
+        count = reduce(count)
+    if count <= 0:
+        raise RuntimeError(EMPTY_TRAINING_SET)
+    return [(s / count).float() for s in sums]
+
+
+def coreset_reference(
+    features: Iterable[list[torch.Tensor]],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
+    """Greedy k-center coreset of all training tokens per level ``(S_i, C_i)``, their ``(S_i, 2)`` grid positions
+    and each level's grid."""
+    collected = [[f.cpu() for f in levels] for levels in features]
+    if not collected:
+        raise RuntimeError(EMPTY_TRAINING_SET)
+    tokens, positions, grids = [], [], []
+    for level in range(len(collected[0])):
+        maps = torch.cat([c[level] for c in collected])  # (N, C, h, w)
+        _, channels, height, width = maps.shape
+        flat = maps.permute(0, 2, 3, 1).reshape(-1, channels)  # (N * h * w, C)
+        ratio = min(1.0, (height * width) / flat.shape[0])
+        indices = torch.as_tensor(KCenterGreedy(flat, sampling_ratio=ratio).select_coreset_idxs(), dtype=torch.long)
+        cell = indices % (height * width)
+        tokens.append(flat[indices])
+        positions.append(torch.stack((cell // width, cell % width), dim=-1).float())
+        grids.append((height, width))
+    return tokens, positions, grids
+
+
+@dataclass(frozen=True)
+class TrainingImages:
+    """The training images as one pass sees them.
+
+    Attributes:
+        batches: this process's batches of training images (intensities in ``[0, 1]``).
+        transform: the training pre-processing (the pre-processor's transform), or ``None``.
+        device: where the model runs.
+        progress: show a progress bar.
+        reduce: sums over the processes of a distributed fit (:func:`distributed_sum`), ``None`` on one process.
+        weight: 0 when this process's share is empty under DDP: it contributes shapes but no data.
+    """
+
+    batches: Iterable
+    transform: torch.nn.Module | None
+    device: torch.device
+    progress: bool = True
+    reduce: Reduce | None = None
+    weight: float = 1.0
+
+    def features(self, model: FodModel, desc: str, gains: Sequence[float] = (1.0,)) -> Iterator[list[torch.Tensor]]:
+        """Pooled backbone features of every batch (see :func:`iterate_pooled_features`)."""
+        return iterate_pooled_features(model, self.batches, self.transform, self.device, self.progress, desc, gains)
+
+
+def fit_reference(model: FodModel, images: TrainingImages, mode: ReferenceMode = "mean") -> None:
+    """Store the reference features of ``mode`` computed from the training images (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        features = images.features(model, "FOD reference features")
+        if mode == "mean":
+            model.set_mean_reference(mean_reference(features, images.reduce, images.weight))
+        else:
+            model.set_reference_tokens(*coreset_reference(features))
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def fit_statistics(
+    model: FodModel,
+    features: Iterable[list[torch.Tensor]],
+    reduce: Reduce | None = None,
+    weight: float = 1.0,
+) -> None:
+    """Fit every level's :class:`~.residual_statistics.ResidualStatistics` on pooled training features (all
+    batches; all processes with ``reduce``).
+
+    ``weight=0``: this rank's shard is empty under DDP; it contributes shapes but no data.
+    """
+    was_training = model.training
+    model.eval()
+    accumulators: list[ResidualAccumulator] | None = None
+    per_position = [statistics.per_position for statistics in model.anomaly_map_generator.statistics]
+    try:
+        for levels in features:
+            run = model.run_levels(levels)
+            if accumulators is None:
+                accumulators = [ResidualAccumulator(flag) for flag in per_position]
+            for accumulator, tokens, output in zip(accumulators, run.tokens, run.levels, strict=True):
+                residual = tokens - output.reconstruction
+                accumulator.add(residual if weight else residual[:0])
+    finally:
+        model.train(was_training)
+    if accumulators is None:
+        msg = "no training images: FOD needs them to fit its residual statistics."
+        raise RuntimeError(msg)
+    for statistics, accumulator in zip(model.anomaly_map_generator.statistics, accumulators, strict=True):
+        statistics.set(*accumulator.finish(reduce))
+
+
+def fit_residual_statistics(model: FodModel, images: TrainingImages) -> None:
+    """Fit the residual statistics on the training images, each seen at every one of the model's
+    ``intensity_gains``."""
+    features = images.features(model, "FOD residual statistics", model.settings.intensity_gains)
+    fit_statistics(model, features, images.reduce, images.weight)
+
+
+def fill_feature_cache(cache: FeatureCache, model: FodModel, images: TrainingImages) -> None:
+    """One ordered pass over the training images (this device's share, as the training steps see it) into
+    ``cache``, keyed by each image's path.
+
+    Iterating a DataLoader draws from the global RNG; the RNG states are restored afterwards, so the
+    training order does not depend on whether the cache was filled.
+    """
+
+    def batches() -> Iterator[tuple[list[str], torch.Tensor]]:
+        for batch in tqdm(images.batches, desc="FOD feature cache", disable=not images.progress, leave=False):
+            pixels = batch.image.to(images.device)
+            yield list(batch.image_path), images.transform(pixels) if images.transform else pixels
+
+    cuda = [images.device.index or 0] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        cache.fill(batches(), model.extract_features)

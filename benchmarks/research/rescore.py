@@ -1,0 +1,144 @@
+"""Re-score a harness run's trained FOD checkpoints with other scoring settings, without retraining.
+
+FOD's scoring settings (``reconstruction_term``, ``residual_covariance``, ``image_score``, ``intensity_gains``,
+``blur_sigma``) act after training: the residual statistics are refitted on the training images with the
+variant's settings, then the test set is predicted as the harness does (``Engine.predict``, raw scores) and
+scored exactly. Each variant is scored on the same trained weights, so differences between variants are the
+scoring's alone. Training images only are used to fit; the test labels only to measure.
+
+    python benchmarks/research/rescore.py --harness benchmarks/shared_datasets_256.yaml --model Fod --datasets "[battery_weld]" \
+        --variants '{"gains 1": {"intensity_gains": [1.0]}, "gains 0.9-1.1": {"intensity_gains": [0.9, 1.0, 1.1]}}'
+
+One JSON line per checkpoint and variant goes to ``--out`` (appended; rows already there are skipped, so a
+killed run resumes), and a table of mean and spread over seeds is printed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def main(
+    harness: Path = Path("benchmarks/shared_datasets_256.yaml"),
+    variants: dict[str, dict[str, Any]] | None = None,
+    model: str = "Fod",
+    datasets: list[str] | None = None,
+    seeds: list[int] | None = None,
+    run: Path | None = None,
+    out: Path | None = None,
+    threads: int = 1,
+) -> None:
+    """Re-score the checkpoint of every finished ``<dataset>__<model>__seed<k>`` harness cell with each variant.
+
+    Args:
+        harness: the harness config the run was made with (its datasets are rebuilt from it).
+        variants: name -> keyword arguments of ``Fod.load_from_checkpoint`` (scoring settings).
+        model: the harness model name whose cells are re-scored.
+        datasets: dataset names (default: every dataset of the config with checkpoints).
+        seeds: seeds whose checkpoints are re-scored (default: all).
+        run: the harness run folder (default: the config's ``output_dir``).
+        out: JSON-lines file of the results (default: ``<run>/rescore.jsonl``).
+        threads: torch threads.
+    """
+    import torch  # noqa: PLC0415
+
+    from anomalib_fod import Fod  # noqa: PLC0415
+    from anomalib_fod.benchmark.data import build_datamodule  # noqa: PLC0415
+    from anomalib_fod.evaluation import exact_metrics  # noqa: PLC0415
+
+    if not variants:
+        msg = 'give --variants, e.g. \'{"as before": {"intensity_gains": [1.0]}}\''
+        raise SystemExit(msg)
+    torch.set_num_threads(threads)
+    specs, run, out, done = open_run(harness, run, out, "rescore.jsonl")
+    for dataset, seed, checkpoint in finished_cells(run, model, datasets or list(specs), seeds):
+        datamodule = build_datamodule(specs[dataset])
+        datamodule.setup()
+        for name, settings in variants.items():
+            if (dataset, seed, name) in done:
+                continue
+            start = time.perf_counter()
+            fod = Fod.load_from_checkpoint(checkpoint, **settings)
+            fod.fit_residual_statistics(datamodule)
+            fit_s = time.perf_counter() - start
+            raw = predict_raw(fod, datamodule)
+            metrics = exact_metrics(raw["scores"], raw["labels"], raw["maps"], raw["masks"])
+            row = {"dataset": dataset, "seed": seed, "variant": name, "settings": settings, "fit_s": fit_s, **metrics}
+            print(json.dumps(row), flush=True)
+            with out.open("a") as file:
+                file.write(json.dumps(row) + "\n")
+    table(out, variants)
+
+
+def open_run(harness: Path, run: Path | None, out: Path | None, name: str) -> tuple[dict[str, Any], Path, Path, set]:
+    """The harness config's datasets by name, the run folder, the results file (default ``<run>/<name>``) and the
+    ``(dataset, seed, variant)`` rows it already holds (skipped: a killed run resumes)."""
+    from anomalib_fod.benchmark.config import load_config  # noqa: PLC0415
+
+    spec = load_config(harness)
+    run = Path(run or spec.output_dir)
+    out = Path(out or run / name)
+    done = set()
+    if out.exists():
+        done = {(r["dataset"], r["seed"], r["variant"]) for r in map(json.loads, out.read_text().splitlines())}
+    return {dataset.name: dataset for dataset in spec.datasets}, run, out, done
+
+
+def predict_raw(fod: Any, datamodule: Any) -> dict[str, Any]:  # noqa: ANN401
+    """The test set's raw (un-normalised) predictions, as the harness makes them (``Engine.predict``)."""
+    from anomalib.engine import Engine  # noqa: PLC0415
+
+    from anomalib_fod.evaluation import collect_predictions, raw_post_processing  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as scratch, raw_post_processing(fod):
+        engine = Engine(default_root_dir=scratch, logger=False, enable_progress_bar=False, devices=1)
+        return collect_predictions(engine.predict(fod, datamodule=datamodule, return_predictions=True))
+
+
+def finished_cells(run: Path, model: str, datasets: list[str], seeds: list[int] | None) -> list[tuple[str, int, Path]]:
+    """``(dataset, seed, checkpoint)`` of every finished ``<dataset>__<model>__seed<k>`` cell of a harness run."""
+    pattern = re.compile(rf"(?P<dataset>.+)__{re.escape(model)}__seed(?P<seed>\d+)\.json$")
+    records = {match: json.loads(path.read_text()) for path in (run / "cells").glob("*.json")
+               if (match := pattern.match(path.name))}
+    cells = sorted(
+        (match["dataset"], int(match["seed"]), Path(record["checkpoint"]))
+        for match, record in records.items()
+        if record.get("status") == "ok" and match["dataset"] in datasets
+    )
+    cells = [cell for cell in cells if seeds is None or cell[1] in seeds]
+    if not cells:
+        msg = f"no finished {model} cells of {datasets} under {run / 'cells'}"
+        raise SystemExit(msg)
+    return cells
+
+
+def table(path: Path, variants: dict[str, dict[str, Any]]) -> None:
+    """Print image / pixel AUROC, mean ± spread over seeds, per variant (rows) and dataset (columns)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    names = list(dict.fromkeys(row["dataset"] for row in rows))
+    print("| variant | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for variant in variants:
+        cells = []
+        for dataset in names:
+            picked = [row for row in rows if row["dataset"] == dataset and row["variant"] == variant]
+            cells.append(" / ".join(_spread([row[key] for row in picked]) for key in ("image_auroc", "pixel_auroc")))
+        print(f"| {variant} | " + " | ".join(cells) + " |")
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {spread:.4f} ({len(values)})"
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(main)
