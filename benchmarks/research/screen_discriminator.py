@@ -6,7 +6,7 @@ token plus Gaussian noise (a defect just off the normal manifold), optionally wi
 context. Its logit is a learned anomaly score; the whitened distance of the same tokens (a Gaussian, nothing
 learned) is the baseline. Step 0 is the untrained discriminator. Nothing is chosen on test labels.
 
-    python benchmarks/screen_discriminator.py --data bottle=<datasets>/mvtec_ad:bottle --image-size 128 128 \\
+    python benchmarks/research/screen_discriminator.py --data bottle=<datasets>/mvtec_ad:bottle --image-size 128 128 \\
         --seeds 0 --steps 0,250,1000 --noise 1.0 --out results/screen/disc_128
 """
 
