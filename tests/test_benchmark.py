@@ -147,6 +147,7 @@ def _config(dataset_root: Path, run_dir: Path, **overrides: object) -> dict:
         (lambda c: c["models"][0].update(max_epochs=0), "max_epochs must be"),
         (lambda c: c.update(image_size=[16, 16]), "image_size"),
         (lambda c: c.update(datasets=[]), "datasets must be a non-empty list"),
+        (lambda c: c["models"][0].update(train_batch_size=0), "train_batch_size must be"),
     ],
 )
 def test_config_errors(tmp_path: Path, change, message: str) -> None:  # noqa: ANN001
@@ -174,6 +175,23 @@ def test_fingerprints_of_stored_results_stay_valid() -> None:
     }
     cells = expand_cells(parse_config(data), Path("/run"))
     assert [cell.fingerprint() for cell in cells] == ["aa136528a5a0d48a", "b9a121517179514a"]  # computed by the old harness
+
+
+def test_a_model_may_train_at_its_own_batch_size(tmp_path: Path) -> None:
+    """A model's ``train_batch_size`` replaces the dataset's for its cells only, and counts in their fingerprint."""
+    from anomalib_fod.benchmark.config import expand_cells
+    from anomalib_fod.benchmark.data import build_datamodule
+
+    dataset = tmp_path / "data" / "dummy"
+    dataset.mkdir(parents=True)
+    plain = expand_cells(parse_config(_config(dataset, tmp_path / "run")), tmp_path / "run")
+    config = _config(dataset, tmp_path / "run")
+    config["models"][1]["train_batch_size"] = 16
+    own = expand_cells(parse_config(config), tmp_path / "run")
+    assert own[0].fingerprint() == plain[0].fingerprint()  # the model without it: unchanged
+    assert own[1].fingerprint() != plain[1].fingerprint()
+    assert build_datamodule(own[0].dataset, own[0].model.train_batch_size).train_batch_size == 5
+    assert build_datamodule(own[1].dataset, own[1].model.train_batch_size).train_batch_size == 16
 
 
 def test_shipped_configs_parse() -> None:

@@ -139,7 +139,7 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
         torch.cuda.reset_peak_memory_stats()
     spec.work_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(spec.seed, workers=True)
-    datamodule = build_datamodule(spec.dataset)
+    datamodule = build_datamodule(spec.dataset, spec.model.train_batch_size)
     model, weights = build_model(
         spec.model.class_path,
         spec.model.init_args,

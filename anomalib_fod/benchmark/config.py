@@ -108,6 +108,8 @@ class ModelSpec:
         timeout_s: kill the cell after this many seconds.
         layers: this model's own feature layers (same backbone), else the shared ones.
         test_curve: test metrics after every epoch (reporting only; see benchmark/curve.py).
+        train_batch_size: this model's training batch, instead of the dataset's ``train_batch_size`` (e.g. a
+            model that learns per step at batch 1 beside one whose recipe trains at batch 16).
     """
 
     class_path: str
@@ -117,6 +119,7 @@ class ModelSpec:
     timeout_s: float | None = None
     layers: tuple[str, ...] | None = None
     test_curve: bool = False
+    train_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         shared = sorted(set(self.init_args) & set(SHARED_MODEL_ARGS))
@@ -128,6 +131,10 @@ class ModelSpec:
         _require(self.max_epochs >= 1, "models: max_epochs must be an integer >= 1.")
         _require(self.timeout_s is None or self.timeout_s > 0, "models: timeout_s must be > 0.")
         _require(self.layers is None or len(self.layers) > 0, "models: layers must name layers of the shared backbone.")
+        _require(
+            self.train_batch_size is None or (isinstance(self.train_batch_size, int) and self.train_batch_size >= 1),
+            "models: train_batch_size must be an integer >= 1 (or absent: the dataset's).",
+        )
         object.__setattr__(self, "init_args", dict(self.init_args))
         object.__setattr__(self, "layers", tuple(self.layers) if self.layers else None)
         object.__setattr__(self, "name", _checked_name("models", self.name or self.class_path.rsplit(".", 1)[-1]))

@@ -52,8 +52,9 @@ def ensure_dummy_dataset(spec: DatasetSpec) -> bool:
     return True
 
 
-def build_datamodule(spec: DatasetSpec) -> Any:  # noqa: ANN401 - an AnomalibDataModule
-    """Instantiate the datamodule of ``spec`` with ``val_split_mode='same_as_test'``.
+def build_datamodule(spec: DatasetSpec, train_batch_size: int | None = None) -> Any:  # noqa: ANN401 - an AnomalibDataModule
+    """Instantiate the datamodule of ``spec`` with ``val_split_mode='same_as_test'`` (and ``train_batch_size``,
+    when given, instead of the dataset's).
 
     The test set is never used to select a model: the validation split equals the test set
     only so that anomalib's post-processor can compute its thresholds and min-max statistics,
@@ -66,6 +67,8 @@ def build_datamodule(spec: DatasetSpec) -> Any:  # noqa: ANN401 - an AnomalibDat
         msg = f"'{spec.class_path}' is not an anomalib AnomalibDataModule."
         raise TypeError(msg)
     init_args = dict(spec.init_args)
+    if train_batch_size is not None:
+        init_args["train_batch_size"] = train_batch_size
     if "val_split_mode" not in inspect.signature(datamodule_class.__init__).parameters:
         init_args.pop("val_split_mode", None)
     else:
