@@ -164,3 +164,39 @@ def test_step_budget_stops_training_and_fits_the_residual_statistics(
         torch.testing.assert_close(s.mean, b, rtol=1e-5, atol=1e-5)
     check_metrics(engine.test(model, datamodule=datamodule))
     check_ranking(raw_predictions(engine, model, datamodule), min_image_auroc=0.95, min_pixel_auroc=0.9)
+
+
+@pytest.mark.parametrize(("max_epochs", "validations_at_step"), [(50, [12]), (2, [10])])
+def test_a_step_budget_validates_once_in_the_epoch_it_ends_in(
+    dummy_dataset, tmp_path, monkeypatch, max_epochs, validations_at_step  # noqa: ANN001
+) -> None:
+    """10 images at batch 2 are 5 steps an epoch: a 12-step budget ends in the third epoch, which alone validates
+    (and alone fits the residual statistics); a trainer that stops first validates in its own last epoch. The
+    trainer keeps its own validation interval."""
+    from lightning.pytorch import Callback
+
+    from anomalib_fod.models.fod import callbacks
+
+    fits: list[int] = []
+    original = callbacks.fit_residual_statistics
+    monkeypatch.setattr(callbacks, "fit_residual_statistics", lambda *a, **k: (fits.append(1), original(*a, **k)))
+
+    class CountValidations(Callback):
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def on_validation_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            del pl_module
+            self.steps.append(trainer.global_step)
+
+    seed_everything(0)
+    datamodule = make_datamodule(dummy_dataset.parent, dummy_dataset.name, train_batch_size=2, eval_batch_size=EVAL_BATCH)
+    model = Fod(pre_processor=Fod.configure_pre_processor((DUMMY_SIZE, DUMMY_SIZE)), visualizer=False,
+                training_steps=12, **TINY)
+    counter = CountValidations()
+    engine = make_engine(tmp_path, max_epochs=max_epochs, callbacks=[counter])
+    engine.fit(model, datamodule=datamodule)
+    assert counter.steps == validations_at_step
+    assert len(fits) == 1
+    assert engine.trainer.check_val_every_n_epoch == 1
+    assert math.isfinite(float(model.post_processor.image_threshold))

@@ -103,19 +103,6 @@ def export_and_time(
     return result
 
 
-def last_epoch(model: Any, planned: int, datamodule: Any) -> int:  # noqa: ANN401 - a model and its datamodule
-    """The epoch whose end validates: the last planned one or, for a model that stops itself after a step
-    budget (``Fod``'s ``training_steps``), the one it stops in. Lightning validates a run stopped mid-epoch
-    only in an epoch that validation is due in; with 1000 planned epochs it never was, and anomalib's
-    thresholds stayed NaN."""
-    steps = getattr(model, "training_steps", None)
-    if not getattr(model, "stops_itself", False) or not steps:
-        return planned
-    datamodule.setup("fit")
-    per_epoch = len(datamodule.train_dataloader())
-    return max(1, min(planned, math.ceil(steps / per_epoch)))
-
-
 def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float | None = None) -> dict[str, Any]:
     """Run one cell and return its result record (also written to ``spec.result_path``).
 
@@ -150,7 +137,6 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
     )
     # A model's trainer_arguments override the Engine's (PatchCore and PaDiM fix one epoch).
     epochs_planned = int(model.trainer_arguments.get("max_epochs") or spec.model.max_epochs)
-    validation_epoch = last_epoch(model, epochs_planned, datamodule)
     curve = TestCurve(datamodule) if spec.model.test_curve else None
     # After the curve: the per-epoch checkpoint then holds the epoch's curve point.
     clock = CellCheckpoint(spec.work_dir / RESUME_CHECKPOINT, spec.fingerprint())
@@ -161,8 +147,9 @@ def run_cell(spec: CellSpec, rss_scope: str = "cell process", startup_s: float |
         default_root_dir=spec.work_dir / "engine",
         logger=False,
         max_epochs=spec.model.max_epochs,
-        # Validation (= the test set) only feeds anomalib's thresholds and min-max: once, at the end.
-        check_val_every_n_epoch=validation_epoch,
+        # Validation (= the test set) only feeds anomalib's thresholds and min-max: once, at the end (a model that
+        # stops itself after a step budget, as Fod does, moves it to the epoch it stops in).
+        check_val_every_n_epoch=epochs_planned,
         accelerator=spec.accelerator,
         devices=1,
         enable_progress_bar=False,

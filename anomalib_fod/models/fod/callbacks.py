@@ -6,11 +6,15 @@
 - :class:`ResidualStatisticsCallback`: the residual statistics, whenever the scoring needs them and the
   weights have changed since the last fit: before each validation of a fit (anomalib's post-processor
   learns its thresholds from validation scores) and at the end of training.
+- :class:`ValidateWhenTrainingStops`: a model that stops itself after ``training_steps`` validates once, in the
+  epoch it stops in, instead of after every epoch before it (whose thresholds, and the statistics fitted for
+  them, the last validation replaces).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -127,3 +131,42 @@ class ResidualStatisticsCallback(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refit after the last step (a run without validation still leaves a usable model)."""
         self.refresh(trainer, pl_module)
+
+
+class ValidateWhenTrainingStops(Callback):
+    """Validate a self-stopping fit once, at the end of the epoch its ``training_steps`` budget ends in.
+
+    Lightning validates after every ``check_val_every_n_epoch``-th epoch. FOD's budget is in optimizer steps, so on
+    a training set smaller than the budget every earlier epoch would end with a validation (and a fit of the
+    residual statistics for it) whose thresholds the last one replaces, and a run stopped mid-epoch would not
+    validate at all in an epoch that validation is not due in (anomalib's thresholds would stay unset). For the
+    fit only, the trainer's ``check_val_every_n_epoch`` becomes the number of that epoch; ``teardown`` puts the
+    user's value back. A trainer that validates every so many steps (``check_val_every_n_epoch=None``) is left
+    alone.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._saved: int | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Set validation to the epoch the step budget ends in (or the trainer's last epoch, if that comes first)."""
+        budget = getattr(pl_module, "training_steps", None)
+        batches = trainer.num_training_batches
+        if budget is None or trainer.check_val_every_n_epoch is None or not math.isfinite(batches) or batches < 1:
+            return
+        steps_per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+        remaining = max(1, budget - trainer.global_step)
+        stop_epoch = trainer.current_epoch + math.ceil(remaining / steps_per_epoch) - 1
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            stop_epoch = min(stop_epoch, trainer.max_epochs - 1)
+        self._saved = trainer.check_val_every_n_epoch
+        # Lightning validates after epoch e when (e + 1) % n == 0: with n = stop_epoch + 1, first after stop_epoch.
+        trainer.check_val_every_n_epoch = stop_epoch + 1
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Give the trainer its own ``check_val_every_n_epoch`` back."""
+        del pl_module, stage
+        if self._saved is not None:
+            trainer.check_val_every_n_epoch = self._saved
+            self._saved = None

@@ -26,7 +26,12 @@ from torch import optim
 
 from anomalib_fod.models.base import ONNX_OPSET, NonFiniteLossError, OfflineBackboneModule
 
-from .callbacks import ReferenceFeatureCallback, ResidualStatisticsCallback, training_transform
+from .callbacks import (
+    ReferenceFeatureCallback,
+    ResidualStatisticsCallback,
+    ValidateWhenTrainingStops,
+    training_transform,
+)
 from .feature_cache import FeatureCache, cache_blocker
 from .fitting import TrainingImages, fill_feature_cache, fit_residual_statistics, shard_loader
 from .loss import FodLoss
@@ -229,6 +234,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             *super().training_callbacks(),
             ReferenceFeatureCallback(self.model.settings.reference),
             ResidualStatisticsCallback(),
+            ValidateWhenTrainingStops(),
         ]
 
     @classmethod
