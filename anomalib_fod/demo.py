@@ -25,7 +25,7 @@ def demo(
 ) -> dict[str, float]:
     """Train, test and visualise FOD on the embedded battery_weld dataset (offline).
 
-    Prints exact image and pixel AUROC (scikit-learn on raw scores, next to anomalib's
+    Prints exact image and pixel AUROC (on raw scores, every distinct score a threshold, next to anomalib's
     post-processed metric), the folder of heat-map images and the checkpoint.
 
     Args:

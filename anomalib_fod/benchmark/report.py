@@ -36,8 +36,9 @@ COST_COLUMNS = (
 )
 METHOD_NOTES = """\
 - Exact metrics use the raw predictions of `Engine.predict` (post-processor normalisation off):
-  image AUROC and image F1-max (best threshold, chosen on the test set) with scikit-learn on image scores,
-  pixel AUROC with scikit-learn on every pixel, AUPRO = area under the per-region-overlap vs. global-FPR
+  image AUROC and image F1-max (best threshold, chosen on the test set) with anomalib's `AUROC` and `F1Max` on
+  image scores, pixel AUROC with anomalib's `AUROC` on every pixel (every distinct score a threshold, see
+  `anomalib_fod/evaluation.py`), AUPRO = area under the per-region-overlap vs. global-FPR
   curve up to FPR 0.3 divided by 0.3 (8-connected GT regions, maps min-max scaled over the test set).
   `anomalib ...` columns are anomalib's own test metrics on post-processed (normalised, clamped) scores.
 - Validation uses `val_split_mode: same_as_test` only so that anomalib's post-processor can compute its
