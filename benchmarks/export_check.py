@@ -141,16 +141,16 @@ def latency(
     threads: int,
 ) -> dict[str, Any]:
     """Median and p10/p90 ms per case; cases with no model time torchvision's resize of the image."""
-    import openvino as ov
     import torch
     from torchvision.transforms.v2.functional import resize
 
-    core = ov.Core()
+    from anomalib_fod.inference import OpenVINOModel
+
     compiled: dict[str, Any] = {}
     for name, (xml, _) in cases.items():
         if xml is not None and xml not in compiled:
             config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-            compiled[xml] = core.compile_model(str(xml), "CPU", config)
+            compiled[xml] = OpenVINOModel(xml, "CPU", "f32", config).compiled
     requests = {name: compiled[xml].create_infer_request() if xml else None for name, (xml, _) in cases.items()}
 
     def run(name: str) -> None:
