@@ -38,8 +38,9 @@ class _Rounding(TorchDispatchMode):
     """Runs every aten operation on data (a tensor derived from the inputs or weights) as a reduced-precision
     runtime does: its float inputs, constants included, and its float32 results rounded to ``dtype``.
 
-    Operations on shapes and indices alone (e.g. a resize's filter positions) stay float32, as runtimes keep such
-    subgraphs (OpenVINO's CPU plugin keeps the index arithmetic that feeds a ``Gather`` in f32).
+    Operations on shapes alone (no input or weight in them) stay float32: in a graph of fixed shapes a runtime folds
+    them into float32 constants before rounding those. Where they depend on the input's size at run time, OpenVINO
+    computes float ones in bf16 too; the plugin's any-size resize keeps its positions in integers for that reason.
     """
 
     def __init__(self, dtype: torch.dtype, weights: set[int]) -> None:

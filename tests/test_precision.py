@@ -142,9 +142,9 @@ def test_emulation_rounds_every_result_and_restores_the_weights() -> None:
     assert torch.equal(linear(x), torch.nn.functional.linear(x, weight, linear.bias))  # no rounding after the block
 
 
-def test_emulation_keeps_index_arithmetic_in_float32() -> None:
-    """The exported resize's filter positions stay float32, as OpenVINO keeps them: rounded to bf16, the last
-    positions of a 400-pixel axis fell past its end."""
+def test_emulation_rounds_the_resize_and_leaves_its_positions_alone() -> None:
+    """The exported resize in emulated bf16: its taps' positions are integers (exact in any precision), its weighted
+    differences and sums are rounded, a few roundings of values below 1 in all."""
     image = torch.rand(1, 3, 256, 400, generator=torch.Generator().manual_seed(0))
 
     class Resize(torch.nn.Module):
