@@ -40,7 +40,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -277,32 +276,24 @@ def metrics(reference: Any, outputs: Any, masks: dict[str, np.ndarray]) -> dict[
 
 def latency(xmls: dict[str, tuple[Path, str]], image: np.ndarray, runs: int, warmup: int) -> dict[str, dict[str, Any]]:
     """Batch-1 median and p10/p90 ms on one thread, the variants timed alternately; the precision compiled."""
+    from export_check import time_alternately
+
     from anomalib_fod.inference import OpenVINOModel
 
-    models = {
-        name: OpenVINOModel(xml, "CPU", precision, {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"})
-        for name, (xml, precision) in xmls.items()
-    }
+    config = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    models = {name: OpenVINOModel(xml, "CPU", precision, config) for name, (xml, precision) in xmls.items()}
     requests = {name: model.compiled.create_infer_request() for name, model in models.items()}
-    for request in requests.values():
-        for _ in range(warmup):
-            request.infer({0: image})
-    times: dict[str, list[float]] = {name: [] for name in requests}
-    for _ in range(runs):
-        for name, request in requests.items():
-            start = time.perf_counter()
-            request.infer({0: image})
-            times[name].append((time.perf_counter() - start) * 1e3)
-    result = {}
-    for name, values in times.items():
-        values.sort()
-        result[name] = {
-            "latency_ms": round(statistics.median(values), 2),
-            "latency_p10_ms": round(values[int(0.1 * (runs - 1))], 2),
-            "latency_p90_ms": round(values[int(0.9 * (runs - 1))], 2),
+    calls = {name: (lambda request=request: request.infer({0: image})) for name, request in requests.items()}
+    timings = time_alternately(calls, runs, warmup, digits=2)
+    return {
+        name: {
+            "latency_ms": row["median_ms"],
+            "latency_p10_ms": row["p10_ms"],
+            "latency_p90_ms": row["p90_ms"],
             "precision": models[name].precision,
         }
-    return result
+        for name, row in timings.items()
+    }
 
 
 def measure(args: argparse.Namespace, category: str) -> dict[str, Any]:

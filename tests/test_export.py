@@ -333,15 +333,20 @@ def test_onnx_graph_accepts_any_size(exports: Exports) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stock", [False, True], ids=["ours", "anomalibs_with_the_f32_hint"])
 def test_openvino_matches_lightning_on_original_images(
     exports: Exports,
     originals: Path,
     reference: Outputs,
     in_tmp_dir: Path,
+    stock: bool,
 ) -> None:
+    """The plugin's inferencer, and anomalib's own with the one line docs/deploy.md gives its users."""
     del in_tmp_dir
-    outputs = openvino_outputs(exports.openvino, originals)
-    print("\nOpenVINO FP32 vs Engine.predict, 256x400 originals:", json.dumps(assert_parity(reference, outputs, "openvino")))
+    config = {"INFERENCE_PRECISION_HINT": "f32"} if stock else None
+    outputs = openvino_outputs(exports.openvino, originals, config=config, stock=stock)
+    what = "anomalib's OpenVINOInferencer, f32 hint" if stock else "OpenVINO FP32"
+    print(f"\n{what} vs Engine.predict, 256x400 originals:", json.dumps(assert_parity(reference, outputs, what)))
     assert {m.shape for m in outputs.anomaly_map.values()} == {IMAGE_SIZE}  # the training size
 
 
@@ -354,19 +359,6 @@ def test_openvino_compiles_in_float32_on_every_cpu(exports: Exports, in_tmp_dir:
     assert inferencer.precision == "f32"
     runtime = inferencer.model.get_runtime_model().get_ordered_ops()
     assert not {node.get_rt_info()["runtimePrecision"].astype(str) for node in runtime} & {"bf16", "f16"}
-
-
-@pytest.mark.slow
-def test_anomalibs_inferencer_with_the_f32_hint_matches_lightning(
-    exports: Exports,
-    originals: Path,
-    reference: Outputs,
-    in_tmp_dir: Path,
-) -> None:
-    """The one line docs/deploy.md gives users of anomalib's own ``OpenVINOInferencer``."""
-    del in_tmp_dir
-    outputs = openvino_outputs(exports.openvino, originals, config={"INFERENCE_PRECISION_HINT": "f32"}, stock=True)
-    print("\nanomalib's OpenVINOInferencer, f32 hint, vs Engine.predict:", json.dumps(assert_parity(reference, outputs, "stock f32")))
 
 
 @pytest.mark.slow

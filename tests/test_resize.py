@@ -113,14 +113,11 @@ def test_bad_arguments() -> None:
 # --------------------------------------------------------------------------- exported graph
 
 
-@pytest.fixture(scope="module", params=["bilinear", "bicubic"])
-def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    pytest.importorskip("onnxscript")
-    mode = request.param
-    path = tmp_path_factory.mktemp("resize") / f"{mode}.onnx"
+def export_any_size(module: torch.nn.Module, path: Path) -> Path:
+    """ONNX (opset 18) of ``module`` with dynamic batch, height and width."""
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
     torch.onnx.export(
-        AntialiasedResize(TARGET, mode).eval(),
+        module.eval(),
         (torch.rand(2, 3, 32, 32),),
         str(path),
         dynamo=True,
@@ -128,7 +125,14 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         dynamic_shapes=(dims,),
         input_names=["input"],
     )
-    return path, mode
+    return path
+
+
+@pytest.fixture(scope="module", params=["bilinear", "bicubic"])
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    pytest.importorskip("onnxscript")
+    mode = request.param
+    return export_any_size(AntialiasedResize(TARGET, mode), tmp_path_factory.mktemp("resize") / f"{mode}.onnx"), mode
 
 
 class _ResizeThenConvolve(torch.nn.Module):
@@ -158,18 +162,7 @@ def test_openvino_bf16_keeps_every_tap_in_place(tmp_path: Path) -> None:
     if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         pytest.skip("this CPU has no native bf16")
     for mode in ("bilinear", "bicubic"):
-        path = tmp_path / f"{mode}.onnx"
-        dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
-        torch.onnx.export(
-            _ResizeThenConvolve(mode).eval(),
-            (torch.rand(2, 3, 32, 32),),
-            str(path),
-            dynamo=True,
-            opset_version=18,
-            dynamic_shapes=(dims,),
-            input_names=["input"],
-        )
-        model = OpenVINOModel(path, "CPU", "bf16")
+        model = OpenVINOModel(export_any_size(_ResizeThenConvolve(mode), tmp_path / f"{mode}.onnx"), "CPU", "bf16")
         for shape in [(156, 384), (256, 400), (900, 900), (31, 1200)]:
             image = torch.rand(1, 3, *shape, generator=torch.Generator().manual_seed(1))
             got = next(iter(model(image.numpy()).values()))
