@@ -1,10 +1,11 @@
 """Reduced precision emulated in torch: what a bf16 (or f16) runtime does to a model's answers, on any CPU.
 
-A runtime that computes in bfloat16 (OpenVINO's CPU plugin on CPUs with native bf16) keeps the weights and every
-tensor passed between two operations in bf16, 8 significant bits, while the arithmetic inside one operation (the
-sums of a matmul or a convolution) accumulates in float32. :func:`emulate_precision` does the same to a torch
-module's forward: its float32 weights, its inputs and the float32 result of every operation inside it are rounded
-to ``dtype`` and kept as float32, so the operations themselves run unchanged. Comparing a model's outputs with and
+A runtime that computes in bfloat16 (OpenVINO's CPU plugin on CPUs with native bf16) keeps every tensor passed
+between two operations in bf16, 8 significant bits, and feeds matmuls and convolutions bf16 weights, while the
+arithmetic inside one operation (the sums of a matmul or a convolution) accumulates in float32.
+:func:`emulate_precision` does the same to a torch module's forward: its inputs, the inputs of its matmuls and
+convolutions (weights included) and the float32 result of every operation inside it are rounded to ``dtype`` and
+kept as float32, so the operations themselves run unchanged. Comparing a model's outputs with and
 without it shows, on a CPU without bf16, what deploying in bf16 does to scores and maps; emulating one part of a
 model at a time shows which part is sensitive.
 """
@@ -34,13 +35,35 @@ def round_to(value: Any, dtype: torch.dtype) -> Any:  # noqa: ANN401 - any pytre
     return value
 
 
+aten = torch.ops.aten
+# Operations whose every float input a runtime converts to the reduced precision, weights included: the matmuls and
+# convolutions that a bf16 runtime runs in bf16 for speed. Every other operation on data computes from its data
+# inputs (already rounded) and its constant inputs as they are (OpenVINO keeps an element-wise operation's constant
+# inputs in f32), and has its result rounded.
+COMPUTE_OPERATIONS = frozenset(
+    {
+        aten.convolution,
+        aten.mm,
+        aten.bmm,
+        aten.addmm,
+        aten.baddbmm,
+        aten.addbmm,
+        aten._scaled_dot_product_flash_attention_for_cpu,  # noqa: SLF001 - torch's CPU attention kernel
+        aten._scaled_dot_product_attention_math,  # noqa: SLF001
+    },
+)
+
+
 class _Rounding(TorchDispatchMode):
     """Runs every aten operation on data (a tensor derived from the inputs or weights) as a reduced-precision
-    runtime does: its float inputs, constants included, and its float32 results rounded to ``dtype``.
+    runtime does: the float inputs of matmuls and convolutions rounded to ``dtype``, weights included, and every
+    float32 result rounded.
 
     Operations on shapes alone (no input or weight in them) stay float32: in a graph of fixed shapes a runtime folds
-    them into float32 constants before rounding those. Where they depend on the input's size at run time, OpenVINO
-    computes float ones in bf16 too; the plugin's any-size resize keeps its positions in integers for that reason.
+    them into float32 constants. Where they depend on the input's size at run time, OpenVINO computes float ones in
+    bf16 too; the plugin's any-size resize keeps its positions in integers for that reason. A runtime that fuses a
+    chain of element-wise operations rounds only the chain's result, where this rounds each one: an emulation a
+    little more pessimistic than such a runtime.
     """
 
     def __init__(self, dtype: torch.dtype, weights: set[int]) -> None:
@@ -60,11 +83,12 @@ class _Rounding(TorchDispatchMode):
         if not any(self.carries_data(value) for value in tree_leaves((args, kwargs))):
             return func(*args, **kwargs)
         mutable = func._schema.is_mutable  # an in-place or out= operation: its first argument or out is the result
-        if mutable:
-            args = (args[0], *tree_map(self.rounded, tuple(args[1:])))
-            kwargs = {key: value if key == "out" else tree_map(self.rounded, value) for key, value in kwargs.items()}
-        else:
-            args, kwargs = tree_map(self.rounded, (args, kwargs))
+        if func.overloadpacket in COMPUTE_OPERATIONS:
+            if mutable:
+                args = (args[0], *tree_map(self.rounded, tuple(args[1:])))
+                kwargs = {key: value if key == "out" else tree_map(self.rounded, value) for key, value in kwargs.items()}
+            else:
+                args, kwargs = tree_map(self.rounded, (args, kwargs))
         result = func(*args, **kwargs)
 
         def finish(value: Any) -> Any:  # noqa: ANN401
@@ -84,9 +108,9 @@ class _Rounding(TorchDispatchMode):
 def emulate_precision(modules: nn.Module | Sequence[nn.Module], dtype: torch.dtype = torch.bfloat16) -> Iterator[None]:
     """Run the forward of ``modules`` in ``dtype``'s precision inside the ``with`` block (emulated, see above).
 
-    Inside the block the modules' float32 parameters and buffers hold their values rounded to ``dtype`` (restored
-    on exit, also after an error), and their forward rounds its float32 inputs and every float32 result of an
-    operation inside it. Code outside their forward (e.g. a post-processor) keeps float32.
+    Inside the block the modules' forward rounds its float32 inputs, the float inputs of its matmuls and
+    convolutions (their weights included) and every float32 result of an operation on data inside it; nothing of
+    the modules is changed. Code outside their forward (e.g. a post-processor) keeps float32.
 
     Args:
         modules: one module or several (e.g. the parts of a model to emulate; the rest stays float32).
@@ -124,12 +148,8 @@ def emulate_precision(modules: nn.Module | Sequence[nn.Module], dtype: torch.dty
         if depth[0] == 0:
             mode.__exit__(None, None, None)
 
-    saved = {key: t.detach().clone() for key, t in tensors.items() if t.dtype == torch.float32}
     handles = []
     try:
-        with torch.no_grad():
-            for key in saved:
-                tensors[key].copy_(tensors[key].to(dtype))
         for module in modules:
             handles.append(module.register_forward_pre_hook(enter))
             handles.append(module.register_forward_hook(leave))
@@ -139,6 +159,3 @@ def emulate_precision(modules: nn.Module | Sequence[nn.Module], dtype: torch.dty
             handle.remove()
         if depth[0] > 0:  # a forward raised inside the block: its hook never left the mode
             mode.__exit__(None, None, None)
-        with torch.no_grad():
-            for key, value in saved.items():
-                tensors[key].copy_(value)

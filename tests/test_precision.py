@@ -191,8 +191,7 @@ def test_the_scoring_in_bf16_moves_the_score_by_its_own_rounding_alone(fitted_fo
     """The whitened residual's distance is no sum of nearly cancelling terms: in bf16 it moves the image score by no
     more than its operations' own roundings. The residual, centring, whitening product, squares, sum, root, blend,
     upsampling, level weighting and blur round once each (the root halves its input's error): at most 10 roundings
-    of at most 2^-8, so 10 * 2^-8 = 0.039 relative. Measured: 0.005 here; 0.015 on 25-step 256 px models
-    (benchmarks/results/precision.md)."""
+    of at most 2^-8, so 10 * 2^-8 = 0.039 relative. Measured: 0.004 here."""
     model, images = fitted_fod
     deviation = bf16_score_deviation(model, images, [model.model.anomaly_map_generator])
     assert deviation.max() > 0  # the emulation acted
@@ -202,8 +201,8 @@ def test_the_scoring_in_bf16_moves_the_score_by_its_own_rounding_alone(fitted_fo
 def test_the_whole_model_in_bf16_stays_within_its_measured_bound(fitted_fod: tuple[Fod, torch.Tensor]) -> None:
     """The whole model in bf16: the backbone's rounding, carried through 16 convolutions, moves the features, and
     the whitened score magnifies that in the directions the training residuals barely vary in. Measured: up to
-    0.088 relative here (median 0.012). Bound 0.2: a change that makes the score twice as sensitive to the
-    features' precision (e.g. weaker shrinkage of the covariance) fails here before it reaches a bf16 CPU."""
+    0.081 relative here (median 0.011). Bound 0.2: a change that makes the score more than twice as sensitive to
+    the features' precision (e.g. weaker shrinkage of the covariance) fails here before it reaches a bf16 CPU."""
     model, images = fitted_fod
     deviation = bf16_score_deviation(model, images, [model.model])
     assert deviation.max() <= 0.2  # noqa: PLR2004
