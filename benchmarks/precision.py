@@ -262,6 +262,10 @@ def metrics(reference: Any, outputs: Any, masks: dict[str, np.ndarray]) -> dict[
     result: dict[str, Any] = {
         "image_auroc": float(binary_auroc(torch.from_numpy(scores), labels.long())),
         "label_flips": int(sum(outputs.label[n] != reference.label[n] for n in names)),
+        # the image that defines the adaptive threshold scores exactly 0.5: any rounding flips it
+        "label_flips_at_threshold": int(
+            sum(outputs.label[n] != reference.label[n] and abs(reference.score[n] - THRESHOLD) < 1e-6 for n in names)  # noqa: PLR2004
+        ),
         "score_max_abs": float(np.abs(scores - want).max()),
         "score_median_abs": float(np.median(np.abs(scores - want))),
         "score_max_rel": float((np.abs(scores - want) / np.maximum(np.abs(want), 1e-12)).max()),
@@ -385,8 +389,10 @@ def markdown(report: dict[str, Any]) -> str:
             precision = f" (compiled: {row['precision']})" if "precision" in row else ""
             pixel = f"{row['pixel_auroc']:.4f}" if "pixel_auroc" in row else "-"
             map_dev = f"{row['map_max_abs']:.3g}" if "map_max_abs" in row else "-"
+            at_threshold = row.get("label_flips_at_threshold", 0)
+            flips = f"{row['label_flips']}" + (f" ({at_threshold} at the threshold)" if at_threshold else "")
             lines.append(
-                f"| {name}{precision} | {row['image_auroc']:.4f} | {pixel} | {row['label_flips']} | "
+                f"| {name}{precision} | {row['image_auroc']:.4f} | {pixel} | {flips} | "
                 f"{row['score_max_abs']:.3g} / {row['score_median_abs']:.3g} | {row['score_max_rel']:.3g} | {map_dev} |",
             )
         height, width = result["latency_image"]
@@ -423,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     report: dict[str, Any] = {
-        "command": "python benchmarks/precision.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/precision.py " + " ".join(
+            "<workdir>" if Path(arg).resolve() == args.workdir else arg for arg in (argv if argv is not None else sys.argv[1:])
+        ),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip(),  # noqa: S603, S607
         "host": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",

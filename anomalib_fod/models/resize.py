@@ -76,8 +76,9 @@ def resample_weights(
     # Pillow's window: at most ceil(2 * radius * stretch) input pixels have a non-zero weight.
     taps = torch.sym_max((2 * radius * length + size - 1) // size, 2 * radius)
     twice_out = 2 * torch.arange(size, dtype=torch.int64, device=device) + 1  # 2i + 1
-    # first tap: floor(centre - radius * stretch + 0.5), clamped at 0 (so truncating division does as well)
-    first = torch.div(twice_out * length_t - 2 * radius * wide + size, 2 * size, rounding_mode="floor").clamp(min=0)
+    # first tap: floor(centre - radius * stretch + 0.5), clamped at 0. `//` exports as integer operations, where
+    # torch.div(rounding_mode=...) exports as a float division (which such a runtime would compute in bf16).
+    first = ((twice_out * length_t - 2 * radius * wide + size) // (2 * size)).clamp(min=0)
     position = first + torch.arange(taps, dtype=torch.int64, device=device)[:, None]
     # (position + 0.5 - centre) / stretch = ((2 position + 1) size - (2i + 1) length) / (2 length * stretch)
     distance = ((2 * position + 1) * size - twice_out * length_t).to(torch.float32) / (2 * wide).to(torch.float32)
