@@ -16,6 +16,9 @@ error naming both sizes. The command writes
 - ``<output>/overlays/<relative path>.png``: the anomaly map (returned at the training size) as a
   heat map over the image, at the image's original size.
 
+The model is compiled in float32 (the trained model's answers) unless ``--precision`` asks for bf16, f16 or the
+device's own choice (``anomalib_fod.inference``); the precision compiled is printed on stderr.
+
 Grey, RGB, RGBA, palette, 16-bit and JPEG files are all accepted. A file that cannot be read
 (corrupt, truncated, not an image) is reported by name on stderr and skipped. The exit status is
 non-zero only when no image at all could be processed.
@@ -36,7 +39,7 @@ from PIL import Image
 from torchvision.transforms.v2.functional import resize
 from tqdm.auto import tqdm
 
-from anomalib_fod.inference import check_image_size, static_image_size
+from anomalib_fod.inference import OpenVINOModel, Precision, PrecisionError, check_image_size, static_image_size
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 CSV_NAME = "predictions.csv"
@@ -137,58 +140,47 @@ def overlay_paths(images: Sequence[Path], root: Path, output: Path) -> dict[Path
     return result
 
 
-class OpenVINOModel:
-    """A compiled OpenVINO anomaly model with an ``(N, 3, H, W)`` image input.
+def folder_model(path: Path, device: str = "CPU", precision: Precision = "f32") -> OpenVINOModel:
+    """Compile an exported anomaly model for predict-folder, checking its input and outputs.
 
-    Args:
-        path: ``.xml`` (with its ``.bin``) or ``.onnx`` file.
-        device: OpenVINO device, e.g. ``"CPU"``.
-
-    Attributes:
-        input_size: the static ``(H, W)`` of a fixed-size graph; ``None`` when it accepts any size.
-        map_size: the static ``(H, W)`` of the anomaly map (the training size), if known.
+    Raises:
+        ModelInputError: the input is not ``(N, 3, H, W)`` with batch 1 or dynamic, or the outputs lack
+            ``pred_score`` or ``anomaly_map``.
+        PrecisionError: ``precision`` is not one the device computes in natively.
     """
+    model = OpenVINOModel(path, device, precision)
+    shape = model.compiled.input(0).get_partial_shape()
+    if shape.rank.is_dynamic or shape.rank.get_length() != 4:  # noqa: PLR2004
+        msg = f"{path}: expected a (N, 3, H, W) image input, got {shape}."
+        raise ModelInputError(msg)
+    if shape[0].is_static and shape[0].get_length() != 1:
+        msg = f"{path}: batch size {shape[0].get_length()} is fixed; predict-folder needs batch 1 or dynamic."
+        raise ModelInputError(msg)
+    if "anomaly_map" not in model.output_names or "pred_score" not in model.output_names:
+        msg = f"{path}: expected outputs 'pred_score' and 'anomaly_map', got {sorted(model.output_names)}."
+        raise ModelInputError(msg)
+    return model
 
-    def __init__(self, path: Path, device: str = "CPU") -> None:
-        import openvino as ov  # noqa: PLC0415 - optional dependency
 
-        core = ov.Core()
-        model = core.read_model(str(path))
-        shape = model.input(0).get_partial_shape()
-        if shape.rank.is_dynamic or shape.rank.get_length() != 4:  # noqa: PLR2004
-            msg = f"{path}: expected a (N, 3, H, W) image input, got {shape}."
-            raise ModelInputError(msg)
-        self.path = path
-        self.input_size = static_image_size(shape)
-        if shape[0].is_static and shape[0].get_length() != 1:
-            msg = f"{path}: batch size {shape[0].get_length()} is fixed; predict-folder needs batch 1 or dynamic."
-            raise ModelInputError(msg)
-        self.compiled = core.compile_model(model, device)
-        self.output_names = {name for output in self.compiled.outputs for name in output.get_names()}
-        if "anomaly_map" not in self.output_names or "pred_score" not in self.output_names:
-            msg = f"{path}: expected outputs 'pred_score' and 'anomaly_map', got {sorted(self.output_names)}."
-            raise ModelInputError(msg)
-        map_shape = self.compiled.output("anomaly_map").get_partial_shape()
-        self.map_size = static_image_size(map_shape) if map_shape.rank.is_static and map_shape.rank.get_length() == 4 else None  # noqa: PLR2004
+def map_size(model: OpenVINOModel) -> tuple[int, int] | None:
+    """The static ``(H, W)`` of the model's anomaly map (the training size), if known."""
+    shape = model.compiled.output("anomaly_map").get_partial_shape()
+    return static_image_size(shape) if shape.rank.is_static and shape.rank.get_length() == 4 else None  # noqa: PLR2004
 
-    def model_input(self, image: np.ndarray) -> np.ndarray:
-        """``(H, W, 3)`` float image -> the ``(1, 3, h, w)`` batch this graph takes.
 
-        Raises:
-            ImageSizeError: a fixed-size graph, not at the training size, and an image of another size.
-        """
-        size = tuple(image.shape[:2])
-        if self.input_size is None or size == self.input_size:
-            return to_model_input(image)
-        if self.map_size != self.input_size:
-            check_image_size(self.input_size, size, str(self.path))
-        # A graph exported at the training size: resizing here is what training did.
-        return to_model_input(image, self.input_size)
+def model_input(model: OpenVINOModel, image: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` float image -> the ``(1, 3, h, w)`` batch the model's graph takes.
 
-    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Run one ``(1, 3, H, W)`` batch; outputs by name."""
-        result = self.compiled(batch)
-        return {name: result[name] for name in self.output_names}
+    Raises:
+        ImageSizeError: a fixed-size graph, not at the training size, and an image of another size.
+    """
+    size = tuple(image.shape[:2])
+    if model.input_size is None or size == model.input_size:
+        return to_model_input(image)
+    if map_size(model) != model.input_size:
+        check_image_size(model.input_size, size, model.source)
+    # A graph exported at the training size: resizing here is what training did.
+    return to_model_input(image, model.input_size)
 
 
 def predict_images(
@@ -205,7 +197,7 @@ def predict_images(
     for path in tqdm(images, desc="predict-folder", unit="img", disable=not progress, file=sys.stderr):
         try:
             image = load_rgb(path)
-            batch = model.model_input(image)
+            batch = model_input(model, image)
         except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for bad files; ImageSizeError
             reason = f"{type(error).__name__}: {error}"
             skipped.append((path, reason))
@@ -239,7 +231,14 @@ def write_csv(predictions: Sequence[Prediction], path: Path) -> None:
             writer.writerow([str(prediction.path), f"{prediction.pred_score:.6f}", label])
 
 
-def predict_folder(model: Path, input: Path, output: Path, device: str = "CPU", no_progress: bool = False) -> int:  # noqa: A002 - the option is --input
+def predict_folder(  # noqa: PLR0913 - the command's options
+    model: Path,
+    input: Path,  # noqa: A002 - the option is --input
+    output: Path,
+    device: str = "CPU",
+    precision: Precision = "f32",
+    no_progress: bool = False,
+) -> int:
     """Run an exported OpenVINO anomaly model over all images in a folder (recursively).
 
     Writes heat-map overlays and a CSV of scores and labels.
@@ -249,10 +248,14 @@ def predict_folder(model: Path, input: Path, output: Path, device: str = "CPU", 
         input: folder of images (searched recursively).
         output: folder for predictions.csv and overlays/.
         device: OpenVINO device.
+        precision: what the device computes in: f32 (the trained model's answers), bf16 or f16 (faster where
+            the device has them natively, other scores; an error where it has not), or device (its own choice:
+            bf16 on CPUs with native bf16). The precision compiled is printed.
         no_progress: hide the progress bar.
 
     Returns:
-        0 when at least one image was processed, 1 when none was, 2 for a missing model or input.
+        0 when at least one image was processed, 1 when none was, 2 for a missing model or input, a model that is
+        not an anomaly model, or a precision the device does not have.
     """
     if not model.is_file():
         print(f"predict-folder: model file {model} not found.", file=sys.stderr)
@@ -265,10 +268,11 @@ def predict_folder(model: Path, input: Path, output: Path, device: str = "CPU", 
         print(f"predict-folder: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {input}.", file=sys.stderr)
         return 1
     try:
-        network = OpenVINOModel(model, device)
-    except ModelInputError as error:
+        network = folder_model(model, device, precision)
+    except (ModelInputError, PrecisionError) as error:
         print(f"predict-folder: {error}", file=sys.stderr)
         return 2
+    print(f"predict-folder: {model} compiled for {device} in {network.precision}", file=sys.stderr)
     predictions, skipped = predict_images(network, images, output, input, progress=not no_progress)
     csv_path = output / CSV_NAME
     if predictions:

@@ -134,6 +134,29 @@ def load_batch(path: Path) -> np.ndarray:
     return read_image(path, as_tensor=False).astype(np.float32).transpose(2, 0, 1)[None].copy()
 
 
+def time_alternately(calls: dict[str, Any], runs: int, warmup: int, digits: int = 3) -> dict[str, dict[str, float]]:
+    """Median and p10/p90 ms of each of ``calls`` (no-argument functions), timed alternately (A, B, C, A, B, C, ...)
+    so that a shared machine's load affects them alike."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    result = {}
+    for name, values in times.items():
+        values.sort()
+        result[name] = {
+            "median_ms": round(statistics.median(values), digits),
+            "p10_ms": round(values[int(0.1 * (runs - 1))], digits),
+            "p90_ms": round(values[int(0.9 * (runs - 1))], digits),
+        }
+    return result
+
+
 def latency(
     cases: dict[str, tuple[Path | None, np.ndarray]],
     runs: int,
@@ -142,43 +165,24 @@ def latency(
     threads: int,
 ) -> dict[str, Any]:
     """Median and p10/p90 ms per case; cases with no model time torchvision's resize of the image."""
-    import openvino as ov
     import torch
     from torchvision.transforms.v2.functional import resize
 
-    core = ov.Core()
+    from anomalib_fod.inference import OpenVINOModel
+
     compiled: dict[str, Any] = {}
-    for name, (xml, _) in cases.items():
+    for xml, _ in cases.values():
         if xml is not None and xml not in compiled:
             config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-            compiled[xml] = core.compile_model(str(xml), "CPU", config)
-    requests = {name: compiled[xml].create_infer_request() if xml else None for name, (xml, _) in cases.items()}
+            compiled[xml] = OpenVINOModel(xml, "CPU", "f32", config).compiled
 
-    def run(name: str) -> None:
-        request, image = requests[name], cases[name][1]
-        if request is None:
-            resize(torch.from_numpy(image), [size, size], antialias=True)
-        else:
-            request.infer({0: image})
+    def call(xml: Path | None, image: np.ndarray) -> Any:  # noqa: ANN401
+        if xml is None:
+            return lambda: resize(torch.from_numpy(image), [size, size], antialias=True)
+        request = compiled[xml].create_infer_request()
+        return lambda: request.infer({0: image})
 
-    for name in cases:
-        for _ in range(warmup):
-            run(name)
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(runs):
-        for name in cases:
-            start = time.perf_counter()
-            run(name)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    result = {}
-    for name, values in times.items():
-        values.sort()
-        result[name] = {
-            "median_ms": round(statistics.median(values), 3),
-            "p10_ms": round(values[int(0.1 * (runs - 1))], 3),
-            "p90_ms": round(values[int(0.9 * (runs - 1))], 3),
-        }
-    return result
+    return time_alternately({name: call(xml, image) for name, (xml, image) in cases.items()}, runs, warmup)
 
 
 def main(argv: list[str] | None = None) -> int:

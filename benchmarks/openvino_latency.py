@@ -5,9 +5,11 @@ its default settings; PatchCore with ``blocks.2`` + ``blocks.4`` of Lite0 and an
 otherwise), exported with ``Engine.export(..., ExportType.OPENVINO)`` at a fixed 256x256 input,
 with a static batch of 1, and timed on the CPU: the median of ``--runs`` synchronous inferences
 after ``--warmup`` runs, on a real pre-resized test image. The two models are timed alternately so
-that a shared machine's load affects both alike. A 1024^3 float32 matmul compiled by OpenVINO with
-the same settings is timed in the same rotation: each graph's FLOPs (its MatMul, attention and
-convolution nodes, ``graph_gflop``) at that rate are its compute bound, printed next to its latency.
+that a shared machine's load affects both alike. Everything is compiled in float32 arithmetic unless
+``--precision`` says otherwise (OpenVINO's own default is bf16 on CPUs with native bf16). A 1024^3 float32
+matmul compiled by OpenVINO with the same settings and precision is timed in the same rotation: each graph's
+FLOPs (its MatMul, attention and convolution nodes, ``graph_gflop``) at that rate are its compute bound,
+printed next to its latency.
 Also printed: the exported file sizes and, for FOD, the drift of an FP16-compressed copy of its IR
 over all test images.
 
@@ -161,6 +163,16 @@ def graph_gflop(xml: Path) -> float:
     return flops / 1e9
 
 
+def compile_for_timing(model, device: str, precision: str = "f32", threads: int | None = None):  # noqa: ANN001, ANN201 - openvino types
+    """The plugin's ``OpenVINOModel`` for latency: ``PERFORMANCE_HINT=LATENCY``, the precision asked for."""
+    from anomalib_fod.inference import OpenVINOModel
+
+    config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return OpenVINOModel(model, device, precision, config)
+
+
 def latency_ms(
     models: dict[str, Path],
     image: np.ndarray,
@@ -168,24 +180,20 @@ def latency_ms(
     warmup: int,
     device: str,
     threads: int | None = None,
+    precision: str = "f32",
 ) -> dict[str, dict[str, float]]:
     """Median (and p10/p90) wall time of one synchronous batch-1 inference per model, in ms.
 
     The models are timed alternately (A, B, A, B, ...) so that both see the same load on a
     shared machine and their ratio stays meaningful when other processes compete for the CPU.
-    A 1024^3 float32 matmul in OpenVINO (``MATMUL``) is timed in the same rotation: the
-    compute bound's rate.
+    A 1024^3 matmul in OpenVINO (``MATMUL``) is timed in the same rotation, compiled in the same
+    ``precision`` as the models: the compute bound's rate.
     """
-    import openvino as ov
-
-    core = ov.Core()
-    config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}
-    if threads is not None:
-        config["INFERENCE_NUM_THREADS"] = threads
     requests = {
-        name: core.compile_model(str(xml), device, config).create_infer_request() for name, xml in models.items()
+        name: compile_for_timing(xml, device, precision, threads).compiled.create_infer_request()
+        for name, xml in models.items()
     }
-    requests[MATMUL] = core.compile_model(matmul_model(), device, config).create_infer_request()
+    requests[MATMUL] = compile_for_timing(matmul_model(), device, precision, threads).compiled.create_infer_request()
     inputs = {name: image for name in models}
     inputs[MATMUL] = np.random.default_rng(1).standard_normal((MATMUL_SIZE, MATMUL_SIZE)).astype(np.float32)
     for name, request in requests.items():
@@ -216,13 +224,17 @@ def file_sizes(xml: Path) -> dict[str, float]:
 
 
 def fp16_drift(xml: Path, images: list[tuple[str, np.ndarray]], device: str) -> dict[str, float]:
-    """FP16-compress an FP32 IR as anomalib's ``CompressionType.FP16`` does; compare on ``images``."""
+    """FP16-compress an FP32 IR as anomalib's ``CompressionType.FP16`` does; compare on ``images``.
+
+    Both run in float32 arithmetic: the drift is the 16-bit weights' alone.
+    """
     import openvino as ov
 
-    core = ov.Core()
+    from anomalib_fod.inference import OpenVINOModel
+
     fp16_xml = xml.with_name(f"{xml.stem}_fp16.xml")
-    ov.save_model(core.read_model(str(xml)), str(fp16_xml), compress_to_fp16=True)
-    fp32, fp16 = core.compile_model(str(xml), device), core.compile_model(str(fp16_xml), device)
+    ov.save_model(ov.Core().read_model(str(xml)), str(fp16_xml), compress_to_fp16=True)
+    fp32, fp16 = OpenVINOModel(xml, device).compiled, OpenVINOModel(fp16_xml, device).compiled
     score_diff, map_diff, map_rel, flips = [], [], [], 0
     for _, image in images:
         a, b = fp32(image), fp16(image)
@@ -251,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", default="CPU")
     parser.add_argument("--threads", type=int, default=None, help="OpenVINO inference threads (default: its choice)")
+    parser.add_argument(
+        "--precision",
+        choices=["f32", "bf16", "f16", "device"],
+        default="f32",
+        help="what OpenVINO computes in, the models and the matmul alike (default f32; device: its own choice)",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -339,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     images = test_images(size)
     sample = images[0][1]
     load_before = os.getloadavg()[0]
-    timings = latency_ms(exported, sample, args.runs, args.warmup, args.device, args.threads)
+    timings = latency_ms(exported, sample, args.runs, args.warmup, args.device, args.threads, args.precision)
     load_after = os.getloadavg()[0]
     rate = 2 * MATMUL_SIZE**3 / timings[MATMUL]["median_ms"] / 1e6  # GFLOP/s
     results = {}
@@ -358,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.warmup} warm-up")
     print(f"host: {platform.machine()}, {os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before / "
           f"{load_after:.1f} after timing (models timed alternately)")
-    print(f"OpenVINO matmul rate (1024^3 float32, timed in the same rotation): {rate:.0f} GFLOP/s")
+    print(f"OpenVINO matmul rate (1024^3, compiled in {args.precision} as the models, timed in the same rotation): "
+          f"{rate:.0f} GFLOP/s")
     print(f"{'model':<26}{'median ms':>11}{'p10 ms':>9}{'p90 ms':>9}{'GFLOP':>8}{'bound ms':>10}{'/ bound':>9}"
           f"{'.xml MiB':>10}{'.bin MiB':>10}")
     for name, row in results.items():

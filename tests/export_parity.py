@@ -101,11 +101,18 @@ def engine_outputs(engine: object, model: object, folder: Path) -> Outputs:
     return outputs
 
 
-def openvino_outputs(model_path: Path, folder: Path) -> Outputs:
-    """anomalib's ``OpenVINOInferencer.predict(path)`` on every image of ``folder`` (writes ./openvino_cache)."""
-    from anomalib.deploy import OpenVINOInferencer  # noqa: PLC0415
+def openvino_outputs(model_path: Path, folder: Path, config: dict | None = None, stock: bool = False) -> Outputs:
+    """``OpenVINOInferencer.predict(path)`` on every image of ``folder`` (writes ./openvino_cache).
 
-    inferencer = OpenVINOInferencer(path=model_path, device="CPU")
+    The plugin's inferencer (float32 unless ``config`` asks otherwise) or, with ``stock``, anomalib's own with
+    ``config`` (``None``: its defaults, which compile in bf16 on CPUs with native bf16).
+    """
+    if stock:
+        from anomalib.deploy import OpenVINOInferencer  # noqa: PLC0415
+    else:
+        from anomalib_fod.inference import OpenVINOInferencer  # noqa: PLC0415
+
+    inferencer = OpenVINOInferencer(path=model_path, device="CPU", config=config)
     outputs = Outputs()
     for path in sorted(folder.iterdir()):
         result = inferencer.predict(path)

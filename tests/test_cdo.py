@@ -444,8 +444,9 @@ MAP_TOL = 1e-3  # of each map's range
 def test_openvino_export_matches_torch(trained_cdo: TrainedCdo, dummy_dataset: Path, tmp_path: Path) -> None:
     pytest.importorskip("openvino")
     pytest.importorskip("onnxscript")
-    import openvino as ov  # noqa: PLC0415
     from anomalib.deploy import ExportType  # noqa: PLC0415
+
+    from anomalib_fod.inference import OpenVINOModel  # noqa: PLC0415
 
     model = trained_cdo.model
     xml = trained_cdo.engine.export(model, ExportType.OPENVINO, export_root=tmp_path)
@@ -453,8 +454,7 @@ def test_openvino_export_matches_torch(trained_cdo: TrainedCdo, dummy_dataset: P
     images = dummy_test_images(dummy_dataset)
     with torch.no_grad():
         expected = model.eval()(images)
-    compiled = ov.Core().compile_model(str(xml), "CPU")
-    result = compiled(images.numpy())  # dynamic batch: all images at once
+    result = OpenVINOModel(xml, "CPU")(images.numpy())  # float32; dynamic batch: all images at once
     score = np.asarray(result["pred_score"]).reshape(-1)
     anomaly_map = np.asarray(result["anomaly_map"]).reshape(expected.anomaly_map.shape)
     reference_map = expected.anomaly_map.numpy()

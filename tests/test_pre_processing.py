@@ -87,12 +87,14 @@ def test_anomalib_default_forward_differs_on_other_sizes(untrained_cdo: Cdo) -> 
 
 
 def test_export_path_matches_eager_path() -> None:
+    """Within float32 rounding: the exported resize places its taps exactly, torchvision rounds its filter centres
+    (up to 3.9e-6 apart after the normalisation's division by the standard deviations, about 1e-6 of a pixel)."""
     transform = Compose([Resize((48, 40)), NORMALIZE])
     images = torch.rand(2, 3, 100, 150, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(apply_for_export(transform, images), transform(images), rtol=0, atol=1e-6)
+    torch.testing.assert_close(apply_for_export(transform, images), transform(images), rtol=0, atol=1e-5)
     # A shorter-side resize is exact for a concrete input size too.
     transform = Compose([Resize(40), CenterCrop(32), NORMALIZE])
-    torch.testing.assert_close(apply_for_export(transform, images), transform(images), rtol=0, atol=1e-6)
+    torch.testing.assert_close(apply_for_export(transform, images), transform(images), rtol=0, atol=1e-5)
 
 
 def test_shorter_side_resize_cannot_be_exported_for_any_size() -> None:

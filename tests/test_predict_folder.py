@@ -113,6 +113,7 @@ def test_mixed_folder(model_xml: Path, tmp_path: Path, capsys: pytest.CaptureFix
 
     assert status == 0
     err = capsys.readouterr().err
+    assert f"{model_xml} compiled for CPU in f32" in err  # the precision read back from the compiled model
     assert "truncated.png" in err
     assert "5 image(s) processed, 1 skipped" in err
     rows = read_csv(output / CSV_NAME)
@@ -142,6 +143,25 @@ def test_all_corrupt_is_an_error(model_xml: Path, tmp_path: Path, capsys: pytest
     err = capsys.readouterr().err
     assert "a.png" in err
     assert "b.jpg" in err
+
+
+def test_precision_is_chosen_and_reported(model_xml: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--precision device`` compiles what the CPU chooses by itself; one it lacks is refused before any image."""
+    images = tmp_path / "images"
+    make_folder(images)
+    status = main(["--model", str(model_xml), "--input", str(images), "--output", str(tmp_path / "a"), "--precision", "device"])
+    default = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+    assert status == 0
+    assert f"compiled for CPU in {default}" in capsys.readouterr().err
+    capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    lacking = [precision for precision, flag in (("f16", "FP16"), ("bf16", "BF16")) if flag not in capabilities]
+    if not lacking:
+        pytest.skip("this CPU computes in both bf16 and f16 natively")
+    output = tmp_path / "b"
+    status = main(["--model", str(model_xml), "--input", str(images), "--output", str(output), "--precision", lacking[0]])
+    assert status == 2  # noqa: PLR2004
+    assert f"does not compute in {lacking[0]} natively" in capsys.readouterr().err
+    assert not output.exists()
 
 
 def test_no_images_is_an_error(model_xml: Path, tmp_path: Path) -> None:

@@ -53,6 +53,13 @@ def resample_weights(
 ) -> tuple[torch.Tensor, torch.Tensor, int | torch.SymInt]:
     """Input taps and weights of an antialiased resize of one axis from ``length`` to ``size``.
 
+    Every position is computed in integers: the filter centre of output pixel ``i`` is ``(2i + 1) length / (2 size)``
+    input pixels, so the first tap and each tap's signed distance from the centre have integer numerators over
+    ``2 size`` and ``2 max(length, size)``; only the distance, a number of at most a few filter widths, becomes a
+    float. A runtime that computes in bfloat16 (8 significant bits; OpenVINO's CPU default on CPUs with native bf16)
+    keeps integers exact, whereas float positions such as ``383.5`` would round there to ``384``: taps a pixel off,
+    filter weights computed from distances off by up to a pixel.
+
     Args:
         length: input length of the axis (a symbolic int while exporting).
         size: output length.
@@ -64,30 +71,41 @@ def resample_weights(
         axis; a clamped tap has weight 0), ``weight`` ``(taps, size)`` float32 summing to 1 over taps.
     """
     radius = _RADIUS[mode]
-    length_t = torch.scalar_tensor(length, dtype=torch.float32, device=device)
-    scale = length_t / size
-    stretch = torch.clamp(scale, min=1.0)  # the filter widens only when shrinking
+    length_t = torch.scalar_tensor(length, dtype=torch.int64, device=device)
+    wide = torch.clamp(length_t, min=size)  # length * stretch: the filter widens by length / size only when shrinking
     # Pillow's window: at most ceil(2 * radius * stretch) input pixels have a non-zero weight.
     taps = torch.sym_max((2 * radius * length + size - 1) // size, 2 * radius)
-    center = (torch.arange(size, dtype=torch.float32, device=device) + 0.5) * scale
-    first = torch.floor(center - radius * stretch + 0.5).clamp(min=0.0)
-    position = first + torch.arange(taps, dtype=torch.float32, device=device)[:, None]
-    weight = _filter_weights((position + 0.5 - center) * (1.0 / stretch), mode)
+    twice_out = 2 * torch.arange(size, dtype=torch.int64, device=device) + 1  # 2i + 1
+    # first tap: floor(centre - radius * stretch + 0.5), clamped at 0. `//` exports as integer operations, where
+    # torch.div(rounding_mode=...) exports as a float division (which such a runtime would compute in bf16).
+    first = ((twice_out * length_t - 2 * radius * wide + size) // (2 * size)).clamp(min=0)
+    position = first + torch.arange(taps, dtype=torch.int64, device=device)[:, None]
+    # (position + 0.5 - centre) / stretch = ((2 position + 1) size - (2i + 1) length) / (2 length * stretch)
+    distance = ((2 * position + 1) * size - twice_out * length_t).to(torch.float32) / (2 * wide).to(torch.float32)
+    weight = _filter_weights(distance, mode)
     weight = weight * (position < length_t)  # taps past the end carry no weight; the rest renormalise
     weight = weight / weight.sum(dim=0, keepdim=True)
-    index = torch.minimum(position, length_t - 1.0).to(torch.int64)
+    index = torch.minimum(position, length_t - 1)
     return index, weight, taps
 
 
 def _resample(image: torch.Tensor, axis: int, size: int, mode: ResizeFilter) -> torch.Tensor:
-    """Antialiased resize of one axis (``-1`` or ``-2``) of ``image`` to ``size``."""
+    """Antialiased resize of one axis (``-1`` or ``-2``) of ``image`` to ``size``.
+
+    Each output pixel is its heaviest tap plus the weighted differences of all taps from it, ``x_r + sum_k w_k (x_k -
+    x_r)``, which equals ``sum_k w_k x_k`` as the weights sum to 1. In bfloat16 the weights carry relative errors of
+    2^-8: the plain sum turns them into an error of that share of the pixel's brightness (a pattern repeating with
+    the filter's phase), the differences only into that share of the local contrast. At the training size the
+    heaviest tap has weight 1 and the others 0, so the output is the input, bit for bit, in any precision.
+    """
     index, weight, taps = resample_weights(image.shape[axis], size, mode, image.device)
     gathered = torch.index_select(image, axis, index.reshape(-1))
     # Taps outermost: the weighted sum then adds whole contiguous rows, which OpenVINO vectorises.
     gathered = gathered.unflatten(axis, (taps, size))
+    heaviest = torch.index_select(image, axis, index.gather(0, weight.argmax(dim=0, keepdim=True)).reshape(-1))
     if axis == -2:  # noqa: PLR2004
         weight = weight[..., None]
-    return (gathered * weight).sum(dim=axis - 1)
+    return heaviest + (weight * (gathered - heaviest.unsqueeze(axis - 1))).sum(dim=axis - 1)
 
 
 def _resize_axis(image: torch.Tensor, axis: int, size: int, mode: ResizeFilter) -> torch.Tensor:
