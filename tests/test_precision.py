@@ -13,7 +13,7 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib_fod import Fod
 from anomalib_fod.deploy import load_rgb
 from anomalib_fod.inference import OpenVINOInferencer, OpenVINOModel, PrecisionError, precision_name
-from anomalib_fod.models.fod.residual_statistics import fit_statistics
+from anomalib_fod.models.fod.fitting import fit_statistics
 from anomalib_fod.models.pre_processing import apply_for_export
 from anomalib_fod.models.resize import antialiased_resize
 from anomalib_fod.precision import emulate_precision, round_to
