@@ -166,13 +166,15 @@ def test_step_budget_stops_training_and_fits_the_residual_statistics(
     check_ranking(raw_predictions(engine, model, datamodule), min_image_auroc=0.95, min_pixel_auroc=0.9)
 
 
-@pytest.mark.parametrize(("max_epochs", "validations_at_step"), [(50, [12]), (2, [10])])
+@pytest.mark.parametrize(
+    ("max_epochs", "check_val", "validations_at_step"), [(50, 1, [12]), (2, 1, [10]), (2, 3, [])]
+)
 def test_a_step_budget_validates_once_in_the_epoch_it_ends_in(
-    dummy_dataset, tmp_path, monkeypatch, max_epochs, validations_at_step  # noqa: ANN001
+    dummy_dataset, tmp_path, monkeypatch, max_epochs, check_val, validations_at_step  # noqa: ANN001
 ) -> None:
     """10 images at batch 2 are 5 steps an epoch: a 12-step budget ends in the third epoch, which alone validates
-    (and alone fits the residual statistics); a trainer that stops first validates in its own last epoch. The
-    trainer keeps its own validation interval."""
+    (and alone fits the residual statistics); a trainer that stops first validates in its own last epoch; a trainer
+    whose validation interval exceeds its epochs never validates. The trainer keeps its own validation interval."""
     from lightning.pytorch import Callback
 
     from anomalib_fod.models.fod import callbacks
@@ -194,9 +196,10 @@ def test_a_step_budget_validates_once_in_the_epoch_it_ends_in(
     model = Fod(pre_processor=Fod.configure_pre_processor((DUMMY_SIZE, DUMMY_SIZE)), visualizer=False,
                 training_steps=12, **TINY)
     counter = CountValidations()
-    engine = make_engine(tmp_path, max_epochs=max_epochs, callbacks=[counter])
+    engine = make_engine(tmp_path, max_epochs=max_epochs, callbacks=[counter], check_val_every_n_epoch=check_val)
     engine.fit(model, datamodule=datamodule)
     assert counter.steps == validations_at_step
-    assert len(fits) == 1
-    assert engine.trainer.check_val_every_n_epoch == 1
-    assert math.isfinite(float(model.post_processor.image_threshold))
+    assert len(fits) == 1  # the statistics are fitted once, with or without a validation
+    assert engine.trainer.check_val_every_n_epoch == check_val
+    if validations_at_step:
+        assert math.isfinite(float(model.post_processor.image_threshold))

@@ -141,8 +141,8 @@ class ValidateWhenTrainingStops(Callback):
     residual statistics for it) whose thresholds the last one replaces, and a run stopped mid-epoch would not
     validate at all in an epoch that validation is not due in (anomalib's thresholds would stay unset). For the
     fit only, the trainer's ``check_val_every_n_epoch`` becomes the number of that epoch; ``teardown`` puts the
-    user's value back. A trainer that validates every so many steps (``check_val_every_n_epoch=None``) is left
-    alone.
+    user's value back. A trainer that validates every so many steps (``check_val_every_n_epoch=None``), or whose
+    ``check_val_every_n_epoch`` exceeds ``max_epochs`` (validation switched off), is left alone.
     """
 
     def __init__(self) -> None:
@@ -155,6 +155,8 @@ class ValidateWhenTrainingStops(Callback):
         batches = trainer.num_training_batches
         if budget is None or trainer.check_val_every_n_epoch is None or not math.isfinite(batches) or batches < 1:
             return
+        if trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.check_val_every_n_epoch > trainer.max_epochs:
+            return  # the user switched validation off for this fit: never switch it back on
         steps_per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
         remaining = max(1, budget - trainer.global_step)
         stop_epoch = trainer.current_epoch + math.ceil(remaining / steps_per_epoch) - 1
