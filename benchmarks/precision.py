@@ -238,7 +238,7 @@ def predict_folder_outputs(xml: Path, folder: Path, output: Path) -> Any:  # noq
 
     from anomalib_fod.deploy import main
 
-    status = main(["--model", str(xml), "--input", str(folder), "--output", str(output), "--no-progress"])
+    status = main(["--model", str(xml), "--input", str(folder), "--output", str(output), "--no_progress", "true"])
     if status != 0:
         msg = f"predict-folder exited with {status}"
         raise RuntimeError(msg)
