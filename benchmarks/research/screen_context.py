@@ -1,0 +1,209 @@
+"""Screen: a context predictor (each token from its surroundings, never from itself) against the whitened distance.
+
+Research probe (cached features, no Lightning). FOD's reconstruction sees the token it reconstructs (through the
+residual connections), so its residual is nearly the token's own deviation and the whitened residual equals the
+input features' whitened distance. Here the token is predicted from the others only: per level, a query stream that
+starts from a learned vector plus the 2D sin-cos position cross-attends (every layer) to the whitened tokens, with
+every token within ``--radius`` grid cells of the query masked out (the features are 3x3 average-pooled, so radius 1
+would still see the token's own pixels). The residual "token minus what its surroundings say" is then whitened
+against the training images' residuals, as the default score is.
+
+Rows per step (step 0: the untrained predictor, i.e. the learning gain's reference):
+- ``feat_blend``: the input tokens' whitened distance (shared and per-position, averaged; nothing learned);
+- ``ctx_blend``: the same distance of the context residual;
+- ``sum_z``: both in the training images' per-position z-units, added.
+Nothing is chosen on test labels.
+
+    python benchmarks/research/screen_context.py --data bottle=<datasets>/mvtec_ad:bottle --image-size 128 128 \\
+        --seeds 0 --steps 0,500,2000 --out results/screen/context_128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from screen import (  # noqa: E402
+    _mahalanobis,
+    _position_mahalanobis,
+    _position_precision,
+    _precision,
+    parse_data,
+    scaled,
+    token_whitening,
+)
+from screen_discriminator import whitened_tokens  # noqa: E402
+
+
+def sincos_positions(height: int, width: int, dim: int) -> torch.Tensor:
+    """``(h * w, dim)`` 2D sine-cosine position codes (half the channels per axis)."""
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                            indexing="ij")
+    parts = []
+    for axis in (ys.flatten(), xs.flatten()):
+        angles = axis[:, None] * omega[None]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1)
+
+
+def neighbourhood_mask(height: int, width: int, radius: int) -> torch.Tensor:
+    """``(L, L)`` bool, True where key ``j`` lies within ``radius`` cells (Chebyshev) of query ``i``: not attended."""
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    return ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)
+
+
+class ContextPredictor(nn.Module):
+    """``(B, L, C)`` whitened tokens -> ``(B, L, C)`` each token predicted from the tokens outside its neighbourhood."""
+
+    def __init__(self, channels: int, grid: tuple[int, int], radius: int, dim: int = 128, layers: int = 2,
+                 heads: int = 4) -> None:
+        super().__init__()
+        self.register_buffer("positions", sincos_positions(*grid, dim))
+        self.register_buffer("mask", neighbourhood_mask(*grid, radius))
+        self.embed = nn.Linear(channels, dim)
+        self.query = nn.Parameter(torch.zeros(dim))
+        self.attention = nn.ModuleList(nn.MultiheadAttention(dim, heads, batch_first=True) for _ in range(layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2 * layers))
+        self.ffn = nn.ModuleList(nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+                                 for _ in range(layers))
+        self.out = nn.Linear(dim, channels)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        memory = self.embed(tokens) + self.positions
+        query = (self.query + self.positions).expand(tokens.shape[0], -1, -1)
+        for index, (attention, ffn) in enumerate(zip(self.attention, self.ffn, strict=True)):
+            attended, _ = attention(self.norms[2 * index](query), memory, memory, attn_mask=self.mask,
+                                    need_weights=False)
+            query = query + attended
+            query = query + ffn(self.norms[2 * index + 1](query))
+        return self.out(query)
+
+
+class Distance:
+    """The default score's form on ``(N, L, C)`` samples: mean of the shared and per-position Mahalanobis distances,
+    and its training images' per-position mean and std (the z-units)."""
+
+    def __init__(self, train: torch.Tensor) -> None:
+        self.mean = train.mean(dim=0)
+        centred = train - self.mean
+        self.shared = _precision(centred.flatten(0, 1))
+        self.position = _position_precision(centred, torch.linalg.inv(self.shared.double()).float())
+        own = self(train)
+        self.z_mean, self.z_std = own.mean(dim=0), own.std(dim=0) + 1e-6
+
+    def __call__(self, samples: torch.Tensor) -> torch.Tensor:
+        centred = samples - self.mean
+        return 0.5 * (_mahalanobis(centred, self.shared) + _position_mahalanobis(centred, self.position))
+
+    def z(self, samples: torch.Tensor) -> torch.Tensor:
+        return (self(samples) - self.z_mean) / self.z_std
+
+
+@torch.no_grad()
+def predict(predictors: list[ContextPredictor], tokens: list[torch.Tensor], batch: int = 32) -> list[torch.Tensor]:
+    return [torch.cat([p(t[s : s + batch]) for s in range(0, t.shape[0], batch)]) for p, t in zip(predictors, tokens,
+                                                                                                 strict=True)]
+
+
+def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed: int, rows: Path) -> None:
+    from anomalib.data import MVTecAD  # noqa: PLC0415
+    from convergence_probe import cache_features  # noqa: PLC0415
+
+    from anomalib_fod import Fod  # noqa: PLC0415
+    from anomalib_fod.evaluation import image_auroc, pixel_auroc  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    model = Fod(image_size=tuple(args.image_size), visualizer=False)
+    datamodule = MVTecAD(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=0,
+                         val_split_mode="same_as_test")
+    datamodule.setup()
+    gained = [cache_features(model, scaled(datamodule.train_dataloader(), gain), f"{name}: x{gain}")["features"]
+              for gain in args.gains]
+    test = cache_features(model, datamodule.test_dataloader(), f"{name}: test images")
+    levels = len(gained[0])
+    train_features = [torch.cat([g[level] for g in gained]) for level in range(levels)]
+    whitenings = [token_whitening(f) for f in train_features]
+    grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in train_features]
+    train_tokens = [whitened_tokens(f, *w) for f, w in zip(train_features, whitenings, strict=True)]
+    test_tokens = [whitened_tokens(f, *w) for f, w in zip(test["features"], whitenings, strict=True)]
+    feature_distance = [Distance(t) for t in train_tokens]
+    generator = model.model.anomaly_map_generator
+    weights = generator.map_level_weights
+    labels, masks = test["labels"].numpy(), test["masks"].numpy() if test["masks"] is not None else None
+
+    def metrics(token_scores: list[torch.Tensor]) -> dict[str, float]:
+        maps, scores = generator.combine_levels(token_scores, grids, test["size"], weights)
+        return {"image_auroc": image_auroc(scores.numpy(), labels),
+                "pixel_auroc": pixel_auroc(maps[:, 0].numpy(), masks) if masks is not None else math.nan}
+
+    def write(step: int, candidate: str, row: dict[str, float], seconds: float) -> None:
+        with rows.open("a") as handle:
+            handle.write(json.dumps({"dataset": name, "seed": seed, "step": step, "candidate": candidate,
+                                     "radius": args.radius, "image_size": list(args.image_size),
+                                     "train_seconds": round(seconds, 1), **row}) + "\n")
+
+    feat_scores = [d(t) for d, t in zip(feature_distance, test_tokens, strict=True)]
+    feat_z = [d.z(t) for d, t in zip(feature_distance, test_tokens, strict=True)]
+    predictors = [ContextPredictor(t.shape[-1], g, args.radius) for t, g in zip(train_tokens, grids, strict=True)]
+    optimizer = torch.optim.Adam([p for m in predictors for p in m.parameters()], lr=args.lr)
+    index_gen = torch.Generator().manual_seed(seed)
+    count = train_tokens[0].shape[0]
+    step, seconds = 0, 0.0
+    for target in sorted({int(v) for v in args.steps.split(",")}):
+        start = time.perf_counter()
+        for m in predictors:
+            m.train()
+        while step < target:
+            index = torch.randint(count, (args.batch,), generator=index_gen)
+            loss = sum((m(t[index]) - t[index]).square().mean() for m, t in zip(predictors, train_tokens, strict=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        seconds += time.perf_counter() - start
+        for m in predictors:
+            m.eval()
+        train_residual = [t - p for t, p in zip(train_tokens, predict(predictors, train_tokens), strict=True)]
+        test_residual = [t - p for t, p in zip(test_tokens, predict(predictors, test_tokens), strict=True)]
+        context_distance = [Distance(r) for r in train_residual]
+        ctx_scores = [d(r) for d, r in zip(context_distance, test_residual, strict=True)]
+        sum_z = [fz + d.z(r) for fz, d, r in zip(feat_z, context_distance, test_residual, strict=True)]
+        explained = [1 - float(r.square().mean() / t.square().mean()) for r, t in zip(train_residual, train_tokens,
+                                                                                       strict=True)]
+        for candidate, token_scores in (("feat_blend", feat_scores), ("ctx_blend", ctx_scores), ("sum_z", sum_z)):
+            write(step, candidate, {**metrics(token_scores), "explained": [round(e, 4) for e in explained]}, seconds)
+        print(f"{name} seed {seed} step {step} ({seconds:.0f} s), explained {explained}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=parse_data, action="append", required=True, help="NAME=ROOT:CATEGORY")
+    parser.add_argument("--image-size", type=int, nargs=2, default=(128, 128))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", default="0,500,2000")
+    parser.add_argument("--batch", type=int, default=8, help="training images per step")
+    parser.add_argument("--radius", type=int, default=2, help="grid cells around the query that it may not see")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--gains", type=float, nargs="+", default=[0.9, 1.0, 1.1])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        for name, root, category in args.data:
+            run_one(args, name, root, category, seed, args.out / "rows.jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
