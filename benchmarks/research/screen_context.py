@@ -150,32 +150,47 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
     def write(step: int, candidate: str, row: dict[str, float], seconds: float) -> None:
         with rows.open("a") as handle:
             handle.write(json.dumps({"dataset": name, "seed": seed, "step": step, "candidate": candidate,
-                                     "radius": args.radius, "image_size": list(args.image_size),
+                                     "radius": args.radius, "cross_fit": args.cross_fit, "image_size": list(args.image_size),
                                      "train_seconds": round(seconds, 1), **row}) + "\n")
 
     feat_scores = [d(t) for d, t in zip(feature_distance, test_tokens, strict=True)]
     feat_z = [d.z(t) for d, t in zip(feature_distance, test_tokens, strict=True)]
-    predictors = [ContextPredictor(t.shape[-1], g, args.radius) for t, g in zip(train_tokens, grids, strict=True)]
-    optimizer = torch.optim.Adam([p for m in predictors for p in m.parameters()], lr=args.lr)
+    # Cross-fitting: two predictors, each trained on half of the training images (all exposures of an image in the
+    # same half); each half's residual statistics come from the other half's predictor, so they see a normal
+    # image's residual as a test image sees it, not the smaller one of an image the predictor was trained on.
+    images = train_features[0].shape[0] // len(args.gains)
+    folds = 2 if args.cross_fit else 1
+    fold_of_row = torch.arange(train_tokens[0].shape[0]) % images % folds
+    fold_rows = [torch.nonzero(fold_of_row == f).flatten() for f in range(folds)]
+    members = [[ContextPredictor(t.shape[-1], g, args.radius) for t, g in zip(train_tokens, grids, strict=True)]
+               for _ in range(folds)]
+    optimizer = torch.optim.Adam([p for m in members for level in m for p in level.parameters()], lr=args.lr)
     index_gen = torch.Generator().manual_seed(seed)
-    count = train_tokens[0].shape[0]
     step, seconds = 0, 0.0
     for target in sorted({int(v) for v in args.steps.split(",")}):
         start = time.perf_counter()
-        for m in predictors:
+        for m in (level for member in members for level in member):
             m.train()
         while step < target:
-            index = torch.randint(count, (args.batch,), generator=index_gen)
-            loss = sum((m(t[index]) - t[index]).square().mean() for m, t in zip(predictors, train_tokens, strict=True))
+            loss = 0.0
+            for member, rows_of_fold in zip(members, fold_rows, strict=True):
+                index = rows_of_fold[torch.randint(len(rows_of_fold), (args.batch,), generator=index_gen)]
+                loss = loss + sum((m(t[index]) - t[index]).square().mean()
+                                  for m, t in zip(member, train_tokens, strict=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
         seconds += time.perf_counter() - start
-        for m in predictors:
+        for m in (level for member in members for level in member):
             m.eval()
-        train_residual = [t - p for t, p in zip(train_tokens, predict(predictors, train_tokens), strict=True)]
-        test_residual = [t - p for t, p in zip(test_tokens, predict(predictors, test_tokens), strict=True)]
+        train_residual = [t.clone() for t in train_tokens]
+        for f, rows_of_fold in enumerate(fold_rows):
+            scorer = members[(f + 1) % folds]  # the other half's predictor (the same one without cross-fitting)
+            for level, prediction in enumerate(predict(scorer, [t[rows_of_fold] for t in train_tokens])):
+                train_residual[level][rows_of_fold] -= prediction
+        test_predictions = [predict(member, test_tokens) for member in members]
+        test_residual = [t - sum(p[level] for p in test_predictions) / folds for level, t in enumerate(test_tokens)]
         context_distance = [Distance(r) for r in train_residual]
         ctx_scores = [d(r) for d, r in zip(context_distance, test_residual, strict=True)]
         sum_z = [fz + d.z(r) for fz, d, r in zip(feat_z, context_distance, test_residual, strict=True)]
@@ -195,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="training images per step")
     parser.add_argument("--radius", type=int, default=2, help="grid cells around the query that it may not see")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--cross-fit", action="store_true",
+                        help="two predictors on halves of the training images; residual statistics out of fold")
     parser.add_argument("--gains", type=float, nargs="+", default=[0.9, 1.0, 1.1])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
