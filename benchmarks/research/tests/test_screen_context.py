@@ -1,0 +1,38 @@
+"""``benchmarks/research/screen_context.py``: the context predictor reads nothing within its radius, nor hidden tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from screen_context import ContextPredictor, neighbourhood_mask
+
+
+def reads(predictor: ContextPredictor, grid: tuple[int, int], query: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """``(L,)`` bool: which input tokens the prediction at ``query`` depends on (non-zero gradient)."""
+    tokens = torch.randn(1, grid[0] * grid[1], 6, requires_grad=True)
+    predictor(tokens, hidden)[0, query].square().sum().backward()
+    return tokens.grad[0].abs().sum(-1) > 0
+
+
+@pytest.mark.parametrize("radius", [1, 2])
+def test_a_prediction_never_reads_its_own_neighbourhood(radius: int) -> None:
+    torch.manual_seed(0)
+    grid = (6, 7)
+    predictor = ContextPredictor(6, grid, radius, dim=16, heads=2)
+    for query in (0, 17, 41):
+        seen = reads(predictor, grid, query)
+        window = neighbourhood_mask(*grid, radius)[query]
+        assert not seen[window].any(), "the query read a token within its radius"
+        assert seen[~window].all(), "every token outside the radius should reach the prediction"
+
+
+def test_hidden_tokens_reach_no_prediction() -> None:
+    torch.manual_seed(0)
+    grid = (5, 5)
+    predictor = ContextPredictor(6, grid, 1, dim=16, heads=2)
+    hidden = torch.zeros(1, 25, dtype=torch.bool)
+    hidden[0, [3, 20, 24]] = True
+    seen = reads(predictor, grid, 12, hidden)
+    assert not seen[hidden[0]].any()
+    assert seen[~hidden[0] & ~neighbourhood_mask(*grid, 1)[12]].all()
