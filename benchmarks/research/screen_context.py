@@ -225,9 +225,28 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
         print(f"{name} seed {seed} step {step} ({seconds:.0f} s), explained {explained}", flush=True)
 
 
+def step_seconds(grids: list[tuple[int, int]], channels: tuple[int, ...], radius: int, batch: int,
+                 repeats: int = 5) -> float:
+    """Median seconds of one training step of every level's predictor on random tokens (after one warm-up step)."""
+    predictors = [ContextPredictor(c, g, radius) for c, g in zip(channels, grids, strict=True)]
+    optimizer = torch.optim.Adam([p for m in predictors for p in m.parameters()], lr=1e-3)
+    tokens = [torch.randn(batch, g[0] * g[1], c) for c, g in zip(channels, grids, strict=True)]
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        loss = sum((m(t) - t).square().mean() for m, t in zip(predictors, tokens, strict=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=parse_data, action="append", required=True, help="NAME=ROOT:CATEGORY")
+    parser.add_argument("--data", type=parse_data, action="append", help="NAME=ROOT:CATEGORY")
+    parser.add_argument("--time-steps", action="store_true",
+                        help="only time a training step on 128 px and 256 px grids (Lite0's 40 and 112 channels)")
     parser.add_argument("--image-size", type=int, nargs=2, default=(128, 128))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", default="0,500,2000")
@@ -240,8 +259,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cross-fit", action="store_true",
                         help="two predictors on halves of the training images; residual statistics out of fold")
     parser.add_argument("--gains", type=float, nargs="+", default=[0.9, 1.0, 1.1])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="folder of rows.jsonl (required unless --time-steps)")
     args = parser.parse_args(argv)
+    if args.time_steps:
+        torch.set_num_threads(1)
+        for _ in range(2):  # twice: the machine is shared
+            small = step_seconds([(16, 16), (8, 8)], (40, 112), args.radius, args.batch)
+            large = step_seconds([(32, 32), (16, 16)], (40, 112), args.radius, args.batch)
+            print(f"128 px grids {small * 1000:.0f} ms/step, 256 px grids {large * 1000:.0f} ms/step: {large / small:.1f}x")
+        return 0
+    if not args.data or args.out is None:
+        parser.error("--data and --out are required")
     args.out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for name, root, category in args.data:
