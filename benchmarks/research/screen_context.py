@@ -165,9 +165,9 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
 
     feat_scores = [d(t) for d, t in zip(feature_distance, test_tokens, strict=True)]
     feat_z = [d.z(t) for d, t in zip(feature_distance, test_tokens, strict=True)]
-    # Cross-fitting: two predictors, each trained on half of the training images (all exposures of an image in the
-    # same half); each half's residual statistics come from the other half's predictor, so they see a normal
-    # image's residual as a test image sees it, not the smaller one of an image the predictor was trained on.
+    # Cross-fitting: two predictors, each trained on half of the training rows; each half's residual statistics come
+    # from the other half's predictor, so they see a normal image's residual more as a test image sees it. The
+    # halves are by row, and the loader shuffles each exposure's pass anew, so an image's exposures may straddle them.
     images = train_features[0].shape[0] // len(args.gains)
     folds = 2 if args.cross_fit else 1
     fold_of_row = torch.arange(train_tokens[0].shape[0]) % images % folds
@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also score with each test image's most unusual tokens hidden from every query")
     parser.add_argument("--hide-share", type=float, default=0.05, help="share of an image's tokens hidden")
     parser.add_argument("--cross-fit", action="store_true",
-                        help="two predictors on halves of the training images; residual statistics out of fold")
+                        help="two predictors on halves of the training rows; residual statistics out of fold "
+                             "(by row: each exposure's pass is shuffled anew, so an image's exposures may straddle folds)")
     parser.add_argument("--gains", type=float, nargs="+", default=[0.9, 1.0, 1.1])
     parser.add_argument("--out", type=Path, help="folder of rows.jsonl (required unless --time-steps)")
     args = parser.parse_args(argv)
