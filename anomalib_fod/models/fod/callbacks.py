@@ -155,13 +155,14 @@ class ValidateWhenTrainingStops(Callback):
         batches = trainer.num_training_batches
         if budget is None or trainer.check_val_every_n_epoch is None or not math.isfinite(batches) or batches < 1:
             return
-        if trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.check_val_every_n_epoch > trainer.max_epochs:
+        last_epoch = trainer.max_epochs - 1 if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+        if last_epoch is not None and trainer.check_val_every_n_epoch > last_epoch + 1:
             return  # the user switched validation off for this fit: never switch it back on
         steps_per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
         remaining = max(1, budget - trainer.global_step)
         stop_epoch = trainer.current_epoch + math.ceil(remaining / steps_per_epoch) - 1
-        if trainer.max_epochs is not None and trainer.max_epochs > 0:
-            stop_epoch = min(stop_epoch, trainer.max_epochs - 1)
+        if last_epoch is not None:
+            stop_epoch = min(stop_epoch, last_epoch)
         self._saved = trainer.check_val_every_n_epoch
         # Lightning validates after epoch e when (e + 1) % n == 0: with n = stop_epoch + 1, first after stop_epoch.
         trainer.check_val_every_n_epoch = stop_epoch + 1
