@@ -357,6 +357,16 @@ def done_pairs(rows: Path) -> set[tuple[str, int]]:
     return finished
 
 
+def mvtec_datamodule(root: Path, category: str) -> Any:  # noqa: ANN401 - an anomalib datamodule
+    """The probes' datamodule, set up: an MVTec-layout category in batches of 16, no workers, validation = test."""
+    from anomalib.data import MVTecAD  # noqa: PLC0415
+
+    datamodule = MVTecAD(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=0,
+                         val_split_mode="same_as_test")
+    datamodule.setup()
+    return datamodule
+
+
 def build_model(image_size: tuple[int, int], settings: dict[str, Any]) -> Any:  # noqa: ANN401 - Fod
     """The screened model. Its own scoring is the paper's unless ``settings`` say otherwise: every
     candidate reads the inter-branch divergence, which ``Fod()``'s default score does not compute."""
@@ -368,15 +378,12 @@ def build_model(image_size: tuple[int, int], settings: dict[str, Any]) -> Any:  
 def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed: int, rows_file: Path) -> None:
     """Train one seed on one dataset and write its rows."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from anomalib.data import MVTecAD  # noqa: PLC0415
     from convergence_probe import cache_features, index_stream, parse_settings  # noqa: PLC0415
 
     steps = sorted({int(v) for v in args.steps.split(",") if v.strip()})
     torch.manual_seed(seed)
     model = build_model(tuple(args.image_size), parse_settings(args.set))
-    datamodule = MVTecAD(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=0,
-                         val_split_mode="same_as_test")
-    datamodule.setup()
+    datamodule = mvtec_datamodule(root, category)
     train = cache_features(model, datamodule.train_dataloader(), f"{name}: training images")
     gained = [train["features"] if gain == 1 else
               cache_features(model, scaled(datamodule.train_dataloader(), gain), f"{name}: training images x{gain}")[

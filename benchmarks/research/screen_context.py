@@ -39,6 +39,7 @@ from screen import (  # noqa: E402
     _position_mahalanobis,
     _position_precision,
     _precision,
+    mvtec_datamodule,
     parse_data,
     scaled,
     token_whitening,
@@ -127,7 +128,6 @@ def predict(
 
 
 def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed: int, rows: Path) -> None:
-    from anomalib.data import MVTecAD  # noqa: PLC0415
     from convergence_probe import cache_features  # noqa: PLC0415
 
     from anomalib_fod import Fod  # noqa: PLC0415
@@ -135,9 +135,7 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
 
     torch.manual_seed(seed)
     model = Fod(image_size=tuple(args.image_size), visualizer=False)
-    datamodule = MVTecAD(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=0,
-                         val_split_mode="same_as_test")
-    datamodule.setup()
+    datamodule = mvtec_datamodule(root, category)
     gained = [cache_features(model, scaled(datamodule.train_dataloader(), gain), f"{name}: x{gain}")["features"]
               for gain in args.gains]
     test = cache_features(model, datamodule.test_dataloader(), f"{name}: test images")

@@ -22,7 +22,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from screen import Observation, parse_data, scaled, score_all, train_stats, token_whitening  # noqa: E402
+from screen import (  # noqa: E402
+    Observation,
+    mvtec_datamodule,
+    parse_data,
+    scaled,
+    score_all,
+    train_stats,
+    token_whitening,
+)
 
 
 class Discriminator(nn.Module):
@@ -73,16 +81,13 @@ def synthetic_defects(
 
 
 def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed: int, rows: Path) -> None:
-    from anomalib.data import MVTecAD  # noqa: PLC0415
     from convergence_probe import cache_features  # noqa: PLC0415
 
     from anomalib_fod import Fod  # noqa: PLC0415
 
     torch.manual_seed(seed)
     model = Fod(image_size=tuple(args.image_size), visualizer=False)
-    datamodule = MVTecAD(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=0,
-                         val_split_mode="same_as_test")
-    datamodule.setup()
+    datamodule = mvtec_datamodule(root, category)
     train = cache_features(model, datamodule.train_dataloader(), f"{name}: training images")
     gained = [train["features"] if gain == 1 else
               cache_features(model, scaled(datamodule.train_dataloader(), gain), f"{name}: x{gain}")["features"]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from screen import _mahalanobis, _position_mahalanobis, _precision, parse_data, scaled  # noqa: E402
+from screen import _mahalanobis, _position_mahalanobis, _precision, mvtec_datamodule, parse_data, scaled  # noqa: E402
 
 COVARIANCES = ("shared", "position", "blend")
 MAP_WEIGHTS = {"mean": None, "7/8": (0.875, 0.125)}
@@ -128,16 +128,13 @@ def metrics(result: tuple[np.ndarray, np.ndarray], labels: np.ndarray, masks: np
 
 
 def run_one(args: argparse.Namespace, name: str, root: Path, category: str) -> list[dict[str, Any]]:
-    from anomalib.data import MVTecAD  # noqa: PLC0415
 
     from anomalib_fod import Fod  # noqa: PLC0415
     from anomalib_fod.models.cdo.synthetic import make_anomaly_generator  # noqa: PLC0415
 
     torch.manual_seed(args.seed)
     model = Fod(image_size=tuple(args.image_size), visualizer=False).eval()
-    datamodule = MVTecAD(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=0,
-                         val_split_mode="same_as_test")
-    datamodule.setup()
+    datamodule = mvtec_datamodule(root, category)
     train = collect(model, datamodule.train_dataloader())
     gained = [train if gain == 1 else collect(model, scaled(datamodule.train_dataloader(), gain)) for gain in args.gains]
     torch.manual_seed(args.seed)
