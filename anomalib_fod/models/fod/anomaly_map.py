@@ -30,6 +30,9 @@ every token's distance under its own position's covariance alone with the levels
 per-position Gaussian and the coarser level's context rank images better, the blended distance and the
 finer level localise better, so each part of the output takes the rule that measured better for it
 (benchmarks/results/accuracy.md).
+
+With ``context_score`` each token's score is its whitened residual's distance plus its context residual's
+(``context.py``), both in the training images' z-units; the map and the image score come from that one map.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from torch import nn
 from anomalib_fod.models.blur import gaussian_blur
 from anomalib_fod.utils import check_choice
 
+from .context import ContextLevel
 from .residual_statistics import ResidualStatistics
 from .settings import FodSettings, ImageScore, ReconstructionTerm, ResidualCovariance
 
@@ -90,12 +94,16 @@ class AnomalyMapGenerator(nn.Module):
             map; 0 switches it off), ``map_level_weights`` (of the levels in the anomaly map),
             ``map_align_corners`` (of the levels' bilinear upsampling),
             ``reconstruction_term`` (what ``rec`` is), ``residual_covariance`` and ``image_score`` (which
-            Mahalanobis distances make the map and the image score).
+            Mahalanobis distances make the map and the image score), ``context_score`` (and its settings).
+        channels: the levels' token channels (needed with ``context_score``).
     """
 
-    def __init__(self, settings: FodSettings | None = None) -> None:
+    def __init__(self, settings: FodSettings | None = None, channels: Sequence[int] = ()) -> None:
         super().__init__()
         settings = settings or FodSettings()
+        if settings.context_score and len(channels) != len(settings.d_models):
+            msg = f"context_score needs the channels of every level, got {tuple(channels)}."
+            raise ValueError(msg)
         scoring, blur_sigma = settings.scoring, settings.blur_sigma
         with_intra, with_inter = settings.with_intra, settings.with_inter
         self.reconstruction_term = settings.reconstruction_term
@@ -106,6 +114,10 @@ class AnomalyMapGenerator(nn.Module):
         self.with_intra = with_intra
         self.with_inter = with_inter
         self.statistics = nn.ModuleList(ResidualStatistics(settings.residual_covariance) for _ in settings.d_models)
+        self.context = nn.ModuleList(
+            ContextLevel(c, settings.context_radius, settings.context_hidden_share)
+            for c in (channels if settings.context_score else ())
+        )
         self.use_scoring(settings)
         self.blur = gaussian_blur(blur_sigma)
 
@@ -131,7 +143,7 @@ class AnomalyMapGenerator(nn.Module):
     @property
     def image_from_position(self) -> bool:
         """Whether the image score comes from its own map (per-position distances, levels averaged equally)."""
-        if not (self.image_score == "position" and self.needs_statistics):
+        if not (self.image_score == "position" and self.needs_statistics) or len(self.context):
             return False
         return self.statistics[0].covariance != "position" or self.map_level_weights is not None
 
@@ -198,6 +210,12 @@ class AnomalyMapGenerator(nn.Module):
             ``(B, 1, H, W)`` anomaly map and ``(B,)`` image scores.
         """
         pairs = list(enumerate(zip(tokens, outputs, strict=True)))
+        if len(self.context):
+            scores = [
+                context(t, self.token_scores(t, o, i), grid)
+                for (i, (t, o)), context, grid in zip(pairs, self.context, grids, strict=True)
+            ]
+            return self.combine_levels(scores, grids, image_size, self.map_level_weights)
         scores = [self.token_scores(t, o, i) for i, (t, o) in pairs]
         anomaly_map, image_scores = self.combine_levels(scores, grids, image_size, self.map_level_weights)
         if self.image_from_position:

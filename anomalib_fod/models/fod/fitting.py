@@ -7,6 +7,10 @@
   (single device only).
 - **Residual statistics** (``residual_statistics.py``), after steps: the model's residuals on every
   training image, at every intensity gain, summed into each level's Gaussian.
+- **Context score** (``context.py``), with the residual statistics when ``context_score`` is on: the same
+  pass keeps every training token and residual (CPU memory: about twice the pooled features of the training
+  images at every gain), then whitens the tokens, trains the context predictors and fits their residual
+  statistics and z-units on them (one process only).
 - **Feature cache** (``feature_cache.py``), when training starts: the frozen backbone's pooled
   features of every training image, in one ordered pass.
 
@@ -32,6 +36,7 @@ from anomalib.models.components import KCenterGreedy
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from .context import fit_whitening, train_predictors
 from .residual_statistics import Reduce, ResidualAccumulator
 from .settings import ReferenceMode
 
@@ -218,17 +223,35 @@ def fit_reference(model: FodModel, images: TrainingImages, mode: ReferenceMode =
         model.train(was_training)
 
 
+@dataclass
+class KeptLevels:
+    """Every training token and reconstruction residual of one pass, per level ``(N, L_i, C_i)`` on the CPU."""
+
+    tokens: list[list[torch.Tensor]]
+    residuals: list[list[torch.Tensor]]
+    grids: list[tuple[int, int]]
+
+    def add(self, tokens: Sequence[torch.Tensor], residuals: Sequence[torch.Tensor], grids: list[tuple[int, int]]) -> None:
+        """Keep one batch's per-level ``(B, L_i, C_i)`` tokens and residuals."""
+        if not self.tokens:
+            self.tokens, self.residuals, self.grids = [[] for _ in tokens], [[] for _ in tokens], grids
+        for kept, tensor in zip(self.tokens + self.residuals, list(tokens) + list(residuals), strict=True):
+            kept.append(tensor.detach().float().cpu())
+
+
 @torch.no_grad()
 def fit_statistics(
     model: FodModel,
     features: Iterable[list[torch.Tensor]],
     reduce: Reduce | None = None,
     weight: float = 1.0,
+    keep: KeptLevels | None = None,
 ) -> None:
     """Fit every level's :class:`~.residual_statistics.ResidualStatistics` on pooled training features (all
     batches; all processes with ``reduce``).
 
-    ``weight=0``: this rank's shard is empty under DDP; it contributes shapes but no data.
+    ``weight=0``: this rank's shard is empty under DDP; it contributes shapes but no data. ``keep``: also keep
+    every token and residual there (for the context score).
     """
     was_training = model.training
     model.eval()
@@ -239,9 +262,11 @@ def fit_statistics(
             run = model.run_levels(levels)
             if accumulators is None:
                 accumulators = [ResidualAccumulator(flag) for flag in per_position]
-            for accumulator, tokens, output in zip(accumulators, run.tokens, run.levels, strict=True):
-                residual = tokens - output.reconstruction
+            residuals = [tokens - output.reconstruction for tokens, output in zip(run.tokens, run.levels, strict=True)]
+            for accumulator, residual in zip(accumulators, residuals, strict=True):
                 accumulator.add(residual if weight else residual[:0])
+            if keep is not None:
+                keep.add(run.tokens, residuals, run.grids)
     finally:
         model.train(was_training)
     if accumulators is None:
@@ -253,9 +278,71 @@ def fit_statistics(
 
 def fit_residual_statistics(model: FodModel, images: TrainingImages) -> None:
     """Fit the residual statistics on the training images, each seen at every one of the model's
-    ``intensity_gains``."""
+    ``intensity_gains``; with ``context_score``, then the context score on the same tokens."""
     features = images.features(model, "FOD residual statistics", model.settings.intensity_gains)
-    fit_statistics(model, features, images.reduce, images.weight)
+    if not len(model.anomaly_map_generator.context):
+        fit_statistics(model, features, images.reduce, images.weight)
+        return
+    if images.reduce is not None:
+        msg = "context_score is fitted on one process: fit it without DDP (devices=1)."
+        raise NotImplementedError(msg)
+    kept = KeptLevels([], [], [])
+    fit_statistics(model, features, keep=kept)
+    fit_context(model, kept, images.device, images.progress)
+
+
+# Images per chunk of the context fit's passes over kept tokens.
+CHUNK = 32
+
+
+def _chunks(tensor: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor]:
+    for start in range(0, tensor.shape[0], CHUNK):
+        yield tensor[start : start + CHUNK].to(device)
+
+
+@torch.no_grad()
+def fit_context(model: FodModel, kept: KeptLevels, device: torch.device, progress: bool = True) -> None:
+    """Fit every level's :class:`~.context.ContextLevel` on the kept training tokens and residuals: whitening,
+    ``context_steps`` predictor steps, the context residuals' statistics, and both distances' z-units."""
+    generator = model.anomaly_map_generator
+    levels = generator.context
+    was_training = model.training
+    model.eval()
+    whitened, rec = [], []
+    try:
+        for index, (level, tokens, residuals) in enumerate(zip(levels, kept.tokens, kept.residuals, strict=True)):
+            tokens, residuals = torch.cat(tokens), torch.cat(residuals)
+            level.set_whitening(*fit_whitening(tokens.flatten(0, 1)))
+            whitened.append(level.whiten(tokens))
+            rec.append(torch.cat([generator.statistics[index](r).cpu() for r in _chunks(residuals, device)]))
+        kept.tokens, kept.residuals = [], []  # the whitened copies replace them
+        steps = model.settings.context_steps
+
+        def log(step: int, loss: float) -> None:
+            logger.debug("FOD context predictor: step %d/%d, loss %.4f", step, steps, loss)
+
+        with torch.enable_grad():
+            losses = train_predictors(levels, whitened, kept.grids, steps, device, progress, log)
+        explained = []
+        for level, tokens, grid, distances in zip(levels, whitened, kept.grids, rec, strict=True):
+            accumulator = ResidualAccumulator(per_position=True)
+            residuals = [t - level.predictor(t, grid) for t in _chunks(tokens, device)]
+            for residual in residuals:
+                accumulator.add(residual)
+            level.statistics.set(*accumulator.finish())
+            context = torch.cat([level.statistics(r).cpu() for r in residuals])
+            level.set_units(distances, context)
+            explained.append(1 - float(sum(r.square().sum() for r in residuals) / tokens.square().sum()))
+    finally:
+        model.train(was_training)
+    logger.info(
+        "FOD context score: %d predictor steps on %d training images (every gain)%s; share of the whitened tokens' variance "
+        "the predictors explain (in-sample), per level: %s",
+        steps,
+        whitened[0].shape[0],
+        f", last loss {losses[-1]:.4f}" if losses else "",
+        ", ".join(f"{value:.3f}" for value in explained),
+    )
 
 
 def fill_feature_cache(cache: FeatureCache, model: FodModel, images: TrainingImages) -> None:

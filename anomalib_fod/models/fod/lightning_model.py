@@ -166,6 +166,13 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             maps large enough to pay for it: a few seconds of compiling, then faster training steps. Without
             a working compiler (no C++ compiler on a CPU, no Triton on a GPU) it warns once and runs the
             eager kernels. Results equal within float32 rounding.
+        context_score: add the context score (``context.py``): each token is also judged against what the tokens
+            beyond ``context_radius`` grid cells predict for it, a small predictor trained after the Transformers
+            on the training images; the score is the sum of the two whitened distances in the training images'
+            z-units, and the image score is the map's maximum.
+        context_steps: the context predictors' optimizer steps (0: untrained).
+        context_radius: grid cells around a token whose tokens its prediction may not read.
+        context_hidden_share: share of each image's most unusual tokens hidden from every prediction.
         **kwargs: ``backbone`` (default ``"tf_efficientnet_lite0"``; the paper uses
             ``"wide_resnet50_2"``, see ``configs/fod_paper.yaml``), ``layers`` (two feature layers;
             ``None`` picks the stride-8 and stride-16 stages: WideResNet50 layer2, layer3;
@@ -214,6 +221,10 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         cache_features: bool = True,
         compile_transformers: bool = False,
         compile_kernels: bool = True,
+        context_score: bool = False,
+        context_steps: int = 500,
+        context_radius: int = 2,
+        context_hidden_share: float = 0.05,
         **kwargs: Any,  # noqa: ANN401 - OfflineBackboneModule's arguments
     ) -> None:
         super().__init__(learning_rate=learning_rate, **kwargs)
@@ -291,8 +302,8 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         fit_residual_statistics(self.model, images)
 
     def configure_optimizers(self) -> optim.Optimizer:
-        """Adam over the Transformers (the backbone is frozen)."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        """Adam over the Transformers (the backbone is frozen; the context predictors train after them)."""
+        params = [p for p in self.model.levels.parameters() if p.requires_grad]
         return optim.Adam(params, lr=self.learning_rate)
 
     def setup(self, stage: str) -> None:

@@ -74,6 +74,15 @@ class FodSettings:
         blur_sigma: Gaussian blur of the anomaly map (0 switches it off).
         compile_kernels: run the correlation attentions' block kernels through ``torch.compile`` where
             their maps are large (see ``blocked_attention.py``); same results, faster steps.
+        context_score: add the context score to the whitened residual (``context.py``): every token is also
+            judged against what the tokens beyond ``context_radius`` cells predict for it, both distances in the
+            training images' z-units; the image score is then the anomaly map's maximum. Needs
+            ``reconstruction_term="mahalanobis"`` and ``scoring="rec"``.
+        context_steps: optimizer steps of the context predictors, after the Transformers' training (0: untrained,
+            the reference of its learning gain).
+        context_radius: grid cells around a token that its prediction may not read (2: none whose 3x3 pooling
+            window holds the token's own cell).
+        context_hidden_share: share of each image's most unusual tokens hidden from every prediction at inference.
     """
 
     backbone: str = field(default="tf_efficientnet_lite0", metadata=_SHAPES)
@@ -102,6 +111,10 @@ class FodSettings:
     map_align_corners: bool = False
     blur_sigma: float = 4.0
     compile_kernels: bool = True
+    context_score: bool = field(default=False, metadata=_SHAPES)
+    context_steps: int = 500
+    context_radius: int = 2
+    context_hidden_share: float = 0.05
 
     def __post_init__(self) -> None:
         # YAML and jsonargparse give lists; tuples keep the object hashable and comparable.
@@ -125,6 +138,18 @@ class FodSettings:
                 )
                 raise ValueError(msg)
             object.__setattr__(self, "map_level_weights", weights)
+        if self.context_steps < 0 or self.context_radius < 0 or not 0 <= self.context_hidden_share < 1:
+            msg = (
+                "context_steps and context_radius must be >= 0 and context_hidden_share in [0, 1); got "
+                f"{self.context_steps}, {self.context_radius}, {self.context_hidden_share}."
+            )
+            raise ValueError(msg)
+        if self.context_score and (self.reconstruction_term != "mahalanobis" or self.scoring != "rec"):
+            msg = (
+                "context_score adds to the whitened residual: it needs reconstruction_term='mahalanobis' and "
+                f"scoring='rec', got {self.reconstruction_term!r} and {self.scoring!r}."
+            )
+            raise ValueError(msg)
         check_choices(self)
 
     @classmethod

@@ -76,7 +76,7 @@ class FodModel(nn.Module):
         self.levels = nn.ModuleList(
             FodTransformer(c, d, settings) for c, d in zip(channels, settings.d_models, strict=True)
         )
-        self.anomaly_map_generator = AnomalyMapGenerator(settings)
+        self.anomaly_map_generator = AnomalyMapGenerator(settings, channels)
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -114,6 +114,13 @@ class FodModel(nn.Module):
                 f"(stride {stride}) gives a {grids[-1][0]}x{grids[-1][1]} token grid. FOD needs at least "
                 f"{MIN_TOKENS_PER_SIDE} tokens per side, i.e. images of at least {MIN_TOKENS_PER_SIDE * stride} px "
                 "per side (set image_size)."
+            )
+            raise ValueError(msg)
+        if self.settings.context_score and smallest <= 2 * self.settings.context_radius + 1:
+            msg = (
+                f"context_score with context_radius={self.settings.context_radius} hides a "
+                f"{2 * self.settings.context_radius + 1}-token square around every token, and the coarsest level's "
+                f"grid is {grids[-1][0]}x{grids[-1][1]}: use larger images or a smaller context_radius."
             )
             raise ValueError(msg)
 

@@ -1,0 +1,263 @@
+"""The context score: each token against what its surroundings predict, never against itself.
+
+FOD's reconstruction sees the token it rebuilds (through its residual connections and its own query), so
+its residual is nearly the token's own deviation from normal, and the whitened residual ranks tokens as a
+Gaussian over the input features does: training changes the score by nothing measurable. The paper's idea of
+a discrepancy is "this patch against its context". Here that idea is made strict, per level:
+
+- the tokens are whitened (one mean and one symmetric whitening over every training token);
+- a :class:`ContextPredictor` predicts every whitened token from the others by cross-attention: its query
+  stream starts from one learned vector plus the token's 2D sine-cosine position (no content of the token),
+  and every key within ``radius`` grid cells of the query is masked. With 3x3-pooled features radius 2 is
+  the smallest that hides every token whose pooling window holds the query's own cell;
+- the context residual (token minus prediction) is scored like the reconstruction residual: its Mahalanobis
+  distance against the training images' context residuals (shared and per-position covariance, averaged);
+- the token's score is that distance plus the reconstruction residual's distance, each in z-units of the
+  training images at the token's position (so neither dominates by its scale);
+- at inference the ``hidden_share`` most unusual tokens of each image (by the reconstruction distance, a rule
+  of the image alone) are hidden from every query: a defect would otherwise spoil its neighbours' predictions
+  and smear its own score into a ring around it.
+
+Everything needed at inference is a parameter or a buffer of :class:`ContextLevel`, so checkpoints and
+exported graphs carry it. The fit (whitening, optimizer steps, residual statistics, z-units) is
+``fitting.fit_context``; this module holds the modules and the torch-only training loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from tqdm.auto import tqdm
+
+from .residual_statistics import SHRINKAGE, ResidualStatistics
+
+# The predictor's size and recipe, as screened (benchmarks/notes/2026-12-05-context-predictor.md).
+WIDTH = 128
+LAYERS = 2
+HEADS = 4
+BATCH = 8
+LEARNING_RATE = 1e-3
+# Added to masked attention logits: finite, so a query that sees no key gives a finite (if useless) answer.
+MASKED = -1.0e4
+
+
+def sincos_positions(height: int, width: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(h * w, dim)`` 2D sine-cosine position codes, row-major (half the channels per axis)."""
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter))
+    ys = torch.arange(height, dtype=torch.float32, device=device).repeat_interleave(width)
+    xs = torch.arange(width, dtype=torch.float32, device=device).repeat(height)
+    parts = []
+    for axis in (ys, xs):
+        angles = axis[:, None] * omega[None]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1)
+
+
+def neighbourhood_mask(height: int, width: int, radius: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(L, L)`` bool, True where key ``j`` lies within ``radius`` cells (Chebyshev) of query ``i``."""
+    ys = torch.arange(height, device=device).repeat_interleave(width)
+    xs = torch.arange(width, device=device).repeat(height)
+    return ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of a query stream ``(B, L, D)`` to a memory ``(B, L, D)`` under an additive bias."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Linear(dim, dim)
+        self.key_value = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, query: torch.Tensor, memory: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``bias``: ``(B or 1, 1, L, L)`` added to the logits (``MASKED`` where a key may not be read)."""
+        batch, length, dim = query.shape
+        head_dim = dim // self.heads
+        q = self.query(query).reshape(batch, length, self.heads, head_dim).transpose(1, 2)
+        k, v = self.key_value(memory).reshape(batch, -1, 2, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+        logits = (q @ k.transpose(-2, -1)) * (head_dim**-0.5) + bias
+        attended = torch.softmax(logits, dim=-1) @ v
+        return self.out(attended.transpose(1, 2).reshape(batch, length, dim))
+
+
+class ContextPredictor(nn.Module):
+    """``(B, L, C)`` whitened tokens -> ``(B, L, C)`` each token predicted from the tokens beyond ``radius``.
+
+    Args:
+        channels: token channels ``C``.
+        radius: grid cells (Chebyshev distance) around the query whose tokens it may not read.
+        dim, layers, heads: width, cross-attention layers and heads of the query stream.
+    """
+
+    def __init__(self, channels: int, radius: int = 2, dim: int = WIDTH, layers: int = LAYERS, heads: int = HEADS) -> None:
+        super().__init__()
+        self.radius = radius
+        self.dim = dim
+        self.embed = nn.Linear(channels, dim)
+        self.query = nn.Parameter(torch.zeros(dim))
+        self.attention = nn.ModuleList(CrossAttention(dim, heads) for _ in range(layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2 * layers))
+        self.ffn = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)) for _ in range(layers)
+        )
+        self.out = nn.Linear(dim, channels)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict every token of ``tokens`` ``(B, L, C)`` on the ``(h, w)`` grid from its context.
+
+        ``hidden``: ``(B, L)`` bool, tokens no query may read (each image's most unusual ones).
+        """
+        positions = sincos_positions(*grid, self.dim, tokens.device)
+        bias = neighbourhood_mask(*grid, self.radius, tokens.device).to(tokens.dtype)[None, None] * MASKED
+        if hidden is not None:
+            bias = bias + hidden.to(tokens.dtype)[:, None, None, :] * MASKED
+        memory = self.embed(tokens) + positions
+        query = (self.query + positions).expand(tokens.shape[0], -1, -1)
+        for index, (attention, ffn) in enumerate(zip(self.attention, self.ffn, strict=True)):
+            query = query + attention(self.norms[2 * index](query), memory, bias)
+            query = query + ffn(self.norms[2 * index + 1](query))
+        return self.out(query)
+
+
+class ContextLevel(nn.Module):
+    """One level's context score: whitening, predictor, context-residual statistics and z-units.
+
+    Buffers (empty until fitted): ``token_mean`` ``(C,)`` and ``whitening`` ``(C, C)`` of the input tokens;
+    ``rec_mean`` / ``rec_std`` and ``ctx_mean`` / ``ctx_std`` ``(L,)``, the training images' per-position mean
+    and standard deviation of the reconstruction and context distances (the z-units). ``statistics`` holds the
+    context residuals' Gaussian (:class:`~.residual_statistics.ResidualStatistics`, ``"blend"``).
+
+    Args:
+        channels: token channels ``C``.
+        radius: see :class:`ContextPredictor`.
+        hidden_share: share of each image's tokens hidden from every query at inference (0: none).
+    """
+
+    BUFFERS = ("token_mean", "whitening", "rec_mean", "rec_std", "ctx_mean", "ctx_std")
+
+    def __init__(self, channels: int, radius: int = 2, hidden_share: float = 0.05) -> None:
+        super().__init__()
+        self.hidden_share = hidden_share
+        self.predictor = ContextPredictor(channels, radius)
+        self.statistics = ResidualStatistics("blend")
+        self.register_buffer("token_mean", torch.empty(0))
+        self.register_buffer("whitening", torch.empty(0, 0))
+        for name in ("rec_mean", "rec_std", "ctx_mean", "ctx_std"):
+            self.register_buffer(name, torch.empty(0))
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the whitening, statistics and z-units have been fitted (or loaded)."""
+        return self.ctx_std.numel() > 0 and self.statistics.fitted
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:  # noqa: ANN001
+        """The buffers take the stored shapes (they are empty until a fit)."""
+        for name in self.BUFFERS:
+            stored, current = state_dict.get(prefix + name), getattr(self, name)
+            if stored is not None and stored.shape != current.shape:
+                setattr(self, name, current.new_empty(stored.shape))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+
+    def set_whitening(self, mean: torch.Tensor, whitening: torch.Tensor) -> None:
+        """Store the tokens' ``(C,)`` mean and ``(C, C)`` whitening."""
+        self.token_mean = mean.detach().float()
+        self.whitening = whitening.detach().float()
+
+    def set_units(self, rec: torch.Tensor, ctx: torch.Tensor) -> None:
+        """Store the z-units from the training images' ``(N, L)`` reconstruction and context distances."""
+        self.rec_mean, self.rec_std = rec.mean(dim=0).float(), rec.std(dim=0).float() + 1e-6
+        self.ctx_mean, self.ctx_std = ctx.mean(dim=0).float(), ctx.std(dim=0).float() + 1e-6
+
+    def whiten(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, L, C)`` tokens in whitened coordinates."""
+        return (tokens.float() - self.token_mean) @ self.whitening
+
+    def _check(self, rec: torch.Tensor) -> None:
+        if not self.fitted:
+            msg = (
+                "FOD's context score is not fitted: its whitening, predictor and statistics are fitted on the "
+                "training images after training. Train the model, or fit them on a trained checkpoint with "
+                "Fod.fit_residual_statistics(datamodule)."
+            )
+            raise RuntimeError(msg)
+        if rec.shape[1] != self.rec_mean.shape[0]:
+            msg = (
+                f"the context score was fitted on {self.rec_mean.shape[0]} tokens per level, this input gives "
+                f"{rec.shape[1]}: use the image size the model was trained with."
+            )
+            raise RuntimeError(msg)
+
+    def hidden(self, rec_z: torch.Tensor) -> torch.Tensor | None:
+        """``(B, L)`` bool: each image's ``hidden_share`` of tokens with the largest ``rec_z`` (None when 0)."""
+        count = math.ceil(self.hidden_share * rec_z.shape[1])
+        if count == 0:
+            return None
+        threshold = rec_z.topk(count, dim=1).values[:, -1:]
+        return rec_z >= threshold
+
+    def forward(self, tokens: torch.Tensor, rec: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Token scores ``(B, L)`` from the input tokens ``(B, L, C)`` and their reconstruction distances ``(B, L)``."""
+        self._check(rec)
+        rec_z = (rec - self.rec_mean) / self.rec_std
+        whitened = self.whiten(tokens)
+        residual = whitened - self.predictor(whitened, grid, self.hidden(rec_z))
+        return rec_z + (self.statistics(residual) - self.ctx_mean) / self.ctx_std
+
+
+def fit_whitening(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C,)`` mean and symmetric ``(C, C)`` whitening of ``(M, C)`` tokens (covariance shrunk like the residuals')."""
+    tokens = tokens.double()
+    mean = tokens.mean(dim=0)
+    centred = tokens - mean
+    cov = centred.T @ centred / max(1, tokens.shape[0] - 1)
+    cov += SHRINKAGE * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    values, vectors = torch.linalg.eigh(cov)
+    return mean.float(), ((vectors * values.rsqrt()) @ vectors.T).float()
+
+
+def train_predictors(
+    levels: Sequence[ContextLevel],
+    tokens: Sequence[torch.Tensor],
+    grids: Sequence[tuple[int, int]],
+    steps: int,
+    device: torch.device,
+    progress: bool = True,
+    log: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train every level's predictor to predict whitened tokens ``(N, L_i, C_i)`` (kept where they are; each
+    step moves ``BATCH`` random images to ``device``). Adam, MSE summed over the levels; the batches are drawn
+    from the global RNG (seeded runs repeat). Returns the loss of every step; ``log(step, loss)`` is called
+    every 50 steps and at the last."""
+    predictors = [level.predictor for level in levels]
+    parameters = [p for predictor in predictors for p in predictor.parameters()]
+    optimizer = torch.optim.Adam(parameters, lr=LEARNING_RATE)
+    count = tokens[0].shape[0]
+    losses = []
+    for predictor in predictors:
+        predictor.train()
+    try:
+        for step in tqdm(range(steps), desc="FOD context predictor", disable=not progress, leave=False):
+            index = torch.randint(count, (min(BATCH, count),))
+            loss = sum(
+                F.mse_loss(predictor(t[index].to(device), grid), t[index].to(device))
+                for predictor, t, grid in zip(predictors, tokens, grids, strict=True)
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if not math.isfinite(losses[-1]):
+                msg = f"the context predictor's loss became {losses[-1]} at step {step + 1}."
+                raise FloatingPointError(msg)
+            if log is not None and ((step + 1) % 50 == 0 or step + 1 == steps):
+                log(step + 1, losses[-1])
+    finally:
+        for predictor in predictors:
+            predictor.eval()
+    return losses

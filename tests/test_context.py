@@ -1,0 +1,208 @@
+"""The context score: a prediction never reads its own neighbourhood, it learns, it travels with the model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from anomalib_fod import Fod
+from anomalib_fod.models.fod.context import ContextLevel, ContextPredictor, fit_whitening, train_predictors
+from anomalib_fod.models.fod.fitting import KeptLevels, fit_context, fit_statistics
+from anomalib_fod.models.fod.residual_statistics import SHRINKAGE
+
+from fod_helpers import TINY
+
+SIZE = 96  # the coarsest grid (stride 16) is 6x6: the smallest that leaves radius 2 something to read
+
+
+def test_a_prediction_reads_nothing_within_its_radius_nor_a_hidden_token() -> None:
+    torch.manual_seed(0)
+    predictor = ContextPredictor(6, radius=2, dim=16, heads=2)
+    height, width = 7, 8
+    tokens = torch.randn(2, height * width, 6, requires_grad=True)
+    hidden = torch.zeros(2, height * width, dtype=torch.bool)
+    hidden[0, 5] = True  # (0, 5): outside the query's neighbourhood
+    query_y, query_x = 3, 4
+    output = predictor(tokens, (height, width), hidden)
+    (gradient,) = torch.autograd.grad(output[0, query_y * width + query_x].sum(), tokens)
+    ys, xs = torch.arange(height).repeat_interleave(width), torch.arange(width).repeat(height)
+    near = ((ys - query_y).abs() <= 2) & ((xs - query_x).abs() <= 2)
+    read = gradient[0].abs().sum(-1)
+    assert read[near].max() == 0  # not the token itself, nor any token whose 3x3 pooling window holds its cell
+    assert read[5] == 0  # nor a hidden token
+    others = ~near
+    others[5] = False
+    assert (read[others] > 0).all()  # every other token is read
+    assert gradient[1].abs().max() == 0  # nor another image
+
+
+def test_hidden_tokens_are_each_images_most_unusual_share() -> None:
+    level = ContextLevel(4, hidden_share=0.1)
+    scores = torch.rand(3, 50, generator=torch.Generator().manual_seed(0))
+    hidden = level.hidden(scores)
+    assert hidden.sum(dim=1).tolist() == [5, 5, 5]
+    for image, mask in zip(scores, hidden, strict=True):
+        assert image[mask].min() > image[~mask].max()
+    assert ContextLevel(4, hidden_share=0.0).hidden(scores) is None
+
+
+def test_whitening_makes_the_tokens_covariance_the_identity() -> None:
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(5, 5, generator=generator)
+    tokens = torch.randn(4000, 5, generator=generator) @ mixing + 3.0
+    mean, whitening = fit_whitening(tokens)
+    whitened = (tokens - mean) @ whitening
+    torch.testing.assert_close(whitened.mean(0), torch.zeros(5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(whitening, whitening.T)
+    # it whitens the covariance shrunk as the residuals' is (1 % of the mean variance on the diagonal)
+    covariance = torch.cov(tokens.T.double())
+    covariance += SHRINKAGE * covariance.diagonal().mean() * torch.eye(5, dtype=torch.float64)
+    torch.testing.assert_close(whitening.double() @ covariance @ whitening.double(), torch.eye(5, dtype=torch.float64),
+                               atol=1e-4, rtol=0)
+    assert torch.linalg.eigvalsh(torch.cov(whitened.T)).max() < 1.0 + 1e-4  # shrinkage only ever shrinks
+
+
+def smooth_fields(count: int, grid: int, channels: int, seed: int) -> torch.Tensor:
+    """``(count, grid * grid, channels)`` tokens of random low-frequency waves: predictable from afar."""
+    generator = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                            indexing="ij")
+    phases = torch.rand(count, channels, 2, generator=generator) * 2 * math.pi
+    waves = torch.sin(ys[None, None] * 0.35 + phases[..., 0, None, None]) + torch.cos(
+        xs[None, None] * 0.3 + phases[..., 1, None, None],
+    )
+    return waves.flatten(2).transpose(1, 2)
+
+
+def test_training_teaches_the_predictor_what_the_context_says() -> None:
+    torch.manual_seed(0)
+    train, test = smooth_fields(64, 10, 3, seed=1), smooth_fields(16, 10, 3, seed=2)
+    level = ContextLevel(3)
+
+    def unexplained() -> float:
+        with torch.no_grad():
+            return float((test - level.predictor(test, (10, 10))).square().mean() / test.square().mean())
+
+    before = unexplained()
+    losses = train_predictors([level], [train], [(10, 10)], 300, torch.device("cpu"), progress=False)
+    assert len(losses) == 300
+    assert before > 0.9  # untrained: it predicts about nothing
+    assert unexplained() < 0.2  # trained: most of an unseen field comes from beyond the radius
+
+
+def fitted_model(context_steps: int = 20, seed: int = 0, **settings) -> tuple[Fod, list[torch.Tensor]]:  # noqa: ANN003
+    torch.manual_seed(seed)
+    model = Fod(pre_trained=False, image_size=SIZE, visualizer=False, context_score=True,
+                context_steps=context_steps, **TINY, **settings)
+    images = torch.rand(12, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    features = model.model.extract_features(images)
+    model.model.set_mean_reference([f.mean(0) for f in features])
+    kept = KeptLevels([], [], [])
+    fit_statistics(model.model, [[f[:6] for f in features], [f[6:] for f in features]], keep=kept)
+    fit_context(model.model, kept, torch.device("cpu"), progress=False)
+    model.model.eval()
+    return model, features
+
+
+def test_the_score_reads_the_trained_predictor_and_survives_a_checkpoint(tmp_path) -> None:  # noqa: ANN001
+    model, features = fitted_model()
+    level = model.model.anomaly_map_generator.context[0]
+    assert level.fitted and level.rec_std.shape == (SIZE // 8 * SIZE // 8,)
+    with torch.no_grad():
+        before = model.model.forward_features(features, (SIZE, SIZE))
+        assert torch.isfinite(before.pred_score).all() and torch.isfinite(before.anomaly_map).all()
+        # another predictor gives other scores: the score reads it
+        weight = level.predictor.out.weight
+        weight.add_(1.0)
+        assert not torch.allclose(model.model.forward_features(features, (SIZE, SIZE)).pred_score, before.pred_score)
+        weight.sub_(1.0)
+    # the image score is the map's maximum
+    torch.testing.assert_close(before.pred_score, before.anomaly_map.amax(dim=(-3, -2, -1)))
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    torch.manual_seed(5)  # another initialisation: everything must come from the file
+    reloaded = Fod(pre_trained=False, image_size=SIZE, visualizer=False, context_score=True, **TINY)
+    reloaded.load_state_dict(torch.load(path))
+    reloaded.model.eval()
+    with torch.no_grad():
+        after = reloaded.model.forward_features(features, (SIZE, SIZE))
+    torch.testing.assert_close(after.pred_score, before.pred_score)
+    torch.testing.assert_close(after.anomaly_map, before.anomaly_map)
+
+
+def test_the_context_predictors_train_after_the_transformers_not_with_them() -> None:
+    model, _ = fitted_model(context_steps=0)
+    optimised = {id(p) for group in model.configure_optimizers().param_groups for p in group["params"]}
+    context = model.model.anomaly_map_generator.context
+    assert not any(id(p) in optimised for p in context.parameters())
+    assert all(id(p) in optimised for p in model.model.levels.parameters())
+
+
+def test_an_unfitted_context_score_and_a_wrong_size_are_clear_errors() -> None:
+    torch.manual_seed(0)
+    model = Fod(pre_trained=False, image_size=SIZE, visualizer=False, context_score=True, **TINY)
+    images = torch.rand(2, 3, SIZE, SIZE)
+    features = model.model.extract_features(images)
+    model.model.set_mean_reference([f.mean(0) for f in features])
+    fit_statistics(model.model, [features])  # the residual statistics alone
+    model.model.eval()
+    with pytest.raises(RuntimeError, match="context score is not fitted"):
+        model.model.forward_features(features, (SIZE, SIZE))
+    fitted, _ = fitted_model(context_steps=0)
+    larger = fitted.model.extract_features(torch.rand(1, 3, SIZE + 32, SIZE + 32))
+    with pytest.raises(RuntimeError, match="image size the model was trained with"):
+        fitted.model.anomaly_map_generator.context[0](
+            fitted.model.run_levels(larger).tokens[0], torch.zeros(1, larger[0].shape[-2] * larger[0].shape[-1]),
+            tuple(larger[0].shape[-2:]),
+        )
+
+
+def test_bad_context_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="reconstruction_term='mahalanobis'"):
+        Fod(pre_trained=False, context_score=True, reconstruction_term="mse_cos", **TINY)
+    with pytest.raises(ValueError, match="context_hidden_share"):
+        Fod(pre_trained=False, context_score=True, context_hidden_share=1.0, **TINY)
+    model = Fod(pre_trained=False, image_size=64, visualizer=False, context_score=True, **TINY)
+    with pytest.raises(ValueError, match="use larger images or a smaller context_radius"):
+        model.model.run_levels(model.model.extract_features(torch.rand(1, 3, 64, 64)))
+
+
+def test_the_exported_graph_carries_the_context_score(tmp_path) -> None:  # noqa: ANN001
+    pytest.importorskip("onnxscript")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model, _ = fitted_model()
+    path = model.to_onnx(tmp_path)  # any input size: the graph resizes to the training size
+    images = torch.rand(3, 3, 120, 150, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(images)
+    session = onnxruntime.InferenceSession(str(path))
+    outputs = dict(zip([o.name for o in session.get_outputs()],
+                       session.run(None, {session.get_inputs()[0].name: images.numpy()}), strict=True))
+    torch.testing.assert_close(torch.from_numpy(outputs["pred_score"]), expected.pred_score, rtol=1e-4, atol=0)
+    scale = float(expected.anomaly_map.abs().max())
+    torch.testing.assert_close(torch.from_numpy(outputs["anomaly_map"]), expected.anomaly_map, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.slow
+def test_a_fit_with_the_context_score_reloads_from_its_checkpoint(dummy_dataset, tmp_path) -> None:  # noqa: ANN001
+    from lightning.pytorch import seed_everything
+
+    from fod_helpers import EVAL_BATCH, TRAIN_BATCH, make_datamodule, make_engine
+
+    seed_everything(0, workers=True)
+    datamodule = make_datamodule(dummy_dataset.parent, dummy_dataset.name, TRAIN_BATCH, EVAL_BATCH)
+    model = Fod(pre_processor=Fod.configure_pre_processor((SIZE, SIZE)), visualizer=False, training_steps=4,
+                context_score=True, context_steps=30, **TINY)
+    engine = make_engine(tmp_path, max_epochs=10)
+    engine.fit(model, datamodule=datamodule)
+    assert all(level.fitted for level in model.model.anomaly_map_generator.context)
+    predictions = engine.predict(model, datamodule=datamodule)
+    checkpoint = engine.trainer.checkpoint_callback.best_model_path
+    reloaded = Fod.load_from_checkpoint(checkpoint)
+    assert reloaded.model.settings.context_score and reloaded.model.settings.context_steps == 30
+    again = engine.predict(reloaded, datamodule=datamodule)
+    for first, second in zip(predictions, again, strict=True):
+        torch.testing.assert_close(second.pred_score, first.pred_score)
+        torch.testing.assert_close(second.anomaly_map, first.anomaly_map)
