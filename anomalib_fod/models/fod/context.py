@@ -81,8 +81,7 @@ class CrossAttention(nn.Module):
         head_dim = dim // self.heads
         q = self.query(query).reshape(batch, length, self.heads, head_dim).transpose(1, 2)
         k, v = self.key_value(memory).reshape(batch, -1, 2, self.heads, head_dim).permute(2, 0, 3, 1, 4)
-        logits = (q @ k.transpose(-2, -1)) * (head_dim**-0.5) + bias
-        attended = torch.softmax(logits, dim=-1) @ v
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.out(attended.transpose(1, 2).reshape(batch, length, dim))
 
 
