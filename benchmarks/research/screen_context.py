@@ -12,7 +12,8 @@ Rows per step (step 0: the untrained predictor, i.e. the learning gain's referen
 - ``feat_blend``: the input tokens' whitened distance (shared and per-position, averaged; nothing learned);
 - ``ctx_blend``: the same distance of the context residual;
 - ``sum_z``: both in the training images' per-position z-units, added;
-- with ``--hide-outliers``, ``ctx_blend_hidden`` / ``sum_z_hidden``: the same, with each test image's most unusual
+- ``sum_g``: both in the level's z-units (one mean and std over every training token of the level), added;
+- with ``--hide-outliers``, ``ctx_blend_hidden`` / ``sum_z_hidden`` / ``sum_g_hidden``: the same, with each test image's most unusual
   tokens (``--hide-share`` of them, by their own whitened distance) hidden from every query, so that a defect does
   not spoil its neighbours' predictions.
 Nothing is chosen on test labels.
@@ -106,6 +107,7 @@ class Distance:
         self.position = _position_precision(centred, torch.linalg.inv(self.shared.double()).float())
         own = self(train)
         self.z_mean, self.z_std = own.mean(dim=0), own.std(dim=0) + 1e-6
+        self.g_mean, self.g_std = own.mean(), own.std() + 1e-6
 
     def __call__(self, samples: torch.Tensor) -> torch.Tensor:
         centred = samples - self.mean
@@ -113,6 +115,10 @@ class Distance:
 
     def z(self, samples: torch.Tensor) -> torch.Tensor:
         return (self(samples) - self.z_mean) / self.z_std
+
+    def g(self, samples: torch.Tensor) -> torch.Tensor:
+        """In the level's units: one mean and std over every training token (no per-position noise)."""
+        return (self(samples) - self.g_mean) / self.g_std
 
 
 @torch.no_grad()
@@ -204,7 +210,9 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
         sum_z = [fz + d.z(r) for fz, d, r in zip(feat_z, context_distance, test_residual, strict=True)]
         explained = [1 - float(r.square().mean() / t.square().mean()) for r, t in zip(train_residual, train_tokens,
                                                                                        strict=True)]
-        outputs = [("feat_blend", feat_scores), ("ctx_blend", ctx_scores), ("sum_z", sum_z)]
+        sum_g = [fd.g(t) + d.g(r) for fd, t, d, r in zip(feature_distance, test_tokens, context_distance, test_residual,
+                                                         strict=True)]
+        outputs = [("feat_blend", feat_scores), ("ctx_blend", ctx_scores), ("sum_z", sum_z), ("sum_g", sum_g)]
         if args.hide_outliers:
             # A defect must not explain its neighbours: no query reads the image's own most unusual tokens (those
             # above the image's --hide-share quantile of its tokens' whitened distance in z-units). A bound from the
@@ -216,7 +224,10 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
                                for level, t in enumerate(test_tokens)]
             outputs += [("ctx_blend_hidden", [d(r) for d, r in zip(context_distance, hidden_residual, strict=True)]),
                         ("sum_z_hidden", [fz + d.z(r) for fz, d, r in zip(feat_z, context_distance, hidden_residual,
-                                                                          strict=True)])]
+                                                                          strict=True)]),
+                        ("sum_g_hidden", [fd.g(t) + d.g(r) for fd, t, d, r in zip(feature_distance, test_tokens,
+                                                                               context_distance, hidden_residual,
+                                                                               strict=True)])]
             print(f"{name}: hidden test tokens per level {[round(float(h.float().mean()), 4) for h in hidden]}")
         for candidate, token_scores in outputs:
             write(step, candidate, {**metrics(token_scores), "explained": [round(e, 4) for e in explained]}, seconds)
