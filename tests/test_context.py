@@ -183,6 +183,11 @@ def test_the_exported_graph_carries_the_context_score(tmp_path) -> None:  # noqa
     torch.testing.assert_close(torch.from_numpy(outputs["pred_score"]), expected.pred_score, rtol=1e-4, atol=0)
     scale = float(expected.anomaly_map.abs().max())
     torch.testing.assert_close(torch.from_numpy(outputs["anomaly_map"]), expected.anomaly_map, rtol=0, atol=1e-5 * scale)
+    openvino = pytest.importorskip("openvino")
+    compiled = openvino.Core().compile_model(openvino.convert_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled(images.numpy())
+    torch.testing.assert_close(torch.from_numpy(result["pred_score"]), expected.pred_score, rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.from_numpy(result["anomaly_map"]), expected.anomaly_map, rtol=0, atol=1e-5 * scale)
 
 
 @pytest.mark.slow
