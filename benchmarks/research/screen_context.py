@@ -251,6 +251,51 @@ def step_seconds(grids: list[tuple[int, int]], channels: tuple[int, ...], radius
     return sorted(times[1:])[repeats // 2]
 
 
+def report(folders: list[Path], reference: int = 0) -> str:
+    """Markdown: per candidate and dataset, AUROC at every step (mean ± std over seeds) and the learning gain (the
+    last step minus ``reference`` of the same seed), then each candidate's mean gain and lowest dataset."""
+    import statistics  # noqa: PLC0415
+
+    cells: dict[tuple[str, str, int], dict[int, tuple[float, float]]] = {}
+    for folder in folders:
+        for line in (folder / "rows.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            cells.setdefault((row["candidate"], row["dataset"], row["step"]), {})[row["seed"]] = (
+                row["image_auroc"], row["pixel_auroc"])
+    datasets = sorted({d for _, d, _ in cells})
+    steps = sorted({s for _, _, s in cells})
+    candidates = list(dict.fromkeys(c for c, _, _ in cells))
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f}"
+
+    lines = ["| score | steps | " + " | ".join(datasets) + " |", "|---|---|" + "---|" * len(datasets)]
+    summary = []
+    for candidate in candidates:
+        for step in steps:
+            parts = []
+            for dataset in datasets:
+                seeds = cells.get((candidate, dataset, step), {})
+                parts.append(" / ".join(spread([v[k] for v in seeds.values()]) for k in (0, 1)) if seeds else "-")
+            lines.append(f"| `{candidate}` | {step} | " + " | ".join(parts) + " |")
+        gains, parts = [], []
+        for dataset in datasets:
+            last, first = cells.get((candidate, dataset, steps[-1]), {}), cells.get((candidate, dataset, reference), {})
+            seeds = sorted(set(last) & set(first))
+            if not seeds:
+                parts.append("-")
+                continue
+            gain = [[last[s][k] - first[s][k] for s in seeds] for k in (0, 1)]
+            gains.append([statistics.mean(g) for g in gain])
+            parts.append(" / ".join(f"{statistics.mean(g):+.4f} (min {min(g):+.4f}, n {len(g)})" for g in gain))
+        lines.append(f"| learning gain of `{candidate}` | {steps[-1]} - {reference} | " + " | ".join(parts) + " |")
+        if len(gains) == len(datasets):
+            summary.append(f"- `{candidate}`: mean learning gain {statistics.mean(g[0] for g in gains):+.4f} image / "
+                           f"{statistics.mean(g[1] for g in gains):+.4f} pixel AUROC; lowest dataset "
+                           f"{min(g[0] for g in gains):+.4f} / {min(g[1] for g in gains):+.4f}")
+    return "\n".join([*lines, "", *summary])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=parse_data, action="append", help="NAME=ROOT:CATEGORY")
@@ -269,8 +314,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="two predictors on halves of the training rows; residual statistics out of fold "
                              "(by row: each exposure's pass is shuffled anew, so an image's exposures may straddle folds)")
     parser.add_argument("--gains", type=float, nargs="+", default=[0.9, 1.0, 1.1])
-    parser.add_argument("--out", type=Path, help="folder of rows.jsonl (required unless --time-steps)")
+    parser.add_argument("--out", type=Path, help="folder of rows.jsonl (required unless --time-steps or --report)")
+    parser.add_argument("--report", type=Path, nargs="+", help="only summarise these run folders (Markdown)")
     args = parser.parse_args(argv)
+    if args.report:
+        print(report(args.report))
+        return 0
     if args.time_steps:
         torch.set_num_threads(1)
         for _ in range(2):  # twice: the machine is shared

@@ -36,3 +36,19 @@ def test_hidden_tokens_reach_no_prediction() -> None:
     seen = reads(predictor, grid, 12, hidden)
     assert not seen[hidden[0]].any()
     assert seen[~hidden[0] & ~neighbourhood_mask(*grid, 1)[12]].all()
+
+
+def test_the_report_gives_each_seeds_gain_over_its_own_reference(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from screen_context import report
+
+    rows = [
+        {"candidate": "c", "dataset": d, "seed": seed, "step": step, "image_auroc": image, "pixel_auroc": 0.9}
+        for d in ("a", "b")
+        for seed, step, image in ((0, 0, 0.80), (1, 0, 0.70), (0, 500, 0.86), (1, 500, 0.72))
+    ]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = report([tmp_path])
+    assert "+0.0400 (min +0.0200, n 2) / +0.0000" in text  # (0.06 + 0.02) / 2, not a difference of means
+    assert "`c`: mean learning gain +0.0400 image / +0.0000 pixel AUROC; lowest dataset +0.0400 / +0.0000" in text
