@@ -211,3 +211,20 @@ def test_a_fit_with_the_context_score_reloads_from_its_checkpoint(dummy_dataset,
     for first, second in zip(predictions, again, strict=True):
         torch.testing.assert_close(second.pred_score, first.pred_score)
         torch.testing.assert_close(second.anomaly_map, first.anomaly_map)
+
+
+def test_a_training_set_too_large_to_keep_is_refused_before_training(monkeypatch) -> None:  # noqa: ANN001
+    from types import SimpleNamespace
+
+    from anomalib_fod.models.fod import callbacks
+
+    model, features = fitted_model(context_steps=0)
+    trainer = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=list(range(100))))
+    tokens = sum(f.shape[-2] * f.shape[-1] * f.shape[1] for f in features)
+    needed = 3 * 4 * 100 * 3 * tokens  # three float32 copies of 100 images at three gains
+    callback = callbacks.ResidualStatisticsCallback()
+    monkeypatch.setattr(callbacks, "CONTEXT_BUDGET_BYTES", needed)
+    callback.on_train_start(trainer, model)  # within the budget: nothing happens
+    monkeypatch.setattr(callbacks, "CONTEXT_BUDGET_BYTES", needed - 1)
+    with pytest.raises(ValueError, match="300 images"):
+        callback.on_train_start(trainer, model)

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 # EfficientNet-Lite0 at 256x256 needs 39 MiB and at 1024x1024 620 MiB; WideResNet50 (512 and 1024
 # channels) needs 4 GiB at 256x256, which belongs in a shared covariance, not in a checkpoint.
 PER_POSITION_BUDGET_BYTES = 1 << 30
+# The context score's fit keeps every training token at every gain in CPU memory (``fitting.fit_context``).
+CONTEXT_BUDGET_BYTES = 8 << 30
 
 
 def training_transform(pl_module: LightningModule) -> torch.nn.Module | None:
@@ -103,9 +105,9 @@ class ResidualStatisticsCallback(Callback):
         self.fitted_at_step = trainer.global_step
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Refuse, before any step, per-position statistics too large to keep (the grids are known by now)."""
-        del trainer
+        """Refuse, before any step, statistics too large to keep (the grids are known by now)."""
         model: FodModel = pl_module.model
+        self._check_context_memory(trainer, model)
         statistics = model.anomaly_map_generator.statistics
         if not model.anomaly_map_generator.needs_statistics or not any(s.per_position for s in statistics):
             return
@@ -120,6 +122,24 @@ class ResidualStatisticsCallback(Callback):
                 f"covariance per token position (grids {grids}, backbone channels "
                 f"{list(model.feature_extractor.channels)}); use residual_covariance='shared' and image_score='map' "
                 "(one covariance per level), a smaller image size or a backbone with fewer channels."
+            )
+            raise ValueError(msg)
+
+    @staticmethod
+    def _check_context_memory(trainer: Trainer | None, model: FodModel) -> None:
+        """The context score's fit keeps three float32 copies of every training token at every gain."""
+        dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
+        grids = [tuple(int(v) for v in level.ref_grid) for level in model.levels]
+        if not len(model.anomaly_map_generator.context) or dataset is None or not all(h * w for h, w in grids):
+            return
+        images = len(dataset) * len(model.settings.intensity_gains)
+        channels = model.feature_extractor.channels
+        size = 3 * 4 * images * sum(h * w * c for (h, w), c in zip(grids, channels, strict=True))
+        if size > CONTEXT_BUDGET_BYTES:
+            msg = (
+                f"context_score keeps every training token at every intensity gain while it fits: {images} images "
+                f"on grids {grids} need {size / 2**30:.1f} GiB of CPU memory. Use fewer training images or "
+                "intensity_gains, a smaller image size, or context_score=False."
             )
             raise ValueError(msg)
 
