@@ -68,7 +68,7 @@ class Explanation:
         grids: ``(h_i, w_i)`` token grid of every level.
         correlations: ``CORRELATION_PANELS`` name -> ``(h, w)`` map of the chosen token's
             correlations over the key positions (rows sum to 1); absent when the branch is off.
-        components: per level ``{"rec": (h_i, w_i), "div": ..., "score": ...}`` token scores
+        components: per level ``{"rec": (h_i, w_i), "div": ..., "context": ..., "score": ...}`` token scores
             (``div``/``rec`` absent when the scoring mode does not use them).
         div_name: ``"inter-score"`` or ``"intra-score"``.
     """
@@ -201,11 +201,14 @@ def explain_image(
         correlations["inter target"] = _key_map(target.cpu(), grid, positions)
 
     components = []
+    scores = generator.level_scores(tokens, outputs, grids)
     for index, (level_tokens, level_output, (height, width)) in enumerate(zip(tokens, outputs, grids, strict=True)):
         # The level index picks that level's residual statistics (the whitened residual).
-        parts = {"score": generator.token_scores(level_tokens, level_output, index)}
+        parts = {"score": scores[index]}
         if generator.scoring != "div":
             parts["rec"] = generator.reconstruction_score(level_tokens, level_output, index)
+        if len(generator.context):
+            parts["context"] = generator.context[index].components(level_tokens, parts["rec"], (height, width))[1]
         if generator.scoring != "rec":
             parts["div"] = generator.divergence_score(level_output)
         components.append({k: v[0].reshape(height, width).float().cpu().numpy() for k, v in parts.items()})
@@ -275,10 +278,15 @@ def render_explanation(explanation: Explanation, output: str | Path, dpi: int = 
             overlay(axis, explanation.correlations[name], f"{name} (last layer, head mean)")
         else:
             axis.text(0.5, 0.5, f"{name}\n(branch off)", ha="center", va="center", fontsize=8)
+    # With the context score its z-units take the divergence's panel (the score then reads no divergence).
     panels = [
         (level, key, title)
-        for level in range(len(explanation.components))
-        for key, title in (("rec", "rec score"), ("div", explanation.div_name), ("score", "rec x div"))
+        for level, parts in enumerate(explanation.components)
+        for key, title in (
+            ("rec", "rec score"),
+            ("context", "context (z-units)") if "context" in parts else ("div", explanation.div_name),
+            ("score", "rec x div"),
+        )
     ]
     for axis, (level, key, title) in zip(axes[1], panels, strict=False):
         values = explanation.components[level].get(key)

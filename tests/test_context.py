@@ -228,3 +228,25 @@ def test_a_training_set_too_large_to_keep_is_refused_before_training(monkeypatch
     monkeypatch.setattr(callbacks, "CONTEXT_BUDGET_BYTES", needed - 1)
     with pytest.raises(ValueError, match="300 images"):
         callback.on_train_start(trainer, model)
+
+
+def test_the_explanation_shows_the_context_score_the_model_uses(tmp_path) -> None:  # noqa: ANN001
+    import numpy as np
+    from PIL import Image
+
+    from anomalib_fod.explain import explain_image, load_image, render_explanation
+
+    model, _ = fitted_model()
+    path = tmp_path / "image.png"
+    Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(path)
+    explanation = explain_image(model, path)
+    with torch.no_grad():
+        expected = model.model(model.pre_processor.transform(load_image(path)[None]))
+    np.testing.assert_allclose(explanation.anomaly_map, expected.anomaly_map[0, 0].numpy(), rtol=1e-5, atol=1e-5)
+    assert explanation.pred_score == pytest.approx(float(expected.pred_score[0]), rel=1e-5)
+    for parts, level in zip(explanation.components, model.model.anomaly_map_generator.context, strict=True):
+        assert set(parts) == {"rec", "context", "score"}
+        rec_z = (parts["rec"] - level.rec_mean.reshape(parts["rec"].shape).numpy()) / level.rec_std.reshape(
+            parts["rec"].shape).numpy()
+        np.testing.assert_allclose(parts["score"], rec_z + parts["context"], rtol=1e-4, atol=1e-4)
+    assert render_explanation(explanation, tmp_path / "figure.png").is_file()

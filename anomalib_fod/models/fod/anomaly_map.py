@@ -191,6 +191,19 @@ class AnomalyMapGenerator(nn.Module):
             return self.statistics[level](tokens.float() - output.reconstruction.float(), covariance)
         return reconstruction_score(tokens, output.reconstruction, self.reconstruction_term)
 
+    def level_scores(
+        self,
+        tokens: list[torch.Tensor],
+        outputs: list[LevelOutput],
+        grids: list[tuple[int, int]],
+    ) -> list[torch.Tensor]:
+        """The token scores ``(B, L_i)`` of every level that the anomaly map combines (with ``context_score``, the
+        sum of the reconstruction and context distances in z-units)."""
+        scores = [self.token_scores(t, o, i) for i, (t, o) in enumerate(zip(tokens, outputs, strict=True))]
+        if not len(self.context):
+            return scores
+        return [context(t, s, g) for context, t, s, g in zip(self.context, tokens, scores, grids, strict=True)]
+
     def forward(
         self,
         tokens: list[torch.Tensor],
@@ -209,14 +222,10 @@ class AnomalyMapGenerator(nn.Module):
         Returns:
             ``(B, 1, H, W)`` anomaly map and ``(B,)`` image scores.
         """
-        pairs = list(enumerate(zip(tokens, outputs, strict=True)))
+        scores = self.level_scores(tokens, outputs, grids)
         if len(self.context):
-            scores = [
-                context(t, self.token_scores(t, o, i), grid)
-                for (i, (t, o)), context, grid in zip(pairs, self.context, grids, strict=True)
-            ]
             return self.combine_levels(scores, grids, image_size, self.map_level_weights)
-        scores = [self.token_scores(t, o, i) for i, (t, o) in pairs]
+        pairs = list(enumerate(zip(tokens, outputs, strict=True)))
         anomaly_map, image_scores = self.combine_levels(scores, grids, image_size, self.map_level_weights)
         if self.image_from_position:
             if self.statistics[0].covariance != "position":

@@ -200,13 +200,21 @@ class ContextLevel(nn.Module):
         threshold = rec_z.topk(count, dim=1).values[:, -1:]
         return rec_z >= threshold
 
-    def forward(self, tokens: torch.Tensor, rec: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Token scores ``(B, L)`` from the input tokens ``(B, L, C)`` and their reconstruction distances ``(B, L)``."""
+    def components(
+        self, tokens: torch.Tensor, rec: torch.Tensor, grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reconstruction and context distances ``(B, L)`` in z-units, from the input tokens ``(B, L, C)`` and
+        their reconstruction distances ``(B, L)``."""
         self._check(rec)
         rec_z = (rec - self.rec_mean) / self.rec_std
         whitened = self.whiten(tokens)
         residual = whitened - self.predictor(whitened, grid, self.hidden(rec_z))
-        return rec_z + (self.statistics(residual) - self.ctx_mean) / self.ctx_std
+        return rec_z, (self.statistics(residual) - self.ctx_mean) / self.ctx_std
+
+    def forward(self, tokens: torch.Tensor, rec: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Token scores ``(B, L)``: the sum of :meth:`components`."""
+        rec_z, ctx_z = self.components(tokens, rec, grid)
+        return rec_z + ctx_z
 
 
 def fit_whitening(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
