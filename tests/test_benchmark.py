@@ -338,6 +338,11 @@ def test_harness_model_selection(benchmark_run: dict, capsys: pytest.CaptureFixt
     assert "[1/2] dummy / Fod / seed 0: skipped (done)" in last and "Patchcore" not in last.split("report:")[0]
     assert main(["--config", str(benchmark_run["config"]), "--models", "[Fod, Cflow]"]) == 2
     assert "unknown model(s) ['Cflow']" in capsys.readouterr().err
+    assert main(["--config", str(benchmark_run["config"]), "--seeds", "[0, 3]"]) == 2
+    assert "unknown seed(s) [3]" in capsys.readouterr().err
+    assert main(["--config", str(benchmark_run["config"]), "--seeds", "0", "--models", "Patchcore"]) == 0
+    only = capsys.readouterr().out
+    assert "benchmark: 1 of 2 cells" in only and "dummy / Patchcore / seed 0: skipped (done)" in only
 
 
 def test_harness_rerun_skips_finished_cells(benchmark_run: dict) -> None:

@@ -4,6 +4,7 @@ Examples:
     anomalib-fod benchmark --config benchmarks/bottle.yaml            # run or resume
     anomalib-fod benchmark --config benchmarks/bottle.yaml --force true    # recompute every cell
     anomalib-fod benchmark --config benchmarks/bottle.yaml --models "[Fod, Patchcore]"   # only these models
+    anomalib-fod benchmark --config benchmarks/bottle.yaml --seeds 0     # only this seed (also --datasets)
     anomalib-fod benchmark --anomalib_config my_anomalib_benchmark.yaml --max_epochs 10
 """
 
@@ -21,6 +22,7 @@ def benchmark(
     force: bool = False,
     models: list[str] | str | None = None,
     datasets: list[str] | str | None = None,
+    seeds: list[int] | int | None = None,
     max_epochs: int | None = None,
 ) -> int:
     """Benchmark FOD next to anomalib's models: same data, image size, backbone and layers.
@@ -37,6 +39,7 @@ def benchmark(
         force: recompute cells that already finished.
         models: run only these models of the config, one name or a list (the report still shows all).
         datasets: run only these datasets of the config, one name or a list.
+        seeds: run only these seeds of the config, one or a list.
         max_epochs: with anomalib_config: epochs for models that do not fix their own (sets
             PL_TRAINER_MAX_EPOCHS).
 
@@ -57,6 +60,7 @@ def benchmark(
 
     models = [models] if isinstance(models, str) else models
     datasets = [datasets] if isinstance(datasets, str) else datasets
+    seeds = [seeds] if isinstance(seeds, int) else seeds
     from .config import BenchmarkConfigError, load_config, resolve_path  # noqa: PLC0415
     from .runner import run_benchmark  # noqa: PLC0415
 
@@ -67,7 +71,7 @@ def benchmark(
         return 2
     run_dir = Path(resolve_path(output if output is not None else settings.output_dir))
     try:
-        results = run_benchmark(settings, run_dir, force=force, models=models, datasets=datasets)
+        results = run_benchmark(settings, run_dir, force=force, models=models, datasets=datasets, seeds=seeds)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

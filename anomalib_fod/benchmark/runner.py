@@ -148,7 +148,7 @@ def _file_logging(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def _check_selection(kind: str, chosen: Sequence[str] | None, known: set[str]) -> None:
+def _check_selection(kind: str, chosen: Sequence[str] | Sequence[int] | None, known: set) -> None:
     unknown = sorted(set(chosen or ()) - known)
     if unknown:
         raise ValueError(f"unknown {kind}(s) {unknown}; the config has {sorted(known)}")
@@ -161,6 +161,7 @@ def run_benchmark(
     echo: Callable[[str], None] | None = None,
     models: Sequence[str] | None = None,
     datasets: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) the cells of ``config`` under ``run_dir`` and write the report.
 
@@ -171,8 +172,9 @@ def run_benchmark(
         echo: where progress lines go (default: ``tqdm.write`` to stdout).
         models: run only these models (names as in the config); ``None`` runs all.
         datasets: run only these datasets; ``None`` runs all.
+        seeds: run only these seeds; ``None`` runs all.
 
-    The report always covers the whole config: cells left out by ``models``/``datasets``
+    The report always covers the whole config: cells left out by ``models``/``datasets``/``seeds``
     appear with their stored results when they finished earlier (so two selections can run
     side by side, e.g. one per CPU core, and either report shows both).
 
@@ -185,6 +187,7 @@ def run_benchmark(
     all_cells = expand_cells(config, run_dir)
     _check_selection("model", models, {cell.model.name for cell in all_cells})
     _check_selection("dataset", datasets, {cell.dataset.name for cell in all_cells})
+    _check_selection("seed", seeds, {cell.seed for cell in all_cells})
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = _file_logging(run_dir)
 
@@ -193,7 +196,11 @@ def run_benchmark(
         (echo or (lambda m: tqdm.write(m, file=sys.stdout)))(message)
 
     def selected(cell: CellSpec) -> bool:
-        return (models is None or cell.model.name in models) and (datasets is None or cell.dataset.name in datasets)
+        return (
+            (models is None or cell.model.name in models)
+            and (datasets is None or cell.dataset.name in datasets)
+            and (seeds is None or cell.seed in seeds)
+        )
 
     cells = [cell for cell in all_cells if selected(cell)]
     left_out = [cell for cell in all_cells if not selected(cell)]
