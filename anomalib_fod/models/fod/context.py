@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .residual_statistics import SHRINKAGE, ResidualStatistics
+from .grid import grid_coordinates, sincos_embedding
 
 # The predictor's size and recipe, as screened (benchmarks/notes/2026-12-05-context-predictor.md).
 WIDTH = 128
@@ -43,26 +44,6 @@ BATCH = 8
 LEARNING_RATE = 1e-3
 # Added to masked attention logits: finite, so a query that sees no key gives a finite (if useless) answer.
 MASKED = -1.0e4
-
-
-def sincos_positions(height: int, width: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
-    """``(h * w, dim)`` 2D sine-cosine position codes, row-major (half the channels per axis)."""
-    quarter = dim // 4
-    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter))
-    ys = torch.arange(height, dtype=torch.float32, device=device).repeat_interleave(width)
-    xs = torch.arange(width, dtype=torch.float32, device=device).repeat(height)
-    parts = []
-    for axis in (ys, xs):
-        angles = axis[:, None] * omega[None]
-        parts += [angles.sin(), angles.cos()]
-    return torch.cat(parts, dim=1)
-
-
-def neighbourhood_mask(height: int, width: int, radius: int, device: torch.device | None = None) -> torch.Tensor:
-    """``(L, L)`` bool, True where key ``j`` lies within ``radius`` cells (Chebyshev) of query ``i``."""
-    ys = torch.arange(height, device=device).repeat_interleave(width)
-    xs = torch.arange(width, device=device).repeat(height)
-    return ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)
 
 
 class CrossAttention(nn.Module):
@@ -112,8 +93,10 @@ class ContextPredictor(nn.Module):
 
         ``hidden``: ``(B, L)`` bool, tokens no query may read (each image's most unusual ones).
         """
-        positions = sincos_positions(*grid, self.dim, tokens.device)
-        bias = neighbourhood_mask(*grid, self.radius, tokens.device).to(tokens.dtype)[None, None] * MASKED
+        cells = grid_coordinates(*grid, tokens.device)
+        positions = sincos_embedding(cells, self.dim)
+        near = (cells[:, None] - cells[None]).abs().amax(dim=-1) <= self.radius  # (L, L) Chebyshev neighbourhood
+        bias = near.to(tokens.dtype)[None, None] * MASKED
         if hidden is not None:
             bias = bias + hidden.to(tokens.dtype)[:, None, None, :] * MASKED
         memory = self.embed(tokens) + positions
