@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -250,3 +251,31 @@ def test_the_explanation_shows_the_context_score_the_model_uses(tmp_path) -> Non
             parts["rec"].shape).numpy()
         np.testing.assert_allclose(parts["score"], rec_z + parts["context"], rtol=1e-4, atol=1e-4)
     assert render_explanation(explanation, tmp_path / "figure.png").is_file()
+
+
+def test_a_refit_keeps_the_trained_predictor_and_refits_its_units() -> None:
+    model, features = fitted_model(context_steps=10)
+    level = model.model.anomaly_map_generator.context[0]
+    predictor = {k: v.clone() for k, v in level.predictor.state_dict().items()}
+    whitening, units = level.whitening.clone(), level.rec_mean.clone()
+    # the Transformers moved on: the reconstruction residuals, and so their z-units, change
+    with torch.no_grad():
+        for parameter in model.model.levels.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    kept = KeptLevels([], [], [])
+    fit_statistics(model.model, [features], keep=kept)
+    fit_context(model.model, kept, torch.device("cpu"), progress=False, train=False)
+    for key, value in level.predictor.state_dict().items():
+        torch.testing.assert_close(value, predictor[key], rtol=0, atol=0)
+    torch.testing.assert_close(level.whitening, whitening, rtol=0, atol=0)
+    assert not torch.allclose(level.rec_mean, units)
+    # without a trained predictor a refit trains one
+    untrained, _ = fitted_model(context_steps=0)
+    untrained.model.anomaly_map_generator.context[0].ctx_std = torch.empty(0)
+    before = {k: v.clone() for k, v in untrained.model.anomaly_map_generator.context[0].predictor.state_dict().items()}
+    untrained.model.settings = dataclasses.replace(untrained.model.settings, context_steps=5)
+    kept = KeptLevels([], [], [])
+    fit_statistics(untrained.model, [features], keep=kept)
+    fit_context(untrained.model, kept, torch.device("cpu"), progress=False, train=False)
+    after = untrained.model.anomaly_map_generator.context[0].predictor.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in before.items())

@@ -101,7 +101,8 @@ class ResidualStatisticsCallback(Callback):
         model: FodModel = pl_module.model
         if not model.anomaly_map_generator.needs_statistics or self.fitted_at_step == trainer.global_step:
             return
-        fit_residual_statistics(model, training_images(trainer, pl_module))
+        # The context predictor reads the frozen features alone: trained once per fit, its z-units refitted.
+        fit_residual_statistics(model, training_images(trainer, pl_module), train_context=self.fitted_at_step is None)
         self.fitted_at_step = trainer.global_step
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

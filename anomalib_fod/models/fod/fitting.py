@@ -276,9 +276,10 @@ def fit_statistics(
         statistics.set(*accumulator.finish(reduce))
 
 
-def fit_residual_statistics(model: FodModel, images: TrainingImages) -> None:
+def fit_residual_statistics(model: FodModel, images: TrainingImages, train_context: bool = True) -> None:
     """Fit the residual statistics on the training images, each seen at every one of the model's
-    ``intensity_gains``; with ``context_score``, then the context score on the same tokens."""
+    ``intensity_gains``; with ``context_score``, then the context score on the same tokens (``train_context=False``:
+    only its z-units, which follow the Transformers; the predictor reads the input features alone)."""
     features = images.features(model, "FOD residual statistics", model.settings.intensity_gains)
     if not len(model.anomaly_map_generator.context):
         fit_statistics(model, features, images.reduce, images.weight)
@@ -288,7 +289,7 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages) -> None:
         raise NotImplementedError(msg)
     kept = KeptLevels([], [], [])
     fit_statistics(model, features, keep=kept)
-    fit_context(model, kept, images.device, images.progress)
+    fit_context(model, kept, images.device, images.progress, train=train_context)
 
 
 # Images per chunk of the context fit's passes over kept tokens.
@@ -301,22 +302,27 @@ def _chunks(tensor: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor
 
 
 @torch.no_grad()
-def fit_context(model: FodModel, kept: KeptLevels, device: torch.device, progress: bool = True) -> None:
+def fit_context(
+    model: FodModel, kept: KeptLevels, device: torch.device, progress: bool = True, train: bool = True
+) -> None:
     """Fit every level's :class:`~.context.ContextLevel` on the kept training tokens and residuals: whitening,
-    ``context_steps`` predictor steps, the context residuals' statistics, and both distances' z-units."""
+    ``context_steps`` predictor steps, the context residuals' statistics (only with ``train``; none of them
+    depends on the Transformers), and both distances' z-units."""
     generator = model.anomaly_map_generator
     levels = generator.context
+    train = train or not all(level.fitted for level in levels)
     was_training = model.training
     model.eval()
     whitened, rec = [], []
     try:
         for index, (level, tokens, residuals) in enumerate(zip(levels, kept.tokens, kept.residuals, strict=True)):
             tokens, residuals = torch.cat(tokens), torch.cat(residuals)
-            level.set_whitening(*fit_whitening(tokens.flatten(0, 1)))
+            if train:
+                level.set_whitening(*fit_whitening(tokens.flatten(0, 1)))
             whitened.append(level.whiten(tokens))
             rec.append(torch.cat([generator.statistics[index](r).cpu() for r in _chunks(residuals, device)]))
         kept.tokens, kept.residuals = [], []  # the whitened copies replace them
-        steps = model.settings.context_steps
+        steps = model.settings.context_steps if train else 0
 
         def log(step: int, loss: float) -> None:
             logger.debug("FOD context predictor: step %d/%d, loss %.4f", step, steps, loss)
@@ -325,11 +331,12 @@ def fit_context(model: FodModel, kept: KeptLevels, device: torch.device, progres
             losses = train_predictors(levels, whitened, kept.grids, steps, device, progress, log)
         explained = []
         for level, tokens, grid, distances in zip(levels, whitened, kept.grids, rec, strict=True):
-            accumulator = ResidualAccumulator(per_position=True)
             residuals = [t - level.predictor(t, grid) for t in _chunks(tokens, device)]
-            for residual in residuals:
-                accumulator.add(residual)
-            level.statistics.set(*accumulator.finish())
+            if train:
+                accumulator = ResidualAccumulator(per_position=True)
+                for residual in residuals:
+                    accumulator.add(residual)
+                level.statistics.set(*accumulator.finish())
             context = torch.cat([level.statistics(r).cpu() for r in residuals])
             level.set_units(distances, context)
             explained.append(1 - float(sum(r.square().sum() for r in residuals) / tokens.square().sum()))

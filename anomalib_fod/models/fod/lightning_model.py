@@ -293,13 +293,16 @@ class Fod(OfflineBackboneModule, AnomalibModule):
     def fit_residual_statistics(self, datamodule: AnomalibDataModule) -> None:
         """Fit the residual statistics on ``datamodule``'s training images, e.g. to re-score a checkpoint.
 
+        With ``context_score`` a checkpoint's trained context predictor is kept (its z-units are refitted); one
+        without it is trained.
+
         Example:
             >>> model = Fod.load_from_checkpoint("model.ckpt", reconstruction_term="mahalanobis")  # doctest: +SKIP
             >>> model.fit_residual_statistics(datamodule)  # doctest: +SKIP
         """
         datamodule.setup("fit")
         images = TrainingImages(datamodule.train_dataloader(), training_transform(self), self.device)
-        fit_residual_statistics(self.model, images)
+        fit_residual_statistics(self.model, images, train_context=False)
 
     def configure_optimizers(self) -> optim.Optimizer:
         """Adam over the Transformers (the backbone is frozen; the context predictors train after them)."""
