@@ -223,8 +223,6 @@ class AnomalyMapGenerator(nn.Module):
             ``(B, 1, H, W)`` anomaly map and ``(B,)`` image scores.
         """
         scores = self.level_scores(tokens, outputs, grids)
-        if len(self.context):
-            return self.combine_levels(scores, grids, image_size, self.map_level_weights)
         pairs = list(enumerate(zip(tokens, outputs, strict=True)))
         anomaly_map, image_scores = self.combine_levels(scores, grids, image_size, self.map_level_weights)
         if self.image_from_position:

@@ -108,12 +108,12 @@ class ResidualStatisticsCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refuse, before any step, statistics too large to keep (the grids are known by now)."""
         model: FodModel = pl_module.model
-        self._check_context_memory(trainer, model)
-        statistics = model.anomaly_map_generator.statistics
-        if not model.anomaly_map_generator.needs_statistics or not any(s.per_position for s in statistics):
-            return
         grids = [tuple(int(v) for v in level.ref_grid) for level in model.levels]
         if not all(h * w for h, w in grids):  # no references (with_inter=False): the grid is known only later
+            return
+        self._check_context_memory(trainer, model, grids)
+        statistics = model.anomaly_map_generator.statistics
+        if not model.anomaly_map_generator.needs_statistics or not any(s.per_position for s in statistics):
             return
         size = per_position_bytes(grids, model.feature_extractor.channels)
         if size > PER_POSITION_BUDGET_BYTES:
@@ -127,11 +127,10 @@ class ResidualStatisticsCallback(Callback):
             raise ValueError(msg)
 
     @staticmethod
-    def _check_context_memory(trainer: Trainer | None, model: FodModel) -> None:
+    def _check_context_memory(trainer: Trainer | None, model: FodModel, grids: list[tuple[int, ...]]) -> None:
         """The context score's fit keeps three float32 copies of every training token at every gain."""
         dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
-        grids = [tuple(int(v) for v in level.ref_grid) for level in model.levels]
-        if not len(model.anomaly_map_generator.context) or dataset is None or not all(h * w for h, w in grids):
+        if not len(model.anomaly_map_generator.context) or dataset is None:
             return
         images = len(dataset) * len(model.settings.intensity_gains)
         channels = model.feature_extractor.channels

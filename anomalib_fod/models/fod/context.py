@@ -33,8 +33,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from tqdm.auto import tqdm
 
-from .residual_statistics import SHRINKAGE, ResidualStatistics
 from .grid import grid_coordinates, sincos_embedding
+from .residual_statistics import SHRINKAGE, ResidualStatistics, adopt_stored_shapes
 
 # The predictor's size and recipe, as screened (benchmarks/notes/2026-12-05-context-predictor.md).
 WIDTH = 128
@@ -140,10 +140,7 @@ class ContextLevel(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:  # noqa: ANN001
         """The buffers take the stored shapes (they are empty until a fit)."""
-        for name in self.BUFFERS:
-            stored, current = state_dict.get(prefix + name), getattr(self, name)
-            if stored is not None and stored.shape != current.shape:
-                setattr(self, name, current.new_empty(stored.shape))
+        adopt_stored_shapes(self, state_dict, prefix, self.BUFFERS)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
 
     def set_whitening(self, mean: torch.Tensor, whitening: torch.Tensor) -> None:

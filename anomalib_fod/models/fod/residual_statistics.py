@@ -42,6 +42,15 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 SHRINKAGE = 0.01
 
 
+def adopt_stored_shapes(module: nn.Module, state_dict: dict, prefix: str, names: Iterable[str]) -> None:
+    """Give ``module``'s buffers ``names`` the shapes stored in ``state_dict``, so statistics fitted on any grid
+    load into a module built before the fit (its buffers are empty until then)."""
+    for name in names:
+        stored, current = state_dict.get(prefix + name), getattr(module, name)
+        if stored is not None and stored.shape != current.shape:
+            setattr(module, name, current.new_empty(stored.shape))
+
+
 def per_position_bytes(grids: Iterable[tuple[int, int]], channels: Iterable[int]) -> int:
     """Bytes of the float64 ``(L, C, C)`` sums a per-position fit keeps for levels of these grids and channels."""
     return sum(8 * h * w * c * c for (h, w), c in zip(grids, channels, strict=True))
@@ -89,10 +98,7 @@ class ResidualStatistics(nn.Module):
         old = state_dict.get(prefix + "precision")
         if old is not None and old.dim() == 3 and prefix + "position_precision" not in state_dict:  # noqa: PLR2004
             state_dict[prefix + "position_precision"] = state_dict.pop(prefix + "precision")
-        for name in ("mean", "precision", "position_precision"):
-            stored, current = state_dict.get(prefix + name), getattr(self, name)
-            if stored is not None and stored.shape != current.shape:
-                setattr(self, name, current.new_empty(stored.shape))
+        adopt_stored_shapes(self, state_dict, prefix, ("mean", "precision", "position_precision"))
         before = set(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         for name in ("mean", "precision", "position_precision"):
