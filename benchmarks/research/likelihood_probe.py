@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,8 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from screen import mvtec_datamodule, parse_data, scaled  # noqa: E402
-from selection_probe import Statistics, collect, metrics  # noqa: E402
+from selection_probe import FeatureProbe, Statistics, append_rows, metrics, probe_parser  # noqa: E402
 
 SHARE_COV = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9, 1.0)
 SHARE_MEAN = (0.0, 1.0)
@@ -95,19 +93,11 @@ def distances(tokens: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor)
 
 
 def run_one(args: argparse.Namespace, name: str, root: Path, category: str) -> list[dict[str, Any]]:
-    from anomalib_fod import Fod  # noqa: PLC0415
-
     start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    model = Fod(image_size=tuple(args.image_size), visualizer=False).eval()
-    datamodule = mvtec_datamodule(root, category)
-    gained = [collect(model, scaled(datamodule.train_dataloader(), gain)) for gain in args.gains]
-    test = collect(model, datamodule.test_dataloader())
-    size = tuple(args.image_size)
-    generator = model.model.anomaly_map_generator
-    grids = gained[0]["grids"]
+    probe = FeatureProbe(args, root, category)
+    gained, test, size, generator, grids, count = (
+        probe.gained, probe.test, probe.size, probe.generator, probe.grids, probe.count)
     levels = range(len(grids))
-    count = len(gained[0]["labels"])
     order = torch.randperm(count, generator=torch.Generator().manual_seed(args.seed))
     folds = [order[i :: args.folds] for i in range(args.folds)]
     family = list(itertools.product(SHARE_COV, SHARE_MEAN))
@@ -161,19 +151,12 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=parse_data, action="append", required=True, help="NAME=ROOT:CATEGORY")
-    parser.add_argument("--image-size", type=int, nargs=2, default=(256, 256))
-    parser.add_argument("--seed", type=int, default=0, help="orders the folds")
+    parser = probe_parser(__doc__, "orders the folds")
     parser.add_argument("--folds", type=int, default=4)
-    parser.add_argument("--gains", type=float, nargs="+", default=[0.9, 1.0, 1.1])
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, root, category in args.data:
         rows = run_one(args, name, root, category)
-        with args.out.open("a") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        append_rows(args.out, rows)
         pick = next(r for r in rows if r["kind"] == "pick")
         default = next(r for r in rows if r["kind"] == "default")
         best = max((r for r in rows if r["kind"] == "member"), key=lambda r: r["image_auroc"] + r["pixel_auroc"])
@@ -182,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
               f"({best['share_cov']}, {best['share_mean']}) {best['image_auroc']:.4f} / {best['pixel_auroc']:.4f}; "
               f"{default['seconds']:.0f} s", flush=True)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

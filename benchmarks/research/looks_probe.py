@@ -19,7 +19,6 @@ reads a test label to choose.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,8 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from likelihood_probe import Moments, held_out_likelihood  # noqa: E402
-from screen import mvtec_datamodule, parse_data, scaled  # noqa: E402
-from selection_probe import Statistics, collect, metrics  # noqa: E402
+from selection_probe import FeatureProbe, Statistics, append_rows, metrics, probe_parser  # noqa: E402
 
 
 def descriptors(levels: list[torch.Tensor]) -> np.ndarray:
@@ -64,21 +62,13 @@ def recentre(tokens: torch.Tensor, labels: np.ndarray, means: torch.Tensor, over
 
 
 def run_one(args: argparse.Namespace, name: str, root: Path, category: str) -> list[dict[str, Any]]:
-    from anomalib_fod import Fod  # noqa: PLC0415
     from sklearn.metrics import silhouette_score  # noqa: PLC0415
 
     start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    model = Fod(image_size=tuple(args.image_size), visualizer=False).eval()
-    datamodule = mvtec_datamodule(root, category)
-    gained = [collect(model, scaled(datamodule.train_dataloader(), gain)) for gain in args.gains]
-    plain = gained[args.gains.index(1.0)]
-    test = collect(model, datamodule.test_dataloader())
-    size = tuple(args.image_size)
-    generator = model.model.anomaly_map_generator
-    grids = plain["grids"]
+    probe = FeatureProbe(args, root, category)
+    gained, plain, test, size, generator, grids, count = (
+        probe.gained, probe.plain, probe.test, probe.size, probe.generator, probe.grids, probe.count)
     levels = range(len(grids))
-    count = len(plain["labels"])
     train_descriptors = descriptors(plain["tokens"])
     test_descriptors = descriptors(test["tokens"])
     order = torch.randperm(count, generator=torch.Generator().manual_seed(args.seed))
@@ -126,21 +116,12 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=parse_data, action="append", required=True, help="NAME=ROOT:CATEGORY")
-    parser.add_argument("--image-size", type=int, nargs=2, default=(256, 256))
-    parser.add_argument("--seed", type=int, default=0, help="k-means and the folds")
+    parser = probe_parser(__doc__, "k-means and the folds")
     parser.add_argument("--looks", type=int, nargs="+", default=[1, 2, 3, 5, 7, 10])
-    parser.add_argument("--gains", type=float, nargs="+", default=[0.9, 1.0, 1.1])
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, root, category in args.data:
-        rows = run_one(args, name, root, category)
-        with args.out.open("a") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        append_rows(args.out, run_one(args, name, root, category))
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -127,6 +127,42 @@ def metrics(result: tuple[np.ndarray, np.ndarray], labels: np.ndarray, masks: np
     return image_auroc(image, labels), (pixel_auroc(maps, masks) if masks is not None else float("nan"))
 
 
+class FeatureProbe:
+    """What the feature probes share: the model's features of the training images at each exposure gain and of the
+    test images, with the map generator, grids and output size."""
+
+    def __init__(self, args: argparse.Namespace, root: Path, category: str) -> None:
+        from anomalib_fod import Fod  # noqa: PLC0415
+
+        torch.manual_seed(args.seed)
+        model = Fod(image_size=tuple(args.image_size), visualizer=False).eval()
+        datamodule = mvtec_datamodule(root, category)
+        self.gained = [collect(model, scaled(datamodule.train_dataloader(), gain)) for gain in args.gains]
+        self.plain = self.gained[list(args.gains).index(1.0)] if 1.0 in args.gains else self.gained[0]
+        self.test = collect(model, datamodule.test_dataloader())
+        self.size = tuple(args.image_size)
+        self.generator = model.model.anomaly_map_generator
+        self.grids = self.plain["grids"]
+        self.count = len(self.plain["labels"])
+
+
+def probe_parser(doc: str, seed_help: str) -> argparse.ArgumentParser:
+    """The feature probes' common options: data, image size, seed, exposure gains, output rows."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--data", type=parse_data, action="append", required=True, help="NAME=ROOT:CATEGORY")
+    parser.add_argument("--image-size", type=int, nargs=2, default=(256, 256))
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--gains", type=float, nargs="+", default=[0.9, 1.0, 1.1])
+    parser.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
 def run_one(args: argparse.Namespace, name: str, root: Path, category: str) -> list[dict[str, Any]]:
 
     from anomalib_fod import Fod  # noqa: PLC0415
@@ -175,24 +211,16 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=parse_data, action="append", required=True, help="NAME=ROOT:CATEGORY")
-    parser.add_argument("--image-size", type=int, nargs=2, default=(256, 256))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gains", type=float, nargs="+", default=[0.9, 1.0, 1.1])
+    parser = probe_parser(__doc__, "the folds and the synthetic defects")
     parser.add_argument("--defects", choices=["perlin", "white_noise"], default="perlin")
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, root, category in args.data:
         rows = run_one(args, name, root, category)
-        with args.out.open("a") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        append_rows(args.out, rows)
         best = max(rows, key=lambda r: r["synthetic_image_auroc"] + r["synthetic_pixel_auroc"])
         print(f"{name}: synthetic picks {best['covariance']}, {best['map_weights']}, {best['image_score']}, "
               f"z={best['z']}: real {best['image_auroc']:.4f} / {best['pixel_auroc']:.4f}", flush=True)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
