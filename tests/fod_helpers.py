@@ -91,3 +91,15 @@ def fit_and_run(fod: torch.nn.Module, features: list[torch.Tensor], image_size: 
     fod.eval()
     with torch.no_grad():
         return fod.forward_features(features, image_size), fod.run_levels(features)
+
+
+def assert_budget_is_the_boundary(monkeypatch, budget: str, needed: int, start, match: str) -> None:  # noqa: ANN001
+    """A train-start check passes with ``budget`` (a module constant of the callbacks) at exactly ``needed`` bytes and
+    raises ``ValueError`` matching ``match`` one byte below it; the budget is left one byte short."""
+    from anomalib_fod.models.fod import callbacks  # noqa: PLC0415
+
+    monkeypatch.setattr(callbacks, budget, needed)
+    start()  # within the budget: nothing happens
+    monkeypatch.setattr(callbacks, budget, needed - 1)
+    with pytest.raises(ValueError, match=match):
+        start()

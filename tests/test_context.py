@@ -13,7 +13,7 @@ from anomalib_fod.models.fod.context import ContextLevel, ContextPredictor, fit_
 from anomalib_fod.models.fod.fitting import KeptLevels, fit_context, fit_statistics
 from anomalib_fod.models.fod.residual_statistics import SHRINKAGE
 
-from fod_helpers import TINY
+from fod_helpers import TINY, assert_budget_is_the_boundary
 
 SIZE = 96  # the coarsest grid (stride 16) is 6x6: the smallest that leaves radius 2 something to read
 
@@ -224,11 +224,9 @@ def test_a_training_set_too_large_to_keep_is_refused_before_training(monkeypatch
     tokens = sum(f.shape[-2] * f.shape[-1] * f.shape[1] for f in features)
     needed = 3 * 4 * 100 * 3 * tokens  # three float32 copies of 100 images at three gains
     callback = callbacks.ResidualStatisticsCallback()
-    monkeypatch.setattr(callbacks, "CONTEXT_BUDGET_BYTES", needed)
-    callback.on_train_start(trainer, model)  # within the budget: nothing happens
-    monkeypatch.setattr(callbacks, "CONTEXT_BUDGET_BYTES", needed - 1)
-    with pytest.raises(ValueError, match="300 images"):
-        callback.on_train_start(trainer, model)
+    assert_budget_is_the_boundary(
+        monkeypatch, "CONTEXT_BUDGET_BYTES", needed, lambda: callback.on_train_start(trainer, model), "300 images"
+    )
 
 
 def test_the_explanation_shows_the_context_score_the_model_uses(tmp_path) -> None:  # noqa: ANN001

@@ -12,7 +12,7 @@ from anomalib_fod import Fod
 from anomalib_fod.models.fod.fitting import fit_statistics, iterate_pooled_features
 from anomalib_fod.models.fod.residual_statistics import SHRINKAGE, ResidualStatistics
 
-from fod_helpers import TINY, fit_and_run
+from fod_helpers import TINY, assert_budget_is_the_boundary, fit_and_run
 
 
 def tiny_model(**settings) -> Fod:  # noqa: ANN003
@@ -181,11 +181,10 @@ def test_per_position_statistics_too_large_to_keep_are_refused_before_training(m
     needed = residual_statistics.per_position_bytes(grids, [f.shape[1] for f in features])
     assert needed == sum(8 * f.shape[-2] * f.shape[-1] * f.shape[1] ** 2 for f in features)
     callback = callbacks.ResidualStatisticsCallback()
-    monkeypatch.setattr(callbacks, "PER_POSITION_BUDGET_BYTES", needed)
-    callback.on_train_start(None, model)  # within the budget: nothing happens
-    monkeypatch.setattr(callbacks, "PER_POSITION_BUDGET_BYTES", needed - 1)
-    with pytest.raises(ValueError, match="residual_covariance='shared'"):
-        callback.on_train_start(None, model)
+    assert_budget_is_the_boundary(
+        monkeypatch, "PER_POSITION_BUDGET_BYTES", needed, lambda: callback.on_train_start(None, model),
+        "residual_covariance='shared'",
+    )
     with pytest.raises(ValueError, match="image_score='map'"):
         callback.on_train_start(None, model)
     # the per-position image score alone needs them too
