@@ -39,6 +39,20 @@ def test_a_prediction_reads_nothing_within_its_radius_nor_a_hidden_token() -> No
     assert gradient[1].abs().max() == 0  # nor another image
 
 
+def test_a_subset_of_queries_predicts_what_the_full_pass_predicts_there() -> None:
+    torch.manual_seed(0)
+    predictor = ContextPredictor(6, radius=2, dim=16, heads=2).eval()
+    tokens = torch.randn(2, 7 * 8, 6)
+    hidden = torch.zeros(2, 7 * 8, dtype=torch.bool)
+    hidden[1, 30] = True
+    queries = torch.tensor([41, 0, 55, 12])
+    with torch.no_grad():
+        full = predictor(tokens, (7, 8), hidden)
+        subset = predictor(tokens, (7, 8), hidden, queries=queries)
+    assert subset.shape == (2, 4, 6)
+    torch.testing.assert_close(subset, full[:, queries], atol=1e-5, rtol=0)
+
+
 def test_hidden_tokens_are_each_images_most_unusual_share() -> None:
     level = ContextLevel(4, hidden_share=0.1)
     scores = torch.rand(3, 50, generator=torch.Generator().manual_seed(0))
@@ -91,6 +105,18 @@ def test_training_teaches_the_predictor_what_the_context_says() -> None:
     assert len(losses) == 300
     assert before > 0.9  # untrained: it predicts about nothing
     assert unexplained() < 0.2  # trained: most of an unseen field comes from beyond the radius
+
+
+def test_training_on_a_share_of_the_positions_per_step_teaches_every_position() -> None:
+    torch.manual_seed(0)
+    train, test = smooth_fields(64, 10, 3, seed=1), smooth_fields(16, 10, 3, seed=2)
+    level = ContextLevel(3)
+    train_predictors([level], [train], [(10, 10)], 300, torch.device("cpu"), progress=False, query_share=0.25)
+    with torch.no_grad():
+        residual = test - level.predictor(test, (10, 10))
+    per_position = residual.square().mean(dim=(0, 2)) / test.square().mean()
+    assert float(per_position.mean()) < 0.2  # as much as the full steps teach (the test above)
+    assert float(per_position.max()) < 0.5  # no position is left out by the random subsets
 
 
 def fitted_model(context_steps: int = 20, seed: int = 0, **settings) -> tuple[Fod, list[torch.Tensor]]:  # noqa: ANN003
@@ -165,6 +191,9 @@ def test_bad_context_settings_are_refused() -> None:
         Fod(pre_trained=False, context_score=True, reconstruction_term="mse_cos", **TINY)
     with pytest.raises(ValueError, match="context_hidden_share"):
         Fod(pre_trained=False, context_score=True, context_hidden_share=1.0, **TINY)
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match="context_query_share in \\(0, 1\\]"):
+            Fod(pre_trained=False, context_score=True, context_query_share=share, **TINY)
     model = Fod(pre_trained=False, image_size=64, visualizer=False, context_score=True, **TINY)
     with pytest.raises(ValueError, match="use larger images or a smaller context_radius"):
         model.model.run_levels(model.model.extract_features(torch.rand(1, 3, 64, 64)))

@@ -328,7 +328,9 @@ def fit_context(
             logger.debug("FOD context predictor: step %d/%d, loss %.4f", step, steps, loss)
 
         with torch.enable_grad():
-            losses = train_predictors(levels, whitened, kept.grids, steps, device, progress, log)
+            losses = train_predictors(
+                levels, whitened, kept.grids, steps, device, progress, log, model.settings.context_query_share
+            )
         explained = []
         for level, tokens, grid, distances in zip(levels, whitened, kept.grids, rec, strict=True):
             residuals = [t - level.predictor(t, grid) for t in _chunks(tokens, device)]
