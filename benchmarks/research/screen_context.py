@@ -15,7 +15,9 @@ Rows per step (step 0: the untrained predictor, i.e. the learning gain's referen
 - ``sum_g``: both in the level's z-units (one mean and std over every training token of the level), added;
 - with ``--hide-outliers``, ``ctx_blend_hidden`` / ``sum_z_hidden`` / ``sum_g_hidden``: the same, with each test image's most unusual
   tokens (``--hide-share`` of them, by their own whitened distance) hidden from every query, so that a defect does
-  not spoil its neighbours' predictions.
+  not spoil its neighbours' predictions; and ``feat_fodimage`` / ``ctx_hidden_fodimage`` / ``sum_z_hidden_fodimage``:
+  the maps of ``feat_blend`` / ``ctx_blend_hidden`` / ``sum_z_hidden`` with ``Fod()``'s image rule (the image score
+  from the distances under each position's own covariance, in per-position z-units for the sum, levels averaged).
 Nothing is chosen on test labels.
 
     python benchmarks/research/screen_context.py --data bottle=<datasets>/mvtec_ad:bottle --image-size 128 128 \\
@@ -113,6 +115,8 @@ class Distance:
         own = self(train)
         self.z_mean, self.z_std = own.mean(dim=0), own.std(dim=0) + 1e-6
         self.g_mean, self.g_std = own.mean(), own.std() + 1e-6
+        own = self.at_position(train)
+        self.p_mean, self.p_std = own.mean(dim=0), own.std(dim=0) + 1e-6
 
     def __call__(self, samples: torch.Tensor) -> torch.Tensor:
         centred = samples - self.mean
@@ -120,6 +124,13 @@ class Distance:
 
     def z(self, samples: torch.Tensor) -> torch.Tensor:
         return (self(samples) - self.z_mean) / self.z_std
+
+    def at_position(self, samples: torch.Tensor) -> torch.Tensor:
+        """The distance under each position's own covariance alone (what ``Fod()``'s image score reads)."""
+        return _position_mahalanobis(samples - self.mean, self.position)
+
+    def zp(self, samples: torch.Tensor) -> torch.Tensor:
+        return (self.at_position(samples) - self.p_mean) / self.p_std
 
     def g(self, samples: torch.Tensor) -> torch.Tensor:
         """In the level's units: one mean and std over every training token (no per-position noise)."""
@@ -240,8 +251,25 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
                                                                                context_distance, hidden_residual,
                                                                                strict=True)])]
             print(f"{name}: hidden test tokens per level {[round(float(h.float().mean()), 4) for h in hidden]}")
-        for candidate, token_scores in outputs:
-            write(step, candidate, {**metrics(token_scores), "explained": [round(e, 4) for e in explained]}, seconds)
+            # Fod()'s image rule: the image score from the per-position distances with the levels averaged
+            # equally (the map, and so the pixel AUROC, stays the candidate's own).
+            by_name = dict(outputs)
+            for candidate, source, image_tokens in (
+                ("feat_fodimage", "feat_blend", [fd.at_position(t) for fd, t in zip(feature_distance, test_tokens,
+                                                                                     strict=True)]),
+                ("ctx_hidden_fodimage", "ctx_blend_hidden",
+                 [d.at_position(r) for d, r in zip(context_distance, hidden_residual, strict=True)]),
+                ("sum_z_hidden_fodimage", "sum_z_hidden",
+                 [fd.zp(t) + d.zp(r) for fd, t, d, r in zip(feature_distance, test_tokens, context_distance,
+                                                           hidden_residual, strict=True)]),
+            ):
+                scores = generator.combine_levels(image_tokens, grids, test["size"])[1]
+                outputs.append((candidate, by_name[source], image_auroc(scores.numpy(), labels)))
+        for candidate, token_scores, *image in outputs:
+            row = metrics(token_scores)
+            if image:
+                row["image_auroc"] = image[0]
+            write(step, candidate, {**row, "explained": [round(e, 4) for e in explained]}, seconds)
         print(f"{name} seed {seed} step {step} ({seconds:.0f} s), explained {explained}", flush=True)
 
 
