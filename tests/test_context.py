@@ -267,7 +267,13 @@ def test_the_explanation_shows_the_context_score_the_model_uses(tmp_path) -> Non
     model, _ = fitted_model()
     path = tmp_path / "image.png"
     Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(path)
+    passes = []
+    hooks = [level.predictor.register_forward_hook(lambda *_: passes.append(1))
+             for level in model.model.anomaly_map_generator.context]
     explanation = explain_image(model, path)
+    for hook in hooks:
+        hook.remove()
+    assert len(passes) == len(hooks)  # one predictor pass per level gives the map and the panels
     with torch.no_grad():
         expected = model.model(model.pre_processor.transform(load_image(path)[None]))
     np.testing.assert_allclose(explanation.anomaly_map, expected.anomaly_map[0, 0].numpy(), rtol=1e-5, atol=1e-5)
