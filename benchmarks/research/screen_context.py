@@ -149,6 +149,10 @@ def predict(
     ]
 
 
+# Features per dataset, extracted once per process: they do not depend on the seed (a frozen backbone).
+_FEATURES: dict[str, tuple[list[torch.Tensor], dict]] = {}
+
+
 def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed: int, rows: Path) -> None:
     from convergence_probe import cache_features  # noqa: PLC0415
 
@@ -157,10 +161,13 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
 
     torch.manual_seed(seed)
     model = Fod(image_size=tuple(args.image_size), visualizer=False)
-    datamodule = mvtec_datamodule(root, category)
-    gained = [cache_features(model, scaled(datamodule.train_dataloader(), gain), f"{name}: x{gain}")["features"]
-              for gain in args.gains]
-    test = cache_features(model, datamodule.test_dataloader(), f"{name}: test images")
+    if name not in _FEATURES:
+        datamodule = mvtec_datamodule(root, category)
+        gained = [cache_features(model, scaled(datamodule.train_dataloader(), gain), f"{name}: x{gain}")["features"]
+                  for gain in args.gains]
+        _FEATURES[name] = gained, cache_features(model, datamodule.test_dataloader(), f"{name}: test images")
+    gained, test = _FEATURES[name]
+    torch.manual_seed(seed)  # the predictors' start depends on the seed alone, not on what ran before
     levels = len(gained[0])
     train_features = [torch.cat([g[level] for g in gained]) for level in range(levels)]
     whitenings = [token_whitening(f) for f in train_features]
