@@ -13,10 +13,12 @@ Rows per step (step 0: the untrained predictor, i.e. the learning gain's referen
 - ``ctx_blend``: the same distance of the context residual;
 - ``sum_z``: both in the training images' per-position z-units, added;
 - ``sum_g``: both in the level's z-units (one mean and std over every training token of the level), added;
-- with ``--hide-outliers``, ``ctx_blend_hidden`` / ``sum_z_hidden`` / ``sum_g_hidden``: the same, with each test image's most unusual
+- ``min_z``: the smaller of the two per-position z-scores (both views must call the token unusual);
+- with ``--hide-outliers``, ``ctx_blend_hidden`` / ``sum_z_hidden`` / ``sum_g_hidden`` / ``min_z_hidden`` /
+  ``min_g_hidden``: the same, with each test image's most unusual
   tokens (``--hide-share`` of them, by their own whitened distance) hidden from every query, so that a defect does
-  not spoil its neighbours' predictions; and ``feat_fodimage`` / ``ctx_hidden_fodimage`` / ``sum_z_hidden_fodimage``:
-  the maps of ``feat_blend`` / ``ctx_blend_hidden`` / ``sum_z_hidden`` with ``Fod()``'s image rule (the image score
+  not spoil its neighbours' predictions; and ``feat_fodimage`` / ``ctx_hidden_fodimage`` / ``sum_z_hidden_fodimage`` /
+  ``min_z_hidden_fodimage``: the maps of ``feat_blend`` / ``ctx_blend_hidden`` / ``sum_z_hidden`` / ``min_z_hidden`` with ``Fod()``'s image rule (the image score
   from the distances under each position's own covariance, in per-position z-units for the sum, levels averaged).
 Nothing is chosen on test labels.
 
@@ -241,7 +243,12 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
                                                                                        strict=True)]
         sum_g = [fd.g(t) + d.g(r) for fd, t, d, r in zip(feature_distance, test_tokens, context_distance, test_residual,
                                                          strict=True)]
-        outputs = [("feat_blend", feat_scores), ("ctx_blend", ctx_scores), ("sum_z", sum_z), ("sum_g", sum_g)]
+        ctx_z = [d.z(r) for d, r in zip(context_distance, test_residual, strict=True)]
+        # Both views must agree: the smaller of the two z-scores. A pose the per-position Gaussian has not seen
+        # is high in feat_z only, a ring of spoiled predictions around a defect is high in ctx_z only.
+        min_z = [torch.minimum(fz, cz) for fz, cz in zip(feat_z, ctx_z, strict=True)]
+        outputs = [("feat_blend", feat_scores), ("ctx_blend", ctx_scores), ("sum_z", sum_z), ("sum_g", sum_g),
+                   ("min_z", min_z)]
         if args.hide_outliers:
             # A defect must not explain its neighbours: no query reads the image's own most unusual tokens (those
             # above the image's --hide-share quantile of its tokens' whitened distance in z-units). A bound from the
@@ -257,6 +264,10 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
                         ("sum_g_hidden", [fd.g(t) + d.g(r) for fd, t, d, r in zip(feature_distance, test_tokens,
                                                                                context_distance, hidden_residual,
                                                                                strict=True)])]
+            outputs.append(("min_z_hidden", [torch.minimum(fz, d.z(r)) for fz, d, r in zip(
+                feat_z, context_distance, hidden_residual, strict=True)]))
+            outputs.append(("min_g_hidden", [torch.minimum(fd.g(t), d.g(r)) for fd, t, d, r in zip(
+                feature_distance, test_tokens, context_distance, hidden_residual, strict=True)]))
             print(f"{name}: hidden test tokens per level {[round(float(h.float().mean()), 4) for h in hidden]}")
             # Fod()'s image rule: the image score from the per-position distances with the levels averaged
             # equally (the map, and so the pixel AUROC, stays the candidate's own).
@@ -269,6 +280,10 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
                 ("sum_z_hidden_fodimage", "sum_z_hidden",
                  [fd.zp(t) + d.zp(r) for fd, t, d, r in zip(feature_distance, test_tokens, context_distance,
                                                            hidden_residual, strict=True)]),
+                ("min_z_hidden_fodimage", "min_z_hidden",
+                 [torch.minimum(fd.zp(t), d.zp(r)) for fd, t, d, r in zip(feature_distance, test_tokens,
+                                                                        context_distance, hidden_residual,
+                                                                        strict=True)]),
             ):
                 scores = generator.combine_levels(image_tokens, grids, test["size"])[1]
                 outputs.append((candidate, by_name[source], image_auroc(scores.numpy(), labels)))
