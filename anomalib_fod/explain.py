@@ -176,27 +176,19 @@ def explain_image(
     run = fod.run_levels(fod.extract_features(batch), keep_maps=True)
     tokens, outputs, grids = run.tokens, run.levels, run.grids
     generator = fod.anomaly_map_generator
-    components, scores = [], []
+    scores = generator.level_scores(tokens, outputs, grids)  # one context-predictor pass per level, if any
+    anomaly_map, pred_score = generator.combine(scores, grids, size)
+    components = []
     for index, (level_tokens, level_output, (height, width)) in enumerate(zip(tokens, outputs, grids, strict=True)):
         # The level index picks that level's residual statistics (the whitened residual).
-        parts = {}
+        parts = {"score": scores.map[index]}
         if generator.scoring != "div":
             parts["rec"] = generator.reconstruction_score(level_tokens, level_output, index)
-        if len(generator.context):
-            # the score is the sum of the two parts (ContextLevel.forward): one predictor pass gives both
-            rec_z, parts["context"] = generator.context[index].components(level_tokens, parts["rec"], (height, width))
-            parts["score"] = rec_z + parts["context"]
-        else:
-            parts["score"] = generator.token_scores(level_tokens, level_output, index)
+        if scores.context is not None:
+            parts["context"] = scores.context[index]
         if generator.scoring != "rec":
             parts["div"] = generator.divergence_score(level_output)
-        scores.append(parts["score"])
         components.append({k: v[0].reshape(height, width).float().cpu().numpy() for k, v in parts.items()})
-
-    if len(generator.context):  # the map from the scores above: the context predictor runs once
-        anomaly_map, pred_score = generator.combine_levels(scores, grids, size, generator.map_level_weights)
-    else:
-        anomaly_map, pred_score = generator(tokens, outputs, grids, size)
     anomaly_map = anomaly_map[0, 0].float().cpu()
 
     grid = grids[level]

@@ -145,8 +145,6 @@ def test_the_score_reads_the_trained_predictor_and_survives_a_checkpoint(tmp_pat
         weight.add_(1.0)
         assert not torch.allclose(model.model.forward_features(features, (SIZE, SIZE)).pred_score, before.pred_score)
         weight.sub_(1.0)
-    # the image score is the map's maximum
-    torch.testing.assert_close(before.pred_score, before.anomaly_map.amax(dim=(-3, -2, -1)))
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), path)
     torch.manual_seed(5)  # another initialisation: everything must come from the file
@@ -157,6 +155,54 @@ def test_the_score_reads_the_trained_predictor_and_survives_a_checkpoint(tmp_pat
         after = reloaded.model.forward_features(features, (SIZE, SIZE))
     torch.testing.assert_close(after.pred_score, before.pred_score)
     torch.testing.assert_close(after.anomaly_map, before.anomaly_map)
+
+
+def _position_distance(residual: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    centred = residual - mean
+    return torch.einsum("blc,lcd,bld->bl", centred, precision, centred).clamp_min(0).sqrt()
+
+
+def test_the_image_score_sums_both_distances_under_each_positions_own_covariance() -> None:
+    model, features = fitted_model()
+    generator = model.model.anomaly_map_generator
+    with torch.no_grad():
+        output = model.model.forward_features(features, (SIZE, SIZE))
+        run = model.model.run_levels(features)
+        image_tokens = []
+        for index, (level, tokens, out, grid) in enumerate(zip(generator.context, run.tokens, run.levels, run.grids,
+                                                                strict=True)):
+            statistics = generator.statistics[index]
+            residual = tokens - out.reconstruction
+            rec_position = _position_distance(residual, statistics.mean, statistics.position_precision)
+            centred = residual - statistics.mean
+            rec = 0.5 * (((centred @ statistics.precision) * centred).sum(-1).sqrt() + rec_position)
+            rec_z = (rec - level.rec_mean) / level.rec_std
+            hidden = rec_z >= rec_z.topk(math.ceil(0.05 * rec_z.shape[1]), dim=1).values[:, -1:]
+            whitened = (tokens - level.token_mean) @ level.whitening
+            context = whitened - level.predictor(whitened, grid, hidden)
+            ctx_position = _position_distance(context, level.statistics.mean, level.statistics.position_precision)
+            image_tokens.append((rec_position - level.rec_pos_mean) / level.rec_pos_std
+                                + (ctx_position - level.ctx_pos_mean) / level.ctx_pos_std)
+        expected = generator.combine_levels(image_tokens, run.grids, (SIZE, SIZE))[1]  # levels averaged
+        torch.testing.assert_close(output.pred_score, expected, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(output.pred_score, output.anomaly_map.amax(dim=(-3, -2, -1)))
+        model.set_scoring(image_score="map")  # the paper's rule: the anomaly map's maximum
+        output = model.model.forward_features(features, (SIZE, SIZE))
+        torch.testing.assert_close(output.pred_score, output.anomaly_map.amax(dim=(-3, -2, -1)))
+
+
+def test_a_context_checkpoint_without_image_units_keeps_the_maps_maximum() -> None:
+    model, features = fitted_model()
+    state = {k: v for k, v in model.state_dict().items() if "_pos_" not in k}  # as saved before the image units
+    torch.manual_seed(5)
+    reloaded = Fod(pre_trained=False, image_size=SIZE, visualizer=False, context_score=True, **TINY)
+    reloaded.load_state_dict(state)
+    reloaded.model.eval()
+    with torch.no_grad():
+        output = reloaded.model.forward_features(features, (SIZE, SIZE))
+        torch.testing.assert_close(output.anomaly_map, model.model.eval().forward_features(features, (SIZE, SIZE))
+                                   .anomaly_map)
+    torch.testing.assert_close(output.pred_score, output.anomaly_map.amax(dim=(-3, -2, -1)))
 
 
 def test_the_context_predictors_train_after_the_transformers_not_with_them() -> None:

@@ -32,13 +32,15 @@ finer level localise better, so each part of the output takes the rule that meas
 (benchmarks/results/accuracy.md).
 
 With ``context_score`` each token's score is its whitened residual's distance plus its context residual's
-(``context.py``), both in the training images' z-units; the map and the image score come from that one map.
+(``context.py``), both in the training images' z-units; with ``image_score="position"`` the image score follows
+the same rule as without it: the same sum made of the distances under each position's own covariance (in their
+own z-units), levels averaged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -78,6 +80,15 @@ def reconstruction_score(
     if term == "mse":
         return mse
     return mse + cosine_distance
+
+
+class LevelScores(NamedTuple):
+    """Per-level token scores ``(B, L_i)``: of the anomaly map, of the image score's own map (None: the image
+    score is the anomaly map's maximum) and, with the context score, its context z-scores (else None)."""
+
+    map: list[torch.Tensor]
+    image: list[torch.Tensor] | None
+    context: list[torch.Tensor] | None
 
 
 def mean_divergence(stats: list[BranchStats]) -> torch.Tensor:
@@ -142,9 +153,12 @@ class AnomalyMapGenerator(nn.Module):
 
     @property
     def image_from_position(self) -> bool:
-        """Whether the image score comes from its own map (per-position distances, levels averaged equally)."""
-        if not (self.image_score == "position" and self.needs_statistics) or len(self.context):
+        """Whether the image score comes from its own map (per-position distances, levels averaged equally; a
+        context score fitted before it had its image units keeps the anomaly map's maximum)."""
+        if not (self.image_score == "position" and self.needs_statistics):
             return False
+        if len(self.context):
+            return all(level.has_position_units for level in self.context)
         return self.statistics[0].covariance != "position" or self.map_level_weights is not None
 
     @property
@@ -196,13 +210,38 @@ class AnomalyMapGenerator(nn.Module):
         tokens: list[torch.Tensor],
         outputs: list[LevelOutput],
         grids: list[tuple[int, int]],
-    ) -> list[torch.Tensor]:
-        """The token scores ``(B, L_i)`` of every level that the anomaly map combines (with ``context_score``, the
-        sum of the reconstruction and context distances in z-units)."""
-        scores = [self.token_scores(t, o, i) for i, (t, o) in enumerate(zip(tokens, outputs, strict=True))]
-        if not len(self.context):
-            return scores
-        return [context(t, s, g) for context, t, s, g in zip(self.context, tokens, scores, grids, strict=True)]
+    ) -> LevelScores:
+        """Every level's token scores: of the anomaly map (with ``context_score``, the sum of the reconstruction
+        and context distances in z-units), of the image score's own map when it has one, and the context z-scores
+        (one context-predictor pass per level gives all three)."""
+        pairs = list(enumerate(zip(tokens, outputs, strict=True)))
+        scores = [self.token_scores(t, o, i) for i, (t, o) in pairs]
+        from_position = self.image_from_position
+        if len(self.context):
+            parts = [
+                context.components(t, s, g, self.token_scores(t, o, i, "position") if from_position else None)
+                for context, (i, (t, o)), s, g in zip(self.context, pairs, scores, grids, strict=True)
+            ]
+            return LevelScores(
+                [rec_z + ctx_z for rec_z, ctx_z, _ in parts],
+                [image for *_, image in parts] if from_position else None,
+                [ctx_z for _, ctx_z, _ in parts],
+            )
+        if not from_position:
+            return LevelScores(scores, None, None)
+        if self.statistics[0].covariance != "position":
+            return LevelScores(scores, [self.token_scores(t, o, i, "position") for i, (t, o) in pairs], None)
+        return LevelScores(scores, scores, None)
+
+    def combine(
+        self, scores: LevelScores, grids: list[tuple[int, int]], image_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 1, H, W)`` anomaly map (levels weighted ``map_level_weights``) and ``(B,)`` image scores (the
+        maximum of the image score's own map, levels averaged, or of the anomaly map)."""
+        anomaly_map, image_scores = self.combine_levels(scores.map, grids, image_size, self.map_level_weights)
+        if scores.image is not None:
+            image_scores = self.combine_levels(scores.image, grids, image_size)[1]
+        return anomaly_map, image_scores
 
     def forward(
         self,
@@ -222,14 +261,7 @@ class AnomalyMapGenerator(nn.Module):
         Returns:
             ``(B, 1, H, W)`` anomaly map and ``(B,)`` image scores.
         """
-        scores = self.level_scores(tokens, outputs, grids)
-        pairs = list(enumerate(zip(tokens, outputs, strict=True)))
-        anomaly_map, image_scores = self.combine_levels(scores, grids, image_size, self.map_level_weights)
-        if self.image_from_position:
-            if self.statistics[0].covariance != "position":
-                scores = [self.token_scores(t, o, i, "position") for i, (t, o) in pairs]
-            image_scores = self.combine_levels(scores, grids, image_size)[1]
-        return anomaly_map, image_scores
+        return self.combine(self.level_scores(tokens, outputs, grids), grids, image_size)
 
     def combine_levels(
         self,

@@ -13,7 +13,8 @@ a discrepancy is "this patch against its context". Here that idea is made strict
 - the context residual (token minus prediction) is scored like the reconstruction residual: its Mahalanobis
   distance against the training images' context residuals (shared and per-position covariance, averaged);
 - the token's score is that distance plus the reconstruction residual's distance, each in z-units of the
-  training images at the token's position (so neither dominates by its scale);
+  training images at the token's position (so neither dominates by its scale); for the image score the same
+  sum is also made of the two distances under each position's own covariance (``Fod()``'s image rule);
 - at inference the ``hidden_share`` most unusual tokens of each image (by the reconstruction distance, a rule
   of the image alone) are hidden from every query: a defect would otherwise spoil its neighbours' predictions
   and smear its own score into a ring around it.
@@ -121,8 +122,11 @@ class ContextLevel(nn.Module):
 
     Buffers (empty until fitted): ``token_mean`` ``(C,)`` and ``whitening`` ``(C, C)`` of the input tokens;
     ``rec_mean`` / ``rec_std`` and ``ctx_mean`` / ``ctx_std`` ``(L,)``, the training images' per-position mean
-    and standard deviation of the reconstruction and context distances (the z-units). ``statistics`` holds the
-    context residuals' Gaussian (:class:`~.residual_statistics.ResidualStatistics`, ``"blend"``).
+    and standard deviation of the reconstruction and context distances (the z-units); ``rec_pos_mean`` /
+    ``rec_pos_std`` and ``ctx_pos_mean`` / ``ctx_pos_std`` ``(L,)``, the same of the distances under each
+    position's own covariance (the image score's; empty in checkpoints saved before it, whose image score is
+    the map's maximum). ``statistics`` holds the context residuals' Gaussian
+    (:class:`~.residual_statistics.ResidualStatistics`, ``"blend"``).
 
     Args:
         channels: token channels ``C``.
@@ -130,7 +134,8 @@ class ContextLevel(nn.Module):
         hidden_share: share of each image's tokens hidden from every query at inference (0: none).
     """
 
-    BUFFERS = ("token_mean", "whitening", "rec_mean", "rec_std", "ctx_mean", "ctx_std")
+    UNITS = ("rec_mean", "rec_std", "ctx_mean", "ctx_std", "rec_pos_mean", "rec_pos_std", "ctx_pos_mean", "ctx_pos_std")
+    BUFFERS = ("token_mean", "whitening", *UNITS)
 
     def __init__(self, channels: int, radius: int = 2, hidden_share: float = 0.05) -> None:
         super().__init__()
@@ -139,7 +144,7 @@ class ContextLevel(nn.Module):
         self.statistics = ResidualStatistics("blend")
         self.register_buffer("token_mean", torch.empty(0))
         self.register_buffer("whitening", torch.empty(0, 0))
-        for name in ("rec_mean", "rec_std", "ctx_mean", "ctx_std"):
+        for name in self.UNITS:
             self.register_buffer(name, torch.empty(0))
 
     @property
@@ -147,20 +152,44 @@ class ContextLevel(nn.Module):
         """Whether the whitening, statistics and z-units have been fitted (or loaded)."""
         return self.ctx_std.numel() > 0 and self.statistics.fitted
 
+    @property
+    def has_position_units(self) -> bool:
+        """Whether the image score's z-units (distances under each position's own covariance) are fitted."""
+        return self.ctx_pos_std.numel() > 0
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:  # noqa: ANN001
-        """The buffers take the stored shapes (they are empty until a fit)."""
+        """The buffers take the stored shapes (they are empty until a fit); a checkpoint saved before the image
+        score's z-units loads without them."""
         adopt_stored_shapes(self, state_dict, prefix, self.BUFFERS)
+        before = set(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        for name in ("rec_pos_mean", "rec_pos_std", "ctx_pos_mean", "ctx_pos_std"):
+            key = prefix + name
+            if key in missing_keys and key not in before:
+                missing_keys.remove(key)
+                setattr(self, name, torch.empty(0, device=self.ctx_std.device))
 
     def set_whitening(self, mean: torch.Tensor, whitening: torch.Tensor) -> None:
         """Store the tokens' ``(C,)`` mean and ``(C, C)`` whitening."""
         self.token_mean = mean.detach().float()
         self.whitening = whitening.detach().float()
 
-    def set_units(self, rec: torch.Tensor, ctx: torch.Tensor) -> None:
-        """Store the z-units from the training images' ``(N, L)`` reconstruction and context distances."""
-        self.rec_mean, self.rec_std = rec.mean(dim=0).float(), rec.std(dim=0).float() + 1e-6
-        self.ctx_mean, self.ctx_std = ctx.mean(dim=0).float(), ctx.std(dim=0).float() + 1e-6
+    def set_units(
+        self,
+        rec: torch.Tensor,
+        ctx: torch.Tensor,
+        rec_position: torch.Tensor | None = None,
+        ctx_position: torch.Tensor | None = None,
+    ) -> None:
+        """Store the z-units from the training images' ``(N, L)`` reconstruction and context distances (and, for
+        the image score, the same under each position's own covariance)."""
+        self.rec_mean, self.rec_std = _units(rec)
+        self.ctx_mean, self.ctx_std = _units(ctx)
+        if rec_position is None or ctx_position is None:
+            self.rec_pos_mean, self.rec_pos_std, self.ctx_pos_mean, self.ctx_pos_std = (rec.new_empty(0),) * 4
+            return
+        self.rec_pos_mean, self.rec_pos_std = _units(rec_position)
+        self.ctx_pos_mean, self.ctx_pos_std = _units(ctx_position)
 
     def whiten(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, L, C)`` tokens in whitened coordinates."""
@@ -190,20 +219,40 @@ class ContextLevel(nn.Module):
         return rec_z >= threshold
 
     def components(
-        self, tokens: torch.Tensor, rec: torch.Tensor, grid: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        tokens: torch.Tensor,
+        rec: torch.Tensor,
+        grid: tuple[int, int],
+        rec_position: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The reconstruction and context distances ``(B, L)`` in z-units, from the input tokens ``(B, L, C)`` and
-        their reconstruction distances ``(B, L)``."""
+        their reconstruction distances ``(B, L)``; with ``rec_position`` (the reconstruction distances under each
+        position's own covariance, ``(B, L)``) also the image score's token scores ``(B, L)``: both distances
+        under each position's own covariance in their z-units, added (else None). One predictor pass."""
         self._check(rec)
         rec_z = (rec - self.rec_mean) / self.rec_std
         whitened = self.whiten(tokens)
         residual = whitened - self.predictor(whitened, grid, self.hidden(rec_z))
-        return rec_z, (self.statistics(residual) - self.ctx_mean) / self.ctx_std
+        ctx_z = (self.statistics(residual) - self.ctx_mean) / self.ctx_std
+        if rec_position is None:
+            return rec_z, ctx_z, None
+        if not self.has_position_units:
+            msg = "the context score's image z-units are not fitted: refit with Fod.fit_residual_statistics(datamodule)."
+            raise RuntimeError(msg)
+        image = (rec_position - self.rec_pos_mean) / self.rec_pos_std + (
+            self.statistics(residual, "position") - self.ctx_pos_mean
+        ) / self.ctx_pos_std
+        return rec_z, ctx_z, image
 
     def forward(self, tokens: torch.Tensor, rec: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Token scores ``(B, L)``: the sum of :meth:`components`."""
-        rec_z, ctx_z = self.components(tokens, rec, grid)
+        """Token scores ``(B, L)`` of the anomaly map: the reconstruction and context z-scores, added."""
+        rec_z, ctx_z, _ = self.components(tokens, rec, grid)
         return rec_z + ctx_z
+
+
+def _units(distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position mean and standard deviation (+1e-6) of ``(N, L)`` training distances, ``(L,)`` each."""
+    return distances.mean(dim=0).float(), distances.std(dim=0).float() + 1e-6
 
 
 def fit_whitening(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

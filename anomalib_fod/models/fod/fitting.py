@@ -313,14 +313,18 @@ def fit_context(
     train = train or not all(level.fitted for level in levels)
     was_training = model.training
     model.eval()
-    whitened, rec = [], []
+    whitened, rec, rec_position = [], [], []
     try:
         for index, (level, tokens, residuals) in enumerate(zip(levels, kept.tokens, kept.residuals, strict=True)):
             tokens, residuals = torch.cat(tokens), torch.cat(residuals)
             if train:
                 level.set_whitening(*fit_whitening(tokens.flatten(0, 1)))
             whitened.append(level.whiten(tokens))
-            rec.append(torch.cat([generator.statistics[index](r).cpu() for r in _chunks(residuals, device)]))
+            statistics = generator.statistics[index]
+            rec.append(torch.cat([statistics(r).cpu() for r in _chunks(residuals, device)]))
+            # the image score's units, where the reconstruction statistics hold per-position covariances
+            if statistics.position_precision.numel():
+                rec_position.append(torch.cat([statistics(r, "position").cpu() for r in _chunks(residuals, device)]))
         kept.tokens, kept.residuals = [], []  # the whitened copies replace them
         steps = model.settings.context_steps if train else 0
 
@@ -332,7 +336,7 @@ def fit_context(
                 levels, whitened, kept.grids, steps, device, progress, log, model.settings.context_query_share
             )
         explained = []
-        for level, tokens, grid, distances in zip(levels, whitened, kept.grids, rec, strict=True):
+        for index, (level, tokens, grid, distances) in enumerate(zip(levels, whitened, kept.grids, rec, strict=True)):
             residuals = [t - level.predictor(t, grid) for t in _chunks(tokens, device)]
             if train:
                 accumulator = ResidualAccumulator(per_position=True)
@@ -340,7 +344,11 @@ def fit_context(
                     accumulator.add(residual)
                 level.statistics.set(*accumulator.finish())
             context = torch.cat([level.statistics(r).cpu() for r in residuals])
-            level.set_units(distances, context)
+            if rec_position:
+                context_position = torch.cat([level.statistics(r, "position").cpu() for r in residuals])
+                level.set_units(distances, context, rec_position[index], context_position)
+            else:
+                level.set_units(distances, context)
             explained.append(1 - float(sum(r.square().sum() for r in residuals) / tokens.square().sum()))
     finally:
         model.train(was_training)

@@ -169,7 +169,8 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         context_score: add the context score (``context.py``): each token is also judged against what the tokens
             beyond ``context_radius`` grid cells predict for it, a small predictor trained after the Transformers
             on the training images; the score is the sum of the two whitened distances in the training images'
-            z-units, and the image score is the map's maximum.
+            z-units; the image score follows ``image_score`` (by default the same sum of the distances under each
+            position's own covariance, levels averaged).
         context_steps: the context predictors' optimizer steps (0: untrained).
         context_radius: grid cells around a token whose tokens its prediction may not read.
         context_hidden_share: share of each image's most unusual tokens hidden from every prediction.

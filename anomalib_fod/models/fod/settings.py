@@ -76,7 +76,8 @@ class FodSettings:
             their maps are large (see ``blocked_attention.py``); same results, faster steps.
         context_score: add the context score to the whitened residual (``context.py``): every token is also
             judged against what the tokens beyond ``context_radius`` cells predict for it, both distances in the
-            training images' z-units; the image score is then the anomaly map's maximum. Needs
+            training images' z-units; with ``image_score="position"`` the image score sums the same two distances
+            under each position's own covariance (levels averaged), else it is the anomaly map's maximum. Needs
             ``reconstruction_term="mahalanobis"`` and ``scoring="rec"``.
         context_steps: optimizer steps of the context predictors, after the Transformers' training (0: untrained,
             the reference of its learning gain).
