@@ -225,10 +225,10 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         compile_transformers: bool = False,
         compile_kernels: bool = True,
         context_score: bool = False,
-        context_steps: int = 500,
+        context_steps: int = 1000,
         context_radius: int = 2,
         context_hidden_share: float = 0.05,
-        context_query_share: float = 1.0,
+        context_query_share: float = 0.25,
         **kwargs: Any,  # noqa: ANN401 - OfflineBackboneModule's arguments
     ) -> None:
         super().__init__(learning_rate=learning_rate, **kwargs)

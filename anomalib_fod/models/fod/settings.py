@@ -116,10 +116,10 @@ class FodSettings:
     blur_sigma: float = 4.0
     compile_kernels: bool = True
     context_score: bool = field(default=False, metadata=_SHAPES)
-    context_steps: int = 500
+    context_steps: int = 1000
     context_radius: int = 2
     context_hidden_share: float = 0.05
-    context_query_share: float = 1.0
+    context_query_share: float = 0.25
 
     def __post_init__(self) -> None:
         # YAML and jsonargparse give lists; tuples keep the object hashable and comparable.
