@@ -134,7 +134,8 @@ class ContextLevel(nn.Module):
         hidden_share: share of each image's tokens hidden from every query at inference (0: none).
     """
 
-    UNITS = ("rec_mean", "rec_std", "ctx_mean", "ctx_std", "rec_pos_mean", "rec_pos_std", "ctx_pos_mean", "ctx_pos_std")
+    POSITION_UNITS = ("rec_pos_mean", "rec_pos_std", "ctx_pos_mean", "ctx_pos_std")
+    UNITS = ("rec_mean", "rec_std", "ctx_mean", "ctx_std", *POSITION_UNITS)
     BUFFERS = ("token_mean", "whitening", *UNITS)
 
     def __init__(self, channels: int, radius: int = 2, hidden_share: float = 0.05) -> None:
@@ -163,7 +164,7 @@ class ContextLevel(nn.Module):
         adopt_stored_shapes(self, state_dict, prefix, self.BUFFERS)
         before = set(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
-        for name in ("rec_pos_mean", "rec_pos_std", "ctx_pos_mean", "ctx_pos_std"):
+        for name in self.POSITION_UNITS:
             key = prefix + name
             if key in missing_keys and key not in before:
                 missing_keys.remove(key)
