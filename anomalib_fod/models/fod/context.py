@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .grid import grid_coordinates, sincos_embedding
-from .residual_statistics import SHRINKAGE, ResidualStatistics, adopt_stored_shapes
+from .residual_statistics import SHRINKAGE, ResidualStatistics, adopt_stored_shapes, forgive_missing
 
 # The predictor's size and recipe, as screened (benchmarks/notes/2026-12-05-context-predictor.md).
 WIDTH = 128
@@ -164,11 +164,8 @@ class ContextLevel(nn.Module):
         adopt_stored_shapes(self, state_dict, prefix, self.BUFFERS)
         before = set(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
-        for name in self.POSITION_UNITS:
-            key = prefix + name
-            if key in missing_keys and key not in before:
-                missing_keys.remove(key)
-                setattr(self, name, torch.empty(0, device=self.ctx_std.device))
+        for name in forgive_missing(prefix, self.POSITION_UNITS, missing_keys, before):
+            setattr(self, name, torch.empty(0, device=self.ctx_std.device))
 
     def set_whitening(self, mean: torch.Tensor, whitening: torch.Tensor) -> None:
         """Store the tokens' ``(C,)`` mean and ``(C, C)`` whitening."""

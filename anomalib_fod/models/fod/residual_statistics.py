@@ -51,6 +51,15 @@ def adopt_stored_shapes(module: nn.Module, state_dict: dict, prefix: str, names:
             setattr(module, name, current.new_empty(stored.shape))
 
 
+def forgive_missing(prefix: str, names: Iterable[str], missing_keys: list[str], before: set[str]) -> list[str]:
+    """Remove from ``missing_keys`` the buffers ``names`` that this load found missing (not those missing
+    ``before`` it): an older checkpoint without them still loads. Returns the names forgiven."""
+    forgiven = [name for name in names if prefix + name in missing_keys and prefix + name not in before]
+    for name in forgiven:
+        missing_keys.remove(prefix + name)
+    return forgiven
+
+
 def per_position_bytes(grids: Iterable[tuple[int, int]], channels: Iterable[int]) -> int:
     """Bytes of the float64 ``(L, C, C)`` sums a per-position fit keeps for levels of these grids and channels."""
     return sum(8 * h * w * c * c for (h, w), c in zip(grids, channels, strict=True))
@@ -101,10 +110,7 @@ class ResidualStatistics(nn.Module):
         adopt_stored_shapes(self, state_dict, prefix, ("mean", "precision", "position_precision"))
         before = set(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
-        for name in ("mean", "precision", "position_precision"):
-            key = prefix + name
-            if key in missing_keys and key not in before:
-                missing_keys.remove(key)
+        forgive_missing(prefix, ("mean", "precision", "position_precision"), missing_keys, before)
 
     def set(self, mean: torch.Tensor, precision: torch.Tensor, position_precision: torch.Tensor | None = None) -> None:
         """Store ``(L, C)`` means, the shared ``(C, C)`` precision and the per-position ``(L, C, C)`` ones."""
