@@ -215,23 +215,34 @@ class AnomalyMapGenerator(nn.Module):
         and context distances in z-units), of the image score's own map when it has one, and the context z-scores
         (one context-predictor pass per level gives all three)."""
         pairs = list(enumerate(zip(tokens, outputs, strict=True)))
-        scores = [self.token_scores(t, o, i) for i, (t, o) in pairs]
-        from_position = self.image_from_position
-        if len(self.context):
-            parts = [
-                context.components(t, s, g, self.token_scores(t, o, i, "position") if from_position else None)
-                for context, (i, (t, o)), s, g in zip(self.context, pairs, scores, grids, strict=True)
-            ]
-            return LevelScores(
-                [rec_z + ctx_z for rec_z, ctx_z, _ in parts],
-                [image for *_, image in parts] if from_position else None,
-                [ctx_z for _, ctx_z, _ in parts],
-            )
-        if not from_position:
-            return LevelScores(scores, None, None)
-        if self.statistics[0].covariance != "position":
-            return LevelScores(scores, [self.token_scores(t, o, i, "position") for i, (t, o) in pairs], None)
-        return LevelScores(scores, scores, None)
+        if self.image_from_position:
+            both = [self._scores_and_position(t, o, i) for i, (t, o) in pairs]
+            scores, position = [s for s, _ in both], [p for _, p in both]
+        else:
+            scores, position = [self.token_scores(t, o, i) for i, (t, o) in pairs], None
+        if not len(self.context):
+            return LevelScores(scores, position, None)
+        parts = [
+            context.components(t, s, g, None if position is None else position[i])
+            for context, (i, (t, _)), s, g in zip(self.context, pairs, scores, grids, strict=True)
+        ]
+        return LevelScores(
+            [rec_z + ctx_z for rec_z, ctx_z, _ in parts],
+            None if position is None else [image for *_, image in parts],
+            [ctx_z for _, ctx_z, _ in parts],
+        )
+
+    def _scores_and_position(
+        self, tokens: torch.Tensor, output: LevelOutput, level: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Level ``level``'s token scores ``(B, L)`` under ``residual_covariance`` and under each position's own
+        covariance, from one pass of the Mahalanobis distance (the blended distance holds the per-position one)."""
+        residual = tokens.float() - output.reconstruction.float()
+        scores, position = self.statistics[level].distances(residual, (None, "position"))
+        if self.scoring == "rec_div":
+            divergence = self.divergence_score(output)
+            return scores * divergence, position * divergence
+        return scores, position
 
     def combine(
         self, scores: LevelScores, grids: list[tuple[int, int]], image_size: tuple[int, int]

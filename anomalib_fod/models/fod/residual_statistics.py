@@ -26,7 +26,7 @@ residuals; the pass over the training images that feeds it is ``fitting.fit_stat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import get_args
 
 import torch
@@ -153,16 +153,34 @@ class ResidualStatistics(nn.Module):
     def forward(self, residual: torch.Tensor, covariance: ResidualCovariance | None = None) -> torch.Tensor:
         """Mahalanobis distance of every token, ``(B, L, C)`` -> ``(B, L)``, under ``covariance``
         (default: this module's ``covariance``)."""
-        covariance = covariance or self.covariance
-        self._check(residual, covariance)
+        return self.distances(residual, (covariance,))[0]
+
+    def distances(
+        self, residual: torch.Tensor, covariances: Sequence[ResidualCovariance | None]
+    ) -> list[torch.Tensor]:
+        """The distances ``(B, L)`` of ``residual`` ``(B, L, C)`` under each of ``covariances`` (None: this module's),
+        each of the shared and per-position parts computed once for all of them (the per-position one is a
+        batched ``(L, B, C) @ (L, C, C)`` product, the costly part of scoring)."""
+        covariances = [covariance or self.covariance for covariance in covariances]
+        for covariance in dict.fromkeys(covariances):
+            self._check(residual, covariance)
         centred = residual.float() - self.mean
-        distances = []
-        if covariance != "position":
-            distances.append(((centred @ self.precision) * centred).sum(-1).clamp_min(0.0).sqrt())
-        if covariance != "shared":  # (L, B, C) @ (L, C, C): one batched matmul, which every exporter handles
-            whitened = (centred.transpose(0, 1) @ self.position_precision).transpose(0, 1)
-            distances.append((whitened * centred).sum(-1).clamp_min(0.0).sqrt())
-        return distances[0] if len(distances) == 1 else 0.5 * (distances[0] + distances[1])
+        shared = position = None
+        if any(covariance != "position" for covariance in covariances):
+            shared = ((centred @ self.precision) * centred).sum(-1).clamp_min(0.0).sqrt()
+        if any(covariance != "shared" for covariance in covariances):
+            position = self._position_distance(centred)
+        by_name = {"shared": shared, "position": position}
+        return [
+            by_name[covariance] if covariance in by_name else 0.5 * (shared + position)  # type: ignore[operator]
+            for covariance in covariances
+        ]
+
+    def _position_distance(self, centred: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` distances of centred residuals under each position's own covariance: one batched matmul
+        ``(L, B, C) @ (L, C, C)``, which every exporter handles."""
+        whitened = (centred.transpose(0, 1) @ self.position_precision).transpose(0, 1)
+        return (whitened * centred).sum(-1).clamp_min(0.0).sqrt()
 
 
 class ResidualAccumulator:
