@@ -337,19 +337,23 @@ def fit_context(
             )
         explained = []
         for index, (level, tokens, grid, distances) in enumerate(zip(levels, whitened, kept.grids, rec, strict=True)):
-            residuals = [t - level.predictor(t, grid) for t in _chunks(tokens, device)]
-            if train:
-                accumulator = ResidualAccumulator(per_position=True)
-                for residual in residuals:
-                    accumulator.add(residual)
-                level.statistics.set(*accumulator.finish())
-            context = torch.cat([level.statistics(r).cpu() for r in residuals])
+            context, context_position, unexplained = [], [], 0.0
+            for view, statistics in enumerate(level.statistics):  # one view's residuals at a time: memory
+                residuals = [t - level.predictor.predict_view(t, grid, view) for t in _chunks(tokens, device)]
+                if train:
+                    accumulator = ResidualAccumulator(per_position=True)
+                    for residual in residuals:
+                        accumulator.add(residual)
+                    statistics.set(*accumulator.finish())
+                context.append(torch.cat([statistics(r).cpu() for r in residuals]))
+                if rec_position:
+                    context_position.append(torch.cat([statistics(r, "position").cpu() for r in residuals]))
+                unexplained += float(sum(r.square().sum() for r in residuals))
             if rec_position:
-                context_position = torch.cat([level.statistics(r, "position").cpu() for r in residuals])
-                level.set_units(distances, context, rec_position[index], context_position)
+                level.set_units(distances, torch.stack(context), rec_position[index], torch.stack(context_position))
             else:
-                level.set_units(distances, context)
-            explained.append(1 - float(sum(r.square().sum() for r in residuals) / tokens.square().sum()))
+                level.set_units(distances, torch.stack(context))
+            explained.append(1 - unexplained / len(level.statistics) / float(tokens.square().sum()))
     finally:
         model.train(was_training)
     logger.info(
