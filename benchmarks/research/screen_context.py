@@ -33,7 +33,9 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -155,11 +157,26 @@ def predict(
 _FEATURES: dict[str, tuple[list[torch.Tensor], dict]] = {}
 
 
-def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed: int, rows: Path) -> None:
+@dataclass
+class Prepared:
+    """One dataset's whitened tokens per level, the input features' distance, and what scoring needs."""
+
+    generator: Any  # the model's AnomalyMapGenerator (its level combination and map weights)
+    train_tokens: list[torch.Tensor]  # (N * gains, L_i, C_i)
+    test_tokens: list[torch.Tensor]
+    grids: list[tuple[int, int]]
+    feature_distance: list[Distance]
+    test: dict
+    labels: Any
+    masks: Any
+
+
+def prepare(args: argparse.Namespace, name: str, root: Path, category: str, seed: int) -> Prepared:
+    """Features (cached per process), whitening and the input features' distance; seeds the RNG with ``seed``
+    last, so the predictors' start depends on the seed alone, not on what ran before."""
     from convergence_probe import cache_features  # noqa: PLC0415
 
     from anomalib_fod import Fod  # noqa: PLC0415
-    from anomalib_fod.evaluation import image_auroc, pixel_auroc  # noqa: PLC0415
 
     torch.manual_seed(seed)
     model = Fod(image_size=tuple(args.image_size), visualizer=False)
@@ -169,17 +186,45 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
                   for gain in args.gains]
         _FEATURES[name] = gained, cache_features(model, datamodule.test_dataloader(), f"{name}: test images")
     gained, test = _FEATURES[name]
-    torch.manual_seed(seed)  # the predictors' start depends on the seed alone, not on what ran before
-    levels = len(gained[0])
-    train_features = [torch.cat([g[level] for g in gained]) for level in range(levels)]
+    torch.manual_seed(seed)
+    train_features = [torch.cat([g[level] for g in gained]) for level in range(len(gained[0]))]
     whitenings = [token_whitening(f) for f in train_features]
-    grids = [(int(f.shape[-2]), int(f.shape[-1])) for f in train_features]
     train_tokens = [whitened_tokens(f, *w) for f, w in zip(train_features, whitenings, strict=True)]
-    test_tokens = [whitened_tokens(f, *w) for f, w in zip(test["features"], whitenings, strict=True)]
-    feature_distance = [Distance(t) for t in train_tokens]
-    generator = model.model.anomaly_map_generator
+    return Prepared(
+        generator=model.model.anomaly_map_generator,
+        train_tokens=train_tokens,
+        test_tokens=[whitened_tokens(f, *w) for f, w in zip(test["features"], whitenings, strict=True)],
+        grids=[(int(f.shape[-2]), int(f.shape[-1])) for f in train_features],
+        feature_distance=[Distance(t) for t in train_tokens],
+        test=test,
+        labels=test["labels"].numpy(),
+        masks=test["masks"].numpy() if test["masks"] is not None else None,
+    )
+
+
+def run_resumable(args: argparse.Namespace, run: Any) -> None:  # noqa: ANN401 - run_one of a screen
+    """``run(args, name, root, category, seed, rows)`` for every seed and dataset whose last step is not yet in
+    ``args.out``'s rows: a killed run repeats only its unfinished (dataset, seed) pairs."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = args.out / "rows.jsonl"
+    last = max(int(v) for v in args.steps.split(","))
+    done = {(r["dataset"], r["seed"]) for r in map(json.loads, rows.read_text().splitlines() if rows.exists() else [])
+            if r["step"] == last}
+    for seed in args.seeds:
+        for name, root, category in args.data:
+            if (name, seed) in done:
+                print(f"{name} seed {seed}: step {last} already in {rows}, skipped")
+                continue
+            run(args, name, root, category, seed, rows)
+
+
+def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed: int, rows: Path) -> None:
+    from anomalib_fod.evaluation import image_auroc, pixel_auroc  # noqa: PLC0415
+
+    data = prepare(args, name, root, category, seed)
+    generator, train_tokens, test_tokens, grids = data.generator, data.train_tokens, data.test_tokens, data.grids
+    feature_distance, test, labels, masks = data.feature_distance, data.test, data.labels, data.masks
     weights = generator.map_level_weights
-    labels, masks = test["labels"].numpy(), test["masks"].numpy() if test["masks"] is not None else None
 
     def metrics(token_scores: list[torch.Tensor]) -> dict[str, float]:
         maps, scores = generator.combine_levels(token_scores, grids, test["size"], weights)
@@ -198,7 +243,7 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
     # Cross-fitting: two predictors, each trained on half of the training rows; each half's residual statistics come
     # from the other half's predictor, so they see a normal image's residual more as a test image sees it. The
     # halves are by row, and the loader shuffles each exposure's pass anew, so an image's exposures may straddle them.
-    images = train_features[0].shape[0] // len(args.gains)
+    images = train_tokens[0].shape[0] // len(args.gains)
     folds = 2 if args.cross_fit else 1
     fold_of_row = torch.arange(train_tokens[0].shape[0]) % images % folds
     fold_rows = [torch.nonzero(fold_of_row == f).flatten() for f in range(folds)]
@@ -401,17 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.data or args.out is None:
         parser.error("--data and --out are required")
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = args.out / "rows.jsonl"
-    last = max(int(v) for v in args.steps.split(","))
-    done = {(r["dataset"], r["seed"]) for r in map(json.loads, rows.read_text().splitlines() if rows.exists() else [])
-            if r["step"] == last}
-    for seed in args.seeds:
-        for name, root, category in args.data:
-            if (name, seed) in done:  # resumable: a killed run repeats only its unfinished (dataset, seed) pairs
-                print(f"{name} seed {seed}: step {last} already in {rows}, skipped")
-                continue
-            run_one(args, name, root, category, seed, rows)
+    run_resumable(args, run_one)
     return 0
 
 
