@@ -11,8 +11,7 @@ import torch
 from anomalib_fod import Fod
 from anomalib_fod.models.fod.context import ContextLevel, ContextPredictor, fit_whitening, train_predictors
 from anomalib_fod.models.fod.fitting import KeptLevels, fit_context, fit_statistics
-from anomalib_fod.models.fod.residual_statistics import SHRINKAGE
-from anomalib_fod.models.fod.settings import FodSettings
+from anomalib_fod.models.fod.residual_statistics import SHRINKAGE, ResidualStatistics
 
 from fod_helpers import TINY, assert_budget_is_the_boundary
 
@@ -38,6 +37,24 @@ def test_a_prediction_reads_nothing_within_its_radius_nor_a_hidden_token() -> No
     others[5] = False
     assert (read[others] > 0).all()  # every other token is read
     assert gradient[1].abs().max() == 0  # nor another image
+
+
+def test_a_query_left_nothing_to_read_reads_no_token_not_even_its_own() -> None:
+    """Every key beyond the radius hidden: the masked softmax would average every token, the query's own
+    included; the prediction comes from the position alone instead."""
+    torch.manual_seed(0)
+    predictor = ContextPredictor(6, radius=1, dim=16, heads=2)
+    height, width = 5, 5
+    tokens = torch.randn(2, height * width, 6, requires_grad=True)
+    ys, xs = torch.arange(height).repeat_interleave(width), torch.arange(width).repeat(height)
+    query = 2 * width + 2
+    hidden = torch.zeros(2, height * width, dtype=torch.bool)
+    hidden[0] = ((ys - 2).abs() > 1) | ((xs - 2).abs() > 1)  # image 0: everything the query could read
+    output = predictor(tokens, (height, width), hidden)
+    (gradient,) = torch.autograd.grad(output[0, query].sum(), tokens, retain_graph=True)
+    assert gradient.abs().max() == 0
+    (gradient,) = torch.autograd.grad(output[1, query].sum(), tokens)
+    assert gradient[1].abs().sum(-1)[~hidden[0]].max() == 0 and (gradient[1].abs().sum(-1)[hidden[0]] > 0).all()
 
 
 def test_a_subset_of_queries_predicts_what_the_full_pass_predicts_there() -> None:
@@ -134,9 +151,8 @@ def fitted_model(context_steps: int = 20, seed: int = 0, **settings) -> tuple[Fo
     return model, features
 
 
-@pytest.mark.parametrize("views", [1, 4])
-def test_the_score_reads_the_trained_predictor_and_survives_a_checkpoint(tmp_path, views: int) -> None:  # noqa: ANN001
-    model, features = fitted_model(context_views=views)
+def test_the_score_reads_the_trained_predictor_and_survives_a_checkpoint(tmp_path) -> None:  # noqa: ANN001
+    model, features = fitted_model()
     level = model.model.anomaly_map_generator.context[0]
     assert level.fitted and level.rec_std.shape == (SIZE // 8 * SIZE // 8,)
     with torch.no_grad():
@@ -150,8 +166,7 @@ def test_the_score_reads_the_trained_predictor_and_survives_a_checkpoint(tmp_pat
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), path)
     torch.manual_seed(5)  # another initialisation: everything must come from the file
-    reloaded = Fod(pre_trained=False, image_size=SIZE, visualizer=False, context_score=True, context_views=views,
-                   **TINY)
+    reloaded = Fod(pre_trained=False, image_size=SIZE, visualizer=False, context_score=True, **TINY)
     reloaded.load_state_dict(torch.load(path))
     reloaded.model.eval()
     with torch.no_grad():
@@ -165,130 +180,44 @@ def _position_distance(residual: torch.Tensor, mean: torch.Tensor, precision: to
     return torch.einsum("blc,lcd,bld->bl", centred, precision, centred).clamp_min(0).sqrt()
 
 
-def _distance(residual: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    centred = residual - mean
-    return ((centred @ precision) * centred).sum(-1).clamp_min(0).sqrt()
-
-
-def _view_prediction(level: ContextLevel, whitened: torch.Tensor, grid: tuple[int, int], hidden: torch.Tensor,
-                     view: int) -> torch.Tensor:
-    """The predictor run for one view, its mask built here from the half-plane's definition."""
-    predictor = level.predictor
-    if predictor.views == 1:
-        return predictor(whitened, grid, hidden)
-    return predictor(whitened, grid, hidden, views=torch.full((whitened.shape[1],), view))
-
-
-@pytest.mark.parametrize("views", [1, 4])
-def test_the_scores_sum_both_distances_the_context_the_smallest_over_the_views(views: int) -> None:
-    """An independent recomputation of the map's token scores and the image score: the reconstruction distance
-    plus, per view, the context residual's distance in that view's z-units, the smallest over the views; for the
-    image score the same under each position's own covariance."""
-    model, features = fitted_model(context_views=views)
+def test_the_image_score_sums_both_distances_under_each_positions_own_covariance(monkeypatch) -> None:  # noqa: ANN001
+    model, features = fitted_model()
     generator = model.model.anomaly_map_generator
+    calls = []
+    original = ResidualStatistics._position_distance
+
+    def counted(self: ResidualStatistics, centred: torch.Tensor) -> torch.Tensor:
+        calls.append(centred.shape)
+        return original(self, centred)
+
     with torch.no_grad():
+        monkeypatch.setattr(ResidualStatistics, "_position_distance", counted)
         output = model.model.forward_features(features, (SIZE, SIZE))
+        monkeypatch.undo()
+        # per level one per-position product for the reconstruction, one for the context: map and score share them
+        assert len(calls) == 2 * len(generator.context)
         run = model.model.run_levels(features)
-        map_tokens, image_tokens = [], []
+        image_tokens = []
         for index, (level, tokens, out, grid) in enumerate(zip(generator.context, run.tokens, run.levels, run.grids,
                                                                 strict=True)):
-            assert len(level.statistics) == views and level.ctx_mean.shape == (views, grid[0] * grid[1])
             statistics = generator.statistics[index]
             residual = tokens - out.reconstruction
             rec_position = _position_distance(residual, statistics.mean, statistics.position_precision)
-            rec = 0.5 * (_distance(residual, statistics.mean, statistics.precision) + rec_position)
+            centred = residual - statistics.mean
+            rec = 0.5 * (((centred @ statistics.precision) * centred).sum(-1).sqrt() + rec_position)
             rec_z = (rec - level.rec_mean) / level.rec_std
             hidden = rec_z >= rec_z.topk(math.ceil(0.05 * rec_z.shape[1]), dim=1).values[:, -1:]
             whitened = (tokens - level.token_mean) @ level.whitening
-            ctx_z, ctx_pos_z = [], []
-            for view, view_statistics in enumerate(level.statistics):
-                context = whitened - _view_prediction(level, whitened, grid, hidden, view)
-                position = _position_distance(context, view_statistics.mean, view_statistics.position_precision)
-                blend = 0.5 * (_distance(context, view_statistics.mean, view_statistics.precision) + position)
-                ctx_z.append((blend - level.ctx_mean[view]) / level.ctx_std[view])
-                ctx_pos_z.append((position - level.ctx_pos_mean[view]) / level.ctx_pos_std[view])
-            map_tokens.append(rec_z + torch.stack(ctx_z).amin(dim=0))
+            context = whitened - level.predictor(whitened, grid, hidden)
+            ctx_position = _position_distance(context, level.statistics.mean, level.statistics.position_precision)
             image_tokens.append((rec_position - level.rec_pos_mean) / level.rec_pos_std
-                                + torch.stack(ctx_pos_z).amin(dim=0))
-        expected_map = generator.combine_levels(map_tokens, run.grids, (SIZE, SIZE), generator.map_level_weights)[0]
+                                + (ctx_position - level.ctx_pos_mean) / level.ctx_pos_std)
         expected = generator.combine_levels(image_tokens, run.grids, (SIZE, SIZE))[1]  # levels averaged
-        torch.testing.assert_close(output.anomaly_map, expected_map, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(output.pred_score, expected, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(output.pred_score, output.anomaly_map.amax(dim=(-3, -2, -1)))
         model.set_scoring(image_score="map")  # the paper's rule: the anomaly map's maximum
         output = model.model.forward_features(features, (SIZE, SIZE))
         torch.testing.assert_close(output.pred_score, output.anomaly_map.amax(dim=(-3, -2, -1)))
-
-
-def test_each_view_reads_only_its_half_plane_beyond_the_radius() -> None:
-    torch.manual_seed(0)
-    predictor = ContextPredictor(6, radius=1, dim=16, heads=2, views=4)
-    height, width = 7, 8
-    length = height * width
-    tokens = torch.randn(2, length, 6, requires_grad=True)
-    ys, xs = torch.arange(height).repeat_interleave(width), torch.arange(width).repeat(height)
-    query_y, query_x = 3, 4
-    near = ((ys - query_y).abs() <= 1) & ((xs - query_x).abs() <= 1)
-    sides = {0: xs < query_x, 1: xs > query_x, 2: ys < query_y, 3: ys > query_y}  # left, right, above, below
-    for view, side in sides.items():
-        output = predictor(tokens, (height, width), views=torch.full((length,), view))
-        (gradient,) = torch.autograd.grad(output[0, query_y * width + query_x].sum(), tokens)
-        read = gradient[0].abs().sum(-1) > 0
-        assert torch.equal(read, side & ~near), view  # exactly the half-plane's tokens beyond the radius
-        assert gradient[1].abs().max() == 0
-    # a query with nothing in its half-plane (the left column looking left) reads no token, not even its own
-    output = predictor(tokens, (height, width), views=torch.zeros(length, dtype=torch.long))
-    (gradient,) = torch.autograd.grad(output[0, 2 * width].sum(), tokens)
-    assert gradient.abs().max() == 0
-    with pytest.raises(ValueError, match="one view per query"):
-        predictor(tokens, (height, width))
-    with pytest.raises(ValueError, match="1 or 4 views"):
-        ContextPredictor(6, views=2)
-
-
-def test_a_defect_does_not_raise_a_neighbours_smallest_view_residual() -> None:
-    """A token beside a changed token keeps, in the view facing away from it, exactly the prediction it had."""
-    torch.manual_seed(0)
-    predictor = ContextPredictor(6, radius=1, dim=16, heads=2, views=4).eval()
-    height, width = 8, 8
-    tokens = torch.randn(1, height * width, 6)
-    changed = tokens.clone()
-    changed[0, 3 * width + 5] += 10.0  # a "defect" at (3, 5)
-    neighbour = 3 * width + 2  # (3, 2): the defect lies to its right, beyond radius 1
-    with torch.no_grad():
-        before, after = predictor.predict_views(tokens, (height, width)), predictor.predict_views(changed, (height, width))
-    moved = (after - before)[:, 0, neighbour].abs().amax(dim=-1)
-    assert moved[0] == 0  # looking left: the defect is out of view
-    assert moved[1] > 0  # looking right: it is read
-
-
-def test_a_context_checkpoint_from_before_views_loads_as_one_view() -> None:
-    """Saved with one statistics module (no view index) and ``(L,)`` context units, and without
-    ``context_views`` among its hyper-parameters: it loads as one view and scores as it did."""
-    model, features = fitted_model()
-    state = {}
-    for key, value in model.state_dict().items():
-        if ".context." not in key:
-            state[key] = value
-            continue
-        key = key.replace("statistics.0.", "statistics.")
-        if key.split(".")[-1] in ContextLevel.VIEW_UNITS:
-            value = value[0]
-        state[key] = value
-    hparams = {k: v for k, v in model.hparams.items() if k != "context_views"}
-    assert FodSettings.from_hparams({**hparams, "context_views": 4}).context_views == 4
-    settings = FodSettings.from_hparams(hparams)
-    assert settings.context_views == 1
-    torch.manual_seed(5)
-    reloaded = Fod(pre_trained=False, image_size=SIZE, visualizer=False, context_score=True,
-                   context_views=settings.context_views, **TINY)
-    reloaded.load_state_dict(state)
-    reloaded.model.eval()
-    with torch.no_grad():
-        expected = model.model.forward_features(features, (SIZE, SIZE))
-        output = reloaded.model.forward_features(features, (SIZE, SIZE))
-    torch.testing.assert_close(output.pred_score, expected.pred_score)
-    torch.testing.assert_close(output.anomaly_map, expected.anomaly_map)
 
 
 def test_a_context_checkpoint_without_image_units_keeps_the_maps_maximum() -> None:
@@ -340,18 +269,15 @@ def test_bad_context_settings_are_refused() -> None:
     for share in (0.0, 1.5):
         with pytest.raises(ValueError, match="context_query_share in \\(0, 1\\]"):
             Fod(pre_trained=False, context_score=True, context_query_share=share, **TINY)
-    with pytest.raises(ValueError, match="context_views must be one of \\(1, 4\\)"):
-        Fod(pre_trained=False, context_score=True, context_views=2, **TINY)
     model = Fod(pre_trained=False, image_size=64, visualizer=False, context_score=True, **TINY)
     with pytest.raises(ValueError, match="use larger images or a smaller context_radius"):
         model.model.run_levels(model.model.extract_features(torch.rand(1, 3, 64, 64)))
 
 
-@pytest.mark.parametrize("views", [1, 4])
-def test_the_exported_graph_carries_the_context_score(tmp_path, views: int) -> None:  # noqa: ANN001
+def test_the_exported_graph_carries_the_context_score(tmp_path) -> None:  # noqa: ANN001
     pytest.importorskip("onnxscript")
     onnxruntime = pytest.importorskip("onnxruntime")
-    model, _ = fitted_model(context_views=views)
+    model, _ = fitted_model()
     path = model.to_onnx(tmp_path)  # any input size: the graph resizes to the training size
     images = torch.rand(3, 3, 120, 150, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

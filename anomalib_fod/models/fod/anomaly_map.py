@@ -126,7 +126,7 @@ class AnomalyMapGenerator(nn.Module):
         self.with_inter = with_inter
         self.statistics = nn.ModuleList(ResidualStatistics(settings.residual_covariance) for _ in settings.d_models)
         self.context = nn.ModuleList(
-            ContextLevel(c, settings.context_radius, settings.context_hidden_share, settings.context_views)
+            ContextLevel(c, settings.context_radius, settings.context_hidden_share)
             for c in (channels if settings.context_score else ())
         )
         self.use_scoring(settings)

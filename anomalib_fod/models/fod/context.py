@@ -10,11 +10,6 @@ a discrepancy is "this patch against its context". Here that idea is made strict
   stream starts from one learned vector plus the token's 2D sine-cosine position (no content of the token),
   and every key within ``radius`` grid cells of the query is masked. With 3x3-pooled features radius 2 is
   the smallest that hides every token whose pooling window holds the query's own cell;
-- with four views the predictor predicts every token four times, each time from one half-plane only (the
-  tokens left of, right of, above or below it, beyond ``radius``; a learned code per view in the query), and
-  each view's residual gets its own statistics and z-units; the token's context score is the smallest of its
-  four. A defect is unexplained from every side, while a normal token beside a defect has a side that does
-  not hold it: a defect cannot raise its neighbours' scores, so the map keeps the defect's outline;
 - the context residual (token minus prediction) is scored like the reconstruction residual: its Mahalanobis
   distance against the training images' context residuals (shared and per-position covariance, averaged);
 - the token's score is that distance plus the reconstruction residual's distance, each in z-units of the
@@ -41,7 +36,6 @@ from tqdm.auto import tqdm
 
 from .grid import grid_coordinates, sincos_embedding
 from .residual_statistics import SHRINKAGE, ResidualStatistics, adopt_stored_shapes, forgive_missing
-from .settings import CONTEXT_VIEWS
 
 # The predictor's size and recipe, as screened (benchmarks/notes/2026-12-05-context-predictor.md).
 WIDTH = 128
@@ -52,10 +46,6 @@ LEARNING_RATE = 1e-3
 # Added to masked attention logits: finite, so a query that sees no key gives a finite answer (its attention
 # output is then dropped: such a query predicts from its position alone).
 MASKED = -1.0e4
-# The half-planes of a predictor with four views, as (row, column) steps away from the query: a key is in view
-# ``v`` where its offset from the query has a positive component along ``HALF_PLANES[v]``.
-HALF_PLANES = ((0, -1), (0, 1), (-1, 0), (1, 0))  # left, right, above, below
-VIEWS = CONTEXT_VIEWS  # 1 or len(HALF_PLANES)
 
 
 class CrossAttention(nn.Module):
@@ -85,29 +75,12 @@ class ContextPredictor(nn.Module):
         channels: token channels ``C``.
         radius: grid cells (Chebyshev distance) around the query whose tokens it may not read.
         dim, layers, heads: width, cross-attention layers and heads of the query stream.
-        views: 1 (every token beyond ``radius``) or 4 (each query reads one half-plane of them, given per query
-            as its view, ``HALF_PLANES``; a learned code per view is added to the query).
     """
 
-    def __init__(
-        self,
-        channels: int,
-        radius: int = 2,
-        dim: int = WIDTH,
-        layers: int = LAYERS,
-        heads: int = HEADS,
-        views: int = 1,
-    ) -> None:
+    def __init__(self, channels: int, radius: int = 2, dim: int = WIDTH, layers: int = LAYERS, heads: int = HEADS) -> None:
         super().__init__()
-        if views not in VIEWS:
-            msg = f"a context predictor has {' or '.join(map(str, VIEWS))} views, got {views}."
-            raise ValueError(msg)
         self.radius = radius
         self.dim = dim
-        self.views = views
-        if views > 1:
-            self.view = nn.Parameter(torch.zeros(views, dim))
-            self.register_buffer("half_planes", torch.tensor(HALF_PLANES, dtype=torch.float32), persistent=False)
         self.embed = nn.Linear(channels, dim)
         self.query = nn.Parameter(torch.zeros(dim))
         self.attention = nn.ModuleList(CrossAttention(dim, heads) for _ in range(layers))
@@ -123,88 +96,58 @@ class ContextPredictor(nn.Module):
         grid: tuple[int, int],
         hidden: torch.Tensor | None = None,
         queries: torch.Tensor | None = None,
-        views: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the tokens of ``tokens`` ``(B, L, C)`` on the ``(h, w)`` grid from their context.
 
         ``hidden``: ``(B, L)`` bool, tokens no query may read (each image's most unusual ones).
         ``queries``: ``(Q,)`` indices of the positions to predict, ``(B, Q, C)`` out (default: all ``L``). The
         queries never read each other, so a subset's predictions equal the full pass's at those positions.
-        ``views``: ``(Q,)`` (or ``(L,)``) long, the half-plane each query reads; required with four views.
-        A query left nothing to read predicts from its position (and view) alone.
+        A query left nothing to read (every key near or hidden) predicts from its position alone.
         """
         cells = grid_coordinates(*grid, tokens.device)
         positions = sincos_embedding(cells, self.dim)
         asked = cells if queries is None else cells[queries]
-        offset = cells[None] - asked[:, None]  # (Q, L, 2): key minus query
-        blocked = offset.abs().amax(dim=-1) <= self.radius  # (Q, L) Chebyshev neighbourhood
-        query = self.query + (positions if queries is None else positions[queries])
-        if self.views > 1:
-            if views is None or views.shape != asked.shape[:1]:
-                msg = f"a context predictor with {self.views} views needs one view per query, {asked.shape[0]} of them."
-                raise ValueError(msg)
-            blocked = blocked | ((offset * self.half_planes[views][:, None]).sum(dim=-1) <= 0)
-            query = query + self.view[views]
-        bias = blocked.to(tokens.dtype)[None, None] * MASKED
+        near = (asked[:, None] - cells[None]).abs().amax(dim=-1) <= self.radius  # (Q, L) Chebyshev neighbourhood
+        bias = near.to(tokens.dtype)[None, None] * MASKED
         if hidden is not None:
             bias = bias + hidden.to(tokens.dtype)[:, None, None, :] * MASKED
         # (B or 1, Q, 1): 0 where a query may read no key (its masked softmax would average every token, its own
         # included)
         reads = (bias > 0.5 * MASKED).any(dim=-1).transpose(1, 2).to(tokens.dtype)
         memory = self.embed(tokens) + positions
-        query = query.expand(tokens.shape[0], -1, -1)
+        query = (self.query + (positions if queries is None else positions[queries])).expand(tokens.shape[0], -1, -1)
         for index, (attention, ffn) in enumerate(zip(self.attention, self.ffn, strict=True)):
             query = query + attention(self.norms[2 * index](query), memory, bias) * reads
             query = query + ffn(self.norms[2 * index + 1](query))
         return self.out(query)
-
-    def predict_view(
-        self, tokens: torch.Tensor, grid: tuple[int, int], view: int, hidden: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Every token ``(B, L, C)`` predicted from view ``view`` (0 with one view: all of the context)."""
-        if not 0 <= view < self.views:
-            msg = f"view {view} of a context predictor with {self.views} views."
-            raise ValueError(msg)
-        if self.views == 1:
-            return self(tokens, grid, hidden)
-        views = torch.full((tokens.shape[1],), view, dtype=torch.long, device=tokens.device)
-        return self(tokens, grid, hidden, views=views)
-
-    def predict_views(
-        self, tokens: torch.Tensor, grid: tuple[int, int], hidden: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Every token predicted from each view, ``(V, B, L, C)``."""
-        return torch.stack([self.predict_view(tokens, grid, view, hidden) for view in range(self.views)])
 
 
 class ContextLevel(nn.Module):
     """One level's context score: whitening, predictor, context-residual statistics and z-units.
 
     Buffers (empty until fitted): ``token_mean`` ``(C,)`` and ``whitening`` ``(C, C)`` of the input tokens;
-    ``rec_mean`` / ``rec_std`` ``(L,)`` and ``ctx_mean`` / ``ctx_std`` ``(V, L)``, the training images' mean and
-    standard deviation of the reconstruction and (per view) context distances at every position (the z-units);
-    ``rec_pos_mean`` / ``rec_pos_std`` ``(L,)`` and ``ctx_pos_mean`` / ``ctx_pos_std`` ``(V, L)``, the same of the
-    distances under each position's own covariance (the image score's; empty in checkpoints saved before it,
-    whose image score is the map's maximum). ``statistics`` holds each view's context-residual Gaussian
+    ``rec_mean`` / ``rec_std`` and ``ctx_mean`` / ``ctx_std`` ``(L,)``, the training images' per-position mean
+    and standard deviation of the reconstruction and context distances (the z-units); ``rec_pos_mean`` /
+    ``rec_pos_std`` and ``ctx_pos_mean`` / ``ctx_pos_std`` ``(L,)``, the same of the distances under each
+    position's own covariance (the image score's; empty in checkpoints saved before it, whose image score is
+    the map's maximum). ``statistics`` holds the context residuals' Gaussian
     (:class:`~.residual_statistics.ResidualStatistics`, ``"blend"``).
 
     Args:
         channels: token channels ``C``.
         radius: see :class:`ContextPredictor`.
         hidden_share: share of each image's tokens hidden from every query at inference (0: none).
-        views: see :class:`ContextPredictor`; with several, a token's context z-score is the smallest of its views'.
     """
 
     POSITION_UNITS = ("rec_pos_mean", "rec_pos_std", "ctx_pos_mean", "ctx_pos_std")
     UNITS = ("rec_mean", "rec_std", "ctx_mean", "ctx_std", *POSITION_UNITS)
-    VIEW_UNITS = ("ctx_mean", "ctx_std", "ctx_pos_mean", "ctx_pos_std")
     BUFFERS = ("token_mean", "whitening", *UNITS)
 
-    def __init__(self, channels: int, radius: int = 2, hidden_share: float = 0.05, views: int = 1) -> None:
+    def __init__(self, channels: int, radius: int = 2, hidden_share: float = 0.05) -> None:
         super().__init__()
         self.hidden_share = hidden_share
-        self.predictor = ContextPredictor(channels, radius, views=views)
-        self.statistics = nn.ModuleList(ResidualStatistics("blend") for _ in range(views))
+        self.predictor = ContextPredictor(channels, radius)
+        self.statistics = ResidualStatistics("blend")
         self.register_buffer("token_mean", torch.empty(0))
         self.register_buffer("whitening", torch.empty(0, 0))
         for name in self.UNITS:
@@ -213,7 +156,7 @@ class ContextLevel(nn.Module):
     @property
     def fitted(self) -> bool:
         """Whether the whitening, statistics and z-units have been fitted (or loaded)."""
-        return self.ctx_std.numel() > 0 and all(statistics.fitted for statistics in self.statistics)
+        return self.ctx_std.numel() > 0 and self.statistics.fitted
 
     @property
     def has_position_units(self) -> bool:
@@ -221,17 +164,8 @@ class ContextLevel(nn.Module):
         return self.ctx_pos_std.numel() > 0
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:  # noqa: ANN001
-        """The buffers take the stored shapes (they are empty until a fit). Checkpoints saved with one view
-        before views existed (one ``statistics`` module, ``(L,)`` context units) load as one view; those saved
-        before the image score's z-units load without them."""
-        for name in ("mean", "precision", "position_precision"):
-            old = state_dict.pop(f"{prefix}statistics.{name}", None)
-            if old is not None:
-                state_dict[f"{prefix}statistics.0.{name}"] = old
-        for name in self.VIEW_UNITS:
-            stored = state_dict.get(prefix + name)
-            if stored is not None and stored.dim() == 1 and stored.numel():
-                state_dict[prefix + name] = stored[None]
+        """The buffers take the stored shapes (they are empty until a fit); a checkpoint saved before the image
+        score's z-units loads without them."""
         adopt_stored_shapes(self, state_dict, prefix, self.BUFFERS)
         before = set(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
@@ -250,8 +184,8 @@ class ContextLevel(nn.Module):
         rec_position: torch.Tensor | None = None,
         ctx_position: torch.Tensor | None = None,
     ) -> None:
-        """Store the z-units from the training images' ``(N, L)`` reconstruction and ``(V, N, L)`` context
-        distances (and, for the image score, the same under each position's own covariance)."""
+        """Store the z-units from the training images' ``(N, L)`` reconstruction and context distances (and, for
+        the image score, the same under each position's own covariance)."""
         self.rec_mean, self.rec_std = _units(rec)
         self.ctx_mean, self.ctx_std = _units(ctx)
         if rec_position is None or ctx_position is None:
@@ -294,28 +228,25 @@ class ContextLevel(nn.Module):
         grid: tuple[int, int],
         rec_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The reconstruction and context distances ``(B, L)`` in z-units (the context's the smallest over the
-        views), from the input tokens ``(B, L, C)`` and their reconstruction distances ``(B, L)``; with
-        ``rec_position`` (the reconstruction distances under each position's own covariance, ``(B, L)``) also the
-        image score's token scores ``(B, L)``: both distances under each position's own covariance in their
-        z-units, added (else None). One predictor pass per view."""
+        """The reconstruction and context distances ``(B, L)`` in z-units, from the input tokens ``(B, L, C)`` and
+        their reconstruction distances ``(B, L)``; with ``rec_position`` (the reconstruction distances under each
+        position's own covariance, ``(B, L)``) also the image score's token scores ``(B, L)``: both distances
+        under each position's own covariance in their z-units, added (else None). One predictor pass."""
         self._check(rec)
         rec_z = (rec - self.rec_mean) / self.rec_std
         whitened = self.whiten(tokens)
-        residuals = whitened[None] - self.predictor.predict_views(whitened, grid, self.hidden(rec_z))
+        residual = whitened - self.predictor(whitened, grid, self.hidden(rec_z))
         if rec_position is None:
-            ctx = torch.stack([statistics(r) for statistics, r in zip(self.statistics, residuals, strict=True)])
-            return rec_z, _smallest_z(ctx, self.ctx_mean, self.ctx_std), None
+            return rec_z, (self.statistics(residual) - self.ctx_mean) / self.ctx_std, None
         if not self.has_position_units:
             msg = "the context score's image z-units are not fitted: refit with Fod.fit_residual_statistics(datamodule)."
             raise RuntimeError(msg)
-        both = [statistics.distances(r, (None, "position")) for statistics, r in zip(self.statistics, residuals,
-                                                                                    strict=True)]
-        ctx_z = _smallest_z(torch.stack([d for d, _ in both]), self.ctx_mean, self.ctx_std)
-        image = (rec_position - self.rec_pos_mean) / self.rec_pos_std + _smallest_z(
-            torch.stack([p for _, p in both]), self.ctx_pos_mean, self.ctx_pos_std
-        )
-        return rec_z, ctx_z, image
+        # the blended distance holds the per-position one: one batched product gives both
+        ctx, ctx_position = self.statistics.distances(residual, (None, "position"))
+        image = (rec_position - self.rec_pos_mean) / self.rec_pos_std + (
+            ctx_position - self.ctx_pos_mean
+        ) / self.ctx_pos_std
+        return rec_z, (ctx - self.ctx_mean) / self.ctx_std, image
 
     def forward(self, tokens: torch.Tensor, rec: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Token scores ``(B, L)`` of the anomaly map: the reconstruction and context z-scores, added."""
@@ -323,14 +254,9 @@ class ContextLevel(nn.Module):
         return rec_z + ctx_z
 
 
-def _smallest_z(distances: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``(V, B, L)`` distances in their views' ``(V, L)`` z-units, the smallest over the views: ``(B, L)``."""
-    return ((distances - mean[:, None]) / std[:, None]).amin(dim=0)
-
-
 def _units(distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position mean and standard deviation (+1e-6) of ``(..., N, L)`` training distances, ``(..., L)`` each."""
-    return distances.mean(dim=-2).float(), distances.std(dim=-2).float() + 1e-6
+    """Per-position mean and standard deviation (+1e-6) of ``(N, L)`` training distances, ``(L,)`` each."""
+    return distances.mean(dim=0).float(), distances.std(dim=0).float() + 1e-6
 
 
 def fit_whitening(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,8 +287,7 @@ def train_predictors(
 
     ``query_share``: share of each level's positions predicted per step, a fresh random subset each step. The
     cost of a step is mostly its queries' attention and feed-forward, so a quarter of them makes a step about
-    3x cheaper and the loss stays an unbiased estimate of the full one. A predictor with several views learns a
-    random view per query and step."""
+    3x cheaper and the loss stays an unbiased estimate of the full one."""
     predictors = [level.predictor for level in levels]
     parameters = [p for predictor in predictors for p in predictor.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=LEARNING_RATE)
@@ -376,16 +301,11 @@ def train_predictors(
             loss = 0.0
             for predictor, t, grid in zip(predictors, tokens, grids, strict=True):
                 batch = t[index].to(device)
-                length = batch.shape[1]
-                queries = None
-                if query_share < 1:
-                    queries = torch.randperm(length, device=device)[: math.ceil(query_share * length)]
-                # with several views, each query reads a random one of them this step
-                views = None if predictor.views == 1 else torch.randint(
-                    predictor.views, (length if queries is None else len(queries),), device=device
-                )
-                target = batch if queries is None else batch[:, queries]
-                loss = loss + F.mse_loss(predictor(batch, grid, queries=queries, views=views), target)
+                if query_share >= 1:
+                    loss = loss + F.mse_loss(predictor(batch, grid), batch)
+                    continue
+                queries = torch.randperm(batch.shape[1], device=device)[: math.ceil(query_share * batch.shape[1])]
+                loss = loss + F.mse_loss(predictor(batch, grid, queries=queries), batch[:, queries])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -321,10 +321,12 @@ def fit_context(
                 level.set_whitening(*fit_whitening(tokens.flatten(0, 1)))
             whitened.append(level.whiten(tokens))
             statistics = generator.statistics[index]
-            rec.append(torch.cat([statistics(r).cpu() for r in _chunks(residuals, device)]))
-            # the image score's units, where the reconstruction statistics hold per-position covariances
-            if statistics.position_precision.numel():
-                rec_position.append(torch.cat([statistics(r, "position").cpu() for r in _chunks(residuals, device)]))
+            # the image score's units too, where the reconstruction statistics hold per-position covariances
+            kinds = (None, "position") if statistics.position_precision.numel() else (None,)
+            parts = [statistics.distances(r, kinds) for r in _chunks(residuals, device)]
+            rec.append(torch.cat([p[0].cpu() for p in parts]))
+            if len(kinds) > 1:
+                rec_position.append(torch.cat([p[1].cpu() for p in parts]))
         kept.tokens, kept.residuals = [], []  # the whitened copies replace them
         steps = model.settings.context_steps if train else 0
 
@@ -337,23 +339,19 @@ def fit_context(
             )
         explained = []
         for index, (level, tokens, grid, distances) in enumerate(zip(levels, whitened, kept.grids, rec, strict=True)):
-            context, context_position, unexplained = [], [], 0.0
-            for view, statistics in enumerate(level.statistics):  # one view's residuals at a time: memory
-                residuals = [t - level.predictor.predict_view(t, grid, view) for t in _chunks(tokens, device)]
-                if train:
-                    accumulator = ResidualAccumulator(per_position=True)
-                    for residual in residuals:
-                        accumulator.add(residual)
-                    statistics.set(*accumulator.finish())
-                context.append(torch.cat([statistics(r).cpu() for r in residuals]))
-                if rec_position:
-                    context_position.append(torch.cat([statistics(r, "position").cpu() for r in residuals]))
-                unexplained += float(sum(r.square().sum() for r in residuals))
-            if rec_position:
-                level.set_units(distances, torch.stack(context), rec_position[index], torch.stack(context_position))
+            residuals = [t - level.predictor(t, grid) for t in _chunks(tokens, device)]
+            if train:
+                accumulator = ResidualAccumulator(per_position=True)
+                for residual in residuals:
+                    accumulator.add(residual)
+                level.statistics.set(*accumulator.finish())
+            if rec_position:  # both distances from one per-position product
+                parts = [level.statistics.distances(r, (None, "position")) for r in residuals]
+                context = torch.cat([blend.cpu() for blend, _ in parts])
+                level.set_units(distances, context, rec_position[index], torch.cat([p.cpu() for _, p in parts]))
             else:
-                level.set_units(distances, torch.stack(context))
-            explained.append(1 - unexplained / len(level.statistics) / float(tokens.square().sum()))
+                level.set_units(distances, torch.cat([level.statistics(r).cpu() for r in residuals]))
+            explained.append(1 - float(sum(r.square().sum() for r in residuals) / tokens.square().sum()))
     finally:
         model.train(was_training)
     logger.info(

@@ -176,8 +176,6 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         context_hidden_share: share of each image's most unusual tokens hidden from every prediction.
         context_query_share: share of each level's positions the predictors learn per training step (a fresh
             random subset; about 3x cheaper steps at a quarter); inference predicts every position.
-        context_views: 1 (each token predicted from all of its context) or 4 (from each half-plane apart, the
-            smallest of the four context scores kept: a defect does not raise its neighbours' scores).
         **kwargs: ``backbone`` (default ``"tf_efficientnet_lite0"``; the paper uses
             ``"wide_resnet50_2"``, see ``configs/fod_paper.yaml``), ``layers`` (two feature layers;
             ``None`` picks the stride-8 and stride-16 stages: WideResNet50 layer2, layer3;
@@ -231,7 +229,6 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         context_radius: int = 2,
         context_hidden_share: float = 0.05,
         context_query_share: float = 0.25,
-        context_views: int = 1,
         **kwargs: Any,  # noqa: ANN401 - OfflineBackboneModule's arguments
     ) -> None:
         super().__init__(learning_rate=learning_rate, **kwargs)

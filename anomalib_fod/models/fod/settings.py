@@ -26,8 +26,6 @@ FeedForwardMode = Literal["mlp", "dwconv_median"]
 
 # Field metadata of the settings that change parameter or buffer shapes.
 _SHAPES = {"architecture": True}
-# A context predictor reads all of a token's context, or each of its four half-planes apart (context.py).
-CONTEXT_VIEWS = (1, 4)
 
 
 @dataclass(frozen=True)
@@ -89,10 +87,6 @@ class FodSettings:
         context_query_share: share of each level's positions the context predictors learn to predict per
             training step (a fresh random subset each step; 1: all). A quarter makes a step about 3x cheaper at
             256 px; inference always predicts every position.
-        context_views: 1: each token is predicted from every token beyond ``context_radius``; 4: from each of the
-            four half-planes (left, right, above, below) apart, each view with its own statistics, and the token's
-            context score is the smallest of the four: a defect cannot raise the scores of the normal tokens
-            beside it (one side of them does not hold it). Inference runs the predictor once per view.
     """
 
     backbone: str = field(default="tf_efficientnet_lite0", metadata=_SHAPES)
@@ -126,7 +120,6 @@ class FodSettings:
     context_radius: int = 2
     context_hidden_share: float = 0.05
     context_query_share: float = 0.25
-    context_views: int = field(default=1, metadata=_SHAPES)
 
     def __post_init__(self) -> None:
         # YAML and jsonargparse give lists; tuples keep the object hashable and comparable.
@@ -162,9 +155,6 @@ class FodSettings:
                 f"{self.context_hidden_share}, {self.context_query_share}."
             )
             raise ValueError(msg)
-        if self.context_views not in CONTEXT_VIEWS:
-            msg = f"context_views must be one of {CONTEXT_VIEWS}, got {self.context_views!r}."
-            raise ValueError(msg)
         if self.context_score and (self.reconstruction_term != "mahalanobis" or self.scoring != "rec"):
             msg = (
                 "context_score adds to the whitened residual: it needs reconstruction_term='mahalanobis' and "
@@ -176,10 +166,7 @@ class FodSettings:
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> FodSettings:
         """The settings among ``hparams`` (a model's saved hyper-parameters); others are ignored."""
-        values = {f.name: hparams[f.name] for f in fields(cls) if f.name in hparams}
-        if values.get("context_score") and "context_views" not in values:
-            values["context_views"] = 1  # saved before views existed: its predictor reads the whole context
-        return cls(**values)
+        return cls(**{f.name: hparams[f.name] for f in fields(cls) if f.name in hparams})
 
     @classmethod
     def architecture_names(cls) -> tuple[str, ...]:
