@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,21 @@ def assert_budget_is_the_boundary(monkeypatch, budget: str, needed: int, start, 
     monkeypatch.setattr(callbacks, budget, needed - 1)
     with pytest.raises(ValueError, match=match):
         start()
+
+
+@contextlib.contextmanager
+def counted_position_products() -> Iterator[list[torch.Size]]:
+    """Within the block, the shapes of every per-position Mahalanobis product (``ResidualStatistics``'s batched
+    ``(L, B, C) @ (L, C, C)``) the scoring computes."""
+    from anomalib_fod.models.fod.residual_statistics import ResidualStatistics  # noqa: PLC0415
+
+    calls: list[torch.Size] = []
+    original = ResidualStatistics._position_distance
+
+    def counted(self: ResidualStatistics, centred: torch.Tensor) -> torch.Tensor:
+        calls.append(centred.shape)
+        return original(self, centred)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ResidualStatistics, "_position_distance", counted)
+        yield calls

@@ -11,9 +11,9 @@ import torch
 from anomalib_fod import Fod
 from anomalib_fod.models.fod.context import ContextLevel, ContextPredictor, fit_whitening, train_predictors
 from anomalib_fod.models.fod.fitting import KeptLevels, fit_context, fit_statistics
-from anomalib_fod.models.fod.residual_statistics import SHRINKAGE, ResidualStatistics
+from anomalib_fod.models.fod.residual_statistics import SHRINKAGE
 
-from fod_helpers import TINY, assert_budget_is_the_boundary
+from fod_helpers import TINY, assert_budget_is_the_boundary, counted_position_products
 
 SIZE = 96  # the coarsest grid (stride 16) is 6x6: the smallest that leaves radius 2 something to read
 
@@ -180,20 +180,12 @@ def _position_distance(residual: torch.Tensor, mean: torch.Tensor, precision: to
     return torch.einsum("blc,lcd,bld->bl", centred, precision, centred).clamp_min(0).sqrt()
 
 
-def test_the_image_score_sums_both_distances_under_each_positions_own_covariance(monkeypatch) -> None:  # noqa: ANN001
+def test_the_image_score_sums_both_distances_under_each_positions_own_covariance() -> None:
     model, features = fitted_model()
     generator = model.model.anomaly_map_generator
-    calls = []
-    original = ResidualStatistics._position_distance
-
-    def counted(self: ResidualStatistics, centred: torch.Tensor) -> torch.Tensor:
-        calls.append(centred.shape)
-        return original(self, centred)
-
     with torch.no_grad():
-        monkeypatch.setattr(ResidualStatistics, "_position_distance", counted)
-        output = model.model.forward_features(features, (SIZE, SIZE))
-        monkeypatch.undo()
+        with counted_position_products() as calls:
+            output = model.model.forward_features(features, (SIZE, SIZE))
         # per level one per-position product for the reconstruction, one for the context: map and score share them
         assert len(calls) == 2 * len(generator.context)
         run = model.model.run_levels(features)

@@ -12,7 +12,7 @@ from anomalib_fod import Fod
 from anomalib_fod.models.fod.fitting import fit_statistics, iterate_pooled_features
 from anomalib_fod.models.fod.residual_statistics import SHRINKAGE, ResidualStatistics
 
-from fod_helpers import TINY, assert_budget_is_the_boundary, fit_and_run
+from fod_helpers import TINY, assert_budget_is_the_boundary, counted_position_products, fit_and_run
 
 
 def tiny_model(**settings) -> Fod:  # noqa: ANN003
@@ -220,15 +220,7 @@ def test_the_image_score_is_the_maximum_of_the_per_position_map(covariance: str)
     torch.testing.assert_close(result.anomaly_map, expected_map, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(result.pred_score, expected_score, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(result.pred_score, map_maximum, rtol=1e-3)  # really another score than the map's
-    calls = []
-    original = ResidualStatistics._position_distance
-
-    def counted(self: ResidualStatistics, centred: torch.Tensor) -> torch.Tensor:
-        calls.append(centred.shape)
-        return original(self, centred)
-
-    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
-        patch.setattr(ResidualStatistics, "_position_distance", counted)
+    with counted_position_products() as calls, torch.no_grad():
         again = fod.forward_features(features, (64, 64))
     torch.testing.assert_close(again.pred_score, result.pred_score)
     assert len(calls) == len(run.grids)  # the per-position product once per level, for the map and the score

@@ -183,12 +183,24 @@ class AnomalyMapGenerator(nn.Module):
         covariance: ResidualCovariance | None = None,
     ) -> torch.Tensor:
         """Score of every token of level ``level``, ``(B, L)`` (``covariance``: see :meth:`reconstruction_score`)."""
-        if self.scoring == "rec":
-            return self.reconstruction_score(tokens, output, level, covariance)
-        div = self.divergence_score(output)
+        return self.token_scores_under(tokens, output, level, (covariance,))[0]
+
+    def token_scores_under(
+        self,
+        tokens: torch.Tensor,
+        output: LevelOutput,
+        level: int,
+        covariances: Sequence[ResidualCovariance | None],
+    ) -> list[torch.Tensor]:
+        """:meth:`token_scores` under each of ``covariances``, ``(B, L)`` each, from one pass of the Mahalanobis
+        distance (the blended distance holds the per-position one)."""
         if self.scoring == "div":
-            return div
-        return self.reconstruction_score(tokens, output, level, covariance) * div
+            return [self.divergence_score(output)] * len(covariances)
+        rec = self.reconstruction_scores(tokens, output, level, covariances)
+        if self.scoring == "rec":
+            return rec
+        div = self.divergence_score(output)
+        return [score * div for score in rec]
 
     def reconstruction_score(
         self,
@@ -201,9 +213,20 @@ class AnomalyMapGenerator(nn.Module):
 
         ``covariance``: the Mahalanobis distance's covariance (default: ``residual_covariance``).
         """
+        return self.reconstruction_scores(tokens, output, level, (covariance,))[0]
+
+    def reconstruction_scores(
+        self,
+        tokens: torch.Tensor,
+        output: LevelOutput,
+        level: int,
+        covariances: Sequence[ResidualCovariance | None],
+    ) -> list[torch.Tensor]:
+        """:meth:`reconstruction_score` under each of ``covariances`` (one pass of the Mahalanobis distance)."""
         if self.reconstruction_term == "mahalanobis":
-            return self.statistics[level](tokens.float() - output.reconstruction.float(), covariance)
-        return reconstruction_score(tokens, output.reconstruction, self.reconstruction_term)
+            residual = tokens.float() - output.reconstruction.float()
+            return self.statistics[level].distances(residual, covariances)
+        return [reconstruction_score(tokens, output.reconstruction, self.reconstruction_term)] * len(covariances)
 
     def level_scores(
         self,
@@ -216,7 +239,7 @@ class AnomalyMapGenerator(nn.Module):
         (one context-predictor pass per level gives all three)."""
         pairs = list(enumerate(zip(tokens, outputs, strict=True)))
         if self.image_from_position:
-            both = [self._scores_and_position(t, o, i) for i, (t, o) in pairs]
+            both = [self.token_scores_under(t, o, i, (None, "position")) for i, (t, o) in pairs]
             scores, position = [s for s, _ in both], [p for _, p in both]
         else:
             scores, position = [self.token_scores(t, o, i) for i, (t, o) in pairs], None
@@ -231,18 +254,6 @@ class AnomalyMapGenerator(nn.Module):
             None if position is None else [image for *_, image in parts],
             [ctx_z for _, ctx_z, _ in parts],
         )
-
-    def _scores_and_position(
-        self, tokens: torch.Tensor, output: LevelOutput, level: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Level ``level``'s token scores ``(B, L)`` under ``residual_covariance`` and under each position's own
-        covariance, from one pass of the Mahalanobis distance (the blended distance holds the per-position one)."""
-        residual = tokens.float() - output.reconstruction.float()
-        scores, position = self.statistics[level].distances(residual, (None, "position"))
-        if self.scoring == "rec_div":
-            divergence = self.divergence_score(output)
-            return scores * divergence, position * divergence
-        return scores, position
 
     def combine(
         self, scores: LevelScores, grids: list[tuple[int, int]], image_size: tuple[int, int]
