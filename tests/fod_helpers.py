@@ -55,14 +55,14 @@ def make_datamodule(root: Path, category: str, train_batch_size: int, eval_batch
     )
 
 
-def make_engine(root: Path, max_epochs: int = 1, **kwargs):
+def make_engine(root: Path, max_epochs: int = 1, accelerator: str = "cpu", **kwargs):
     from anomalib.engine import Engine
 
     return Engine(
         default_root_dir=root,
         logger=False,
         max_epochs=max_epochs,
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         enable_progress_bar=False,
         enable_model_summary=False,
