@@ -14,6 +14,9 @@ Rows per step (step 0: the untrained predictor, i.e. the learning gain's referen
 - ``sum_z``: both in the training images' per-position z-units, added;
 - ``sum_g``: both in the level's z-units (one mean and std over every training token of the level), added;
 - ``min_z``: the smaller of the two per-position z-scores (both views must call the token unusual);
+- ``lsq_blend``: the distance of ``x - B p``, the prediction ``p`` mapped by least squares onto the training tokens
+  (so a predictor that explains nothing leaves the input features' distance); with ``--hide-outliers`` also
+  ``lsq_blend_hidden`` and ``lsq_hidden_fodimage``;
 - with ``--hide-outliers``, ``ctx_blend_hidden`` / ``sum_z_hidden`` / ``sum_g_hidden`` / ``min_z_hidden`` /
   ``min_g_hidden``: the same, with each test image's most unusual
   tokens (``--hide-share`` of them, by their own whitened distance) hidden from every query, so that a defect does
@@ -139,6 +142,23 @@ class Distance:
     def g(self, samples: torch.Tensor) -> torch.Tensor:
         """In the level's units: one mean and std over every training token (no per-position noise)."""
         return (self(samples) - self.g_mean) / self.g_std
+
+
+class PredictionCalibration:
+    """``x - B p``: the least-squares map ``B`` of ``(N, L, C)`` predictions ``p`` onto the tokens ``x``, pooled over
+    positions and fitted on the training tokens (ridge 1e-3 of the predictions' mean variance)."""
+
+    def __init__(self, tokens: torch.Tensor, predictions: torch.Tensor) -> None:
+        x, p = tokens.flatten(0, 1).double(), predictions.flatten(0, 1).double()
+        x, p = x - x.mean(dim=0), p - p.mean(dim=0)
+        pp, xp = p.T @ p / len(p), x.T @ p / len(p)
+        ridge = 1e-3 * pp.trace() / pp.shape[0]
+        self.map = torch.linalg.solve(pp + ridge * torch.eye(pp.shape[0], dtype=pp.dtype), xp.T).T.float()
+        # The share of the tokens' variance the calibrated prediction explains (0: it uses nothing of it).
+        self.used = float(1 - (x - p @ self.map.double().T).square().sum() / x.square().sum())
+
+    def residual(self, tokens: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
+        return tokens - predictions @ self.map.T
 
 
 @torch.no_grad()
@@ -294,6 +314,15 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
         min_z = [torch.minimum(fz, cz) for fz, cz in zip(feat_z, ctx_z, strict=True)]
         outputs = [("feat_blend", feat_scores), ("ctx_blend", ctx_scores), ("sum_z", sum_z), ("sum_g", sum_g),
                    ("min_z", min_z)]
+        # The prediction taken only as far as it explains the training tokens: a least-squares map of the prediction
+        # onto the token, fitted on the training tokens, so that a predictor that knows nothing leaves the token's
+        # own deviation (the input features' distance) and one that knows a direction removes what it knows there.
+        calibrations = [PredictionCalibration(t, t - r) for t, r in zip(train_tokens, train_residual, strict=True)]
+        lsq_distance = [Distance(c.residual(t, t - r)) for c, t, r in zip(calibrations, train_tokens, train_residual,
+                                                                            strict=True)]
+        outputs.append(("lsq_blend", [d(c.residual(t, t - r)) for d, c, t, r in zip(
+            lsq_distance, calibrations, test_tokens, test_residual, strict=True)]))
+        used = [round(c.used, 4) for c in calibrations]
         if args.hide_outliers:
             # A defect must not explain its neighbours: no query reads the image's own most unusual tokens (those
             # above the image's --hide-share quantile of its tokens' whitened distance in z-units). A bound from the
@@ -313,6 +342,9 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
                 feat_z, context_distance, hidden_residual, strict=True)]))
             outputs.append(("min_g_hidden", [torch.minimum(fd.g(t), d.g(r)) for fd, t, d, r in zip(
                 feature_distance, test_tokens, context_distance, hidden_residual, strict=True)]))
+            lsq_hidden = [c.residual(t, t - r) for c, t, r in zip(calibrations, test_tokens, hidden_residual,
+                                                                   strict=True)]
+            outputs.append(("lsq_blend_hidden", [d(r) for d, r in zip(lsq_distance, lsq_hidden, strict=True)]))
             print(f"{name}: hidden test tokens per level {[round(float(h.float().mean()), 4) for h in hidden]}")
             # Fod()'s image rule: the image score from the per-position distances with the levels averaged
             # equally (the map, and so the pixel AUROC, stays the candidate's own).
@@ -325,6 +357,8 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
                 ("sum_z_hidden_fodimage", "sum_z_hidden",
                  [fd.zp(t) + d.zp(r) for fd, t, d, r in zip(feature_distance, test_tokens, context_distance,
                                                            hidden_residual, strict=True)]),
+                ("lsq_hidden_fodimage", "lsq_blend_hidden",
+                 [d.at_position(r) for d, r in zip(lsq_distance, lsq_hidden, strict=True)]),
                 ("min_z_hidden_fodimage", "min_z_hidden",
                  [torch.minimum(fd.zp(t), d.zp(r)) for fd, t, d, r in zip(feature_distance, test_tokens,
                                                                         context_distance, hidden_residual,
@@ -336,7 +370,7 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
             row = metrics(token_scores)
             if image:
                 row["image_auroc"] = image[0]
-            write(step, candidate, {**row, "explained": [round(e, 4) for e in explained]}, seconds)
+            write(step, candidate, {**row, "explained": [round(e, 4) for e in explained], "used": used}, seconds)
         print(f"{name} seed {seed} step {step} ({seconds:.0f} s), explained {explained}", flush=True)
 
 
