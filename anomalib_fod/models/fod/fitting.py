@@ -43,6 +43,9 @@ from .settings import ReferenceMode
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
+    from .residual_statistics import ResidualStatistics
+    from .settings import ResidualCovariance
+
     from .feature_cache import FeatureCache
     from .torch_model import FodModel
 
@@ -301,6 +304,15 @@ def _chunks(tensor: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor
         yield tensor[start : start + CHUNK].to(device)
 
 
+def _distances(
+    statistics: ResidualStatistics, residuals: Iterable[torch.Tensor], kinds: tuple[ResidualCovariance | None, ...]
+) -> list[torch.Tensor]:
+    """The ``(N, L)`` distances of chunked ``(n, L, C)`` residuals under each of ``kinds``, on the CPU (one
+    per-position product per chunk for all of them)."""
+    parts = [statistics.distances(residual, kinds) for residual in residuals]
+    return [torch.cat([part[kind].cpu() for part in parts]) for kind in range(len(kinds))]
+
+
 @torch.no_grad()
 def fit_context(
     model: FodModel, kept: KeptLevels, device: torch.device, progress: bool = True, train: bool = True
@@ -323,10 +335,9 @@ def fit_context(
             statistics = generator.statistics[index]
             # the image score's units too, where the reconstruction statistics hold per-position covariances
             kinds = (None, "position") if statistics.position_precision.numel() else (None,)
-            parts = [statistics.distances(r, kinds) for r in _chunks(residuals, device)]
-            rec.append(torch.cat([p[0].cpu() for p in parts]))
-            if len(kinds) > 1:
-                rec_position.append(torch.cat([p[1].cpu() for p in parts]))
+            blend, *position = _distances(statistics, _chunks(residuals, device), kinds)
+            rec.append(blend)
+            rec_position.extend(position)
         kept.tokens, kept.residuals = [], []  # the whitened copies replace them
         steps = model.settings.context_steps if train else 0
 
@@ -346,11 +357,10 @@ def fit_context(
                     accumulator.add(residual)
                 level.statistics.set(*accumulator.finish())
             if rec_position:  # both distances from one per-position product
-                parts = [level.statistics.distances(r, (None, "position")) for r in residuals]
-                context = torch.cat([blend.cpu() for blend, _ in parts])
-                level.set_units(distances, context, rec_position[index], torch.cat([p.cpu() for _, p in parts]))
+                context, position = _distances(level.statistics, residuals, (None, "position"))
+                level.set_units(distances, context, rec_position[index], position)
             else:
-                level.set_units(distances, torch.cat([level.statistics(r).cpu() for r in residuals]))
+                level.set_units(distances, *_distances(level.statistics, residuals, (None,)))
             explained.append(1 - float(sum(r.square().sum() for r in residuals) / tokens.square().sum()))
     finally:
         model.train(was_training)
