@@ -440,6 +440,44 @@ def report(folders: list[Path], reference: int = 0) -> str:
     return "\n".join([*lines, "", *summary])
 
 
+def _seed_gains(rows_file: Path, reference: int = 0) -> dict[tuple[str, str], list[tuple[float, float]]]:
+    """Per (candidate, dataset): each seed's (image, pixel) AUROC at the file's last step minus at ``reference``."""
+    cells: dict[tuple[str, str, int], dict[int, tuple[float, float]]] = {}
+    for line in rows_file.read_text().splitlines():
+        row = json.loads(line)
+        cells.setdefault((row["candidate"], row["dataset"], row["seed"]), {})[row["step"]] = (
+            row["image_auroc"], row["pixel_auroc"])
+    last = max(step for steps in cells.values() for step in steps)
+    gains: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for (candidate, dataset, _), steps in cells.items():
+        if reference in steps and last in steps:
+            gains.setdefault((candidate, dataset), []).append(
+                (steps[last][0] - steps[reference][0], steps[last][1] - steps[reference][1]))
+    return gains
+
+
+def gain_bound(rows_files: list[Path]) -> str:
+    """Markdown: per dataset, the largest mean learning gain of any candidate in any of ``rows_files``, image and
+    pixel apart. Chosen on test labels, so no label-free choice among these candidates can do better: if the mean
+    of these maxima misses the bar, so does every rule that picks among them."""
+    import statistics  # noqa: PLC0415
+
+    best: dict[str, dict[int, tuple[float, str]]] = {}
+    for rows_file in rows_files:
+        for (candidate, dataset), seeds in _seed_gains(rows_file).items():
+            for k in (0, 1):
+                gain = statistics.mean(g[k] for g in seeds)
+                if gain > best.setdefault(dataset, {}).get(k, (-math.inf, ""))[0]:
+                    best[dataset][k] = (gain, f"`{candidate}` ({rows_file.stem}, n {len(seeds)})")
+    lines = ["| dataset | largest image gain | by | largest pixel gain | by |", "|---|---|---|---|---|"]
+    for dataset in sorted(best):
+        (image, image_by), (pixel, pixel_by) = best[dataset][0], best[dataset][1]
+        lines.append(f"| {dataset} | {image:+.4f} | {image_by} | {pixel:+.4f} | {pixel_by} |")
+    means = [statistics.mean(best[d][k][0] for d in best) for k in (0, 1)]
+    lines += ["", f"Mean over the datasets of the largest gains: {means[0]:+.4f} image / {means[1]:+.4f} pixel AUROC"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=parse_data, action="append", help="NAME=ROOT:CATEGORY")
@@ -462,9 +500,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gains", type=float, nargs="+", default=[0.9, 1.0, 1.1])
     parser.add_argument("--out", type=Path, help="folder of rows.jsonl (required unless --time-steps or --report)")
     parser.add_argument("--report", type=Path, nargs="+", help="only summarise these run folders (Markdown)")
+    parser.add_argument("--bound", type=Path, nargs="+",
+                        help="only the largest learning gain per dataset over every candidate of these rows files")
     args = parser.parse_args(argv)
     if args.report:
         print(report(args.report))
+        return 0
+    if args.bound:
+        print(gain_bound(args.bound))
         return 0
     if args.time_steps:
         torch.set_num_threads(1)

@@ -52,3 +52,23 @@ def test_the_report_gives_each_seeds_gain_over_its_own_reference(tmp_path) -> No
     text = report([tmp_path])
     assert "+0.0400 (min +0.0200, n 2) / +0.0000" in text  # (0.06 + 0.02) / 2, not a difference of means
     assert "`c`: mean learning gain +0.0400 image / +0.0000 pixel AUROC; lowest dataset +0.0400 / +0.0000" in text
+
+
+def test_the_bound_takes_each_datasets_largest_gain_over_files_and_candidates(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from screen_context import gain_bound
+
+    def rows(candidate: str, dataset: str, last: int, image: tuple[float, float], pixel: tuple[float, float]) -> str:
+        return "".join(json.dumps({"candidate": candidate, "dataset": dataset, "seed": 0, "step": step,
+                                   "image_auroc": i, "pixel_auroc": p}) + "\n"
+                       for step, i, p in ((0, image[0], pixel[0]), (last, image[1], pixel[1])))
+
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text(rows("x", "a", 500, (0.8, 0.9), (0.90, 0.91)) + rows("y", "a", 500, (0.8, 0.8), (0.90, 0.93))
+                     + rows("x", "b", 500, (0.9, 0.88), (0.95, 0.94)))
+    second.write_text(rows("z", "b", 1000, (0.9, 0.9), (0.95, 0.96)))
+    text = gain_bound([first, second])
+    assert "| a | +0.1000 | `x` (first, n 1) | +0.0300 | `y` (first, n 1) |" in text
+    assert "| b | +0.0000 | `z` (second, n 1) | +0.0100 | `z` (second, n 1) |" in text
+    assert "+0.0500 image / +0.0200 pixel AUROC" in text
