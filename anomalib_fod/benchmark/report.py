@@ -200,7 +200,9 @@ def chart(path: Path, summary: Sequence[dict[str, Any]]) -> None:
                     errors.append(entry.get(f"{key}_std", 0.0))
             yerr = errors if any(errors) else None
             axis.bar(xs, ys, width, yerr=yerr, label=model, color=colours[model], capsize=2)
-        axis.set_xticks(range(len(datasets)), datasets)
+        # Dataset names longer than a group of bars would run into each other: slant them.
+        slant = max(map(len, datasets), default=0) > 10  # noqa: PLR2004
+        axis.set_xticks(range(len(datasets)), datasets, rotation=20 if slant else 0, ha="right" if slant else "center")
         low = min((lookup[k].get(key) or 1.0) for k in lookup)
         axis.set_ylim(0.0 if low < 0.55 else 0.5, 1.0)  # noqa: PLR2004 - show chance level when it matters
         axis.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
