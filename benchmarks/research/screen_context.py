@@ -395,20 +395,39 @@ def step_seconds(grids: list[tuple[int, int]], channels: tuple[int, ...], radius
     return sorted(times[1:])[repeats // 2]
 
 
+def _read_runs(rows_files: list[Path]) -> dict[tuple[str, str, int], dict[int, tuple[float, float]]]:
+    """Per (candidate, dataset, seed): the (image, pixel) AUROC at each step of ``rows_files``' rows."""
+    runs: dict[tuple[str, str, int], dict[int, tuple[float, float]]] = {}
+    for rows_file in rows_files:
+        for line in rows_file.read_text().splitlines():
+            row = json.loads(line)
+            runs.setdefault((row["candidate"], row["dataset"], row["seed"]), {})[row["step"]] = (
+                row["image_auroc"], row["pixel_auroc"])
+    return runs
+
+
+def _seed_gains(runs: dict[tuple[str, str, int], dict[int, tuple[float, float]]], last: int,
+                reference: int = 0) -> dict[tuple[str, str], list[tuple[float, float]]]:
+    """Per (candidate, dataset): each seed's (image, pixel) AUROC at step ``last`` minus at ``reference``, for the
+    seeds that reached both."""
+    gains: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for (candidate, dataset, _), by_step in runs.items():
+        if reference in by_step and last in by_step:
+            gains.setdefault((candidate, dataset), []).append(
+                (by_step[last][0] - by_step[reference][0], by_step[last][1] - by_step[reference][1]))
+    return gains
+
+
 def report(folders: list[Path], reference: int = 0) -> str:
     """Markdown: per candidate and dataset, AUROC at every step (mean ± std over seeds) and the learning gain (the
     last step minus ``reference`` of the same seed), then each candidate's mean gain and lowest dataset."""
     import statistics  # noqa: PLC0415
 
-    cells: dict[tuple[str, str, int], dict[int, tuple[float, float]]] = {}
-    for folder in folders:
-        for line in (folder / "rows.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            cells.setdefault((row["candidate"], row["dataset"], row["step"]), {})[row["seed"]] = (
-                row["image_auroc"], row["pixel_auroc"])
-    datasets = sorted({d for _, d, _ in cells})
-    steps = sorted({s for _, _, s in cells})
-    candidates = list(dict.fromkeys(c for c, _, _ in cells))
+    runs = _read_runs([folder / "rows.jsonl" for folder in folders])
+    datasets = sorted({d for _, d, _ in runs})
+    steps = sorted({step for by_step in runs.values() for step in by_step})
+    candidates = list(dict.fromkeys(c for c, _, _ in runs))
+    gains_of = _seed_gains(runs, steps[-1], reference)
 
     def spread(values: list[float]) -> str:
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f}"
@@ -419,17 +438,17 @@ def report(folders: list[Path], reference: int = 0) -> str:
         for step in steps:
             parts = []
             for dataset in datasets:
-                seeds = cells.get((candidate, dataset, step), {})
-                parts.append(" / ".join(spread([v[k] for v in seeds.values()]) for k in (0, 1)) if seeds else "-")
+                seeds = [by_step[step] for (c, d, _), by_step in runs.items()
+                         if c == candidate and d == dataset and step in by_step]
+                parts.append(" / ".join(spread([v[k] for v in seeds]) for k in (0, 1)) if seeds else "-")
             lines.append(f"| `{candidate}` | {step} | " + " | ".join(parts) + " |")
         gains, parts = [], []
         for dataset in datasets:
-            last, first = cells.get((candidate, dataset, steps[-1]), {}), cells.get((candidate, dataset, reference), {})
-            seeds = sorted(set(last) & set(first))
+            seeds = gains_of.get((candidate, dataset))
             if not seeds:
                 parts.append("-")
                 continue
-            gain = [[last[s][k] - first[s][k] for s in seeds] for k in (0, 1)]
+            gain = [[g[k] for g in seeds] for k in (0, 1)]
             gains.append([statistics.mean(g) for g in gain])
             parts.append(" / ".join(f"{statistics.mean(g):+.4f} (min {min(g):+.4f}, n {len(g)})" for g in gain))
         lines.append(f"| learning gain of `{candidate}` | {steps[-1]} - {reference} | " + " | ".join(parts) + " |")
@@ -440,22 +459,6 @@ def report(folders: list[Path], reference: int = 0) -> str:
     return "\n".join([*lines, "", *summary])
 
 
-def _seed_gains(rows_file: Path, reference: int = 0) -> dict[tuple[str, str], list[tuple[float, float]]]:
-    """Per (candidate, dataset): each seed's (image, pixel) AUROC at the file's last step minus at ``reference``."""
-    cells: dict[tuple[str, str, int], dict[int, tuple[float, float]]] = {}
-    for line in rows_file.read_text().splitlines():
-        row = json.loads(line)
-        cells.setdefault((row["candidate"], row["dataset"], row["seed"]), {})[row["step"]] = (
-            row["image_auroc"], row["pixel_auroc"])
-    last = max(step for steps in cells.values() for step in steps)
-    gains: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for (candidate, dataset, _), steps in cells.items():
-        if reference in steps and last in steps:
-            gains.setdefault((candidate, dataset), []).append(
-                (steps[last][0] - steps[reference][0], steps[last][1] - steps[reference][1]))
-    return gains
-
-
 def gain_bound(rows_files: list[Path]) -> str:
     """Markdown: per dataset, the largest mean learning gain of any candidate in any of ``rows_files``, image and
     pixel apart. Chosen on test labels, so no label-free choice among these candidates can do better: if the mean
@@ -464,7 +467,8 @@ def gain_bound(rows_files: list[Path]) -> str:
 
     best: dict[str, dict[int, tuple[float, str]]] = {}
     for rows_file in rows_files:
-        for (candidate, dataset), seeds in _seed_gains(rows_file).items():
+        runs = _read_runs([rows_file])  # each file's own last step: the screens ran to different step counts
+        for (candidate, dataset), seeds in _seed_gains(runs, max(max(by_step) for by_step in runs.values())).items():
             for k in (0, 1):
                 gain = statistics.mean(g[k] for g in seeds)
                 if gain > best.setdefault(dataset, {}).get(k, (-math.inf, ""))[0]:
