@@ -15,7 +15,8 @@ from results_chart import main, summary_of  # noqa: E402
 
 def write_rows(path: Path) -> None:
     rows = [
-        {"dataset": dataset, "model": model, "seed": seed, "image_auroc": image, "pixel_auroc": 0.9, "fit_s": 10.0 * seed}
+        {"dataset": dataset, "model": model, "seed": seed, "image_auroc": image, "pixel_auroc": 0.9,
+         "fit_s": 10.0 * seed}
         for dataset in ("a", "b")
         for model, seed, image in (("X", 0, 0.8), ("X", 1, 0.9), ("Y", 0, 0.7), ("Z", 0, 0.5))
     ]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fod_helpers import EVAL_BATCH, TINY, TRAIN_BATCH, make_datamodule, make_engine
+from fod_helpers import DUMMY_SIZE, EVAL_BATCH, TINY, TRAIN_BATCH, make_datamodule, make_engine
 from PIL import Image
 
 from anomalib_fod import Fod
@@ -36,15 +36,16 @@ def fitted(root: Path, category: str, work: Path, **settings) -> Fod:  # noqa: A
     from lightning.pytorch import seed_everything
 
     seed_everything(0, workers=True)
-    size = np.asarray(Image.open(next((root / category / "train").rglob("*.png")))).shape[:2]
-    model = Fod(pre_processor=Fod.configure_pre_processor(size), visualizer=False, training_steps=3, **TINY,
-                **settings)
+    model = Fod(pre_processor=Fod.configure_pre_processor((DUMMY_SIZE, DUMMY_SIZE)), visualizer=False, training_steps=3,
+                **TINY, **settings)
     make_engine(work, max_epochs=10).fit(model, datamodule=make_datamodule(root, category, TRAIN_BATCH, EVAL_BATCH))
     return model
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("settings", [{}, {"context_score": True, "context_steps": 10, "context_radius": 1}], ids=["default", "context"])
+@pytest.mark.parametrize(
+    "settings", [{}, {"context_score": True, "context_steps": 10, "context_radius": 1}], ids=["default", "context"],
+)
 def test_a_model_fitted_beside_a_poisoned_test_split_is_the_same_model(
     dummy_dataset: Path, tmp_path: Path, settings: dict,
 ) -> None:
