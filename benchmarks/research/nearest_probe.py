@@ -91,9 +91,9 @@ def held_out_moments(
     levels = range(len(plain["tokens"]))
     values: list[dict[str, list[torch.Tensor]]] = [{"blend": [], "position": [], "knn": []} for _ in levels]
     for fit, held in (folds, folds[::-1]):
-        stats = Statistics([torch.cat([g["tokens"][i][fit] for g in gained]) for i in levels])
-        knn = NearestToken([torch.cat([g["tokens"][i][fit] for g in gained]) for i in levels], bank // 2, seed, True,
-                           coreset)
+        fit_tokens = [torch.cat([g["tokens"][i][fit] for g in gained]) for i in levels]
+        stats = Statistics(fit_tokens)
+        knn = NearestToken(fit_tokens, bank // 2, seed, True, coreset)
         held_tokens = [plain["tokens"][i][held] for i in levels]
         for i, distance in enumerate(knn(held_tokens)):
             own = stats.distances(held_tokens, i)
@@ -107,20 +107,24 @@ def held_out_moments(
 def run_one(args: argparse.Namespace, name: str, root: Path, category: str) -> list[dict[str, Any]]:
     """Every seed's rows of one dataset; the features are extracted once (a frozen backbone: no seed changes them)."""
     probe = FeatureProbe(args, root, category)
+    # The Gaussian and its test distances do not depend on the seed either: fitted once for every seed.
+    train_levels = [torch.cat([g["tokens"][i] for g in probe.gained]) for i in range(len(probe.grids))]
+    stats = Statistics(train_levels)
+    per_level = [stats.distances(probe.test["tokens"], i) for i in range(len(probe.grids))]
     rows = []
     for seed in args.seeds:
-        rows += score_seed(args, name, probe, seed)
+        rows += score_seed(args, name, probe, train_levels, per_level, seed)
     return rows
 
 
-def score_seed(args: argparse.Namespace, name: str, probe: FeatureProbe, seed: int) -> list[dict[str, Any]]:
+def score_seed(
+    args: argparse.Namespace, name: str, probe: FeatureProbe, train_levels: list[torch.Tensor],
+    per_level: list[dict[str, torch.Tensor]], seed: int,
+) -> list[dict[str, Any]]:
+    """The rows of one seed (the banks and folds it draws), beside the Gaussian's ``per_level`` test distances."""
     start = time.perf_counter()
     gained, plain, test, size, generator, grids = (probe.gained, probe.plain, probe.test, probe.size,
                                                    probe.generator, probe.grids)
-    levels = range(len(grids))
-    train_levels = [torch.cat([g["tokens"][i] for g in gained]) for i in levels]
-    stats = Statistics(train_levels)
-    per_level = [stats.distances(test["tokens"], i) for i in levels]
     knn_white = NearestToken(train_levels, args.bank, seed, whiten=True, coreset=args.coreset)(test["tokens"])
     knn_raw = NearestToken(train_levels, args.bank, seed, whiten=False, coreset=args.coreset)(test["tokens"])
     moments = held_out_moments(gained, plain, probe.count, args.bank, seed, args.coreset)
