@@ -186,6 +186,8 @@ def explain_image(
             parts["rec"] = generator.reconstruction_score(level_tokens, level_output, index)
         if scores.context is not None:
             parts["context"] = scores.context[index]
+        if scores.nearest is not None:
+            parts["nearest"] = scores.nearest[index]
         if generator.scoring != "rec":
             parts["div"] = generator.divergence_score(level_output)
         components.append({k: v[0].reshape(height, width).float().cpu().numpy() for k, v in parts.items()})
@@ -235,6 +237,15 @@ def figure_size(explanation: Explanation, dpi: int = DEFAULT_DPI) -> tuple[int, 
     return round(COLUMNS * PANEL_INCHES * dpi), round(rows * (0.7 * PANEL_INCHES * aspect + 0.5) * dpi)
 
 
+def _second_panel(parts: dict[str, np.ndarray], div_name: str) -> tuple[str, str]:
+    """The key and title of a level's second panel: the score added to the residual's, or the divergence."""
+    if "context" in parts:
+        return "context", "context (z-units)"
+    if "nearest" in parts:
+        return "nearest", "nearest token (z-units)"
+    return "div", div_name
+
+
 def render_explanation(explanation: Explanation, output: str | Path, dpi: int = DEFAULT_DPI) -> Path:
     """Draw the figure and save it as PNG; returns the path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
@@ -277,13 +288,14 @@ def render_explanation(explanation: Explanation, output: str | Path, dpi: int = 
             overlay(axis, explanation.correlations[name], f"{name} (last layer, head mean)")
         else:
             axis.text(0.5, 0.5, f"{name}\n(branch off)", ha="center", va="center", fontsize=8)
-    # With the context score its z-units take the divergence's panel (the score then reads no divergence).
+    # With the context or nearest-token score its z-units take the divergence's panel (the score then reads no
+    # divergence).
     panels = [
         (level, key, title)
         for level, parts in enumerate(explanation.components)
         for key, title in (
             ("rec", "rec score"),
-            ("context", "context (z-units)") if "context" in parts else ("div", explanation.div_name),
+            _second_panel(parts, explanation.div_name),
             ("score", "rec x div"),
         )
     ]

@@ -34,7 +34,9 @@ finer level localise better, so each part of the output takes the rule that meas
 With ``context_score`` each token's score is its whitened residual's distance plus its context residual's
 (``context.py``), both in the training images' z-units; with ``image_score="position"`` the image score follows
 the same rule as without it: the same sum made of the distances under each position's own covariance (in their
-own z-units), levels averaged.
+own z-units), levels averaged. With ``nearest_tokens`` each token's score is its Gaussian distance plus its
+distance to the nearest training token (``nearest.py``), both in held-out z-units; the image score's map makes the
+same sum with the per-position distance.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from anomalib_fod.models.blur import gaussian_blur
 from anomalib_fod.utils import check_choice
 
 from .context import ContextLevel
+from .nearest import NearestLevel
 from .residual_statistics import ResidualStatistics
 from .settings import FodSettings, ImageScore, ReconstructionTerm, ResidualCovariance
 
@@ -84,11 +87,12 @@ def reconstruction_score(
 
 class LevelScores(NamedTuple):
     """Per-level token scores ``(B, L_i)``: of the anomaly map, of the image score's own map (None: the image
-    score is the anomaly map's maximum) and, with the context score, its context z-scores (else None)."""
+    score is the anomaly map's maximum) and, with the context or the nearest-token score, its z-scores (else None)."""
 
     map: list[torch.Tensor]
     image: list[torch.Tensor] | None
     context: list[torch.Tensor] | None
+    nearest: list[torch.Tensor] | None = None
 
 
 def mean_divergence(stats: list[BranchStats]) -> torch.Tensor:
@@ -129,6 +133,7 @@ class AnomalyMapGenerator(nn.Module):
             ContextLevel(c, settings.context_radius, settings.context_hidden_share)
             for c in (channels if settings.context_score else ())
         )
+        self.nearest = nn.ModuleList(NearestLevel() for _ in (settings.d_models if settings.nearest_tokens else ()))
         self.use_scoring(settings)
         self.blur = gaussian_blur(blur_sigma)
 
@@ -159,6 +164,8 @@ class AnomalyMapGenerator(nn.Module):
             return False
         if len(self.context):
             return all(level.has_position_units for level in self.context)
+        if len(self.nearest) and all(level.fitted for level in self.nearest):
+            return all(level.has_position_units for level in self.nearest)
         return self.statistics[0].covariance != "position" or self.map_level_weights is not None
 
     @property
@@ -243,6 +250,13 @@ class AnomalyMapGenerator(nn.Module):
             scores, position = [s for s, _ in both], [p for _, p in both]
         else:
             scores, position = [self.token_scores(t, o, i) for i, (t, o) in pairs], None
+        if len(self.nearest):
+            summed = [
+                nearest.components(t, s, None if position is None else position[i])
+                for nearest, (i, (t, _)), s in zip(self.nearest, pairs, scores, strict=True)
+            ]
+            image = None if position is None else [part[1] for part in summed]
+            return LevelScores([part[0] for part in summed], image, None, [part[2] for part in summed])
         if not len(self.context):
             return LevelScores(scores, position, None)
         parts = [

@@ -128,18 +128,21 @@ class ResidualStatisticsCallback(Callback):
 
     @staticmethod
     def _check_context_memory(trainer: Trainer | None, model: FodModel, grids: list[tuple[int, ...]]) -> None:
-        """The context score's fit keeps three float32 copies of every training token at every gain."""
+        """The context and nearest-token scores' fits keep three float32 copies of every training token at every
+        gain."""
         dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
-        if not len(model.anomaly_map_generator.context) or dataset is None:
+        generator = model.anomaly_map_generator
+        if not (len(generator.context) or len(generator.nearest)) or dataset is None:
             return
+        option = "context_score" if len(generator.context) else "nearest_tokens"
         images = len(dataset) * len(model.settings.intensity_gains)
         channels = model.feature_extractor.channels
         size = 3 * 4 * images * sum(h * w * c for (h, w), c in zip(grids, channels, strict=True))
         if size > CONTEXT_BUDGET_BYTES:
             msg = (
-                f"context_score keeps every training token at every intensity gain while it fits: {images} images "
+                f"{option} keeps every training token at every intensity gain while it fits: {images} images "
                 f"on grids {grids} need {size / 2**30:.1f} GiB of CPU memory. Use fewer training images or "
-                "intensity_gains, a smaller image size, or context_score=False."
+                f"intensity_gains, a smaller image size, or turn {option} off."
             )
             raise ValueError(msg)
 

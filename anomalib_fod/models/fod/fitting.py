@@ -11,6 +11,9 @@
   pass keeps every training token and residual (CPU memory: about twice the pooled features of the training
   images at every gain), then whitens the tokens, trains the context predictors and fits their residual
   statistics and z-units on them (one process only).
+- **Nearest-token score** (``nearest.py``), with the residual statistics when ``nearest_tokens`` is on: the same
+  pass keeps every training token and residual, then draws the banks and measures their z-units on held-out
+  training images (one process only).
 - **Feature cache** (``feature_cache.py``), when training starts: the frozen backbone's pooled
   features of every training image, in one ordered pass.
 
@@ -37,6 +40,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .context import fit_whitening, train_predictors
+from .nearest import fit_nearest
 from .residual_statistics import Reduce, ResidualAccumulator
 from .settings import ReferenceMode
 
@@ -282,16 +286,26 @@ def fit_statistics(
 def fit_residual_statistics(model: FodModel, images: TrainingImages, train_context: bool = True) -> None:
     """Fit the residual statistics on the training images, each seen at every one of the model's
     ``intensity_gains``; with ``context_score``, then the context score on the same tokens (``train_context=False``:
-    only its z-units, which follow the Transformers; the predictor reads the input features alone)."""
-    features = images.features(model, "FOD residual statistics", model.settings.intensity_gains)
-    if not len(model.anomaly_map_generator.context):
+    only its z-units, which follow the Transformers; the predictor reads the input features alone); with
+    ``nearest_tokens``, then the banks and their z-units."""
+    gains = model.settings.intensity_gains
+    features = images.features(model, "FOD residual statistics", gains)
+    generator = model.anomaly_map_generator
+    if not len(generator.context) and not len(generator.nearest):
         fit_statistics(model, features, images.reduce, images.weight)
         return
     if images.reduce is not None:
-        msg = "context_score is fitted on one process: fit it without DDP (devices=1)."
+        option = "context_score" if len(generator.context) else "nearest_tokens"
+        msg = f"{option} is fitted on one process: fit it without DDP (devices=1)."
         raise NotImplementedError(msg)
     kept = KeptLevels([], [], [])
     fit_statistics(model, features, keep=kept)
+    if len(generator.nearest):
+        fit_nearest(
+            generator.nearest, generator.statistics, kept.tokens, kept.residuals, gains,
+            model.settings.nearest_tokens, images.device,
+        )
+        return
     fit_context(model, kept, images.device, images.progress, train=train_context)
 
 

@@ -87,6 +87,10 @@ class FodSettings:
         context_query_share: share of each level's positions the context predictors learn to predict per
             training step (a fresh random subset each step; 1: all). A quarter makes a step about 3x cheaper at
             256 px; inference always predicts every position.
+        nearest_tokens: add the nearest-token score (``nearest.py``): a bank of this many training tokens per
+            level, each token's distance to the nearest of them added to the Gaussian's in held-out z-units
+            (0: off). Needs ``reconstruction_term="mahalanobis"`` and ``scoring="rec"``, not with
+            ``context_score``.
     """
 
     backbone: str = field(default="tf_efficientnet_lite0", metadata=_SHAPES)
@@ -120,6 +124,7 @@ class FodSettings:
     context_radius: int = 2
     context_hidden_share: float = 0.05
     context_query_share: float = 0.25
+    nearest_tokens: int = field(default=0, metadata=_SHAPES)
 
     def __post_init__(self) -> None:
         # YAML and jsonargparse give lists; tuples keep the object hashable and comparable.
@@ -159,6 +164,18 @@ class FodSettings:
             msg = (
                 "context_score adds to the whitened residual: it needs reconstruction_term='mahalanobis' and "
                 f"scoring='rec', got {self.reconstruction_term!r} and {self.scoring!r}."
+            )
+            raise ValueError(msg)
+        if self.nearest_tokens < 0:
+            msg = f"nearest_tokens must be >= 0 (0: off), got {self.nearest_tokens}."
+            raise ValueError(msg)
+        if self.nearest_tokens and (
+            self.reconstruction_term != "mahalanobis" or self.scoring != "rec" or self.context_score
+        ):
+            msg = (
+                "nearest_tokens adds to the whitened residual: it needs reconstruction_term='mahalanobis', "
+                f"scoring='rec' and context_score=False, got {self.reconstruction_term!r}, {self.scoring!r} and "
+                f"{self.context_score}."
             )
             raise ValueError(msg)
         check_choices(self)

@@ -1,0 +1,285 @@
+"""The nearest normal token: each token's distance to the closest of a bank of training tokens, beside the Gaussian.
+
+FOD's default judges a token by a Gaussian of the training images' residuals at its position: one ellipsoid per
+position holds every look a product has there. Where normal images come in several looks (pooled paper types,
+woven textures) a defect can sit between two looks and inside the ellipsoid; where a part is not tied to a
+position the ellipsoid is wide. The distance to the nearest training token (PatchCore's score) keeps the looks
+apart and knows nothing of position, so it errs where the Gaussian does not, and the other way round. With
+``nearest_tokens`` both are added, per level:
+
+- the bank: ``nearest_tokens`` input tokens drawn at random from every training image at every intensity gain,
+  in the tokens' own whitening (so no channel dominates by its scale);
+- the z-units: mean and standard deviation of each distance over held-out training tokens. The training images
+  are split in two folds; each fold's images (as they are) are scored by a Gaussian and a bank fitted on the
+  other fold (at every gain), so a normal image is measured as a test image will be, not in-sample;
+- the anomaly map's token score: the Gaussian's distance (``residual_covariance``) plus the nearest-token
+  distance, each in its z-units; the image score's (``image_score="position"``): the per-position distance plus
+  the nearest-token distance, each in its z-units.
+
+Everything needed at inference is a buffer of :class:`NearestLevel`, so checkpoints and exported graphs carry
+it; the distance is matrix products and a minimum over bank slices, which every exporter handles. The fit is
+:func:`fit_nearest`, fed by ``fitting.fit_residual_statistics``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .context import fit_whitening
+from .residual_statistics import ResidualAccumulator, ResidualStatistics, adopt_stored_shapes
+from .settings import ResidualCovariance
+
+logger = logging.getLogger(__name__)
+
+# Bank rows per slice of the distance: bounds the (B, L, slice) block of squared distances (32 MiB per 256x256
+# image on the stride-8 level); the exported graph holds one product per slice.
+BANK_SLICE = 8192
+# Images per chunk of the fit's passes over kept tokens.
+CHUNK = 32
+# Positions of the z-units (mean, then standard deviation) in ``NearestLevel.units``.
+MAP, NEAREST = 0, 2
+
+
+def nearest_distance(tokens: torch.Tensor, bank: torch.Tensor, bank_squares: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance of every token ``(B, L, C)`` to its nearest bank row ``(K, C)`` (whose squared norms are
+    ``bank_squares`` ``(K,)``), ``(B, L)``: ``|t|^2 - 2 t.b + |b|^2`` minimised slice by slice."""
+    tokens = tokens.float()
+    squares = tokens.square().sum(-1, keepdim=True)
+    best = None
+    for start in range(0, bank.shape[0], BANK_SLICE):
+        rows = slice(start, start + BANK_SLICE)
+        part = (squares - 2 * tokens @ bank[rows].T + bank_squares[rows]).amin(dim=-1)
+        best = part if best is None else torch.minimum(best, part)
+    if best is None:
+        msg = "the nearest-token bank is empty."
+        raise RuntimeError(msg)
+    return best.clamp_min(0.0).sqrt()
+
+
+class NearestLevel(nn.Module):
+    """One level's nearest-token score and the z-units that put it beside the Gaussian.
+
+    Buffers (empty until fitted): ``token_mean`` ``(C,)`` and ``whitening`` ``(C, C)`` of the input tokens;
+    ``bank`` ``(K, C)``, whitened training tokens, and ``bank_squares`` ``(K,)`` their squared norms; ``units``
+    ``(4,)``: mean and standard deviation over held-out training tokens of the anomaly map's Gaussian distance
+    and of the nearest-token distance; ``position_units`` ``(2,)`` the same of the per-position distance (the
+    image score's; empty when the statistics hold no per-position covariances).
+    """
+
+    BUFFERS = ("token_mean", "whitening", "bank", "bank_squares", "units", "position_units")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("token_mean", torch.empty(0))
+        self.register_buffer("whitening", torch.empty(0, 0))
+        self.register_buffer("bank", torch.empty(0, 0))
+        self.register_buffer("bank_squares", torch.empty(0))
+        self.register_buffer("units", torch.empty(0))
+        self.register_buffer("position_units", torch.empty(0))
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the bank and the z-units have been fitted (or loaded)."""
+        return self.bank.numel() > 0 and self.units.numel() > 0
+
+    @property
+    def has_position_units(self) -> bool:
+        """Whether the image score's z-units (of the per-position distance) were fitted."""
+        return self.position_units.numel() > 0
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:  # noqa: ANN001
+        """The buffers take the stored shapes (they are empty until a fit)."""
+        adopt_stored_shapes(self, state_dict, prefix, self.BUFFERS)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+
+    def set_bank(self, mean: torch.Tensor, whitening: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Store the ``(C,)`` mean and ``(C, C)`` whitening, and the bank of ``(K, C)`` raw tokens (whitened here)."""
+        self.token_mean = mean.detach().float()
+        self.whitening = whitening.detach().float()
+        self.bank = self.whiten(tokens)
+        self.bank_squares = self.bank.square().sum(-1)
+
+    def set_units(self, units: torch.Tensor, position_units: torch.Tensor | None = None) -> None:
+        """Store the ``(4,)`` z-units and the ``(2,)`` ones of the per-position distance (see the class)."""
+        self.units = units.detach().float().to(self.bank.device)
+        self.position_units = (
+            self.units.new_empty(0) if position_units is None else position_units.detach().float().to(self.bank.device)
+        )
+
+    def whiten(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(..., C)`` in whitened coordinates."""
+        return (tokens.float() - self.token_mean) @ self.whitening
+
+    def distance(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` distance of the input tokens ``(B, L, C)`` to their nearest bank token, whitened."""
+        if not self.fitted:
+            msg = (
+                "FOD's nearest-token score is not fitted: its bank and z-units are fitted on the training images "
+                "after training. Train the model, or fit them on a trained checkpoint with "
+                "Fod.fit_residual_statistics(datamodule)."
+            )
+            raise RuntimeError(msg)
+        return nearest_distance(self.whiten(tokens), self.bank, self.bank_squares)
+
+    def components(
+        self, tokens: torch.Tensor, distance: torch.Tensor, position: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Token scores ``(B, L)`` of the anomaly map (the Gaussian's ``distance`` ``(B, L)`` plus the nearest-token
+        distance, each in its z-units), of the image score with ``position`` (the per-position distances
+        ``(B, L)``: the same sum made with them; else None), and the nearest-token distance in its z-units."""
+        nearest = self.z(self.distance(tokens), NEAREST)
+        image = None
+        if position is not None:
+            if not self.has_position_units:
+                msg = (
+                    "the nearest-token score's image z-units are not fitted: refit with "
+                    "Fod.fit_residual_statistics(datamodule)."
+                )
+                raise RuntimeError(msg)
+            image = (position - self.position_units[0]) / self.position_units[1] + nearest
+        return self.z(distance, MAP) + nearest, image, nearest
+
+    def forward(
+        self, tokens: torch.Tensor, distance: torch.Tensor, position: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The anomaly map's and the image score's token scores of :meth:`components`."""
+        return self.components(tokens, distance, position)[:2]
+
+    def z(self, values: torch.Tensor, at: int) -> torch.Tensor:
+        """``values`` in the z-units stored at ``at`` of ``units`` (``MAP`` or ``NEAREST``)."""
+        return (values - self.units[at]) / self.units[at + 1]
+
+
+def _moments(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(2,)`` mean and standard deviation (+1e-6) of every value in ``values``."""
+    flat = torch.cat([v.flatten().double() for v in values])
+    return torch.stack((flat.mean(), flat.std() + 1e-6)).float()
+
+
+def _chunks(tensor: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor]:
+    for start in range(0, tensor.shape[0], CHUNK):
+        yield tensor[start : start + CHUNK].to(device)
+
+
+def _draw(tokens: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``size`` rows of ``(M, C)`` drawn without replacement (all of them when there are fewer)."""
+    if tokens.shape[0] <= size:
+        return tokens
+    return tokens[torch.randperm(tokens.shape[0], generator=generator)[:size]]
+
+
+def held_out_units(
+    statistics: ResidualStatistics,
+    tokens: torch.Tensor,
+    residuals: torch.Tensor,
+    images: torch.Tensor,
+    plain: torch.Tensor,
+    size: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``(4,)`` z-units of one level and the ``(2,)`` ones of its per-position distance (None when the statistics
+    hold no per-position covariances; see :class:`NearestLevel`), from held-out training tokens.
+
+    Args:
+        statistics: the level's fitted statistics (their covariance and whether they keep per-position ones).
+        tokens: ``(M, L, C)`` training tokens, every image at every gain; ``residuals`` the same shape.
+        images: ``(M,)`` the training image each row comes from.
+        plain: ``(M,)`` bool, the rows seen as they are (gain 1, or every row when no gain is 1).
+        size: bank size of the final model (each fold's bank holds half of it, as each fold holds half the images).
+        generator: draws the folds and the banks.
+        device: where the distances are computed.
+    """
+    order = torch.unique(images)
+    order = order[torch.randperm(len(order), generator=generator)]
+    folds = (order[0::2], order[1::2])
+    with_position = statistics.position_precision.numel() > 0
+    kinds: tuple[ResidualCovariance | None, ...] = (None, "position") if with_position else (None,)
+    collected: list[list[torch.Tensor]] = [[], [], []]
+    for fit, held in (folds, folds[::-1]):
+        fit_rows = torch.isin(images, fit)
+        held_rows = torch.isin(images, held) & plain
+        fold = ResidualStatistics(statistics.covariance, keep_position=with_position)
+        accumulator = ResidualAccumulator(fold.per_position)
+        for chunk in _chunks(residuals[fit_rows], device):
+            accumulator.add(chunk)
+        fold.set(*accumulator.finish())
+        for chunk in _chunks(residuals[held_rows], device):
+            for index, distance in enumerate(fold.distances(chunk, kinds)):
+                collected[index].append(distance.cpu())
+        fit_tokens = tokens[fit_rows].flatten(0, 1)
+        level = NearestLevel()
+        level.set_bank(*fit_whitening(fit_tokens), _draw(fit_tokens, max(1, size // 2), generator))
+        level.to(device)
+        for chunk in _chunks(tokens[held_rows], device):
+            collected[2].append(nearest_distance(level.whiten(chunk), level.bank, level.bank_squares).cpu())
+    units = torch.cat((_moments(collected[0]), _moments(collected[2])))
+    return units, _moments(collected[1]) if with_position else None
+
+
+def batch_layout(rows: Sequence[int], gains: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M,)`` image index and ``(M,)`` plain-row mask of kept batches of ``rows`` rows each, every batch holding
+    its ``B`` images once per gain, gain by gain (``fitting.iterate_pooled_features``)."""
+    images, plain, offset = [], [], 0
+    unit = [gain == 1 for gain in gains] if any(gain == 1 for gain in gains) else [True] * len(gains)
+    for count in rows:
+        batch, left = divmod(count, len(gains))
+        if left:
+            msg = f"a kept batch of {count} rows does not hold {len(gains)} gains' copies of its images."
+            raise ValueError(msg)
+        images.append(torch.arange(offset, offset + batch).repeat(len(gains)))
+        plain.append(torch.tensor(unit).repeat_interleave(batch))
+        offset += batch
+    return torch.cat(images), torch.cat(plain)
+
+
+@torch.no_grad()
+def fit_nearest(
+    levels: Sequence[NearestLevel],
+    statistics: Sequence[ResidualStatistics],
+    tokens: Sequence[Sequence[torch.Tensor]],
+    residuals: Sequence[Sequence[torch.Tensor]],
+    gains: Sequence[float],
+    size: int,
+    device: torch.device,
+) -> None:
+    """Fit every level's bank and z-units.
+
+    Args:
+        levels: the model's nearest-token levels.
+        statistics: the levels' fitted residual statistics.
+        tokens: per level, the kept batches ``(R, L_i, C_i)`` of input tokens, each batch holding its ``B`` images
+            once per gain (``R = len(gains) * B``, gain by gain); ``residuals`` the same of the residuals.
+        gains: the intensity gains of the kept batches.
+        size: bank size per level.
+        device: where the distances are computed.
+
+    The folds and banks are drawn from the global RNG (seeded runs repeat).
+    """
+    images, plain = batch_layout([batch.shape[0] for batch in tokens[0]], gains)
+    if len(torch.unique(images)) < 2:  # noqa: PLR2004
+        msg = "nearest_tokens needs at least 2 training images: its z-units come from images held out of the fit."
+        raise ValueError(msg)
+    generator = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, ())))
+    for index, (level, stats) in enumerate(zip(levels, statistics, strict=True)):
+        level_tokens, level_residuals = torch.cat(list(tokens[index])), torch.cat(list(residuals[index]))
+        units, position_units = held_out_units(
+            stats, level_tokens, level_residuals, images, plain, size, generator, device
+        )
+        flat = level_tokens.flatten(0, 1)
+        level.set_bank(*fit_whitening(flat), _draw(flat, size, generator))
+        level.to(device)
+        level.set_units(units, position_units)
+    logger.info(
+        "FOD nearest-token score: banks of %s tokens from %d training images; held-out z-units (mean, std) of the "
+        "map's, the nearest and the per-position distance, per level: %s",
+        "/".join(str(level.bank.shape[0]) for level in levels),
+        len(torch.unique(images)),
+        "; ".join(
+            ", ".join(f"{v:.3g}" for v in [*level.units.tolist(), *level.position_units.tolist()]) for level in levels
+        ),
+    )

@@ -1,0 +1,217 @@
+"""The nearest-token score: the exact nearest distance, z-units from images the bank never saw, and a model that
+carries it through checkpoints and exports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anomalib_fod import Fod
+from anomalib_fod.models.fod import nearest as nearest_module
+from anomalib_fod.models.fod.fitting import KeptLevels, fit_statistics, iterate_pooled_features
+from anomalib_fod.models.fod.nearest import (
+    MAP,
+    NEAREST,
+    NearestLevel,
+    batch_layout,
+    fit_nearest,
+    held_out_units,
+    nearest_distance,
+)
+from anomalib_fod.models.fod.residual_statistics import ResidualAccumulator, ResidualStatistics
+
+from fod_helpers import TINY
+
+SIZE = 64
+GAINS = (0.9, 1.0, 1.1)
+
+
+def test_the_distance_is_the_exact_nearest_one_across_bank_slices(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(nearest_module, "BANK_SLICE", 7)  # several slices, the last one short
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.randn(30, 5, generator=generator)
+    tokens = torch.randn(2, 11, 5, generator=generator) * 2
+    tokens[0, 3] = bank[17]  # a token that is in the bank, in the third slice
+    got = nearest_distance(tokens, bank, bank.square().sum(-1))
+    expected = torch.cdist(tokens.flatten(0, 1), bank).amin(dim=1).reshape(2, 11)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+    assert got[0, 3] < 1e-2
+
+
+def test_the_rows_of_kept_batches_map_to_their_images_and_gains() -> None:
+    images, plain = batch_layout([6, 3], GAINS)  # batches of 2 and 1 images, each seen at three gains
+    assert images.tolist() == [0, 1, 0, 1, 0, 1, 2, 2, 2]
+    assert plain.tolist() == [False, False, True, True, False, False, False, True, False]
+    images, plain = batch_layout([4], (0.8, 1.2))  # no gain of 1: every row stands for its image
+    assert images.tolist() == [0, 1, 0, 1] and plain.all()
+    with pytest.raises(ValueError, match="does not hold 3 gains"):
+        batch_layout([4], GAINS)
+
+
+def test_the_z_units_come_from_images_the_bank_and_the_gaussian_never_saw() -> None:
+    """Every image is its own cluster of tokens: scored in-sample, a bank holding every token puts each at distance
+    0 from itself; scored held out, each token is as far from the bank as its image is from the others."""
+    generator = torch.Generator().manual_seed(0)
+    count, positions, channels = 10, 4, 3
+    centres = torch.randn(count, 1, channels, generator=generator) * 10
+    tokens = centres + 0.01 * torch.randn(count, positions, channels, generator=generator)
+    residuals = torch.randn(count, positions, channels, generator=generator)
+    statistics = ResidualStatistics("blend")
+    statistics.set(torch.zeros(positions, channels), torch.eye(channels), torch.eye(channels).repeat(positions, 1, 1))
+    images = torch.arange(count)
+    units, position_units = held_out_units(statistics, tokens, residuals, images, torch.ones(count, dtype=torch.bool),
+                           10_000, generator, torch.device("cpu"))
+    # in-sample a bank holding every token would put each at 0 from itself (noise 0.01 against clusters ~10 apart)
+    assert units[NEAREST] > 0.05
+    # held out, the residuals lie further from a Gaussian than from one fitted on them
+    accumulator = ResidualAccumulator(per_position=True)
+    accumulator.add(residuals)
+    statistics.set(*accumulator.finish())
+    assert units[MAP] > 1.2 * float(statistics(residuals).mean()) and position_units is not None
+
+
+def fitted_model(seed: int = 0, nearest_tokens: int = 300, **settings) -> tuple[Fod, torch.Tensor]:  # noqa: ANN003
+    torch.manual_seed(seed)
+    model = Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=nearest_tokens, **TINY, **settings)
+    images = torch.rand(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    gains = model.model.settings.intensity_gains
+    batches = [images[:3], images[3:6], images[6:]]
+    features = list(iterate_pooled_features(model.model, batches, None, torch.device("cpu"), False, gains=gains))
+    model.model.set_mean_reference([f.mean(0) for f in features[0]])
+    kept = KeptLevels([], [], [])
+    fit_statistics(model.model, features, keep=kept)
+    generator = model.model.anomaly_map_generator
+    fit_nearest(generator.nearest, generator.statistics, kept.tokens, kept.residuals, gains, nearest_tokens,
+                torch.device("cpu"))
+    model.model.eval()
+    return model, images
+
+
+def test_the_score_reads_the_bank_and_survives_a_state_dict(tmp_path) -> None:  # noqa: ANN001
+    model, images = fitted_model()
+    level = model.model.anomaly_map_generator.nearest[0]
+    assert level.fitted and level.has_position_units and level.bank.shape == (300, 40)
+    with torch.no_grad():
+        before = model(images)
+        assert torch.isfinite(before.pred_score).all() and torch.isfinite(before.anomaly_map).all()
+        level.bank.mul_(2.0)  # another bank gives other scores: the score reads it
+        level.bank_squares.mul_(4.0)
+        assert not torch.allclose(model(images).pred_score, before.pred_score)
+        level.bank.div_(2.0)
+        level.bank_squares.div_(4.0)
+    path = tmp_path / "state.pt"
+    torch.save(model.state_dict(), path)
+    reloaded = Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=300, **TINY)
+    reloaded.load_state_dict(torch.load(path))
+    reloaded.eval()
+    with torch.no_grad():
+        after = reloaded(images)
+    torch.testing.assert_close(after.pred_score, before.pred_score)
+    torch.testing.assert_close(after.anomaly_map, before.anomaly_map)
+
+
+def test_a_bank_of_every_training_token_finds_a_training_image_and_not_a_changed_one() -> None:
+    """With a bank larger than the training set, a training image (gain 1) is at distance 0 everywhere; the same
+    image with a patch no training image holds is not."""
+    model, images = fitted_model(nearest_tokens=10**6)
+    level = model.model.anomaly_map_generator.nearest[0]
+    assert level.bank.shape[0] == 8 * len(GAINS) * (SIZE // 8) ** 2  # every token of every image and gain
+    changed = images[:1].clone()
+    changed[..., 16:32, 16:32] = torch.linspace(0, 1, 16)[:, None]
+    with torch.no_grad():
+        tokens = model.model.run_levels(model.model.extract_features(torch.cat([images[:1], changed]))).tokens[0]
+        distance = level.distance(tokens)
+    assert distance[0].amax() < 1e-2 < distance[1].amax()
+
+
+def test_the_explanation_shows_the_nearest_score_the_model_uses(tmp_path) -> None:  # noqa: ANN001
+    import numpy as np
+    from PIL import Image
+
+    from anomalib_fod.explain import explain_image, load_image, render_explanation
+
+    model, _ = fitted_model()
+    path = tmp_path / "image.png"
+    Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(path)
+    explanation = explain_image(model, path)
+    with torch.no_grad():
+        expected = model.model(model.pre_processor.transform(load_image(path)[None]))
+    np.testing.assert_allclose(explanation.anomaly_map, expected.anomaly_map[0, 0].numpy(), rtol=1e-5, atol=1e-5)
+    assert explanation.pred_score == pytest.approx(float(expected.pred_score[0]), rel=1e-5)
+    for parts, level in zip(explanation.components, model.model.anomaly_map_generator.nearest, strict=True):
+        assert set(parts) == {"rec", "nearest", "score"}
+        rec_z = (parts["rec"] - float(level.units[MAP])) / float(level.units[MAP + 1])
+        np.testing.assert_allclose(parts["score"], rec_z + parts["nearest"], rtol=1e-4, atol=1e-4)
+    assert render_explanation(explanation, tmp_path / "figure.png").is_file()
+
+
+def test_an_unfitted_score_says_what_to_do() -> None:
+    level = NearestLevel()
+    with pytest.raises(RuntimeError, match="nearest-token score is not fitted"):
+        level.distance(torch.zeros(1, 4, 3))
+
+
+def test_fitting_it_needs_two_training_images() -> None:
+    model = Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=10, **TINY)
+    features = list(iterate_pooled_features(model.model, [torch.rand(1, 3, SIZE, SIZE)], None, torch.device("cpu"),
+                                            False, gains=GAINS))
+    model.model.set_mean_reference([f.mean(0) for f in features[0]])
+    kept = KeptLevels([], [], [])
+    fit_statistics(model.model, features, keep=kept)
+    generator = model.model.anomaly_map_generator
+    with pytest.raises(ValueError, match="at least 2 training images"):
+        fit_nearest(generator.nearest, generator.statistics, kept.tokens, kept.residuals, GAINS, 10,
+                    torch.device("cpu"))
+
+
+def test_bad_nearest_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="nearest_tokens must be >= 0"):
+        Fod(pre_trained=False, nearest_tokens=-1, **TINY)
+    for settings in ({"reconstruction_term": "mse_cos"}, {"context_score": True}):
+        with pytest.raises(ValueError, match="nearest_tokens adds to the whitened residual"):
+            Fod(pre_trained=False, nearest_tokens=10, **TINY, **settings)
+
+
+def test_the_exported_graph_carries_the_nearest_score(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    pytest.importorskip("onnxscript")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(nearest_module, "BANK_SLICE", 128)  # the graph holds several slices
+    model, _ = fitted_model()
+    path = model.to_onnx(tmp_path)
+    images = torch.rand(2, 3, 80, 90, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(images)
+    session = onnxruntime.InferenceSession(str(path))
+    outputs = dict(zip([o.name for o in session.get_outputs()],
+                       session.run(None, {session.get_inputs()[0].name: images.numpy()}), strict=True))
+    scale = float(expected.anomaly_map.abs().max())
+    torch.testing.assert_close(torch.from_numpy(outputs["pred_score"]), expected.pred_score, rtol=0, atol=1e-4 * scale)
+    torch.testing.assert_close(torch.from_numpy(outputs["anomaly_map"]), expected.anomaly_map, rtol=0,
+                               atol=1e-4 * scale)
+    openvino = pytest.importorskip("openvino")
+    compiled = openvino.Core().compile_model(openvino.convert_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled(images.numpy())
+    torch.testing.assert_close(torch.from_numpy(result["pred_score"]), expected.pred_score, rtol=0, atol=1e-4 * scale)
+    torch.testing.assert_close(torch.from_numpy(result["anomaly_map"]), expected.anomaly_map, rtol=0, atol=1e-4 * scale)
+
+
+@pytest.mark.slow
+def test_a_fit_with_the_nearest_score_reloads_from_its_checkpoint(dummy_dataset, tmp_path) -> None:  # noqa: ANN001
+    from lightning.pytorch import seed_everything
+
+    from fod_helpers import EVAL_BATCH, TRAIN_BATCH, make_datamodule, make_engine
+
+    seed_everything(0, workers=True)
+    datamodule = make_datamodule(dummy_dataset.parent, dummy_dataset.name, TRAIN_BATCH, EVAL_BATCH)
+    model = Fod(pre_processor=Fod.configure_pre_processor((SIZE, SIZE)), visualizer=False, training_steps=4,
+                nearest_tokens=200, **TINY)
+    engine = make_engine(tmp_path, max_epochs=10)
+    engine.fit(model, datamodule=datamodule)
+    assert all(level.fitted for level in model.model.anomaly_map_generator.nearest)
+    predictions = engine.predict(model, datamodule=datamodule)
+    reloaded = Fod.load_from_checkpoint(engine.trainer.checkpoint_callback.best_model_path)
+    assert reloaded.model.settings.nearest_tokens == 200
+    again = engine.predict(reloaded, datamodule=datamodule)
+    for first, second in zip(predictions, again, strict=True):
+        torch.testing.assert_close(second.pred_score, first.pred_score)
+        torch.testing.assert_close(second.anomaly_map, first.anomaly_map)
