@@ -123,3 +123,46 @@ def counted_position_products() -> Iterator[list[torch.Size]]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ResidualStatistics, "_position_distance", counted)
         yield calls
+
+
+def assert_exports_reproduce(
+    model: torch.nn.Module, path: Path, images: torch.Tensor, score_tolerance: dict, map_tolerance: float
+) -> None:
+    """The ONNX graph at ``path`` (onnxruntime, and OpenVINO in float32 where installed) gives ``model``'s scores on
+    ``images``: ``score_tolerance`` are ``assert_close``'s ``rtol`` / ``atol`` for the image scores, the maps agree
+    within ``map_tolerance`` times their largest value."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    with torch.no_grad():
+        expected = model(images)
+    scale = float(expected.anomaly_map.abs().max())
+
+    def check(score: torch.Tensor, anomaly_map: torch.Tensor) -> None:
+        torch.testing.assert_close(score, expected.pred_score, **score_tolerance)
+        torch.testing.assert_close(anomaly_map, expected.anomaly_map, rtol=0, atol=map_tolerance * scale)
+
+    session = onnxruntime.InferenceSession(str(path))
+    outputs = dict(zip([o.name for o in session.get_outputs()],
+                       session.run(None, {session.get_inputs()[0].name: images.numpy()}), strict=True))
+    check(torch.from_numpy(outputs["pred_score"]), torch.from_numpy(outputs["anomaly_map"]))
+    openvino = pytest.importorskip("openvino")
+    compiled = openvino.Core().compile_model(openvino.convert_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled(images.numpy())
+    check(torch.from_numpy(result["pred_score"]), torch.from_numpy(result["anomaly_map"]))
+
+
+def explain_random_image(model: torch.nn.Module, folder: Path, size: int):  # noqa: ANN201 - an Explanation
+    """``explain_image`` of a random ``size`` x ``size`` image saved in ``folder``, after checking that its map and
+    image score are the model's own."""
+    import numpy as np
+    from PIL import Image
+
+    from anomalib_fod.explain import explain_image, load_image
+
+    path = folder / "image.png"
+    Image.fromarray((np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)).save(path)
+    explanation = explain_image(model, path)
+    with torch.no_grad():
+        expected = model.model(model.pre_processor.transform(load_image(path)[None]))
+    np.testing.assert_allclose(explanation.anomaly_map, expected.anomaly_map[0, 0].numpy(), rtol=1e-5, atol=1e-5)
+    assert explanation.pred_score == pytest.approx(float(expected.pred_score[0]), rel=1e-5)
+    return explanation
