@@ -18,12 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-
-
-def export(model: torch.nn.Module, folder: Path) -> Path:
-    """The model's ONNX graph in ``folder`` (fixed input size)."""
-    return model.to_onnx(folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     compiled = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in (("nearest", with_bank), ("gaussian", without)):
-            path = export(model, Path(tmp) / name)
+            path = model.to_onnx(Path(tmp) / name)
             compiled[name] = core.compile_model(core.read_model(path), "CPU", config)
             compiled[name](image)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in compiled}

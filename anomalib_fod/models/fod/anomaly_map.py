@@ -138,6 +138,14 @@ class AnomalyMapGenerator(nn.Module):
         self.blur = gaussian_blur(blur_sigma)
 
     @property
+    def keeps_training_tokens(self) -> str | None:
+        """The option whose fit keeps every training token and residual (``"context_score"`` or
+        ``"nearest_tokens"``), or None."""
+        if len(self.context):
+            return "context_score"
+        return "nearest_tokens" if len(self.nearest) else None
+
+    @property
     def needs_statistics(self) -> bool:
         """Whether scoring reads the residual statistics of the training images."""
         return self.reconstruction_term == "mahalanobis" and self.scoring != "div"

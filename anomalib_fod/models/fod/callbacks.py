@@ -131,10 +131,9 @@ class ResidualStatisticsCallback(Callback):
         """The context and nearest-token scores' fits keep three float32 copies of every training token at every
         gain."""
         dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
-        generator = model.anomaly_map_generator
-        if not (len(generator.context) or len(generator.nearest)) or dataset is None:
+        option = model.anomaly_map_generator.keeps_training_tokens
+        if option is None or dataset is None:
             return
-        option = "context_score" if len(generator.context) else "nearest_tokens"
         images = len(dataset) * len(model.settings.intensity_gains)
         channels = model.feature_extractor.channels
         size = 3 * 4 * images * sum(h * w * c for (h, w), c in zip(grids, channels, strict=True))

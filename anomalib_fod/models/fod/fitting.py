@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .context import fit_whitening, train_predictors
 from .nearest import fit_nearest
-from .residual_statistics import Reduce, ResidualAccumulator
+from .residual_statistics import Reduce, ResidualAccumulator, chunks
 from .settings import ReferenceMode
 
 if TYPE_CHECKING:
@@ -291,11 +291,11 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages, train_conte
     gains = model.settings.intensity_gains
     features = images.features(model, "FOD residual statistics", gains)
     generator = model.anomaly_map_generator
-    if not len(generator.context) and not len(generator.nearest):
+    option = generator.keeps_training_tokens
+    if option is None:
         fit_statistics(model, features, images.reduce, images.weight)
         return
     if images.reduce is not None:
-        option = "context_score" if len(generator.context) else "nearest_tokens"
         msg = f"{option} is fitted on one process: fit it without DDP (devices=1)."
         raise NotImplementedError(msg)
     kept = KeptLevels([], [], [])
@@ -307,15 +307,6 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages, train_conte
         )
         return
     fit_context(model, kept, images.device, images.progress, train=train_context)
-
-
-# Images per chunk of the context fit's passes over kept tokens.
-CHUNK = 32
-
-
-def _chunks(tensor: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor]:
-    for start in range(0, tensor.shape[0], CHUNK):
-        yield tensor[start : start + CHUNK].to(device)
 
 
 def _distances(
@@ -349,7 +340,7 @@ def fit_context(
             statistics = generator.statistics[index]
             # the image score's units too, where the reconstruction statistics hold per-position covariances
             kinds = (None, "position") if statistics.position_precision.numel() else (None,)
-            blend, *position = _distances(statistics, _chunks(residuals, device), kinds)
+            blend, *position = _distances(statistics, chunks(residuals, device), kinds)
             rec.append(blend)
             rec_position.extend(position)
         kept.tokens, kept.residuals = [], []  # the whitened copies replace them
@@ -364,7 +355,7 @@ def fit_context(
             )
         explained = []
         for index, (level, tokens, grid, distances) in enumerate(zip(levels, whitened, kept.grids, rec, strict=True)):
-            residuals = [t - level.predictor(t, grid) for t in _chunks(tokens, device)]
+            residuals = [t - level.predictor(t, grid) for t in chunks(tokens, device)]
             if train:
                 accumulator = ResidualAccumulator(per_position=True)
                 for residual in residuals:

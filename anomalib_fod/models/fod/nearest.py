@@ -24,13 +24,13 @@ it; the distance is matrix products and a minimum over bank slices, which every 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .context import fit_whitening
-from .residual_statistics import ResidualAccumulator, ResidualStatistics, adopt_stored_shapes
+from .residual_statistics import ResidualAccumulator, ResidualStatistics, adopt_stored_shapes, chunks
 from .settings import ResidualCovariance
 
 logger = logging.getLogger(__name__)
@@ -38,8 +38,6 @@ logger = logging.getLogger(__name__)
 # Bank rows per slice of the distance: bounds the (B, L, slice) block of squared distances (32 MiB per 256x256
 # image on the stride-8 level); the exported graph holds one product per slice.
 BANK_SLICE = 8192
-# Images per chunk of the fit's passes over kept tokens.
-CHUNK = 32
 # Positions of the z-units (mean, then standard deviation) in ``NearestLevel.units``.
 MAP, NEAREST = 0, 2
 
@@ -143,12 +141,6 @@ class NearestLevel(nn.Module):
             image = (position - self.position_units[0]) / self.position_units[1] + nearest
         return self.z(distance, MAP) + nearest, image, nearest
 
-    def forward(
-        self, tokens: torch.Tensor, distance: torch.Tensor, position: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The anomaly map's and the image score's token scores of :meth:`components`."""
-        return self.components(tokens, distance, position)[:2]
-
     def z(self, values: torch.Tensor, at: int) -> torch.Tensor:
         """``values`` in the z-units stored at ``at`` of ``units`` (``MAP`` or ``NEAREST``)."""
         return (values - self.units[at]) / self.units[at + 1]
@@ -158,11 +150,6 @@ def _moments(values: Sequence[torch.Tensor]) -> torch.Tensor:
     """``(2,)`` mean and standard deviation (+1e-6) of every value in ``values``."""
     flat = torch.cat([v.flatten().double() for v in values])
     return torch.stack((flat.mean(), flat.std() + 1e-6)).float()
-
-
-def _chunks(tensor: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor]:
-    for start in range(0, tensor.shape[0], CHUNK):
-        yield tensor[start : start + CHUNK].to(device)
 
 
 def _draw(tokens: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -205,17 +192,17 @@ def held_out_units(
         held_rows = torch.isin(images, held) & plain
         fold = ResidualStatistics(statistics.covariance, keep_position=with_position)
         accumulator = ResidualAccumulator(fold.per_position)
-        for chunk in _chunks(residuals[fit_rows], device):
+        for chunk in chunks(residuals[fit_rows], device):
             accumulator.add(chunk)
         fold.set(*accumulator.finish())
-        for chunk in _chunks(residuals[held_rows], device):
+        for chunk in chunks(residuals[held_rows], device):
             for index, distance in enumerate(fold.distances(chunk, kinds)):
                 collected[index].append(distance.cpu())
         fit_tokens = tokens[fit_rows].flatten(0, 1)
         level = NearestLevel()
         level.set_bank(*fit_whitening(fit_tokens), _draw(fit_tokens, max(1, size // 2), generator))
         level.to(device)
-        for chunk in _chunks(tokens[held_rows], device):
+        for chunk in chunks(tokens[held_rows], device):
             collected[2].append(nearest_distance(level.whiten(chunk), level.bank, level.bank_squares).cpu())
     units = torch.cat((_moments(collected[0]), _moments(collected[2])))
     return units, _moments(collected[1]) if with_position else None

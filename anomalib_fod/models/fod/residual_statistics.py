@@ -26,7 +26,7 @@ residuals; the pass over the training images that feeds it is ``fitting.fit_stat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import get_args
 
 import torch
@@ -58,6 +58,16 @@ def forgive_missing(prefix: str, names: Iterable[str], missing_keys: list[str], 
     for name in forgiven:
         missing_keys.remove(prefix + name)
     return forgiven
+
+
+# Images per chunk of the passes over kept training tokens (context and nearest-token fits).
+CHUNK = 32
+
+
+def chunks(tensor: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor]:
+    """``tensor`` ``(N, ...)`` in chunks of ``CHUNK`` rows, each moved to ``device``."""
+    for start in range(0, tensor.shape[0], CHUNK):
+        yield tensor[start : start + CHUNK].to(device)
 
 
 def per_position_bytes(grids: Iterable[tuple[int, int]], channels: Iterable[int]) -> int:
