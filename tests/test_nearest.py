@@ -8,6 +8,7 @@ import torch
 
 from anomalib_fod import Fod
 from anomalib_fod.models.fod import nearest as nearest_module
+from anomalib_fod.models.fod.context import fit_whitening
 from anomalib_fod.models.fod.fitting import KeptLevels, fit_statistics, iterate_pooled_features
 from anomalib_fod.models.fod.nearest import (
     MAP,
@@ -17,6 +18,7 @@ from anomalib_fod.models.fod.nearest import (
     fit_nearest,
     held_out_units,
     nearest_distance,
+    position_share,
 )
 from anomalib_fod.models.fod.residual_statistics import ResidualAccumulator, ResidualStatistics
 
@@ -70,10 +72,15 @@ def test_the_z_units_come_from_images_the_bank_and_the_gaussian_never_saw() -> N
     assert units[MAP] > 1.2 * float(statistics(residuals).mean()) and position_units is not None
 
 
-def fitted_model(seed: int = 0, nearest_tokens: int = 300, **settings) -> tuple[Fod, torch.Tensor]:  # noqa: ANN003
+def fitted_model(
+    seed: int = 0, nearest_tokens: int = 300, images: torch.Tensor | None = None, **settings,  # noqa: ANN003
+) -> tuple[Fod, torch.Tensor]:
+    """A tiny model with its statistics and (with ``nearest_tokens``) its nearest-token score fitted on ``images``
+    (default: 8 random ones, whose tokens no position tells apart)."""
     torch.manual_seed(seed)
     model = Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=nearest_tokens, **TINY, **settings)
-    images = torch.rand(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    if images is None:
+        images = torch.rand(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     gains = model.model.settings.intensity_gains
     batches = [images[:3], images[3:6], images[6:]]
     features = list(iterate_pooled_features(model.model, batches, None, torch.device("cpu"), False, gains=gains))
@@ -81,10 +88,72 @@ def fitted_model(seed: int = 0, nearest_tokens: int = 300, **settings) -> tuple[
     kept = KeptLevels([], [], [])
     fit_statistics(model.model, features, keep=kept)
     generator = model.model.anomaly_map_generator
-    fit_nearest(generator.nearest, generator.statistics, kept.tokens, kept.residuals, gains, nearest_tokens,
-                torch.device("cpu"))
+    if nearest_tokens:
+        fit_nearest(generator.nearest, generator.statistics, kept.tokens, kept.residuals, gains, nearest_tokens,
+                    torch.device("cpu"), model.model.settings.nearest_position_limit)
     model.model.eval()
     return model, images
+
+
+def aligned_images(count: int = 8) -> torch.Tensor:
+    """``count`` copies of one structured image with a little noise: a part whose look each position tells."""
+    generator = torch.Generator().manual_seed(2)
+    base = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=generator), size=SIZE, mode="bilinear")
+    return (base + 0.02 * torch.randn(count, 3, SIZE, SIZE, generator=generator)).clamp(0, 1)
+
+
+def test_the_position_share_tells_an_aligned_part_from_a_texture() -> None:
+    generator = torch.Generator().manual_seed(0)
+    pattern = torch.randn(1, 50, 6, generator=generator)  # what each of 50 positions looks like
+    noise = torch.randn(400, 50, 6, generator=generator)  # 400 images
+
+    def share(tokens: torch.Tensor) -> float:
+        return position_share(tokens, *fit_whitening(tokens.flatten(0, 1)))
+
+    assert share(pattern + 0.1 * noise) > 0.95  # told by position
+    assert share(noise) < 0.02  # every position sees the same looks
+    assert 0.4 < share(pattern + noise) < 0.6  # as much from position as from the rest
+    with pytest.raises(ValueError, match="at least 2 training images"):
+        share(noise[:1])
+
+
+def test_a_part_told_by_position_declines_the_score_and_scores_as_without_it(tmp_path) -> None:  # noqa: ANN001
+    images = aligned_images()
+    model, _ = fitted_model(images=images)  # nearest_position_limit 0.5 by default
+    plain, _ = fitted_model(nearest_tokens=0, images=images)
+    generator = model.model.anomaly_map_generator
+    assert all(level.declined for level in generator.nearest) and not generator.nearest_active
+    assert float(generator.nearest[0].position_share) > 0.5
+    assert all(level.bank.numel() == 0 for level in generator.nearest)  # no bank is kept for nothing
+    test = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        declined, without = model(test), plain(test)
+    torch.testing.assert_close(declined.pred_score, without.pred_score)
+    torch.testing.assert_close(declined.anomaly_map, without.anomaly_map)
+    # the decision travels with the state dict
+    path = tmp_path / "state.pt"
+    torch.save(model.state_dict(), path)
+    reloaded = Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=300, **TINY)
+    reloaded.load_state_dict(torch.load(path))
+    assert all(level.declined for level in reloaded.model.anomaly_map_generator.nearest)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(test).pred_score, declined.pred_score)
+    # the same images with the limit at 1 use it; random images (a share near 0) use it at the default limit
+    always, _ = fitted_model(images=images, nearest_position_limit=1.0)
+    assert always.model.anomaly_map_generator.nearest_active
+    texture, _ = fitted_model()
+    assert texture.model.anomaly_map_generator.nearest_active
+    assert float(texture.model.anomaly_map_generator.nearest[0].position_share) < 0.5
+
+
+def test_a_declined_score_exports_as_the_model_without_it(tmp_path) -> None:  # noqa: ANN001
+    pytest.importorskip("onnxscript")
+    model, images = fitted_model(images=aligned_images())
+    plain, _ = fitted_model(nearest_tokens=0, images=images)
+    assert not model.model.anomaly_map_generator.nearest_active
+    path = model.to_onnx(tmp_path)
+    test = torch.rand(2, 3, 80, 90, generator=torch.Generator().manual_seed(3))
+    assert_exports_reproduce(plain, path, test, {"rtol": 1e-4, "atol": 1e-4}, 1e-4)  # the graph of the model without it
 
 
 def test_the_score_reads_the_bank_and_survives_a_state_dict(tmp_path) -> None:  # noqa: ANN001
@@ -160,6 +229,9 @@ def test_fitting_it_needs_two_training_images() -> None:
 def test_bad_nearest_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="nearest_tokens must be >= 0"):
         Fod(pre_trained=False, nearest_tokens=-1, **TINY)
+    for limit in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="nearest_position_limit is a share"):
+            Fod(pre_trained=False, nearest_tokens=10, nearest_position_limit=limit, **TINY)
     for settings in ({"reconstruction_term": "mse_cos"}, {"context_score": True}):
         with pytest.raises(ValueError, match="nearest_tokens adds to the whitened residual"):
             Fod(pre_trained=False, nearest_tokens=10, **TINY, **settings)

@@ -44,6 +44,16 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> tor
     return torch.cat([torch.cdist(queries[s : s + chunk], bank).amin(dim=1) for s in range(0, len(queries), chunk)])
 
 
+def shared_whitening(flat: torch.Tensor) -> torch.Tensor:
+    """``(C, C)`` map that whitens ``(M, C)`` tokens with their shared covariance (0.1 % ridge)."""
+    flat = flat.double()
+    centred = flat - flat.mean(dim=0)
+    covariance = centred.T @ centred / (len(flat) - 1)
+    ridge = 1e-3 * covariance.trace() / covariance.shape[0]
+    covariance += ridge * torch.eye(covariance.shape[0], dtype=covariance.dtype)
+    return torch.linalg.cholesky(torch.linalg.inv(covariance)).float()
+
+
 class NearestToken:
     """Per level, a bank of ``size`` of the ``(N, L, C)`` training tokens, in the shared whitening or raw: drawn at
     random, or (``coreset``) a greedy k-center coreset in the bank's own metric, as PatchCore keeps."""
@@ -55,13 +65,7 @@ class NearestToken:
         self.transforms, self.banks = [], []
         for level in levels:
             flat = level.flatten(0, 1).double()
-            transform = None
-            if whiten:
-                centred = flat - flat.mean(dim=0)
-                covariance = centred.T @ centred / (len(flat) - 1)
-                covariance += 1e-3 * covariance.trace() / covariance.shape[0] * torch.eye(covariance.shape[0],
-                                                                                        dtype=covariance.dtype)
-                transform = torch.linalg.cholesky(torch.linalg.inv(covariance)).float()
+            transform = shared_whitening(flat) if whiten else None
             self.transforms.append(transform)
             if coreset and size < len(flat):
                 torch.manual_seed(seed)  # the coreset's random projection and first centre
@@ -82,10 +86,11 @@ class NearestToken:
                 for level, t, bank in zip(levels, self.transforms, self.banks, strict=True)]
 
 
-def held_out_moments(
+def held_out_values(
     gained: list[dict[str, Any]], plain: dict[str, Any], count: int, bank: int, seed: int, coreset: bool = False,
-) -> list[dict[str, tuple[float, float]]]:
-    """Per level, the mean and std of each distance over held-out training tokens (two folds)."""
+) -> list[dict[str, torch.Tensor]]:
+    """Per level, each distance of the held-out training tokens, ``(N, L)`` (two folds, each scored by statistics
+    and a bank fitted on the other; rows in fold order)."""
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
     folds = [order[0::2], order[1::2]]
     levels = range(len(plain["tokens"]))
@@ -97,11 +102,18 @@ def held_out_moments(
         held_tokens = [plain["tokens"][i][held] for i in levels]
         for i, distance in enumerate(knn(held_tokens)):
             own = stats.distances(held_tokens, i)
-            values[i]["blend"].append(own["blend"].flatten())
-            values[i]["position"].append(own["position"].flatten())
-            values[i]["knn"].append(distance.flatten())
-    return [{name: (float(torch.cat(v).mean()), float(torch.cat(v).std())) for name, v in level.items()}
-            for level in values]
+            values[i]["blend"].append(own["blend"])
+            values[i]["position"].append(own["position"])
+            values[i]["knn"].append(distance)
+    return [{name: torch.cat(v) for name, v in level.items()} for level in values]
+
+
+def held_out_moments(
+    gained: list[dict[str, Any]], plain: dict[str, Any], count: int, bank: int, seed: int, coreset: bool = False,
+) -> list[dict[str, tuple[float, float]]]:
+    """Per level, the mean and std of each distance over held-out training tokens (two folds)."""
+    return [{name: (float(v.mean()), float(v.std())) for name, v in level.items()}
+            for level in held_out_values(gained, plain, count, bank, seed, coreset)]
 
 
 def run_one(args: argparse.Namespace, name: str, root: Path, category: str) -> list[dict[str, Any]]:

@@ -146,6 +146,11 @@ class AnomalyMapGenerator(nn.Module):
         return "nearest_tokens" if len(self.nearest) else None
 
     @property
+    def nearest_active(self) -> bool:
+        """Whether scoring adds the nearest-token score (configured, and not declined by its fit)."""
+        return len(self.nearest) > 0 and not all(level.declined for level in self.nearest)
+
+    @property
     def needs_statistics(self) -> bool:
         """Whether scoring reads the residual statistics of the training images."""
         return self.reconstruction_term == "mahalanobis" and self.scoring != "div"
@@ -258,7 +263,7 @@ class AnomalyMapGenerator(nn.Module):
             scores, position = [s for s, _ in both], [p for _, p in both]
         else:
             scores, position = [self.token_scores(t, o, i) for i, (t, o) in pairs], None
-        if len(self.nearest):
+        if self.nearest_active:
             summed = [
                 nearest.components(t, s, None if position is None else position[i])
                 for nearest, (i, (t, _)), s in zip(self.nearest, pairs, scores, strict=True)

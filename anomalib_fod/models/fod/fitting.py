@@ -303,7 +303,7 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages, train_conte
     if len(generator.nearest):
         fit_nearest(
             generator.nearest, generator.statistics, kept.tokens, kept.residuals, gains,
-            model.settings.nearest_tokens, images.device,
+            model.settings.nearest_tokens, images.device, model.settings.nearest_position_limit,
         )
         return
     fit_context(model, kept, images.device, images.progress, train=train_context)

@@ -182,6 +182,11 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             per-position distance). It keeps the several looks of a texture or of pooled products apart, where
             one Gaussian per position merges them. 40 000 tokens take 24 MB of buffers with Lite0; the score
             costs about 3 GMAC more per 256x256 image. Not with ``context_score``.
+        nearest_position_limit: with ``nearest_tokens``, add the nearest-token score only when the training
+            tokens' grid position explains less than this share of their variation (finest level, measured after
+            training on the training images alone; logged, stored in the checkpoint): an aligned part is scored by
+            its per-position Gaussian alone, a texture, a turning part or a few-image product with both.
+            1.0: always add it.
         **kwargs: ``backbone`` (default ``"tf_efficientnet_lite0"``; the paper uses
             ``"wide_resnet50_2"``, see ``configs/fod_paper.yaml``), ``layers`` (two feature layers;
             ``None`` picks the stride-8 and stride-16 stages: WideResNet50 layer2, layer3;
@@ -236,6 +241,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         context_hidden_share: float = 0.05,
         context_query_share: float = 0.25,
         nearest_tokens: int = 0,
+        nearest_position_limit: float = 0.5,
         **kwargs: Any,  # noqa: ANN401 - OfflineBackboneModule's arguments
     ) -> None:
         super().__init__(learning_rate=learning_rate, **kwargs)

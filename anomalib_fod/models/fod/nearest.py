@@ -16,6 +16,14 @@ apart and knows nothing of position, so it errs where the Gaussian does not, and
   distance, each in its z-units; the image score's (``image_score="position"``): the per-position distance plus
   the nearest-token distance, each in its z-units.
 
+Whether to add it at all is decided on the training images, without labels (``nearest_position_limit``): the
+share of a normal token's variation that its grid position explains (:func:`position_share`, on the finest
+level). An aligned part's tokens are mostly told by where they are (a share around 2/3 on the shared aligned
+datasets), and there the Gaussian per position is the better model: the nearest token, blind to position, only
+adds noise. A texture's, a turning part's or a few-image product's are not (0.05-0.2), and there the nearest
+token sees what one ellipsoid per position merges. A declined score keeps only the shares (the model scores as
+without the option).
+
 Everything needed at inference is a buffer of :class:`NearestLevel`, so checkpoints and exported graphs carry
 it; the distance is matrix products and a minimum over bank slices, which every exporter handles. The fit is
 :func:`fit_nearest`, fed by ``fitting.fit_residual_statistics``.
@@ -65,10 +73,12 @@ class NearestLevel(nn.Module):
     ``bank`` ``(K, C)``, whitened training tokens, and ``bank_squares`` ``(K,)`` their squared norms; ``units``
     ``(4,)``: mean and standard deviation over held-out training tokens of the anomaly map's Gaussian distance
     and of the nearest-token distance; ``position_units`` ``(2,)`` the same of the per-position distance (the
-    image score's; empty when the statistics hold no per-position covariances).
+    image score's; empty when the statistics hold no per-position covariances); ``position_share`` ``(1,)`` the
+    share of the level's token variation its grid position explains (:func:`position_share`). A level whose
+    score was declined (:func:`fit_nearest`) holds its share and nothing else.
     """
 
-    BUFFERS = ("token_mean", "whitening", "bank", "bank_squares", "units", "position_units")
+    BUFFERS = ("token_mean", "whitening", "bank", "bank_squares", "units", "position_units", "position_share")
 
     def __init__(self) -> None:
         super().__init__()
@@ -78,11 +88,23 @@ class NearestLevel(nn.Module):
         self.register_buffer("bank_squares", torch.empty(0))
         self.register_buffer("units", torch.empty(0))
         self.register_buffer("position_units", torch.empty(0))
+        self.register_buffer("position_share", torch.empty(0))
 
     @property
     def fitted(self) -> bool:
         """Whether the bank and the z-units have been fitted (or loaded)."""
         return self.bank.numel() > 0 and self.units.numel() > 0
+
+    @property
+    def declined(self) -> bool:
+        """Whether the fit measured the position share and left the score out (:func:`fit_nearest`)."""
+        return self.position_share.numel() > 0 and not self.fitted
+
+    def decline(self) -> None:
+        """Leave the score out: drop the bank and the z-units, keep the position share."""
+        for name in self.BUFFERS:
+            if name != "position_share":
+                setattr(self, name, getattr(self, name).new_empty((0,) * getattr(self, name).dim()))
 
     @property
     def has_position_units(self) -> bool:
@@ -144,6 +166,22 @@ class NearestLevel(nn.Module):
     def z(self, values: torch.Tensor, at: int) -> torch.Tensor:
         """``values`` in the z-units stored at ``at`` of ``units`` (``MAP`` or ``NEAREST``)."""
         return (values - self.units[at]) / self.units[at + 1]
+
+
+def position_share(tokens: torch.Tensor, mean: torch.Tensor, whitening: torch.Tensor) -> float:
+    """Share of the variation of ``(N, L, C)`` tokens (one per training image and grid position) that their position
+    explains, in the whitening ``(C,)`` ``mean``, ``(C, C)`` ``whitening`` of all of them: the variance of the
+    per-position means over positions, less what N images' sampling noise puts there, over that plus the variance
+    within positions. 0: every position sees the same looks (a texture); 1: a token is told by its position."""
+    count = tokens.shape[0]
+    if count < 2:  # noqa: PLR2004
+        msg = "the position share needs at least 2 training images."
+        raise ValueError(msg)
+    white = (tokens.float() - mean.float()) @ whitening.float()
+    means = white.double().mean(dim=0)
+    within = float((white - means.float()).square().sum(dim=-1).double().mean()) * count / (count - 1)
+    between = float((means - means.mean(dim=0)).square().sum(dim=-1).mean()) - within / count
+    return min(1.0, max(0.0, between / (between + within)))
 
 
 def _moments(values: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -233,8 +271,10 @@ def fit_nearest(
     gains: Sequence[float],
     size: int,
     device: torch.device,
-) -> None:
-    """Fit every level's bank and z-units.
+    limit: float = 1.0,
+) -> bool:
+    """Measure every level's position share; if the finest level's is below ``limit`` (or ``limit`` is 1), fit
+    every level's bank and z-units, else decline the score. Returns whether the score is used.
 
     Args:
         levels: the model's nearest-token levels.
@@ -244,13 +284,31 @@ def fit_nearest(
         gains: the intensity gains of the kept batches.
         size: bank size per level.
         device: where the distances are computed.
+        limit: ``nearest_position_limit``.
 
-    The folds and banks are drawn from the global RNG (seeded runs repeat).
+    The folds and banks are drawn from the global RNG (seeded runs repeat); a declined score draws nothing.
     """
     images, plain = batch_layout([batch.shape[0] for batch in tokens[0]], gains)
     if len(torch.unique(images)) < 2:  # noqa: PLR2004
         msg = "nearest_tokens needs at least 2 training images: its z-units come from images held out of the fit."
         raise ValueError(msg)
+    whitenings = []
+    for index, level in enumerate(levels):
+        level_tokens = torch.cat(list(tokens[index]))
+        whitenings.append(fit_whitening(level_tokens.flatten(0, 1)))
+        share = position_share(level_tokens[plain], *whitenings[-1])
+        level.position_share = torch.tensor([share], device=level.position_share.device)
+    shares = ", ".join(f"{float(level.position_share):.3f}" for level in levels)
+    finest = float(levels[0].position_share)
+    if limit < 1 and finest >= limit:
+        for level in levels:
+            level.decline()
+        logger.info(
+            "FOD nearest-token score left out: the training tokens' grid position explains %.3f of their variation "
+            "on the finest level (per level: %s), at or above nearest_position_limit=%g; the per-position Gaussian "
+            "scores alone.", finest, shares, limit,
+        )
+        return False
     generator = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, ())))
     for index, (level, stats) in enumerate(zip(levels, statistics, strict=True)):
         level_tokens, level_residuals = torch.cat(list(tokens[index])), torch.cat(list(residuals[index]))
@@ -258,9 +316,13 @@ def fit_nearest(
             stats, level_tokens, level_residuals, images, plain, size, generator, device
         )
         flat = level_tokens.flatten(0, 1)
-        level.set_bank(*fit_whitening(flat), _draw(flat, size, generator))
+        level.set_bank(*whitenings[index], _draw(flat, size, generator))
         level.to(device)
         level.set_units(units, position_units)
+    logger.info(
+        "FOD nearest-token score used: the training tokens' grid position explains %.3f of their variation on the "
+        "finest level (per level: %s; nearest_position_limit=%g).", finest, shares, limit,
+    )
     logger.info(
         "FOD nearest-token score: banks of %s tokens from %d training images; held-out z-units (mean, std) of the "
         "map's, the nearest and the per-position distance, per level: %s",
@@ -270,3 +332,4 @@ def fit_nearest(
             ", ".join(f"{v:.3g}" for v in [*level.units.tolist(), *level.position_units.tolist()]) for level in levels
         ),
     )
+    return True

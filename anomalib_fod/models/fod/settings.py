@@ -91,6 +91,11 @@ class FodSettings:
             level, each token's distance to the nearest of them added to the Gaussian's in held-out z-units
             (0: off). Needs ``reconstruction_term="mahalanobis"`` and ``scoring="rec"``, not with
             ``context_score``.
+        nearest_position_limit: with ``nearest_tokens``, the model adds the nearest-token score only when a
+            normal token's grid position explains less than this share of its variation (measured on the training
+            images' finest level after training, ``nearest.position_share``): where position tells most of what a
+            token should look like, the per-position Gaussian is the better model of normal and the nearest token,
+            blind to position, only adds noise. 1.0: always add it; 0.0: never.
     """
 
     backbone: str = field(default="tf_efficientnet_lite0", metadata=_SHAPES)
@@ -125,6 +130,7 @@ class FodSettings:
     context_hidden_share: float = 0.05
     context_query_share: float = 0.25
     nearest_tokens: int = field(default=0, metadata=_SHAPES)
+    nearest_position_limit: float = 0.5
 
     def __post_init__(self) -> None:
         # YAML and jsonargparse give lists; tuples keep the object hashable and comparable.
@@ -168,6 +174,12 @@ class FodSettings:
             raise ValueError(msg)
         if self.nearest_tokens < 0:
             msg = f"nearest_tokens must be >= 0 (0: off), got {self.nearest_tokens}."
+            raise ValueError(msg)
+        if not 0 <= self.nearest_position_limit <= 1:
+            msg = (
+                "nearest_position_limit is a share of the tokens' variation, in [0, 1] (1: always add the "
+                f"nearest-token score), got {self.nearest_position_limit}."
+            )
             raise ValueError(msg)
         if self.nearest_tokens and (
             self.reconstruction_term != "mahalanobis" or self.scoring != "rec" or self.context_score
