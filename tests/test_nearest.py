@@ -3,6 +3,8 @@ carries it through checkpoints and exports."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -82,7 +84,7 @@ def fitted_model(
     if images is None:
         images = torch.rand(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     gains = model.model.settings.intensity_gains
-    batches = [images[:3], images[3:6], images[6:]]
+    batches = list(images.split(3))
     features = list(iterate_pooled_features(model.model, batches, None, torch.device("cpu"), False, gains=gains))
     model.model.set_mean_reference([f.mean(0) for f in features[0]])
     kept = KeptLevels([], [], [])
@@ -226,6 +228,58 @@ def test_fitting_it_needs_two_training_images() -> None:
                     torch.device("cpu"))
 
 
+def test_where_it_cannot_be_measured_the_score_is_left_out_with_a_warning(monkeypatch, caplog) -> None:  # noqa: ANN001
+    """One training image, a DDP fit or too little memory: the self-choosing score is left out (and says so), the
+    model scores as without it; one that must be used (limit 1) refuses instead."""
+    from types import SimpleNamespace
+
+    from anomalib_fod.models.fod import callbacks
+    from anomalib_fod.models.fod.fitting import TrainingImages, fit_residual_statistics
+
+    one = aligned_images(1)
+    with caplog.at_level("WARNING"):
+        model, _ = fitted_model(images=one)
+    plain, _ = fitted_model(nearest_tokens=0, images=one)
+    generator = model.model.anomaly_map_generator
+    assert all(level.unmeasured for level in generator.nearest) and generator.keeps_training_tokens is None
+    assert "one training image" in caplog.text
+    test = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(test).pred_score, plain(test).pred_score)
+
+    def unfitted(limit: float, batches: list[torch.Tensor]) -> Fod:
+        fresh = Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=300,
+                    nearest_position_limit=limit, **TINY)
+        features = next(iter(iterate_pooled_features(fresh.model, batches, None, torch.device("cpu"), False)))
+        fresh.model.set_mean_reference([f.mean(0) for f in features])
+        return fresh
+
+    def ddp_fit(limit: float) -> Fod:
+        batches = [torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))]
+        fresh = unfitted(limit, batches)
+        images = TrainingImages(batches, None, torch.device("cpu"), progress=False, reduce=lambda tensor: tensor)
+        fit_residual_statistics(fresh.model, images)
+        return fresh
+
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        fitted = ddp_fit(0.5)
+    assert all(level.unmeasured for level in fitted.model.anomaly_map_generator.nearest) and "DDP" in caplog.text
+    assert all(statistics.fitted for statistics in fitted.model.anomaly_map_generator.statistics)
+    with pytest.raises(NotImplementedError, match="without DDP"):
+        ddp_fit(1.0)
+
+    trainer = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=list(range(100))))
+    monkeypatch.setattr(callbacks, "CONTEXT_BUDGET_BYTES", 1)
+    fresh = unfitted(0.5, [one])
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        callbacks.ResidualStatisticsCallback().on_train_start(trainer, fresh)
+    assert all(level.unmeasured for level in fresh.model.anomaly_map_generator.nearest) and "GiB" in caplog.text
+    with pytest.raises(ValueError, match="keeps every training token"):
+        callbacks.ResidualStatisticsCallback().on_train_start(trainer, unfitted(1.0, [one]))
+
+
 def test_bad_nearest_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="nearest_tokens must be >= 0"):
         Fod(pre_trained=False, nearest_tokens=-1, **TINY)
@@ -268,3 +322,43 @@ def test_a_fit_with_the_nearest_score_reloads_from_its_checkpoint(dummy_dataset,
     for first, second in zip(predictions, again, strict=True):
         torch.testing.assert_close(second.pred_score, first.pred_score)
         torch.testing.assert_close(second.anomaly_map, first.anomaly_map)
+
+
+def test_the_choice_reads_only_the_training_images(dummy_dataset, tmp_path) -> None:  # noqa: ANN001
+    """The position share and what follows from it are the same when every test image is replaced by noise."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from fod_helpers import TRAIN_BATCH, make_datamodule
+
+    poisoned = tmp_path / dummy_dataset.name
+    shutil.copytree(dummy_dataset, poisoned)
+    generator = np.random.default_rng(0)
+    files = [path for path in (poisoned / "test").rglob("*") if path.suffix.lower() in {".png", ".jpg", ".bmp"}]
+    assert files
+    for path in files:
+        with Image.open(path) as image:
+            shape = (image.height, image.width, 3)
+        Image.fromarray(generator.integers(0, 256, shape, dtype=np.uint8)).save(path)
+
+    def fitted(root: Path) -> Fod:
+        torch.manual_seed(0)
+        model = Fod(pre_processor=Fod.configure_pre_processor((SIZE, SIZE)), visualizer=False, nearest_tokens=200,
+                    **TINY)
+        datamodule = make_datamodule(root.parent, root.name, TRAIN_BATCH, TRAIN_BATCH)
+        datamodule.setup("fit")
+        model.model.set_mean_reference(
+            [f.mean(0) for f in next(iter(iterate_pooled_features(
+                model.model, datamodule.train_dataloader(), None, torch.device("cpu"), False)))])
+        model.fit_residual_statistics(datamodule)
+        return model
+
+    clean, dirty = fitted(dummy_dataset), fitted(poisoned)
+    for first, second in zip(clean.model.anomaly_map_generator.nearest, dirty.model.anomaly_map_generator.nearest,
+                             strict=True):
+        assert not torch.isnan(first.position_share).any()
+        torch.testing.assert_close(second.position_share, first.position_share)
+        assert first.declined == second.declined
+        torch.testing.assert_close(second.bank, first.bank)

@@ -140,10 +140,12 @@ class AnomalyMapGenerator(nn.Module):
     @property
     def keeps_training_tokens(self) -> str | None:
         """The option whose fit keeps every training token and residual (``"context_score"`` or
-        ``"nearest_tokens"``), or None."""
+        ``"nearest_tokens"``, unless the latter was left out unmeasured), or None."""
         if len(self.context):
             return "context_score"
-        return "nearest_tokens" if len(self.nearest) else None
+        if len(self.nearest) and not all(level.unmeasured for level in self.nearest):
+            return "nearest_tokens"
+        return None
 
     @property
     def nearest_active(self) -> bool:

@@ -22,6 +22,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from anomalib_fod.utils import check_choice
 
 from .fitting import TrainingImages, distributed_sum, fit_reference, fit_residual_statistics, rank_batches
+from .nearest import decline_unmeasured
 from .residual_statistics import per_position_bytes
 from .settings import ReferenceMode
 
@@ -138,6 +139,13 @@ class ResidualStatisticsCallback(Callback):
         channels = model.feature_extractor.channels
         size = 3 * 4 * images * sum(h * w * c for (h, w), c in zip(grids, channels, strict=True))
         if size > CONTEXT_BUDGET_BYTES:
+            if option == "nearest_tokens" and model.settings.nearest_position_limit < 1:
+                decline_unmeasured(
+                    model.anomaly_map_generator.nearest,
+                    f"keeping every training token to measure it would take {size / 2**30:.1f} GiB of CPU memory "
+                    f"({images} images at every intensity gain on grids {grids})",
+                )
+                return
             msg = (
                 f"{option} keeps every training token at every intensity gain while it fits: {images} images "
                 f"on grids {grids} need {size / 2**30:.1f} GiB of CPU memory. Use fewer training images or "

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .context import fit_whitening, train_predictors
-from .nearest import fit_nearest
+from .nearest import decline_unmeasured, fit_nearest
 from .residual_statistics import Reduce, ResidualAccumulator, chunks
 from .settings import ReferenceMode
 
@@ -296,6 +296,10 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages, train_conte
         fit_statistics(model, features, images.reduce, images.weight)
         return
     if images.reduce is not None:
+        if option == "nearest_tokens" and model.settings.nearest_position_limit < 1:
+            decline_unmeasured(generator.nearest, "it is fitted on one process, not under DDP (devices=1)")
+            fit_statistics(model, features, images.reduce, images.weight)
+            return
         msg = f"{option} is fitted on one process: fit it without DDP (devices=1)."
         raise NotImplementedError(msg)
     kept = KeptLevels([], [], [])

@@ -100,11 +100,20 @@ class NearestLevel(nn.Module):
         """Whether the fit measured the position share and left the score out (:func:`fit_nearest`)."""
         return self.position_share.numel() > 0 and not self.fitted
 
-    def decline(self) -> None:
-        """Leave the score out: drop the bank and the z-units, keep the position share."""
+    @property
+    def unmeasured(self) -> bool:
+        """Whether the score was left out before its share could be measured (too little memory, a DDP fit or a
+        single training image): a refit does not reconsider it."""
+        return self.declined and bool(torch.isnan(self.position_share).all())
+
+    def decline(self, share: float | None = None) -> None:
+        """Leave the score out: drop the bank and the z-units, keep the position ``share`` (None: the one
+        measured; NaN: not measured)."""
         for name in self.BUFFERS:
             if name != "position_share":
                 setattr(self, name, getattr(self, name).new_empty((0,) * getattr(self, name).dim()))
+        if share is not None:
+            self.position_share = torch.tensor([share], device=self.position_share.device)
 
     @property
     def has_position_units(self) -> bool:
@@ -166,6 +175,16 @@ class NearestLevel(nn.Module):
     def z(self, values: torch.Tensor, at: int) -> torch.Tensor:
         """``values`` in the z-units stored at ``at`` of ``units`` (``MAP`` or ``NEAREST``)."""
         return (values - self.units[at]) / self.units[at + 1]
+
+
+def decline_unmeasured(levels: Sequence[NearestLevel], reason: str) -> None:
+    """Leave the nearest-token score out of a fit that cannot measure its position share, with a warning."""
+    for level in levels:
+        level.decline(float("nan"))
+    logger.warning(
+        "FOD nearest-token score left out: %s. The per-position Gaussian scores alone; set "
+        "nearest_position_limit=1.0 to require the score (the fit then refuses instead).", reason,
+    )
 
 
 def position_share(tokens: torch.Tensor, mean: torch.Tensor, whitening: torch.Tensor) -> float:
@@ -290,6 +309,9 @@ def fit_nearest(
     """
     images, plain = batch_layout([batch.shape[0] for batch in tokens[0]], gains)
     if len(torch.unique(images)) < 2:  # noqa: PLR2004
+        if limit < 1:
+            decline_unmeasured(levels, "one training image tells neither the position share nor held-out z-units")
+            return False
         msg = "nearest_tokens needs at least 2 training images: its z-units come from images held out of the fit."
         raise ValueError(msg)
     whitenings = []
