@@ -104,6 +104,24 @@ def aligned_images(count: int = 8) -> torch.Tensor:
     return (base + 0.02 * torch.randn(count, 3, SIZE, SIZE, generator=generator)).clamp(0, 1)
 
 
+def test_checkpoints_from_before_the_share_or_the_score_load(tmp_path) -> None:  # noqa: ANN001
+    """A state dict without the position share keeps its fitted score; one without any of the score's buffers (a
+    model saved before the score existed) loads with the score left out, scoring as it did."""
+    model, images = fitted_model()
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("position_share")}
+    reloaded = Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=300, **TINY)
+    reloaded.load_state_dict(state)
+    assert reloaded.model.anomaly_map_generator.nearest_active
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(images).pred_score, model(images).pred_score)
+    plain, _ = fitted_model(nearest_tokens=0)
+    older = Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=300, **TINY)
+    older.load_state_dict(plain.state_dict())
+    assert all(level.unmeasured for level in older.model.anomaly_map_generator.nearest)
+    with torch.no_grad():
+        torch.testing.assert_close(older.eval()(images).pred_score, plain(images).pred_score)
+
+
 def test_the_position_share_tells_an_aligned_part_from_a_texture() -> None:
     generator = torch.Generator().manual_seed(0)
     pattern = torch.randn(1, 50, 6, generator=generator)  # what each of 50 positions looks like

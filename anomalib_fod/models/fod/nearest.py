@@ -38,7 +38,13 @@ import torch
 from torch import nn
 
 from .context import fit_whitening
-from .residual_statistics import ResidualAccumulator, ResidualStatistics, adopt_stored_shapes, chunks
+from .residual_statistics import (
+    ResidualAccumulator,
+    ResidualStatistics,
+    adopt_stored_shapes,
+    chunks,
+    forgive_missing,
+)
 from .settings import ResidualCovariance
 
 logger = logging.getLogger(__name__)
@@ -121,9 +127,14 @@ class NearestLevel(nn.Module):
         return self.position_units.numel() > 0
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:  # noqa: ANN001
-        """The buffers take the stored shapes (they are empty until a fit)."""
+        """The buffers take the stored shapes (they are empty until a fit). A checkpoint from before the position
+        share loads with its score as it was; one from before the score loads with the score left out."""
         adopt_stored_shapes(self, state_dict, prefix, self.BUFFERS)
+        before = set(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        forgiven = forgive_missing(prefix, self.BUFFERS, missing_keys, before)
+        if len(forgiven) == len(self.BUFFERS):
+            self.decline(float("nan"))
 
     def set_bank(self, mean: torch.Tensor, whitening: torch.Tensor, tokens: torch.Tensor) -> None:
         """Store the ``(C,)`` mean and ``(C, C)`` whitening, and the bank of ``(K, C)`` raw tokens (whitened here)."""
