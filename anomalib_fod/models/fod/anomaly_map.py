@@ -133,7 +133,7 @@ class AnomalyMapGenerator(nn.Module):
             ContextLevel(c, settings.context_radius, settings.context_hidden_share)
             for c in (channels if settings.context_score else ())
         )
-        self.nearest = nn.ModuleList(NearestLevel() for _ in (settings.d_models if settings.nearest_tokens else ()))
+        self.nearest = nn.ModuleList(NearestLevel() for _ in (settings.d_models if settings.uses_nearest else ()))
         self.use_scoring(settings)
         self.blur = gaussian_blur(blur_sigma)
 

@@ -240,7 +240,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         context_radius: int = 2,
         context_hidden_share: float = 0.05,
         context_query_share: float = 0.25,
-        nearest_tokens: int = 0,
+        nearest_tokens: int = 40000,
         nearest_position_limit: float = 0.5,
         **kwargs: Any,  # noqa: ANN401 - OfflineBackboneModule's arguments
     ) -> None:

@@ -87,9 +87,9 @@ class FodSettings:
         context_query_share: share of each level's positions the context predictors learn to predict per
             training step (a fresh random subset each step; 1: all). A quarter makes a step about 3x cheaper at
             256 px; inference always predicts every position.
-        nearest_tokens: add the nearest-token score (``nearest.py``): a bank of this many training tokens per
+        nearest_tokens: the nearest-token score (``nearest.py``): a bank of this many training tokens per
             level, each token's distance to the nearest of them added to the Gaussian's in held-out z-units
-            (0: off). Needs ``reconstruction_term="mahalanobis"`` and ``scoring="rec"``, not with
+            (0: off). Takes part with ``reconstruction_term="mahalanobis"`` and ``scoring="rec"``, not with
             ``context_score``.
         nearest_position_limit: with ``nearest_tokens``, the model adds the nearest-token score only when a
             normal token's grid position explains less than this share of its variation (measured on the training
@@ -129,7 +129,7 @@ class FodSettings:
     context_radius: int = 2
     context_hidden_share: float = 0.05
     context_query_share: float = 0.25
-    nearest_tokens: int = field(default=0, metadata=_SHAPES)
+    nearest_tokens: int = field(default=40000, metadata=_SHAPES)
     nearest_position_limit: float = 0.5
 
     def __post_init__(self) -> None:
@@ -181,9 +181,7 @@ class FodSettings:
                 f"nearest-token score), got {self.nearest_position_limit}."
             )
             raise ValueError(msg)
-        if self.nearest_tokens and (
-            self.reconstruction_term != "mahalanobis" or self.scoring != "rec" or self.context_score
-        ):
+        if self.nearest_tokens and self.nearest_position_limit >= 1 and not self.nearest_applies:
             msg = (
                 "nearest_tokens adds to the whitened residual: it needs reconstruction_term='mahalanobis', "
                 f"scoring='rec' and context_score=False, got {self.reconstruction_term!r}, {self.scoring!r} and "
@@ -191,6 +189,18 @@ class FodSettings:
             )
             raise ValueError(msg)
         check_choices(self)
+
+    @property
+    def nearest_applies(self) -> bool:
+        """Whether the nearest-token score can take part: it adds to the whitened residual alone. Where it cannot
+        (the paper's scoring, ``context_score``), a self-choosing one (``nearest_position_limit < 1``) stays out and
+        a required one is refused."""
+        return self.reconstruction_term == "mahalanobis" and self.scoring == "rec" and not self.context_score
+
+    @property
+    def uses_nearest(self) -> bool:
+        """Whether the model holds the nearest-token score (its fit may still leave it out, ``nearest.py``)."""
+        return self.nearest_tokens > 0 and self.nearest_applies
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> FodSettings:
