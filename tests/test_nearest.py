@@ -17,6 +17,7 @@ from anomalib_fod.models.fod.nearest import (
     NEAREST,
     NearestLevel,
     batch_layout,
+    describe_choice,
     fit_nearest,
     held_out_units,
     nearest_distance,
@@ -164,6 +165,11 @@ def test_a_part_told_by_position_declines_the_score_and_scores_as_without_it(tmp
     texture, _ = fitted_model()
     assert texture.model.anomaly_map_generator.nearest_active
     assert float(texture.model.anomaly_map_generator.nearest[0].position_share) < 0.5
+    # what the run says it chose, and why
+    share = float(generator.nearest[0].position_share)
+    assert describe_choice(generator.nearest, 0.5).startswith("FOD nearest-token score: left out")
+    assert f"{share:.3f}" in describe_choice(generator.nearest, 0.5)
+    assert describe_choice(texture.model.anomaly_map_generator.nearest, 0.5).startswith("FOD nearest-token score: used")
 
 
 def test_a_declined_score_exports_as_the_model_without_it(tmp_path) -> None:  # noqa: ANN001
@@ -260,7 +266,7 @@ def test_where_it_cannot_be_measured_the_score_is_left_out_with_a_warning(monkey
     plain, _ = fitted_model(nearest_tokens=0, images=one)
     generator = model.model.anomaly_map_generator
     assert all(level.unmeasured for level in generator.nearest) and generator.keeps_training_tokens is None
-    assert "one training image" in caplog.text
+    assert "one training image" in caplog.text and "could not be measured" in describe_choice(generator.nearest, 0.5)
     test = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(model(test).pred_score, plain(test).pred_score)

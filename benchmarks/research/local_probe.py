@@ -10,7 +10,11 @@ Candidates, per level, all whitened by the training tokens' shared covariance:
 - ``sum_z``: the Gaussian plus the global nearest token of a random 40 000-token bank, in held-out z-units (the
   nearest-token option's score, for reference in the same run);
 - ``local_rR``: the position-restricted nearest token alone (map levels 7/8 : 1/8, image score the map's max);
-- ``sum_local_rR``: the Gaussian plus ``local_rR``, in held-out z-units (two folds, as ``sum_z``).
+- ``sum_local_rR``: the Gaussian plus ``local_rR``, in held-out z-units (two folds, as ``sum_z``);
+- with ``--ks``: the same with the k-th nearest token's distance (``local_rR_kK``: a look must have been seen k
+  times, so one odd training token does not make its like normal);
+- with ``--position-units``: each distance in its own position's held-out z-units (``default_pz``: the Gaussian's;
+  ``sum_pz``: both; ``sum_gpz``: the Gaussian's per position plus the nearest token's level-wide).
 
 Nothing reads a test label to choose; every candidate is reported.
 
@@ -31,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from nearest_probe import MAP_WEIGHTS, NearestToken, held_out_values, shared_whitening  # noqa: E402
-from selection_probe import FeatureProbe, Statistics, append_rows, metrics, probe_parser  # noqa: E402
+from selection_probe import FeatureProbe, Statistics, metrics, probe_parser, run_datasets  # noqa: E402
 
 POSITION_CHUNK = 64
 
@@ -155,12 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--position-units", action="store_true",
                         help="also each distance in its position's held-out z-units (default_pz, sum_pz, sum_gpz)")
     parser.add_argument("--ks", type=int, nargs="+", default=[1], help="the k-th nearest token's distance")
-    parser.add_argument("--seeds", type=int, nargs="+", help="several seeds on the same features (default: --seed)")
-    args = parser.parse_args(argv)
-    args.seeds = args.seeds or [args.seed]
-    for name, root, category in args.data:
-        append_rows(args.out, run_one(args, name, root, category))
-    return 0
+    return run_datasets(parser, argv, run_one)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from selection_probe import FeatureProbe, Statistics, append_rows, metrics, probe_parser  # noqa: E402
+from selection_probe import FeatureProbe, Statistics, metrics, probe_parser, run_datasets  # noqa: E402
 
 MAP_WEIGHTS = (0.875, 0.125)
 
@@ -222,12 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = probe_parser(__doc__, "the banks' random tokens and the folds")
     parser.add_argument("--bank", type=int, default=40000, help="training tokens kept per level")
     parser.add_argument("--coreset", action="store_true", help="a greedy k-center coreset instead of random tokens")
-    parser.add_argument("--seeds", type=int, nargs="+", help="several seeds on the same features (default: --seed)")
-    args = parser.parse_args(argv)
-    args.seeds = args.seeds or [args.seed]
-    for name, root, category in args.data:
-        append_rows(args.out, run_one(args, name, root, category))
-    return 0
+    return run_datasets(parser, argv, run_one)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from nearest_probe import shared_whitening  # noqa: E402
-from selection_probe import FeatureProbe, append_rows, probe_parser  # noqa: E402
+from selection_probe import FeatureProbe, probe_parser, run_datasets  # noqa: E402
 
 
 def position_share(tokens: torch.Tensor) -> dict[str, float]:
@@ -52,11 +52,8 @@ def run_one(args: Any, name: str, root: Path, category: str) -> list[dict[str, A
 
 def main(argv: list[str] | None = None) -> int:
     parser = probe_parser(__doc__, "unused (the statistic draws nothing)")
-    args = parser.parse_args(argv)
-    args.gains = [1.0]
-    for name, root, category in args.data:
-        append_rows(args.out, run_one(args, name, root, category))
-    return 0
+    parser.set_defaults(gains=[1.0])
+    return run_datasets(parser, argv, run_one)
 
 
 if __name__ == "__main__":

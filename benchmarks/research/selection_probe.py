@@ -157,6 +157,17 @@ def probe_parser(doc: str, seed_help: str) -> argparse.ArgumentParser:
     return parser
 
 
+def run_datasets(parser: argparse.ArgumentParser, argv: list[str] | None, run_one: Any) -> int:  # noqa: ANN401
+    """Parse ``argv`` (with ``--seeds``: several seeds on the same features, default ``--seed``) and append the rows
+    of ``run_one(args, name, root, category)`` for every ``--data`` to ``--out``."""
+    parser.add_argument("--seeds", type=int, nargs="+", help="several seeds on the same features (default: --seed)")
+    args = parser.parse_args(argv)
+    args.seeds = args.seeds or [args.seed]
+    for name, root, category in args.data:
+        append_rows(args.out, run_one(args, name, root, category))
+    return 0
+
+
 def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:

@@ -18,11 +18,12 @@ import math
 from typing import TYPE_CHECKING
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 
 from anomalib_fod.utils import check_choice
 
 from .fitting import TrainingImages, distributed_sum, fit_reference, fit_residual_statistics, rank_batches
-from .nearest import decline_unmeasured
+from .nearest import decline_unmeasured, describe_choice
 from .residual_statistics import per_position_bytes
 from .settings import ReferenceMode
 
@@ -103,8 +104,12 @@ class ResidualStatisticsCallback(Callback):
         if not model.anomaly_map_generator.needs_statistics or self.fitted_at_step == trainer.global_step:
             return
         # The context predictor reads the frozen features alone: trained once per fit, its z-units refitted.
-        fit_residual_statistics(model, training_images(trainer, pl_module), train_context=self.fitted_at_step is None)
+        first = self.fitted_at_step is None
+        fit_residual_statistics(model, training_images(trainer, pl_module), train_context=first)
         self.fitted_at_step = trainer.global_step
+        nearest = model.anomaly_map_generator.nearest
+        if first and len(nearest):  # the choice the model made on the training images, on the console once per fit
+            rank_zero_info(describe_choice(nearest, model.settings.nearest_position_limit))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refuse, before any step, statistics too large to keep (the grids are known by now)."""

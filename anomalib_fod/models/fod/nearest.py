@@ -198,6 +198,25 @@ def decline_unmeasured(levels: Sequence[NearestLevel], reason: str) -> None:
     )
 
 
+def describe_choice(levels: Sequence[NearestLevel], limit: float) -> str:
+    """One line for the run's log: whether the fitted score takes part, and the position shares that decided it."""
+    if all(level.unmeasured for level in levels):
+        return "FOD nearest-token score: left out, its position share could not be measured (see the warning)."
+    shares = ", ".join(f"{float(level.position_share):.3f}" for level in levels)
+    finest = float(levels[0].position_share)
+    if all(level.declined for level in levels):
+        return (
+            f"FOD nearest-token score: left out. Grid position explains {finest:.3f} of the training tokens' "
+            f"variation on the finest level (per level: {shares}), at or above nearest_position_limit={limit:g}: an "
+            "aligned product, scored by its per-position Gaussian alone."
+        )
+    return (
+        f"FOD nearest-token score: used. Grid position explains {finest:.3f} of the training tokens' variation on the "
+        f"finest level (per level: {shares}; nearest_position_limit={limit:g}): the distance to the nearest of "
+        f"{levels[0].bank.shape[0]} training tokens per level is added to the Gaussian's."
+    )
+
+
 def position_share(tokens: torch.Tensor, mean: torch.Tensor, whitening: torch.Tensor) -> float:
     """Share of the variation of ``(N, L, C)`` tokens (one per training image and grid position) that their position
     explains, in the whitening ``(C,)`` ``mean``, ``(C, C)`` ``whitening`` of all of them: the variance of the
@@ -331,16 +350,10 @@ def fit_nearest(
         whitenings.append(fit_whitening(level_tokens.flatten(0, 1)))
         share = position_share(level_tokens[plain], *whitenings[-1])
         level.position_share = torch.tensor([share], device=level.position_share.device)
-    shares = ", ".join(f"{float(level.position_share):.3f}" for level in levels)
-    finest = float(levels[0].position_share)
-    if limit < 1 and finest >= limit:
+    if limit < 1 and float(levels[0].position_share) >= limit:
         for level in levels:
             level.decline()
-        logger.info(
-            "FOD nearest-token score left out: the training tokens' grid position explains %.3f of their variation "
-            "on the finest level (per level: %s), at or above nearest_position_limit=%g; the per-position Gaussian "
-            "scores alone.", finest, shares, limit,
-        )
+        logger.info(describe_choice(levels, limit))
         return False
     generator = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, ())))
     for index, (level, stats) in enumerate(zip(levels, statistics, strict=True)):
@@ -352,10 +365,7 @@ def fit_nearest(
         level.set_bank(*whitenings[index], _draw(flat, size, generator))
         level.to(device)
         level.set_units(units, position_units)
-    logger.info(
-        "FOD nearest-token score used: the training tokens' grid position explains %.3f of their variation on the "
-        "finest level (per level: %s; nearest_position_limit=%g).", finest, shares, limit,
-    )
+    logger.info(describe_choice(levels, limit))
     logger.info(
         "FOD nearest-token score: banks of %s tokens from %d training images; held-out z-units (mean, std) of the "
         "map's, the nearest and the per-position distance, per level: %s",
