@@ -314,7 +314,8 @@ def test_bad_nearest_settings_are_refused() -> None:
         with pytest.raises(ValueError, match="nearest_tokens adds to the whitened residual"):
             Fod(pre_trained=False, nearest_tokens=10, nearest_position_limit=1.0, **TINY, **settings)
         # a self-choosing score stays out of a scoring it cannot add to
-        assert not len(Fod(pre_trained=False, nearest_tokens=10, **TINY, **settings).model.anomaly_map_generator.nearest)
+        generator = Fod(pre_trained=False, nearest_tokens=10, **TINY, **settings).model.anomaly_map_generator
+        assert not generator.nearest_active and generator.keeps_training_tokens != "nearest_tokens"
 
 
 def test_the_exported_graph_carries_the_nearest_score(tmp_path, monkeypatch) -> None:  # noqa: ANN001

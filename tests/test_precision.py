@@ -13,7 +13,7 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib_fod import Fod
 from anomalib_fod.deploy import load_rgb
 from anomalib_fod.inference import OpenVINOInferencer, OpenVINOModel, PrecisionError, precision_name
-from anomalib_fod.models.fod.fitting import fit_statistics
+from anomalib_fod.models.fod.fitting import TrainingImages, fit_residual_statistics
 from anomalib_fod.models.pre_processing import apply_for_export
 from anomalib_fod.models.resize import antialiased_resize
 from anomalib_fod.precision import emulate_precision, round_to
@@ -164,7 +164,8 @@ def fitted_fod() -> tuple[Fod, torch.Tensor]:
     """A tiny FOD (untrained Transformers, ImageNet backbone) with its references and residual statistics fitted on
     the embedded battery_weld training images at 64 px; every 8th test image, pre-processed."""
     torch.manual_seed(0)
-    model = Fod(image_size=64, visualizer=False, **TINY).eval()
+    # exposure gains act on unnormalised images: these are normalised, and fitted as they are
+    model = Fod(image_size=64, visualizer=False, intensity_gains=(1.0,), **TINY).eval()
     transform = model.pre_processor.transform
 
     def load(paths: list[Path]) -> torch.Tensor:
@@ -172,9 +173,10 @@ def fitted_fod() -> tuple[Fod, torch.Tensor]:
 
     root = EMBEDDED_DATA_ROOT / "battery_weld"
     with torch.no_grad():
-        features = model.model.extract_features(load(sorted((root / "train").glob("*/*.png"))))
-        model.model.set_mean_reference([f.mean(0) for f in features])
-        fit_statistics(model.model, [features])
+        images = load(sorted((root / "train").glob("*/*.png")))
+        model.model.set_mean_reference([f.mean(0) for f in model.model.extract_features(images)])
+        # the whole fit at the training exposures, the nearest-token score's bank and z-units included
+        fit_residual_statistics(model.model, TrainingImages(list(images.split(8)), None, torch.device("cpu"), False))
     return model, load(sorted((root / "test").glob("*/*.png"))[::8])
 
 

@@ -16,7 +16,9 @@ from fod_helpers import TINY, assert_budget_is_the_boundary, counted_position_pr
 
 
 def tiny_model(**settings) -> Fod:  # noqa: ANN003
+    """A tiny model scored by the Gaussian alone (the nearest-token score, fitted apart, has its own tests)."""
     torch.manual_seed(0)
+    settings.setdefault("nearest_tokens", 0)
     return Fod(pre_trained=False, image_size=64, visualizer=False, **TINY, **settings)
 
 

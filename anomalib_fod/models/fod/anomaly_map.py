@@ -133,7 +133,9 @@ class AnomalyMapGenerator(nn.Module):
             ContextLevel(c, settings.context_radius, settings.context_hidden_share)
             for c in (channels if settings.context_score else ())
         )
-        self.nearest = nn.ModuleList(NearestLevel() for _ in (settings.d_models if settings.uses_nearest else ()))
+        # Built whenever asked for, so a checkpoint's bank loads under any scoring; used where it applies.
+        self.nearest = nn.ModuleList(NearestLevel() for _ in (settings.d_models if settings.nearest_tokens else ()))
+        self.nearest_applies = settings.nearest_applies
         self.use_scoring(settings)
         self.blur = gaussian_blur(blur_sigma)
 
@@ -143,14 +145,14 @@ class AnomalyMapGenerator(nn.Module):
         ``"nearest_tokens"``, unless the latter was left out unmeasured), or None."""
         if len(self.context):
             return "context_score"
-        if len(self.nearest) and not all(level.unmeasured for level in self.nearest):
+        if self.nearest_applies and len(self.nearest) and not all(level.unmeasured for level in self.nearest):
             return "nearest_tokens"
         return None
 
     @property
     def nearest_active(self) -> bool:
         """Whether scoring adds the nearest-token score (configured, and not declined by its fit)."""
-        return len(self.nearest) > 0 and not all(level.declined for level in self.nearest)
+        return self.nearest_applies and len(self.nearest) > 0 and not all(level.declined for level in self.nearest)
 
     @property
     def needs_statistics(self) -> bool:
@@ -179,7 +181,7 @@ class AnomalyMapGenerator(nn.Module):
             return False
         if len(self.context):
             return all(level.has_position_units for level in self.context)
-        if len(self.nearest) and all(level.fitted for level in self.nearest):
+        if self.nearest_active and all(level.fitted for level in self.nearest):
             return all(level.has_position_units for level in self.nearest)
         return self.statistics[0].covariance != "position" or self.map_level_weights is not None
 

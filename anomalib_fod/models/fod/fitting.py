@@ -304,7 +304,7 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages, train_conte
         raise NotImplementedError(msg)
     kept = KeptLevels([], [], [])
     fit_statistics(model, features, keep=kept)
-    if len(generator.nearest):
+    if option == "nearest_tokens":
         fit_nearest(
             generator.nearest, generator.statistics, kept.tokens, kept.residuals, gains,
             model.settings.nearest_tokens, images.device, model.settings.nearest_position_limit,

@@ -197,11 +197,6 @@ class FodSettings:
         a required one is refused."""
         return self.reconstruction_term == "mahalanobis" and self.scoring == "rec" and not self.context_score
 
-    @property
-    def uses_nearest(self) -> bool:
-        """Whether the model holds the nearest-token score (its fit may still leave it out, ``nearest.py``)."""
-        return self.nearest_tokens > 0 and self.nearest_applies
-
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> FodSettings:
         """The settings among ``hparams`` (a model's saved hyper-parameters); others are ignored."""
