@@ -335,7 +335,9 @@ def fit_nearest(
         device: where the distances are computed.
         limit: ``nearest_position_limit``.
 
-    The folds and banks are drawn from the global RNG (seeded runs repeat); a declined score draws nothing.
+    The folds and banks are drawn from the process's seed (``torch.initial_seed()``, which ``seed_everything``
+    sets), not from the global RNG's state after training: a fit resumed from a checkpoint draws the same banks as an
+    uninterrupted one. A declined score draws nothing.
     """
     images, plain = batch_layout([batch.shape[0] for batch in tokens[0]], gains)
     if len(torch.unique(images)) < 2:  # noqa: PLR2004
@@ -355,7 +357,7 @@ def fit_nearest(
             level.decline()
         logger.info(describe_choice(levels, limit))
         return False
-    generator = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, ())))
+    generator = torch.Generator().manual_seed(torch.initial_seed())
     for index, (level, stats) in enumerate(zip(levels, statistics, strict=True)):
         level_tokens, level_residuals = torch.cat(list(tokens[index])), torch.cat(list(residuals[index]))
         units, position_units = held_out_units(
