@@ -432,10 +432,12 @@ def test_curve_uses_the_test_transform_not_the_export_one() -> None:
     assert not torch.allclose(model.pre_processor(images), expected, atol=1e-3)  # the export transform differs
 
 
+@pytest.mark.parametrize("options", [{}, {"nearest_tokens": 200, "nearest_position_limit": 1.0}], ids=["default", "nearest"])
 def test_harness_resumes_an_interrupted_cell(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], options: dict
 ) -> None:
-    """A cell killed after epoch 1 of 3 resumes from its per-epoch checkpoint and ends as an uninterrupted one."""
+    """A cell killed after epoch 1 of 3 resumes from its per-epoch checkpoint and ends as an uninterrupted one (with
+    the nearest-token score too: its random bank comes from the run's seed, not from the RNG's state)."""
     from anomalib_fod.benchmark.resume import RESUME_CHECKPOINT, CellCheckpoint, find_resume_point
     from anomalib_fod.data.dummy import make_dummy_mvtec
 
@@ -443,7 +445,8 @@ def test_harness_resumes_an_interrupted_cell(
 
     def write_config(name: str) -> Path:
         config = _config(dataset, tmp_path / name)
-        config["models"] = [{**config["models"][0], "max_epochs": 3, "test_curve": True}]
+        model = config["models"][0]
+        config["models"] = [{**model, "max_epochs": 3, "test_curve": True, "init_args": {**model["init_args"], **options}}]
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
         return path
