@@ -296,7 +296,7 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages, train_conte
         fit_statistics(model, features, images.reduce, images.weight)
         return
     if images.reduce is not None:
-        if option == "nearest_tokens" and model.settings.nearest_position_limit < 1:
+        if option == "nearest_tokens" and model.settings.nearest_chooses:
             decline_unmeasured(generator.nearest, "it is fitted on one process, not under DDP (devices=1)")
             fit_statistics(model, features, images.reduce, images.weight)
             return
@@ -304,7 +304,7 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages, train_conte
         raise NotImplementedError(msg)
     kept = KeptLevels([], [], [])
     fit_statistics(model, features, keep=kept)
-    if len(generator.nearest):
+    if option == "nearest_tokens":
         fit_nearest(
             generator.nearest, generator.statistics, kept.tokens, kept.residuals, gains,
             model.settings.nearest_tokens, images.device, model.settings.nearest_position_limit,

@@ -192,6 +192,12 @@ class FodSettings:
             raise ValueError(msg)
         check_choices(self)
 
+    @property
+    def nearest_chooses(self) -> bool:
+        """Whether the nearest-token score decides on the training images whether to take part
+        (``nearest_position_limit < 1``), and so is left out where it cannot decide; else it is required."""
+        return self.nearest_position_limit < 1
+
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> FodSettings:
         """The settings among ``hparams`` (a model's saved hyper-parameters); others are ignored."""
