@@ -75,13 +75,18 @@ def test_the_z_units_come_from_images_the_bank_and_the_gaussian_never_saw() -> N
     assert units[MAP] > 1.2 * float(statistics(residuals).mean()) and position_units is not None
 
 
+def tiny_fod(nearest_tokens: int = 300, **settings) -> Fod:  # noqa: ANN003
+    """A tiny untrained model (random backbone, ``SIZE`` px) with a nearest-token bank of ``nearest_tokens``."""
+    return Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=nearest_tokens, **TINY, **settings)
+
+
 def fitted_model(
     seed: int = 0, nearest_tokens: int = 300, images: torch.Tensor | None = None, **settings,  # noqa: ANN003
 ) -> tuple[Fod, torch.Tensor]:
     """A tiny model with its statistics and (with ``nearest_tokens``) its nearest-token score fitted on ``images``
     (default: 8 random ones, whose tokens no position tells apart)."""
     torch.manual_seed(seed)
-    model = Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=nearest_tokens, **TINY, **settings)
+    model = tiny_fod(nearest_tokens, **settings)
     if images is None:
         images = torch.rand(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     gains = model.model.settings.intensity_gains
@@ -110,13 +115,13 @@ def test_checkpoints_from_before_the_share_or_the_score_load(tmp_path) -> None: 
     model saved before the score existed) loads with the score left out, scoring as it did."""
     model, images = fitted_model()
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("position_share")}
-    reloaded = Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=300, **TINY)
+    reloaded = tiny_fod()
     reloaded.load_state_dict(state)
     assert reloaded.model.anomaly_map_generator.nearest_active
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(images).pred_score, model(images).pred_score)
     plain, _ = fitted_model(nearest_tokens=0)
-    older = Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=300, **TINY)
+    older = tiny_fod()
     older.load_state_dict(plain.state_dict())
     assert all(level.unmeasured for level in older.model.anomaly_map_generator.nearest)
     with torch.no_grad():
@@ -154,7 +159,7 @@ def test_a_part_told_by_position_declines_the_score_and_scores_as_without_it(tmp
     # the decision travels with the state dict
     path = tmp_path / "state.pt"
     torch.save(model.state_dict(), path)
-    reloaded = Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=300, **TINY)
+    reloaded = tiny_fod()
     reloaded.load_state_dict(torch.load(path))
     assert all(level.declined for level in reloaded.model.anomaly_map_generator.nearest)
     with torch.no_grad():
@@ -196,7 +201,7 @@ def test_the_score_reads_the_bank_and_survives_a_state_dict(tmp_path) -> None:  
         level.bank_squares.div_(4.0)
     path = tmp_path / "state.pt"
     torch.save(model.state_dict(), path)
-    reloaded = Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=300, **TINY)
+    reloaded = tiny_fod()
     reloaded.load_state_dict(torch.load(path))
     reloaded.eval()
     with torch.no_grad():
@@ -240,7 +245,7 @@ def test_an_unfitted_score_says_what_to_do() -> None:
 
 
 def test_fitting_it_needs_two_training_images() -> None:
-    model = Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=10, **TINY)
+    model = tiny_fod(10)
     features = list(iterate_pooled_features(model.model, [torch.rand(1, 3, SIZE, SIZE)], None, torch.device("cpu"),
                                             False, gains=GAINS))
     model.model.set_mean_reference([f.mean(0) for f in features[0]])
@@ -272,8 +277,7 @@ def test_where_it_cannot_be_measured_the_score_is_left_out_with_a_warning(monkey
         torch.testing.assert_close(model(test).pred_score, plain(test).pred_score)
 
     def unfitted(limit: float, batches: list[torch.Tensor]) -> Fod:
-        fresh = Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=300,
-                    nearest_position_limit=limit, **TINY)
+        fresh = tiny_fod(nearest_position_limit=limit)
         features = next(iter(iterate_pooled_features(fresh.model, batches, None, torch.device("cpu"), False)))
         fresh.model.set_mean_reference([f.mean(0) for f in features])
         return fresh

@@ -144,7 +144,7 @@ class ResidualStatisticsCallback(Callback):
         channels = model.feature_extractor.channels
         size = 3 * 4 * images * sum(h * w * c for (h, w), c in zip(grids, channels, strict=True))
         if size > CONTEXT_BUDGET_BYTES:
-            if option == "nearest_tokens" and model.settings.nearest_position_limit < 1:
+            if option == "nearest_tokens" and model.settings.nearest_chooses:
                 decline_unmeasured(
                     model.anomaly_map_generator.nearest,
                     f"keeping every training token to measure it would take {size / 2**30:.1f} GiB of CPU memory "

@@ -296,7 +296,7 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages, train_conte
         fit_statistics(model, features, images.reduce, images.weight)
         return
     if images.reduce is not None:
-        if option == "nearest_tokens" and model.settings.nearest_position_limit < 1:
+        if option == "nearest_tokens" and model.settings.nearest_chooses:
             decline_unmeasured(generator.nearest, "it is fitted on one process, not under DDP (devices=1)")
             fit_statistics(model, features, images.reduce, images.weight)
             return

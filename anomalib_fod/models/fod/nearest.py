@@ -353,11 +353,11 @@ def fit_nearest(
             return False
         msg = "nearest_tokens needs at least 2 training images: its z-units come from images held out of the fit."
         raise ValueError(msg)
+    level_tokens = [torch.cat(list(batches)) for batches in tokens]  # (M, L_i, C_i), once per level
     whitenings = []
-    for index, level in enumerate(levels):
-        level_tokens = torch.cat(list(tokens[index]))
-        whitenings.append(fit_whitening(level_tokens.flatten(0, 1)))
-        share = position_share(level_tokens[plain], *whitenings[-1])
+    for level, kept in zip(levels, level_tokens, strict=True):
+        whitenings.append(fit_whitening(kept.flatten(0, 1)))
+        share = position_share(kept[plain], *whitenings[-1])
         level.position_share = torch.tensor([share], device=level.position_share.device)
     if limit < 1 and float(levels[0].position_share) >= limit:
         for level in levels:
@@ -366,11 +366,10 @@ def fit_nearest(
         return False
     generator = torch.Generator().manual_seed(torch.initial_seed())
     for index, (level, stats) in enumerate(zip(levels, statistics, strict=True)):
-        level_tokens, level_residuals = torch.cat(list(tokens[index])), torch.cat(list(residuals[index]))
         units, position_units = held_out_units(
-            stats, level_tokens, level_residuals, images, plain, size, generator, device
+            stats, level_tokens[index], torch.cat(list(residuals[index])), images, plain, size, generator, device
         )
-        flat = level_tokens.flatten(0, 1)
+        flat = level_tokens[index].flatten(0, 1)
         level.set_bank(*whitenings[index], _draw(flat, size, generator))
         level.to(device)
         level.set_units(units, position_units)

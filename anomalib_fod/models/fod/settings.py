@@ -181,7 +181,7 @@ class FodSettings:
                 f"nearest-token score), got {self.nearest_position_limit}."
             )
             raise ValueError(msg)
-        if self.nearest_tokens and self.nearest_position_limit >= 1 and not self.nearest_applies:
+        if self.nearest_tokens and not self.nearest_chooses and not self.nearest_applies:
             msg = (
                 "nearest_tokens adds to the whitened residual: it needs reconstruction_term='mahalanobis', "
                 f"scoring='rec' and context_score=False, got {self.reconstruction_term!r}, {self.scoring!r} and "
@@ -196,6 +196,12 @@ class FodSettings:
         (the paper's scoring, ``context_score``), a self-choosing one (``nearest_position_limit < 1``) stays out and
         a required one is refused."""
         return self.reconstruction_term == "mahalanobis" and self.scoring == "rec" and not self.context_score
+
+    @property
+    def nearest_chooses(self) -> bool:
+        """Whether the nearest-token score decides on the training images whether to take part
+        (``nearest_position_limit < 1``), and so is left out where it cannot decide; else it is required."""
+        return self.nearest_position_limit < 1
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> FodSettings:
