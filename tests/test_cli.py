@@ -204,6 +204,7 @@ def test_shipped_fod_configs_give_the_recipe_they_name() -> None:
     assert paper["num_layers"] == 3  # the paper's depth: its score fell to chance with Fod's one layer
     assert paper["map_level_weights"] is None  # the paper averages the levels
     assert paper["map_align_corners"] is True  # and upsamples them corner-aligned
+    assert paper["nearest_tokens"] == 0  # and keeps no bank of training tokens
 
 
 @pytest.mark.slow

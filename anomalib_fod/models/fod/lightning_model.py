@@ -176,12 +176,14 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         context_hidden_share: share of each image's most unusual tokens hidden from every prediction.
         context_query_share: share of each level's positions the predictors learn per training step (a fresh
             random subset; about 3x cheaper steps at a quarter); inference predicts every position.
-        nearest_tokens: add the nearest-token score (``nearest.py``; 0: off): per level, a bank of this many
+        nearest_tokens: the nearest-token score (``nearest.py``; 0: off; by default it chooses itself, see
+            ``nearest_position_limit``): per level, a bank of this many
             training tokens drawn at random, and each token's distance to the nearest of them added to the
             Gaussian's, both in z-units measured on held-out training images (the image score: the same with the
             per-position distance). It keeps the several looks of a texture or of pooled products apart, where
             one Gaussian per position merges them. 40 000 tokens take 24 MB of buffers with Lite0; the score
-            costs about 3 GMAC more per 256x256 image. Not with ``context_score``.
+            costs about 3 GMAC more per 256x256 image. It takes part with the whitened residual alone: the
+            paper's scoring and ``context_score`` leave it out.
         nearest_position_limit: with ``nearest_tokens``, add the nearest-token score only when the training
             tokens' grid position explains less than this share of their variation (finest level, measured after
             training on the training images alone; logged, stored in the checkpoint): an aligned part is scored by
