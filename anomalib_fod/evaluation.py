@@ -36,12 +36,22 @@ from anomalib.metrics.base import AnomalibMetric
 from torch import nn
 
 
+VISUALIZER_HOOKS = ("on_test_batch_end", "on_predict_batch_end")
+
+
+def _draw_nothing(*args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - any Lightning hook's arguments
+    del args, kwargs
+
+
 @contextmanager
 def raw_post_processing(model: nn.Module) -> Iterator[None]:
-    """Switch off the post-processor's min-max normalisation (and clamping) temporarily.
+    """Switch off the post-processor's min-max normalisation (and clamping) temporarily, and the visualiser.
 
     ``Engine.predict`` otherwise returns scores normalised with the validation statistics and
-    clamped to [0, 1]; the exact metrics need the model's raw outputs.
+    clamped to [0, 1]; the exact metrics need the model's raw outputs. A visualiser draws maps in
+    [0, 1]: fed raw ones it wraps their values around (a heat map of rings) and overwrites the
+    pictures of the same images that ``Engine.test`` drew from the normalised maps, so it draws
+    nothing while the outputs are raw.
     """
     post_processor = getattr(model, "post_processor", None)
     if not post_processor:
@@ -53,12 +63,18 @@ def raw_post_processing(model: nn.Module) -> Iterator[None]:
             "`enable_normalization` switch: cannot obtain raw predictions."
         )
         raise TypeError(msg)
+    visualizer = getattr(model, "visualizer", None)
+    silenced = [hook for hook in VISUALIZER_HOOKS if visualizer is not None and hasattr(visualizer, hook)]
     saved = post_processor.enable_normalization
     post_processor.enable_normalization = False
+    for hook in silenced:  # the instance's attribute shadows the class's method for as long as it exists
+        setattr(visualizer, hook, _draw_nothing)
     try:
         yield
     finally:
         post_processor.enable_normalization = saved
+        for hook in silenced:
+            delattr(visualizer, hook)
 
 
 def _as_nhw(tensor: torch.Tensor) -> torch.Tensor:

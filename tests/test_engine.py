@@ -203,3 +203,29 @@ def test_a_step_budget_validates_once_in_the_epoch_it_ends_in(
     assert engine.trainer.check_val_every_n_epoch == check_val
     if validations_at_step:
         assert math.isfinite(float(model.post_processor.image_threshold))
+
+
+def test_raw_predictions_draw_no_pictures(tmp_path):
+    """Raw maps are not in the [0, 1] a visualiser draws (a picture of them wraps the values around into rings and
+    overwrites the one drawn from the normalised map): while the outputs are raw the visualiser draws nothing,
+    afterwards it draws again."""
+    from anomalib.post_processing import PostProcessor
+    from anomalib.visualization import ImageVisualizer
+
+    drawn = []
+
+    class Recording(ImageVisualizer):
+        def on_predict_batch_end(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            drawn.append(args)
+
+    model = torch.nn.Module()
+    model.post_processor, model.visualizer = PostProcessor(), Recording(output_dir=tmp_path)
+    with raw_post_processing(model):
+        assert not model.post_processor.enable_normalization
+        model.visualizer.on_predict_batch_end("trainer", "module", "outputs", "batch", 0)
+        model.visualizer.on_test_batch_end("trainer", "module", "outputs", "batch", 0)  # would fail: no real batch
+    assert drawn == []
+    assert model.post_processor.enable_normalization
+    model.visualizer.on_predict_batch_end("trainer", "module", "outputs", "batch", 0)
+    assert len(drawn) == 1
+    assert not list(tmp_path.iterdir())
