@@ -223,7 +223,8 @@ def test_raw_predictions_draw_no_pictures(tmp_path):
     with raw_post_processing(model):
         assert not model.post_processor.enable_normalization
         model.visualizer.on_predict_batch_end("trainer", "module", "outputs", "batch", 0)
-        model.visualizer.on_test_batch_end("trainer", "module", "outputs", "batch", 0)  # would fail: no real batch
+        # no real batch: drawing would fail
+        model.visualizer.on_test_batch_end("trainer", "module", "outputs", "batch", 0)
     assert drawn == []
     assert model.post_processor.enable_normalization
     model.visualizer.on_predict_batch_end("trainer", "module", "outputs", "batch", 0)
