@@ -58,6 +58,7 @@ def training_images(trainer: Trainer, pl_module: LightningModule) -> TrainingIma
         progress=trainer.is_global_zero,
         reduce=distributed_sum(trainer),
         weight=weight,
+        seed=getattr(pl_module, "draw_seed", None),
     )
 
 
@@ -108,7 +109,8 @@ class ResidualStatisticsCallback(Callback):
         fit_residual_statistics(model, training_images(trainer, pl_module), train_context=first)
         self.fitted_at_step = trainer.global_step
         nearest = model.anomaly_map_generator.nearest
-        if first and len(nearest) and model.anomaly_map_generator.nearest_applies:  # the choice the model made on the training images, on the console once per fit
+        # the choice the model made on the training images, on the console once per fit
+        if first and len(nearest) and model.anomaly_map_generator.nearest_applies:
             rank_zero_info(describe_choice(nearest, model.settings.nearest_position_limit))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

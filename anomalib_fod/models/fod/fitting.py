@@ -202,6 +202,8 @@ class TrainingImages:
         progress: show a progress bar.
         reduce: sums over the processes of a distributed fit (:func:`distributed_sum`), ``None`` on one process.
         weight: 0 when this process's share is empty under DDP: it contributes shapes but no data.
+        seed: the run's seed for the fit's random draws (the nearest-token score's folds and banks), ``None``: the
+            process's (``torch.initial_seed()``).
     """
 
     batches: Iterable
@@ -210,6 +212,7 @@ class TrainingImages:
     progress: bool = True
     reduce: Reduce | None = None
     weight: float = 1.0
+    seed: int | None = None
 
     def features(self, model: FodModel, desc: str, gains: Sequence[float] = (1.0,)) -> Iterator[list[torch.Tensor]]:
         """Pooled backbone features of every batch (see :func:`iterate_pooled_features`)."""
@@ -307,7 +310,7 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages, train_conte
     if option == "nearest_tokens":
         fit_nearest(
             generator.nearest, generator.statistics, kept.tokens, kept.residuals, gains,
-            model.settings.nearest_tokens, images.device, model.settings.nearest_position_limit,
+            model.settings.nearest_tokens, images.device, model.settings.nearest_position_limit, images.seed,
         )
         return
     fit_context(model, kept, images.device, images.progress, train=train_context)

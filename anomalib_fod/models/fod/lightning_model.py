@@ -58,6 +58,9 @@ LEGACY_SCORING: dict[str, Any] = {
     "map_align_corners": True,
 }
 
+# Where a checkpoint keeps the run's seed of the draws after training (Fod.draw_seed).
+DRAW_SEED_KEY = "fod_draw_seed"
+
 # Fewer optimizer steps than this are warned about: the minimax game may be under-trained (see _warn_few_steps).
 MIN_RECOMMENDED_STEPS = 200
 # The default budget: the default score (the whitened residual) no longer changes after it.
@@ -257,6 +260,9 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         self.cache_features = cache_features
         self.compile_transformers = compile_transformers
         self._feature_cache = FeatureCache()
+        # The seed of the fit's random draws after training (nearest-token folds and banks): the process's seed when
+        # a fit starts, kept in checkpoints, so a run resumed in a process seeded otherwise draws the same.
+        self.draw_seed: int | None = None
 
     def training_callbacks(self) -> list[Callback]:
         """The references before the first step; the residual statistics (when scoring reads them) after steps."""
@@ -278,11 +284,23 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             model.set_scoring(**asked)
         return model
 
+    def on_fit_start(self) -> None:
+        """Take the process's seed for the draws after training, unless a resumed checkpoint brought its own."""
+        super().on_fit_start()
+        if self.draw_seed is None:
+            self.draw_seed = torch.initial_seed()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the run's draw seed beside the weights."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[DRAW_SEED_KEY] = self.draw_seed
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint saved before a scoring setting existed keeps the behaviour its statistics and thresholds
         come from (:data:`LEGACY_SCORING`), unless a fit resumes from it: the fit refits the statistics and
-        thresholds, so the settings this model was built with win."""
+        thresholds, so the settings this model was built with win. The run's draw seed comes back with it."""
         super().on_load_checkpoint(checkpoint)
+        self.draw_seed = checkpoint.get(DRAW_SEED_KEY, self.draw_seed)
         if self._trainer is not None and self._trainer.state.fn == "fit":
             return
         saved = checkpoint.get("hyper_parameters", {})
@@ -320,7 +338,8 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             >>> model.fit_residual_statistics(datamodule)  # doctest: +SKIP
         """
         datamodule.setup("fit")
-        images = TrainingImages(datamodule.train_dataloader(), training_transform(self), self.device)
+        loader = datamodule.train_dataloader()
+        images = TrainingImages(loader, training_transform(self), self.device, seed=self.draw_seed)
         fit_residual_statistics(self.model, images, train_context=False)
 
     def configure_optimizers(self) -> optim.Optimizer:

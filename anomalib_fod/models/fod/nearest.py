@@ -328,6 +328,7 @@ def fit_nearest(
     size: int,
     device: torch.device,
     limit: float = 1.0,
+    seed: int | None = None,
 ) -> bool:
     """Measure every level's position share; if the finest level's is below ``limit`` (or ``limit`` is 1), fit
     every level's bank and z-units, else decline the score. Returns whether the score is used.
@@ -341,10 +342,12 @@ def fit_nearest(
         size: bank size per level.
         device: where the distances are computed.
         limit: ``nearest_position_limit``.
+        seed: the run's seed (``Fod.draw_seed``, kept in its checkpoints); ``None``: the process's
+            (``torch.initial_seed()``, which ``seed_everything`` sets).
 
-    The folds and banks are drawn from the process's seed (``torch.initial_seed()``, which ``seed_everything``
-    sets), not from the global RNG's state after training: a fit resumed from a checkpoint draws the same banks as an
-    uninterrupted one. A declined score draws nothing.
+    The folds and banks are drawn from the run's seed, not from the global RNG's state after training: a fit resumed
+    from a checkpoint, in a process seeded otherwise, draws the same banks as an uninterrupted one. A declined score
+    draws nothing.
     """
     images, plain = batch_layout([batch.shape[0] for batch in tokens[0]], gains)
     if len(torch.unique(images)) < 2:  # noqa: PLR2004
@@ -364,7 +367,7 @@ def fit_nearest(
             level.decline()
         logger.info(describe_choice(levels, limit))
         return False
-    generator = torch.Generator().manual_seed(torch.initial_seed())
+    generator = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
     for index, (level, stats) in enumerate(zip(levels, statistics, strict=True)):
         units, position_units = held_out_units(
             stats, level_tokens[index], torch.cat(list(residuals[index])), images, plain, size, generator, device
