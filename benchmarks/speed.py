@@ -144,7 +144,7 @@ def build(backbone: str, image_size: int, device: torch.device, score: str = "de
             from anomalib_fod.models.fod.fitting import fit_statistics  # noqa: PLC0415
 
             fit_statistics(model.model, [features])
-        if getattr(generator, "nearest_applies", False):
+        if getattr(generator, "nearest_applies", False) and len(generator.nearest):
             fill_nearest_banks(generator, [f.shape[1] for f in features], model.model.settings.nearest_tokens, device)
     return model
 

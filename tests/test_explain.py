@@ -52,7 +52,7 @@ def _check_against_the_model(model, path):  # noqa: ANN001, ANN202
     with torch.no_grad():
         expected = model.model(model.pre_processor.transform(load_image(path)[None]))
     # The explanation runs the attentions on their plain path (it shows their maps), the model on its
-    # fused one: equal up to float32 rounding (which the nearest-token distance's |t|^2 - 2 t.b + |b|^2 amplifies).
+    # fused one: equal up to float32 rounding (which the nearest-token part, in held-out z-units, adds to).
     np.testing.assert_allclose(explanation.anomaly_map, expected.anomaly_map[0, 0].numpy(), rtol=1e-5, atol=1e-5)
     assert explanation.pred_score == pytest.approx(float(expected.pred_score[0]), rel=1e-5, abs=1e-5)
     return explanation

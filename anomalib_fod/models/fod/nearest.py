@@ -64,7 +64,7 @@ def nearest_distance(tokens: torch.Tensor, bank: torch.Tensor, bank_squares: tor
     keeps its own relative precision."""
     tokens = tokens.float()
     best: torch.Tensor | None = None
-    index = torch.zeros(tokens.shape[:-1], dtype=torch.long, device=tokens.device)
+    index: torch.Tensor | None = None
     for start in range(0, bank.shape[0], BANK_SLICE):
         rows = slice(start, start + BANK_SLICE)
         value, where = (bank_squares[rows] - 2 * tokens @ bank[rows].T).min(dim=-1)
@@ -73,7 +73,7 @@ def nearest_distance(tokens: torch.Tensor, bank: torch.Tensor, bank_squares: tor
         else:
             closer = value < best
             best, index = torch.where(closer, value, best), torch.where(closer, where + start, index)
-    if best is None:
+    if index is None:
         msg = "the nearest-token bank is empty."
         raise RuntimeError(msg)
     return (tokens - bank[index]).square().sum(-1).sqrt()
