@@ -26,6 +26,7 @@ DATASETS = {
     "bottle": ("datasets/mvtec_ad", "bottle"),
     "screw": ("datasets/mvtec_ad", "screw"),
     "bsdata_pitting": ("datasets", "bsdata_pitting"),
+    "piped_paper_tl": ("datasets", "piped_paper_tl"),
 }
 
 
@@ -71,6 +72,13 @@ def scale_levels(scores: list[torch.Tensor], train_scores: list[torch.Tensor], s
         return [(score - train.mean()) / train.std() for score, train in zip(scores, train_scores, strict=True)]
     if scaling.startswith("level"):
         return [scores[int(scaling.removeprefix("level"))]]
+    if scaling.startswith("w:"):  # "w:0.5,0.4375,0.0625": a weighted mean of any number of levels, finest first
+        weights = [float(w) for w in scaling.removeprefix("w:").split(",")]
+        return [len(scores) * w / sum(weights) * s for w, s in zip(weights, scores, strict=True)]
+    if scaling.startswith("zw:"):  # the same weights on the levels' z-units
+        weights = [float(w) for w in scaling.removeprefix("zw:").split(",")]
+        z = scale_levels(scores, train_scores, "z")
+        return [len(scores) * w / sum(weights) * s for w, s in zip(weights, z, strict=True)]
     if scaling.startswith("weight"):  # "weight0.75": that share of the finest level, the rest on the other
         share = float(scaling.removeprefix("weight"))
         return [2 * share * scores[0], 2 * (1 - share) * scores[1]]
@@ -91,6 +99,8 @@ def main(
     joint: bool = False,
     augment_gains: list[float] | None = None,
     pool: int = 3,
+    finest_pool: int | None = None,
+    unpooled_copy: bool = False,
     layers: list[str] | None = None,
     threads: int = 1,
 ) -> None:
@@ -133,6 +143,10 @@ def main(
             (before ImageNet normalisation; e.g. ``[0.9, 1.0, 1.1]``), so the covariance holds the change a
             global exposure or lighting drift makes; test images are scored as they are.
         pool: kernel of the average pooling of the backbone features (the model's is 3; 1: none, as PaDiM).
+        finest_pool: another kernel for the first (finest) level alone, e.g. 1 for an unpooled stride-4 level
+            beside the model's pooled two.
+        unpooled_copy: score the finest level twice, unpooled (first) and pooled: a map-only level of the
+            stride-8 features as PaDiM sees them, in front of the model's two.
         layers: backbone layers, one level each (default: the model's two, stride 8 and 16); e.g.
             ``[blocks.1, blocks.2, blocks.4]`` adds a stride-4 level to the map.
         threads: torch threads.
@@ -148,8 +162,10 @@ def main(
         root, category = DATASETS[name]
         for size in sizes or [(256, 256)]:
             shapes = {"layers": tuple(layers), "d_models": (64,) * len(layers)} if layers else {}
-            model = Fod(image_size=tuple(size), visualizer=False, **shapes)
+            model = Fod(image_size=tuple(size), visualizer=False, map_level_weights=None, **shapes)
             model.model.pool = torch.nn.AvgPool2d(kernel_size=pool, stride=1, padding=pool // 2)
+            if finest_pool is not None or unpooled_copy:
+                model.model.extract_features = pooled_levels(model.model, finest_pool, unpooled_copy)
             data = MVTecAD(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=0,
                            val_split_mode="same_as_test")
             data.setup()
@@ -181,6 +197,21 @@ def main(
                     levels = level_statistics(train["features"], test["features"], mean_kind, centering)
                     variant = f"{name} {size[0]}x{size[1]} gain {gain}, mean {mean_kind}, centering {centering},"
                     report(variant, levels, grids, test, covariances, level_scalings, blurs, baselines)
+
+
+def pooled_levels(model, finest_pool: int | None, unpooled_copy: bool):  # noqa: ANN001, ANN201
+    """A feature extractor for ``model`` (a ``FodModel``) whose finest level is pooled with ``finest_pool`` (None:
+    the model's pooling) and, with ``unpooled_copy``, preceded by an unpooled copy of it."""
+    pool = model.pool
+    finest = pool if finest_pool is None else torch.nn.AvgPool2d(finest_pool, stride=1, padding=finest_pool // 2)
+
+    @torch.no_grad()
+    def extract(images: torch.Tensor) -> list[torch.Tensor]:
+        levels = model.feature_extractor(images)
+        pooled = [finest(levels[0]), *(pool(level) for level in levels[1:])]
+        return [levels[0], *pooled] if unpooled_copy else pooled
+
+    return extract
 
 
 def joined(levels: list[torch.Tensor]) -> torch.Tensor:

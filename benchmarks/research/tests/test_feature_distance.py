@@ -38,3 +38,41 @@ def test_scale_levels() -> None:
     torch.testing.assert_close(torch.stack(weighted).mean(0), 0.75 * scores[0] + 0.25 * scores[1])
     with pytest.raises(ValueError, match="unknown level scaling"):
         scale_levels(scores, train, "median")
+
+
+def test_weighted_scalings_of_any_number_of_levels() -> None:
+    scores = [torch.tensor([[1.0, 3.0]]), torch.tensor([[10.0, 30.0]]), torch.tensor([[2.0, 2.0]])]
+    train = [torch.tensor([[1.0, 3.0]]), torch.tensor([[10.0, 30.0]]), torch.tensor([[1.0, 3.0]])]
+    weighted = scale_levels(scores, train, "w:0.5,0.4375,0.0625")
+    # The model averages the levels: these weights (normalised) of their sum after this scaling.
+    expected = 0.5 * scores[0] + 0.4375 * scores[1] + 0.0625 * scores[2]
+    torch.testing.assert_close(torch.stack(weighted).mean(0), expected)
+    # A zero weight leaves that level out: the model's two-level map beside a third level.
+    torch.testing.assert_close(
+        torch.stack(scale_levels(scores, train, "w:0,1,1")).mean(0), 0.5 * (scores[1] + scores[2])
+    )
+    z = scale_levels(scores, train, "z")
+    z_weighted = scale_levels(scores, train, "zw:1,1,2")
+    torch.testing.assert_close(torch.stack(z_weighted).mean(0), 0.25 * z[0] + 0.25 * z[1] + 0.5 * z[2])
+
+
+def test_pooled_levels_pool_the_finest_level_apart_and_copy_it_unpooled() -> None:
+    from feature_distance import pooled_levels  # noqa: PLC0415
+
+    class Model:
+        pool = torch.nn.AvgPool2d(3, stride=1, padding=1)
+
+        @staticmethod
+        def feature_extractor(images: torch.Tensor) -> list[torch.Tensor]:
+            return [images, images[..., ::2, ::2]]
+
+    images = torch.randn(2, 4, 8, 8)
+    default = pooled_levels(Model, None, False)(images)
+    torch.testing.assert_close(default[0], Model.pool(images))
+    unpooled = pooled_levels(Model, 1, False)(images)
+    torch.testing.assert_close(unpooled[0], images)
+    torch.testing.assert_close(unpooled[1], Model.pool(images[..., ::2, ::2]))
+    copied = pooled_levels(Model, None, True)(images)
+    assert len(copied) == 3
+    torch.testing.assert_close(copied[0], images)
+    torch.testing.assert_close(copied[1], Model.pool(images))
