@@ -121,7 +121,9 @@ def main(
         level_scalings: how the levels' distances are put on one scale before their mean: ``"none"``
             (as the model does), ``"z"`` (each level in z-units of its training tokens' distances) or
             ``"level0"`` / ``"level1"`` (one level alone) or ``"weight0.75"`` (that weight on the finest
-            level and the rest on the other: a weighted mean of the two levels).
+            level and the rest on the other: a weighted mean of the two levels), ``"w:a,b,c"`` (a weighted mean
+            of any number of levels; ``"zw:a,b,c"`` the same in z-units) or, with three levels, ``"zmax"`` (the
+            larger of the first level's z-score and the model's map of the other two: ``scale_to_larger``).
         means: ``"position"`` (one mean per token position, as the model keeps) and/or ``"global"`` (one
             mean per level for every position: no assumption that parts are aligned).
         centerings: ``"none"`` and/or ``"median"`` (each image's tokens minus that image's per-channel
@@ -279,6 +281,25 @@ def level_statistics(
     return levels
 
 
+def scale_to_larger(
+    scores: list[torch.Tensor],
+    train_scores: list[torch.Tensor],
+    grids: list[tuple[int, int]],
+    size: tuple[int, int],
+    weights: tuple[float, float] = (0.875, 0.125),
+) -> torch.Tensor:
+    """``(N, H * W)``: at every pixel the larger of the first level's z-score and the model's map of the other two
+    (``weights``, z-units), each upsampled to ``size`` as the model upsamples: a defect counts at the scale it shows
+    at, each scale in units of its own normal spread."""
+    z = scale_levels(scores, train_scores, "z")
+    upsampled = [
+        torch.nn.functional.interpolate(level.reshape(-1, 1, *grid), size=size, mode="bilinear", align_corners=False)
+        for level, grid in zip(z, grids, strict=True)
+    ]
+    others = weights[0] * upsampled[1] + weights[1] * upsampled[2]
+    return torch.maximum(upsampled[0], others).flatten(1)
+
+
 def neighbourhood_precision(
     centred: torch.Tensor, shared: torch.Tensor, grid: tuple[int, int], window: int
 ) -> torch.Tensor:
@@ -346,8 +367,11 @@ def report(  # noqa: PLR0913
             scores.append(test_distance)
             train_scores.append(train_distance)
         for scaling in level_scalings or ["none"]:
-            scaled = scale_levels(scores, train_scores, scaling)
-            used = [grids[int(scaling.removeprefix("level"))]] if scaling.startswith("level") else grids
+            if scaling == "zmax":
+                scaled, used = [scale_to_larger(scores, train_scores, grids, test["size"])], [test["size"]]
+            else:
+                scaled = scale_levels(scores, train_scores, scaling)
+                used = [grids[int(scaling.removeprefix("level"))]] if scaling.startswith("level") else grids
             _, unblurred_scores = AnomalyMapGenerator(FodSettings(blur_sigma=0.0)).combine_levels(
                 scaled, used, test["size"]
             )

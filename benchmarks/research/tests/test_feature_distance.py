@@ -76,3 +76,19 @@ def test_pooled_levels_pool_the_finest_level_apart_and_copy_it_unpooled() -> Non
     assert len(copied) == 3
     torch.testing.assert_close(copied[0], images)
     torch.testing.assert_close(copied[1], Model.pool(images))
+
+
+def test_scale_to_larger_keeps_the_scale_a_defect_shows_at() -> None:
+    from feature_distance import scale_to_larger  # noqa: PLC0415
+
+    generator = torch.Generator().manual_seed(0)
+    grids = [(4, 4), (4, 4), (2, 2)]
+    train = [torch.randn(20, h * w, generator=generator).abs() for h, w in grids]
+    quiet = [torch.full((1, h * w), float(t.mean())) for t, (h, w) in zip(train, grids, strict=True)]
+    fine = [level.clone() for level in quiet]
+    fine[0][0, 5] += 10 * float(train[0].std())  # one cell far out on the first level alone
+    quiet_map = scale_to_larger(quiet, train, grids, (4, 4))
+    fine_map = scale_to_larger(fine, train, grids, (4, 4))
+    assert fine_map.shape == (1, 16)
+    assert fine_map[0, 5] > quiet_map[0, 5] + 5  # the first level's z-score wins where it is the larger
+    torch.testing.assert_close(fine_map[0, 10:], quiet_map[0, 10:])  # and nowhere its bilinear reach ends
