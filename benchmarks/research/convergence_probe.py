@@ -105,6 +105,7 @@ def evaluate(
     test: dict[str, Any],
     train: dict[str, Any] | None = None,
     batch: int = 8,
+    seed: int | None = None,
 ) -> dict[str, float]:
     """Exact metrics of the model's current state on the cached test features.
 
@@ -112,15 +113,28 @@ def evaluate(
     weights on ``train``'s cached features first, as the model's callback does before a validation.
     """
     from anomalib_fod.evaluation import exact_metrics  # noqa: PLC0415
-    from anomalib_fod.models.fod.fitting import fit_statistics  # noqa: PLC0415
+    from anomalib_fod.models.fod.fitting import KeptLevels, fit_statistics  # noqa: PLC0415
+    from anomalib_fod.models.fod.nearest import fit_nearest  # noqa: PLC0415
 
     fod = model.model
-    if fod.anomaly_map_generator.needs_statistics:
+    generator = fod.anomaly_map_generator
+    if generator.needs_statistics:
         if train is None:
             msg = "this model's score needs statistics of the training images: pass their cached features."
             raise ValueError(msg)
         count = train["labels"].shape[0]
-        fit_statistics(fod, ([f[i : i + batch] for f in train["features"]] for i in range(0, count, batch)))
+        batches = ([f[i : i + batch] for f in train["features"]] for i in range(0, count, batch))
+        # The nearest-token score is fitted on the same pass, as the model's callback does (the cached features are
+        # the images as they are: one gain).
+        nearest = generator.keeps_training_tokens == "nearest_tokens"
+        kept = KeptLevels([], [], []) if nearest else None
+        fit_statistics(fod, batches, keep=kept)
+        if kept is not None:
+            settings = fod.settings
+            fit_nearest(
+                generator.nearest, generator.statistics, kept.tokens, kept.residuals, (1.0,),
+                settings.nearest_tokens, torch.device("cpu"), settings.nearest_position_limit, seed,
+            )
     fod.eval()
     scores, maps = [], []
     count = test["labels"].shape[0]
@@ -183,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             optimizer.step()
             step += 1
             progress.update()
-        results.append({"step": step, "images_seen": step * args.batch, **evaluate(model, test, train)})
+        results.append({"step": step, "images_seen": step * args.batch, **evaluate(model, test, train, seed=args.seed)})
         progress.write(json.dumps(results[-1]))
     progress.close()
     seconds = time.perf_counter() - start

@@ -44,12 +44,12 @@ def cache_cell(checkpoint: Path, datamodule: Any, path: Path, settings: dict[str
 
     def keep(_module: torch.nn.Module, args: tuple[Any, ...], _output: Any) -> None:  # noqa: ANN401
         tokens, outputs, grids, image_size = args
-        pairs = list(enumerate(zip(tokens, outputs, strict=True)))
-        for level, (token, output) in pairs:
-            kept.setdefault(f"map{level}", []).append(generator.token_scores(token, output, level).cpu())
-            if generator.image_from_position:
-                position = generator.token_scores(token, output, level, "position").cpu()
-                kept.setdefault(f"position{level}", []).append(position)
+        # The scores the generator combines (with the nearest-token or context score where the model adds one).
+        scores = generator.level_scores(tokens, outputs, grids)
+        for level, score in enumerate(scores.map):
+            kept.setdefault(f"map{level}", []).append(score.cpu())
+        for level, score in enumerate(scores.image or []):
+            kept.setdefault(f"position{level}", []).append(score.cpu())
         kept["grids"] = [torch.tensor(grids)]
         kept["image_size"] = [torch.tensor(image_size)]
 

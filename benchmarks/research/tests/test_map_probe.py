@@ -10,23 +10,32 @@ import torch.nn.functional as F  # noqa: N812
 
 from anomalib_fod import Fod
 
-from fod_helpers import TINY, fit_and_run
+from anomalib_fod.models.fod.fitting import KeptLevels, fit_statistics
+from anomalib_fod.models.fod.nearest import fit_nearest
+from fod_helpers import TINY
 
 from map_probe import combine, evaluate  # noqa: E402
 
 
 def test_cached_token_scores_give_the_models_map_image_scores_and_metrics() -> None:
     torch.manual_seed(0)
-    fod = Fod(pre_trained=False, image_size=64, visualizer=False, **TINY).model  # the default score and weights
+    # The default score and weights, the nearest-token score taking part whatever the position share.
+    fod = Fod(pre_trained=False, image_size=64, visualizer=False, nearest_position_limit=1.0, **TINY).model
     images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     features = fod.extract_features(images)
     fod.set_mean_reference([f.mean(0) for f in features])
-    result, run = fit_and_run(fod, features)
     generator = fod.anomaly_map_generator
+    kept = KeptLevels([], [], [])
+    fit_statistics(fod, [features], keep=kept)
+    fit_nearest(generator.nearest, generator.statistics, kept.tokens, kept.residuals, (1.0,), 64, torch.device("cpu"))
+    assert generator.nearest_active
+    fod.eval()
     with torch.no_grad():
-        pairs = list(enumerate(zip(run.tokens, run.levels, strict=True)))
-        maps = [generator.token_scores(t, o, i).numpy() for i, (t, o) in pairs]
-        position = [generator.token_scores(t, o, i, "position").numpy() for i, (t, o) in pairs]
+        result, run = fod.forward_features(features, (64, 64)), fod.run_levels(features)
+        # what map_probe.cache_cell keeps: the scores the generator combines
+        scores = generator.level_scores(run.tokens, run.levels, run.grids)
+    maps = [score.numpy() for score in scores.map]
+    position = [score.numpy() for score in scores.image]
     grids = np.array(run.grids)
     weights, sigma, align = list(generator.map_level_weights), fod.settings.blur_sigma, generator.align_corners
     anomaly_map, _ = combine(maps, grids, (64, 64), weights, sigma, (64, 64), align)
