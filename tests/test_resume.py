@@ -46,17 +46,24 @@ class RecordBatches(Callback):
         self.batches.append(batch.image.detach().clone())
 
 
-def _model(cache_features: bool) -> Fod:
-    return Fod(pre_trained=False, image_size=64, visualizer=False, cache_features=cache_features, **TINY)
+# The context score trains its predictors after the Transformers, on batches it draws at random.
+CONTEXT = {"context_score": True, "context_steps": 4, "context_radius": 1, "nearest_tokens": 0}
+
+
+def _model(cache_features: bool, context: bool = False) -> Fod:
+    settings = {**TINY, **(CONTEXT if context else {})}
+    return Fod(pre_trained=False, image_size=64, visualizer=False, cache_features=cache_features, **settings)
 
 
 def _state(model: Fod) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
 
 
-def _resume(checkpoint: Path, datamodule, root: Path, recorder: RecordBatches, cache_features: bool) -> Fod:  # noqa: ANN001
+def _resume(  # noqa: PLR0913
+    checkpoint: Path, datamodule, root: Path, recorder: RecordBatches, cache_features: bool, context: bool  # noqa: ANN001
+) -> Fod:
     seed_everything(999)  # a different RNG history than the interrupted process had
-    resumed = _model(cache_features)
+    resumed = _model(cache_features, context)
     engine = make_engine(root, max_epochs=EPOCHS, callbacks=[recorder, ResumableInterruptCallback()])
     engine.fit(resumed, datamodule=datamodule, ckpt_path=checkpoint)
     return resumed
@@ -68,13 +75,20 @@ INTERRUPT_EPOCH, INTERRUPT_BATCH, BATCHES_PER_EPOCH = 1, 2, 4
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cache_features", [False, True], ids=["cache-off", "cache-on"])
-def test_resumed_run_matches_the_uninterrupted_run(dummy_dataset: Path, tmp_path: Path, cache_features: bool) -> None:
+@pytest.mark.parametrize(
+    ("cache_features", "context"),
+    [(False, False), (True, False), (False, True)],
+    ids=["cache-off", "cache-on", "context"],
+)
+def test_resumed_run_matches_the_uninterrupted_run(
+    dummy_dataset: Path, tmp_path: Path, cache_features: bool, context: bool
+) -> None:
     """Ctrl-C mid-epoch leaves interrupted.ckpt; resuming it reproduces the uninterrupted run exactly.
 
     The resumed process is seeded differently, yet it trains on the same remaining batches in the
     same order and ends with bit-identical weights, reference features and optimizer state, with
-    the feature cache off and on (the resumed process rebuilds the cache it does not inherit).
+    the feature cache off and on (the resumed process rebuilds the cache it does not inherit), and with the context
+    score, whose predictors train after the Transformers on batches they draw.
     """
     root, category = dummy_dataset.parent, dummy_dataset.name
 
@@ -82,7 +96,7 @@ def test_resumed_run_matches_the_uninterrupted_run(dummy_dataset: Path, tmp_path
         return make_datamodule(root, category, TRAIN_BATCH, 4)
 
     seed_everything(7)
-    straight = _model(cache_features)
+    straight = _model(cache_features, context)
     straight_batches = RecordBatches()
     straight_data = datamodule()
     make_engine(
@@ -92,7 +106,7 @@ def test_resumed_run_matches_the_uninterrupted_run(dummy_dataset: Path, tmp_path
     assert "train_dataloader" not in vars(straight_data), "the datamodule keeps the callback's loader after the fit"
 
     seed_everything(7)
-    interrupted = _model(cache_features)
+    interrupted = _model(cache_features, context)
     engine = make_engine(
         tmp_path / "interrupted",
         max_epochs=EPOCHS,
@@ -108,7 +122,7 @@ def test_resumed_run_matches_the_uninterrupted_run(dummy_dataset: Path, tmp_path
     assert steps_before == INTERRUPT_EPOCH * BATCHES_PER_EPOCH + INTERRUPT_BATCH
 
     resumed_batches = RecordBatches()
-    resumed = _resume(checkpoints[0], datamodule(), tmp_path / "resumed", resumed_batches, cache_features)
+    resumed = _resume(checkpoints[0], datamodule(), tmp_path / "resumed", resumed_batches, cache_features, context)
     assert resumed.trainer.global_step == straight.trainer.global_step
     assert resumed.trainer.current_epoch == straight.trainer.current_epoch
 

@@ -279,11 +279,15 @@ def train_predictors(
     progress: bool = True,
     log: Callable[[int, float], None] | None = None,
     query_share: float = 1.0,
+    seed: int | None = None,
 ) -> list[float]:
     """Train every level's predictor to predict whitened tokens ``(N, L_i, C_i)`` (kept where they are; each
-    step moves ``BATCH`` random images to ``device``). Adam, MSE summed over the levels; the batches are drawn
-    from the global RNG (seeded runs repeat). Returns the loss of every step; ``log(step, loss)`` is called
-    every 50 steps and at the last.
+    step moves ``BATCH`` random images to ``device``). Adam, MSE summed over the levels. Returns the loss of every
+    step; ``log(step, loss)`` is called every 50 steps and at the last.
+
+    The batches and query positions are drawn from ``seed`` (the run's, ``Fod.draw_seed``; ``None``: the process's,
+    ``torch.initial_seed()``), not from the global RNG's state after training: a fit resumed from a checkpoint in a
+    process seeded otherwise trains the predictors as an uninterrupted one does.
 
     ``query_share``: share of each level's positions predicted per step, a fresh random subset each step. The
     cost of a step is mostly its queries' attention and feed-forward, so a quarter of them makes a step about
@@ -292,19 +296,21 @@ def train_predictors(
     parameters = [p for predictor in predictors for p in predictor.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=LEARNING_RATE)
     count = tokens[0].shape[0]
+    generator = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
     losses = []
     for predictor in predictors:
         predictor.train()
     try:
         for step in tqdm(range(steps), desc="FOD context predictor", disable=not progress, leave=False):
-            index = torch.randint(count, (min(BATCH, count),))
+            index = torch.randint(count, (min(BATCH, count),), generator=generator)
             loss = 0.0
             for predictor, t, grid in zip(predictors, tokens, grids, strict=True):
                 batch = t[index].to(device)
                 if query_share >= 1:
                     loss = loss + F.mse_loss(predictor(batch, grid), batch)
                     continue
-                queries = torch.randperm(batch.shape[1], device=device)[: math.ceil(query_share * batch.shape[1])]
+                drawn = torch.randperm(batch.shape[1], generator=generator)[: math.ceil(query_share * batch.shape[1])]
+                queries = drawn.to(device)
                 loss = loss + F.mse_loss(predictor(batch, grid, queries=queries), batch[:, queries])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -202,8 +202,8 @@ class TrainingImages:
         progress: show a progress bar.
         reduce: sums over the processes of a distributed fit (:func:`distributed_sum`), ``None`` on one process.
         weight: 0 when this process's share is empty under DDP: it contributes shapes but no data.
-        seed: the run's seed for the fit's random draws (the nearest-token score's folds and banks), ``None``: the
-            process's (``torch.initial_seed()``).
+        seed: the run's seed for the fit's random draws (the nearest-token score's folds and banks, the context
+            predictors' batches), ``None``: the process's (``torch.initial_seed()``).
     """
 
     batches: Iterable
@@ -313,7 +313,7 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages, train_conte
             model.settings.nearest_tokens, images.device, model.settings.nearest_position_limit, images.seed,
         )
         return
-    fit_context(model, kept, images.device, images.progress, train=train_context)
+    fit_context(model, kept, images.device, images.progress, train=train_context, seed=images.seed)
 
 
 def _distances(
@@ -327,11 +327,16 @@ def _distances(
 
 @torch.no_grad()
 def fit_context(
-    model: FodModel, kept: KeptLevels, device: torch.device, progress: bool = True, train: bool = True
+    model: FodModel,
+    kept: KeptLevels,
+    device: torch.device,
+    progress: bool = True,
+    train: bool = True,
+    seed: int | None = None,
 ) -> None:
     """Fit every level's :class:`~.context.ContextLevel` on the kept training tokens and residuals: whitening,
-    ``context_steps`` predictor steps, the context residuals' statistics (only with ``train``; none of them
-    depends on the Transformers), and both distances' z-units."""
+    ``context_steps`` predictor steps (their batches drawn from ``seed``, the run's), the context residuals'
+    statistics (only with ``train``; none of them depends on the Transformers), and both distances' z-units."""
     generator = model.anomaly_map_generator
     levels = generator.context
     train = train or not all(level.fitted for level in levels)
@@ -358,7 +363,7 @@ def fit_context(
 
         with torch.enable_grad():
             losses = train_predictors(
-                levels, whitened, kept.grids, steps, device, progress, log, model.settings.context_query_share
+                levels, whitened, kept.grids, steps, device, progress, log, model.settings.context_query_share, seed
             )
         explained = []
         for index, (level, tokens, grid, distances) in enumerate(zip(levels, whitened, kept.grids, rec, strict=True)):
