@@ -257,12 +257,9 @@ def test_fitting_it_needs_two_training_images() -> None:
                     torch.device("cpu"))
 
 
-def test_where_it_cannot_be_measured_the_score_is_left_out_with_a_warning(monkeypatch, caplog) -> None:  # noqa: ANN001
-    """One training image, a DDP fit or too little memory: the self-choosing score is left out (and says so), the
-    model scores as without it; one that must be used (limit 1) refuses instead."""
-    from types import SimpleNamespace
-
-    from anomalib_fod.models.fod import callbacks
+def test_where_it_cannot_be_measured_the_score_is_left_out_with_a_warning(caplog) -> None:  # noqa: ANN001
+    """One training image or a DDP fit: the self-choosing score is left out (and says so), the model scores as without
+    it; one that must be used (limit 1) refuses instead."""
     from anomalib_fod.models.fod.fitting import TrainingImages, fit_residual_statistics
 
     one = aligned_images(1)
@@ -297,15 +294,60 @@ def test_where_it_cannot_be_measured_the_score_is_left_out_with_a_warning(monkey
     with pytest.raises(NotImplementedError, match="without DDP"):
         ddp_fit(1.0)
 
+
+
+def test_over_the_memory_budget_the_fit_keeps_a_random_share_of_the_images(monkeypatch, caplog) -> None:  # noqa: ANN001
+    """Where keeping every training token would not fit in memory, the score is still measured and fitted: on the
+    tokens of a random share of the images that fits (the Gaussians on all of them), self-choosing or required."""
+    from types import SimpleNamespace
+
+    from anomalib_fod.models.fod import callbacks
+    from anomalib_fod.models.fod.fitting import TrainingImages, fit_residual_statistics
+
     trainer = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=list(range(100))))
-    monkeypatch.setattr(callbacks, "CONTEXT_BUDGET_BYTES", 1)
-    fresh = unfitted(0.5, [one])
-    caplog.clear()
-    with caplog.at_level("WARNING"):
-        callbacks.ResidualStatisticsCallback().on_train_start(trainer, fresh)
-    assert all(level.unmeasured for level in fresh.model.anomaly_map_generator.nearest) and "GiB" in caplog.text
-    with pytest.raises(ValueError, match="keeps every training token"):
-        callbacks.ResidualStatisticsCallback().on_train_start(trainer, unfitted(1.0, [one]))
+    batches = list(torch.rand(12, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)).split(4))  # a texture
+    for limit in (0.5, 1.0):
+        model = tiny_fod(nearest_position_limit=limit)
+        features = list(iterate_pooled_features(model.model, batches, None, torch.device("cpu"), False))
+        model.model.set_mean_reference([torch.cat(level).mean(0) for level in zip(*features, strict=True)])
+        callback = callbacks.ResidualStatisticsCallback()
+        callback.on_train_start(trainer, model)
+        assert callback.keep_share == 1.0  # within the budget: every image
+        grids = [tuple(int(v) for v in level.ref_grid) for level in model.model.levels]
+        channels = model.model.feature_extractor.channels
+        needed = 3 * 4 * 100 * len(GAINS) * sum(h * w * c for (h, w), c in zip(grids, channels, strict=True))
+        monkeypatch.setattr(callbacks, "CONTEXT_BUDGET_BYTES", needed // 2)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            callback.on_train_start(trainer, model)
+        assert callback.keep_share == pytest.approx(0.5, abs=1e-6) and "GiB" in caplog.text
+        monkeypatch.undo()
+        fit_residual_statistics(
+            model.model, TrainingImages(batches, None, torch.device("cpu"), progress=False, seed=3, keep_share=0.5)
+        )
+        generator = model.model.anomaly_map_generator
+        assert generator.nearest_active and not any(level.unmeasured for level in generator.nearest)
+        assert all(statistics.fitted for statistics in generator.statistics)
+
+
+def test_a_kept_share_holds_each_drawn_image_at_every_gain() -> None:
+    gains, images, positions = 3, 40, 2
+    # row r of a batch: image r % images at gain r // images; the value tells both
+    batch = (torch.arange(gains * images, dtype=torch.float)[:, None, None]).expand(-1, positions, 1)
+    kept = KeptLevels([], [], [], share=0.25, gains=gains, generator=torch.Generator().manual_seed(0))
+    kept.add([batch], [batch + 0.5], [(1, positions)])
+    rows = kept.tokens[0][0][:, 0, 0].long()
+    drawn = rows[: kept.images] % images
+    assert 0 < kept.images < images and kept.images == rows.numel() // gains
+    for gain in range(gains):  # the same images, in the same order, at every gain
+        assert (rows[gain * kept.images : (gain + 1) * kept.images] == drawn + gain * images).all()
+    torch.testing.assert_close(kept.residuals[0][0], kept.tokens[0][0] + 0.5)
+    again = KeptLevels([], [], [], share=0.25, gains=gains, generator=torch.Generator().manual_seed(0))
+    again.add([batch], [batch], [(1, positions)])
+    torch.testing.assert_close(again.tokens[0][0], kept.tokens[0][0])  # drawn from the seed
+    every = KeptLevels([], [], [])
+    every.add([batch], [batch], [(1, positions)])
+    assert every.images == gains * images  # gains=1 by default: every row an image
 
 
 def test_bad_nearest_settings_are_refused() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from anomalib_fod.utils import check_choice
 
 from .fitting import TrainingImages, distributed_sum, fit_reference, fit_residual_statistics, rank_batches
-from .nearest import decline_unmeasured, describe_choice
+from .nearest import describe_choice
 from .residual_statistics import per_position_bytes
 from .settings import ReferenceMode
 
@@ -38,7 +39,8 @@ logger = logging.getLogger(__name__)
 # EfficientNet-Lite0 at 256x256 needs 39 MiB and at 1024x1024 620 MiB; WideResNet50 (512 and 1024
 # channels) needs 4 GiB at 256x256, which belongs in a shared covariance, not in a checkpoint.
 PER_POSITION_BUDGET_BYTES = 1 << 30
-# The context score's fit keeps every training token at every gain in CPU memory (``fitting.fit_context``).
+# The context score's fit keeps every training token at every gain in CPU memory (``fitting.fit_context``); the
+# nearest-token score's keeps those of a random share of the images that fits in it.
 CONTEXT_BUDGET_BYTES = 8 << 30
 
 
@@ -60,6 +62,34 @@ def training_images(trainer: Trainer, pl_module: LightningModule) -> TrainingIma
         weight=weight,
         seed=getattr(pl_module, "draw_seed", None),
     )
+
+
+def kept_token_share(model: FodModel, count: int, grids: list[tuple[int, ...]]) -> float:
+    """The share of ``count`` training images whose tokens the nearest-token fit keeps within ``CONTEXT_BUDGET_BYTES``
+    (1: all), for levels of these ``grids``: the context and nearest-token scores' fits keep three float32 copies of
+    every kept token at every gain. A context score over the budget is refused (its predictors learn from all)."""
+    option = model.anomaly_map_generator.keeps_training_tokens
+    if option is None:
+        return 1.0
+    images = count * len(model.settings.intensity_gains)
+    channels = model.feature_extractor.channels
+    size = 3 * 4 * images * sum(h * w * c for (h, w), c in zip(grids, channels, strict=True))
+    if size <= CONTEXT_BUDGET_BYTES:
+        return 1.0
+    if option == "nearest_tokens":
+        share = CONTEXT_BUDGET_BYTES / size
+        logger.info(
+            "FOD nearest-token score: keeping every training token would take %.1f GiB of CPU memory (%d images at "
+            "every intensity gain on grids %s); its bank and z-units are fitted on a random %.3f of the images.",
+            size / 2**30, images, grids, share,
+        )
+        return share
+    msg = (
+        f"{option} keeps every training token at every intensity gain while it fits: {images} images "
+        f"on grids {grids} need {size / 2**30:.1f} GiB of CPU memory. Use fewer training images or "
+        f"intensity_gains, a smaller image size, or turn {option} off."
+    )
+    raise ValueError(msg)
 
 
 class ReferenceFeatureCallback(Callback):
@@ -98,6 +128,8 @@ class ResidualStatisticsCallback(Callback):
     def __init__(self) -> None:
         super().__init__()
         self.fitted_at_step: int | None = None
+        # share of the training images whose tokens the nearest-token fit keeps (set when training starts)
+        self.keep_share = 1.0
 
     def refresh(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fit now if the scoring needs the statistics and an optimizer step has happened since the last fit."""
@@ -106,7 +138,8 @@ class ResidualStatisticsCallback(Callback):
             return
         # The context predictor reads the frozen features alone: trained once per fit, its z-units refitted.
         first = self.fitted_at_step is None
-        fit_residual_statistics(model, training_images(trainer, pl_module), train_context=first)
+        images = replace(training_images(trainer, pl_module), keep_share=self.keep_share)
+        fit_residual_statistics(model, images, train_context=first)
         self.fitted_at_step = trainer.global_step
         nearest = model.anomaly_map_generator.nearest
         # the choice the model made on the training images, on the console once per fit
@@ -119,7 +152,7 @@ class ResidualStatisticsCallback(Callback):
         grids = [tuple(int(v) for v in level.ref_grid) for level in model.levels]
         if not all(h * w for h, w in grids):  # no references (with_inter=False): the grid is known only later
             return
-        self._check_context_memory(trainer, model, grids)
+        self.keep_share = self._check_context_memory(trainer, model, grids)
         statistics = model.anomaly_map_generator.statistics
         if not model.anomaly_map_generator.needs_statistics or not any(s.per_position for s in statistics):
             return
@@ -135,30 +168,10 @@ class ResidualStatisticsCallback(Callback):
             raise ValueError(msg)
 
     @staticmethod
-    def _check_context_memory(trainer: Trainer | None, model: FodModel, grids: list[tuple[int, ...]]) -> None:
-        """The context and nearest-token scores' fits keep three float32 copies of every training token at every
-        gain."""
+    def _check_context_memory(trainer: Trainer | None, model: FodModel, grids: list[tuple[int, ...]]) -> float:
+        """:func:`kept_token_share` of the trainer's training set (1 where it has none yet)."""
         dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
-        option = model.anomaly_map_generator.keeps_training_tokens
-        if option is None or dataset is None:
-            return
-        images = len(dataset) * len(model.settings.intensity_gains)
-        channels = model.feature_extractor.channels
-        size = 3 * 4 * images * sum(h * w * c for (h, w), c in zip(grids, channels, strict=True))
-        if size > CONTEXT_BUDGET_BYTES:
-            if option == "nearest_tokens" and model.settings.nearest_chooses:
-                decline_unmeasured(
-                    model.anomaly_map_generator.nearest,
-                    f"keeping every training token to measure it would take {size / 2**30:.1f} GiB of CPU memory "
-                    f"({images} images at every intensity gain on grids {grids})",
-                )
-                return
-            msg = (
-                f"{option} keeps every training token at every intensity gain while it fits: {images} images "
-                f"on grids {grids} need {size / 2**30:.1f} GiB of CPU memory. Use fewer training images or "
-                f"intensity_gains, a smaller image size, or turn {option} off."
-            )
-            raise ValueError(msg)
+        return 1.0 if dataset is None else kept_token_share(model, len(dataset), grids)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refit before validation scores the images (only during fit: test and predict use what is stored)."""

@@ -12,8 +12,9 @@
   images at every gain), then whitens the tokens, trains the context predictors and fits their residual
   statistics and z-units on them (one process only).
 - **Nearest-token score** (``nearest.py``), with the residual statistics when ``nearest_tokens`` is on: the same
-  pass keeps every training token and residual, then draws the banks and measures their z-units on held-out
-  training images (one process only).
+  pass keeps every training token and residual (of a random share of the images where all of them would not fit
+  in memory, ``TrainingImages.keep_share``; the Gaussians still sum every image), then draws the banks and
+  measures their z-units on held-out training images (one process only).
 - **Feature cache** (``feature_cache.py``), when training starts: the frozen backbone's pooled
   features of every training image, in one ordered pass.
 
@@ -204,6 +205,9 @@ class TrainingImages:
         weight: 0 when this process's share is empty under DDP: it contributes shapes but no data.
         seed: the run's seed for the fit's random draws (the nearest-token score's folds and banks, the context
             predictors' batches), ``None``: the process's (``torch.initial_seed()``).
+        keep_share: share of the training images whose tokens and residuals the nearest-token fit keeps, drawn at
+            random from ``seed`` (1: all). Set where keeping all of them would not fit in memory: the bank, the
+            position share and the held-out z-units are then estimated from that random subset of the images.
     """
 
     batches: Iterable
@@ -213,6 +217,7 @@ class TrainingImages:
     reduce: Reduce | None = None
     weight: float = 1.0
     seed: int | None = None
+    keep_share: float = 1.0
 
     def features(self, model: FodModel, desc: str, gains: Sequence[float] = (1.0,)) -> Iterator[list[torch.Tensor]]:
         """Pooled backbone features of every batch (see :func:`iterate_pooled_features`)."""
@@ -235,18 +240,38 @@ def fit_reference(model: FodModel, images: TrainingImages, mode: ReferenceMode =
 
 @dataclass
 class KeptLevels:
-    """Every training token and reconstruction residual of one pass, per level ``(N, L_i, C_i)`` on the CPU."""
+    """The training tokens and reconstruction residuals of one pass, per level ``(N, L_i, C_i)`` on the CPU: of every
+    image, or of a random ``share`` of them (each kept image with its copies at every one of ``gains`` gains, as the
+    batches hold them: ``gains`` copies of their ``B`` images, gain by gain)."""
 
     tokens: list[list[torch.Tensor]]
     residuals: list[list[torch.Tensor]]
     grids: list[tuple[int, int]]
+    share: float = 1.0
+    gains: int = 1
+    generator: torch.Generator | None = None
 
     def add(self, tokens: Sequence[torch.Tensor], residuals: Sequence[torch.Tensor], grids: list[tuple[int, int]]) -> None:
-        """Keep one batch's per-level ``(B, L_i, C_i)`` tokens and residuals."""
+        """Keep one batch's per-level ``(R, L_i, C_i)`` tokens and residuals (``R = gains * B``), or the rows of
+        its images drawn with probability ``share``."""
         if not self.tokens:
             self.tokens, self.residuals, self.grids = [[] for _ in tokens], [[] for _ in tokens], grids
+        rows = None
+        if self.share < 1:
+            images = tokens[0].shape[0] // self.gains
+            drawn = torch.rand(images, generator=self.generator) < self.share
+            if not drawn.any():
+                return
+            chosen = drawn.nonzero().flatten()
+            rows = (torch.arange(self.gains)[:, None] * images + chosen[None]).flatten()
         for kept, tensor in zip(self.tokens + self.residuals, list(tokens) + list(residuals), strict=True):
-            kept.append(tensor.detach().float().cpu())
+            tensor = tensor.detach()
+            kept.append((tensor if rows is None else tensor[rows.to(tensor.device)]).float().cpu())
+
+    @property
+    def images(self) -> int:
+        """How many images it holds (each at every gain)."""
+        return sum(batch.shape[0] for batch in self.tokens[0]) // self.gains if self.tokens else 0
 
 
 @torch.no_grad()
@@ -305,12 +330,17 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages, train_conte
             return
         msg = f"{option} is fitted on one process: fit it without DDP (devices=1)."
         raise NotImplementedError(msg)
-    kept = KeptLevels([], [], [])
+    share = images.keep_share if option == "nearest_tokens" else 1.0
+    draws = torch.Generator().manual_seed(torch.initial_seed() if images.seed is None else images.seed)
+    kept = KeptLevels([], [], [], share=share, gains=len(gains), generator=draws)
     fit_statistics(model, features, keep=kept)
+    if share < 1:
+        logger.debug("FOD nearest-token score: the tokens of %d training images drawn at random kept", kept.images)
     if option == "nearest_tokens":
         fit_nearest(
             generator.nearest, generator.statistics, kept.tokens, kept.residuals, gains,
             model.settings.nearest_tokens, images.device, model.settings.nearest_position_limit, images.seed,
+            draws,
         )
         return
     fit_context(model, kept, images.device, images.progress, train=train_context, seed=images.seed)

@@ -30,6 +30,7 @@ from .callbacks import (
     ReferenceFeatureCallback,
     ResidualStatisticsCallback,
     ValidateWhenTrainingStops,
+    kept_token_share,
     training_transform,
 )
 from .feature_cache import FeatureCache, cache_blocker
@@ -339,7 +340,9 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         """
         datamodule.setup("fit")
         loader = datamodule.train_dataloader()
-        images = TrainingImages(loader, training_transform(self), self.device, seed=self.draw_seed)
+        grids = [tuple(int(v) for v in level.ref_grid) for level in self.model.levels]
+        share = kept_token_share(self.model, len(loader.dataset), grids) if all(h * w for h, w in grids) else 1.0
+        images = TrainingImages(loader, training_transform(self), self.device, seed=self.draw_seed, keep_share=share)
         fit_residual_statistics(self.model, images, train_context=False)
 
     def configure_optimizers(self) -> optim.Optimizer:

@@ -115,7 +115,7 @@ class NearestLevel(nn.Module):
 
     @property
     def unmeasured(self) -> bool:
-        """Whether the score was left out before its share could be measured (too little memory, a DDP fit or a
+        """Whether the score was left out before its share could be measured (a DDP fit or a
         single training image): a refit does not reconsider it."""
         return self.declined and bool(torch.isnan(self.position_share).all())
 
@@ -329,6 +329,7 @@ def fit_nearest(
     device: torch.device,
     limit: float = 1.0,
     seed: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> bool:
     """Measure every level's position share; if the finest level's is below ``limit`` (or ``limit`` is 1), fit
     every level's bank and z-units, else decline the score. Returns whether the score is used.
@@ -344,6 +345,8 @@ def fit_nearest(
         limit: ``nearest_position_limit``.
         seed: the run's seed (``Fod.draw_seed``, kept in its checkpoints); ``None``: the process's
             (``torch.initial_seed()``, which ``seed_everything`` sets).
+        generator: draw from this generator instead (one seeded from the run's seed that drew the kept images
+            before), so that the two draws do not repeat each other's numbers.
 
     The folds and banks are drawn from the run's seed, not from the global RNG's state after training: a fit resumed
     from a checkpoint, in a process seeded otherwise, draws the same banks as an uninterrupted one. A declined score
@@ -367,7 +370,8 @@ def fit_nearest(
             level.decline()
         logger.info(describe_choice(levels, limit))
         return False
-    generator = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
+    if generator is None:
+        generator = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
     for index, (level, stats) in enumerate(zip(levels, statistics, strict=True)):
         units, position_units = held_out_units(
             stats, level_tokens[index], torch.cat(list(residuals[index])), images, plain, size, generator, device
