@@ -15,11 +15,13 @@ killed run resumes), and a table of mean and spread over seeds is printed at the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,9 @@ def main(
 
     Args:
         harness: the harness config the run was made with (its datasets are rebuilt from it).
-        variants: name -> keyword arguments of ``Fod.load_from_checkpoint`` (scoring settings).
+        variants: name -> keyword arguments of ``Fod.load_from_checkpoint`` (scoring settings), and optionally
+            ``keep_share``: the share of the training images whose tokens the nearest-token fit keeps (as where all
+            of them would not fit in memory).
         model: the harness model name whose cells are re-scored.
         datasets: dataset names (default: every dataset of the config with checkpoints).
         seeds: seeds whose checkpoints are re-scored (default: all).
@@ -64,8 +68,10 @@ def main(
             if (dataset, seed, name) in done:
                 continue
             start = time.perf_counter()
-            fod = Fod.load_from_checkpoint(checkpoint, **settings)
-            fod.fit_residual_statistics(datamodule)
+            model_settings = {key: value for key, value in settings.items() if key != "keep_share"}
+            fod = Fod.load_from_checkpoint(checkpoint, **model_settings)
+            with kept_share(settings.get("keep_share")):
+                fod.fit_residual_statistics(datamodule)
             fit_s = time.perf_counter() - start
             raw = predict_raw(fod, datamodule)
             metrics = exact_metrics(raw["scores"], raw["labels"], raw["maps"], raw["masks"])
@@ -74,6 +80,23 @@ def main(
             with out.open("a") as file:
                 file.write(json.dumps(row) + "\n")
     table(out, variants)
+
+
+@contextlib.contextmanager
+def kept_share(share: float | None) -> Iterator[None]:
+    """Within the block, the nearest-token fit keeps the tokens of a random ``share`` of the training images, as it
+    does where all of them would not fit in memory (None: as the memory budget decides)."""
+    from anomalib_fod.models.fod import lightning_model  # noqa: PLC0415
+
+    if share is None:
+        yield
+        return
+    original = lightning_model.kept_token_share
+    lightning_model.kept_token_share = lambda *_: float(share)
+    try:
+        yield
+    finally:
+        lightning_model.kept_token_share = original
 
 
 def open_run(harness: Path, run: Path | None, out: Path | None, name: str) -> tuple[dict[str, Any], Path, Path, set]:
