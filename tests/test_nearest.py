@@ -298,7 +298,8 @@ def test_where_it_cannot_be_measured_the_score_is_left_out_with_a_warning(caplog
 
 def test_over_the_memory_budget_the_fit_keeps_a_random_share_of_the_images(monkeypatch, caplog) -> None:  # noqa: ANN001
     """Where keeping every training token would not fit in memory, the score is still measured and fitted: on the
-    tokens of a random share of the images that fits (the Gaussians on all of them), self-choosing or required."""
+    tokens of a random share of the images that fits (the Gaussians on all of them), self-choosing or required; where
+    that share holds too few images for held-out z-units, the score is left out (or refused, when required)."""
     from types import SimpleNamespace
 
     from anomalib_fod.models.fod import callbacks
@@ -321,6 +322,19 @@ def test_over_the_memory_budget_the_fit_keeps_a_random_share_of_the_images(monke
         with caplog.at_level("INFO"):
             callback.on_train_start(trainer, model)
         assert callback.keep_share == pytest.approx(0.5, abs=1e-6) and "GiB" in caplog.text
+        # room for fewer than MIN_KEPT_IMAGES images: too few for the z-units, the score is left out or refused
+        monkeypatch.setattr(callbacks, "CONTEXT_BUDGET_BYTES", needed * (callbacks.MIN_KEPT_IMAGES - 1) // 100)
+        short = tiny_fod(nearest_position_limit=limit)
+        short.model.set_mean_reference([torch.cat(level).mean(0) for level in zip(*features, strict=True)])
+        if limit < 1:
+            caplog.clear()
+            with caplog.at_level("WARNING"):
+                callbacks.ResidualStatisticsCallback().on_train_start(trainer, short)
+            assert all(level.unmeasured for level in short.model.anomaly_map_generator.nearest)
+            assert "fewer than" in caplog.text
+        else:
+            with pytest.raises(ValueError, match="keeps every training token"):
+                callbacks.ResidualStatisticsCallback().on_train_start(trainer, short)
         monkeypatch.undo()
         fit_residual_statistics(
             model.model, TrainingImages(batches, None, torch.device("cpu"), progress=False, seed=3, keep_share=0.5)
