@@ -69,14 +69,16 @@ def training_images(trainer: Trainer, pl_module: LightningModule) -> TrainingIma
     )
 
 
-def kept_token_share(model: FodModel, count: int, grids: list[tuple[int, ...]]) -> float:
+def kept_token_share(model: FodModel, count: int) -> float:
     """The share of ``count`` training images whose tokens the nearest-token fit keeps within ``CONTEXT_BUDGET_BYTES``
-    (1: all), for levels of these ``grids``: the context and nearest-token scores' fits keep three float32 copies of
-    every kept token at every gain. Where the budget keeps fewer than ``MIN_KEPT_IMAGES`` images, a self-choosing
-    nearest-token score is left out (with a warning; 1 is returned, nothing is kept) and a required one refused, as a
-    context score over the budget is (its predictors learn from all)."""
+    (1: all; also where the grids are not known yet, before the references): the context and nearest-token scores'
+    fits keep three float32 copies of every kept token at every gain. Where the budget keeps fewer than
+    ``MIN_KEPT_IMAGES`` images, a self-choosing nearest-token score is left out (with a warning; 1 is returned,
+    nothing is kept) and a required one refused, as a context score over the budget is (its predictors learn from
+    all)."""
     option = model.anomaly_map_generator.keeps_training_tokens
-    if option is None:
+    grids = [tuple(int(v) for v in level.ref_grid) for level in model.levels]
+    if option is None or not all(h * w for h, w in grids):
         return 1.0
     images = count * len(model.settings.intensity_gains)
     channels = model.feature_extractor.channels
@@ -84,24 +86,26 @@ def kept_token_share(model: FodModel, count: int, grids: list[tuple[int, ...]]) 
     if size <= CONTEXT_BUDGET_BYTES:
         return 1.0
     share = CONTEXT_BUDGET_BYTES / size
-    if option == "nearest_tokens" and share * count < MIN_KEPT_IMAGES and model.settings.nearest_chooses:
-        decline_unmeasured(
-            model.anomaly_map_generator.nearest,
-            f"the {size / 2**30:.1f} GiB of CPU memory its fit would take to keep every training token ({images} "
-            f"images at every intensity gain on grids {grids}) leave room for fewer than {MIN_KEPT_IMAGES} images",
-        )
-        return 1.0
-    if option == "nearest_tokens" and share * count >= MIN_KEPT_IMAGES:
-        logger.info(
-            "FOD nearest-token score: keeping every training token would take %.1f GiB of CPU memory (%d images at "
-            "every intensity gain on grids %s); its bank and z-units are fitted on a random %.3f of the images.",
-            size / 2**30, images, grids, share,
-        )
-        return share
+    if option == "nearest_tokens":
+        if share * count >= MIN_KEPT_IMAGES:
+            logger.info(
+                "FOD nearest-token score: keeping every training token would take %.1f GiB of CPU memory (%d images "
+                "at every intensity gain on grids %s); its bank and z-units are fitted on a random %.3f of the images.",
+                size / 2**30, images, grids, share,
+            )
+            return share
+        if model.settings.nearest_chooses:
+            decline_unmeasured(
+                model.anomaly_map_generator.nearest,
+                f"the {size / 2**30:.1f} GiB of CPU memory its fit would take to keep every training token ({images} "
+                f"images at every intensity gain on grids {grids}) leave room for fewer than {MIN_KEPT_IMAGES} images",
+            )
+            return 1.0
     msg = (
         f"{option} keeps every training token at every intensity gain while it fits: {images} images "
-        f"on grids {grids} need {size / 2**30:.1f} GiB of CPU memory. Use fewer training images or "
-        f"intensity_gains, a smaller image size, or turn {option} off."
+        f"on grids {grids} need {size / 2**30:.1f} GiB of CPU memory"
+        + (f", and fewer than {MIN_KEPT_IMAGES} images fit in the budget" if option == "nearest_tokens" else "")
+        + f". Use fewer training images or intensity_gains, a smaller image size, or turn {option} off."
     )
     raise ValueError(msg)
 
@@ -166,7 +170,8 @@ class ResidualStatisticsCallback(Callback):
         grids = [tuple(int(v) for v in level.ref_grid) for level in model.levels]
         if not all(h * w for h, w in grids):  # no references (with_inter=False): the grid is known only later
             return
-        self.keep_share = self._check_context_memory(trainer, model, grids)
+        dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
+        self.keep_share = 1.0 if dataset is None else kept_token_share(model, len(dataset))
         statistics = model.anomaly_map_generator.statistics
         if not model.anomaly_map_generator.needs_statistics or not any(s.per_position for s in statistics):
             return
@@ -180,12 +185,6 @@ class ResidualStatisticsCallback(Callback):
                 "(one covariance per level), a smaller image size or a backbone with fewer channels."
             )
             raise ValueError(msg)
-
-    @staticmethod
-    def _check_context_memory(trainer: Trainer | None, model: FodModel, grids: list[tuple[int, ...]]) -> float:
-        """:func:`kept_token_share` of the trainer's training set (1 where it has none yet)."""
-        dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
-        return 1.0 if dataset is None else kept_token_share(model, len(dataset), grids)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refit before validation scores the images (only during fit: test and predict use what is stored)."""

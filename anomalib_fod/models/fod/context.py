@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .grid import grid_coordinates, sincos_embedding
-from .residual_statistics import SHRINKAGE, ResidualStatistics, adopt_stored_shapes, forgive_missing
+from .residual_statistics import SHRINKAGE, ResidualStatistics, adopt_stored_shapes, forgive_missing, run_generator
 
 # The predictor's size and recipe, as screened (benchmarks/notes/2026-12-05-context-predictor.md).
 WIDTH = 128
@@ -296,7 +296,7 @@ def train_predictors(
     parameters = [p for predictor in predictors for p in predictor.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=LEARNING_RATE)
     count = tokens[0].shape[0]
-    generator = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
+    generator = run_generator(seed)
     losses = []
     for predictor in predictors:
         predictor.train()

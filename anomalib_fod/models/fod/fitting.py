@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .context import fit_whitening, train_predictors
 from .nearest import decline_unmeasured, fit_nearest
-from .residual_statistics import Reduce, ResidualAccumulator, chunks
+from .residual_statistics import Reduce, ResidualAccumulator, chunks, run_generator
 from .settings import ReferenceMode
 
 if TYPE_CHECKING:
@@ -331,7 +331,7 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages, train_conte
         msg = f"{option} is fitted on one process: fit it without DDP (devices=1)."
         raise NotImplementedError(msg)
     share = images.keep_share if option == "nearest_tokens" else 1.0
-    draws = torch.Generator().manual_seed(torch.initial_seed() if images.seed is None else images.seed)
+    draws = run_generator(images.seed)
     kept = KeptLevels([], [], [], share=share, gains=len(gains), generator=draws)
     fit_statistics(model, features, keep=kept)
     if share < 1:

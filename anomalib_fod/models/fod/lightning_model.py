@@ -340,8 +340,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         """
         datamodule.setup("fit")
         loader = datamodule.train_dataloader()
-        grids = [tuple(int(v) for v in level.ref_grid) for level in self.model.levels]
-        share = kept_token_share(self.model, len(loader.dataset), grids) if all(h * w for h, w in grids) else 1.0
+        share = kept_token_share(self.model, len(loader.dataset))
         images = TrainingImages(loader, training_transform(self), self.device, seed=self.draw_seed, keep_share=share)
         fit_residual_statistics(self.model, images, train_context=False)
 

@@ -44,6 +44,7 @@ from .residual_statistics import (
     adopt_stored_shapes,
     chunks,
     forgive_missing,
+    run_generator,
 )
 from .settings import ResidualCovariance
 
@@ -371,7 +372,7 @@ def fit_nearest(
         logger.info(describe_choice(levels, limit))
         return False
     if generator is None:
-        generator = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
+        generator = run_generator(seed)
     for index, (level, stats) in enumerate(zip(levels, statistics, strict=True)):
         units, position_units = held_out_units(
             stats, level_tokens[index], torch.cat(list(residuals[index])), images, plain, size, generator, device

@@ -60,6 +60,13 @@ def forgive_missing(prefix: str, names: Iterable[str], missing_keys: list[str], 
     return forgiven
 
 
+def run_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator for a fit's random draws, seeded with the run's seed (``Fod.draw_seed``, kept in checkpoints;
+    ``None``: the process's, ``torch.initial_seed()``), not the global RNG's state after training: a fit resumed in
+    a process seeded otherwise draws what the uninterrupted one did."""
+    return torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
+
+
 # Images per chunk of the passes over kept training tokens (context and nearest-token fits).
 CHUNK = 32
 
