@@ -64,14 +64,22 @@ def main(
     for dataset, seed, checkpoint in finished_cells(run, model, datasets or list(specs), seeds):
         datamodule = build_datamodule(specs[dataset])
         datamodule.setup()
+        fitted: dict[str, Any] = {}
         for name, settings in variants.items():
             if (dataset, seed, name) in done:
                 continue
             start = time.perf_counter()
             model_settings = {key: value for key, value in settings.items() if key != "keep_share"}
-            fod = Fod.load_from_checkpoint(checkpoint, **model_settings)
-            with kept_share(settings.get("keep_share")):
-                fod.fit_residual_statistics(datamodule)
+            # the blur acts after the statistics: variants that differ only in it share one fit
+            fit_key = json.dumps({k: v for k, v in settings.items() if k != "blur_sigma"}, sort_keys=True)
+            if fit_key in fitted:
+                fod = fitted[fit_key]
+                with_blur(fod, settings.get("blur_sigma", 4.0))
+            else:
+                fod = Fod.load_from_checkpoint(checkpoint, **model_settings)
+                with kept_share(settings.get("keep_share")):
+                    fod.fit_residual_statistics(datamodule)
+                fitted[fit_key] = fod
             fit_s = time.perf_counter() - start
             raw = predict_raw(fod, datamodule)
             metrics = exact_metrics(raw["scores"], raw["labels"], raw["maps"], raw["masks"])
@@ -80,6 +88,13 @@ def main(
             with out.open("a") as file:
                 file.write(json.dumps(row) + "\n")
     table(out, variants)
+
+
+def with_blur(fod: Any, sigma: float) -> None:  # noqa: ANN401
+    """Blur ``fod``'s maps (the anomaly map and the image score's map) at ``sigma`` from now on (0: none)."""
+    from anomalib_fod.models.blur import gaussian_blur  # noqa: PLC0415
+
+    fod.model.anomaly_map_generator.blur = gaussian_blur(sigma)
 
 
 @contextlib.contextmanager

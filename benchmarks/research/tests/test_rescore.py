@@ -1,4 +1,5 @@
-"""``benchmarks/research/rescore.py``: a variant may set the share of training images the nearest-token fit keeps."""
+"""``benchmarks/research/rescore.py``: a variant may set the share of training images the nearest-token fit keeps, or
+only another blur (the fit is then shared)."""
 
 from __future__ import annotations
 
@@ -14,3 +15,25 @@ def test_kept_share_holds_within_the_block_only() -> None:
     assert lightning_model.kept_token_share is original
     with kept_share(None):
         assert lightning_model.kept_token_share is original
+
+
+def test_with_blur_matches_a_model_built_with_that_blur() -> None:
+    import torch
+
+    from anomalib_fod import Fod
+
+    from rescore import with_blur  # noqa: E402
+
+    torch.manual_seed(0)
+    built = Fod(image_size=(64, 64), blur_sigma=2.0, visualizer=False).model.anomaly_map_generator
+    changed = Fod(image_size=(64, 64), visualizer=False)
+    with_blur(changed, 2.0)
+    scores = [torch.rand(2, 64), torch.rand(2, 16)]
+    grids = [(8, 8), (4, 4)]
+    expected = built.combine_levels(scores, grids, (64, 64))
+    actual = changed.model.anomaly_map_generator.combine_levels(scores, grids, (64, 64))
+    assert torch.allclose(expected[0], actual[0])
+    with_blur(changed, 0.0)
+    assert changed.model.anomaly_map_generator.blur is None
+    unblurred = changed.model.anomaly_map_generator.combine_levels(scores, grids, (64, 64))[0]
+    assert not torch.allclose(unblurred, expected[0])
