@@ -295,7 +295,6 @@ def test_where_it_cannot_be_measured_the_score_is_left_out_with_a_warning(caplog
         ddp_fit(1.0)
 
 
-
 def test_over_the_memory_budget_the_fit_keeps_a_random_share_of_the_images(monkeypatch, caplog) -> None:  # noqa: ANN001
     """Where keeping every training token would not fit in memory, the score is still measured and fitted: on the
     tokens of a random share of the images that fits (the Gaussians on all of them), self-choosing or required; where

@@ -70,16 +70,18 @@ def main(
                 continue
             start = time.perf_counter()
             model_settings = {key: value for key, value in settings.items() if key != "keep_share"}
-            # the blur acts after the statistics: variants that differ only in it share one fit
+            # The blur acts after the statistics: variants that differ only in the blur they set share one fit (one
+            # that sets none keeps the checkpoint's own blur and is fitted alone).
             fit_key = json.dumps({k: v for k, v in settings.items() if k != "blur_sigma"}, sort_keys=True)
-            if fit_key in fitted:
+            if "blur_sigma" in settings and fit_key in fitted:
                 fod = fitted[fit_key]
-                with_blur(fod, settings.get("blur_sigma", 4.0))
+                with_blur(fod, settings["blur_sigma"])
             else:
                 fod = Fod.load_from_checkpoint(checkpoint, **model_settings)
                 with kept_share(settings.get("keep_share")):
                     fod.fit_residual_statistics(datamodule)
-                fitted[fit_key] = fod
+                if "blur_sigma" in settings:
+                    fitted[fit_key] = fod
             fit_s = time.perf_counter() - start
             raw = predict_raw(fod, datamodule)
             metrics = exact_metrics(raw["scores"], raw["labels"], raw["maps"], raw["masks"])
