@@ -448,3 +448,31 @@ def test_the_choice_reads_only_the_training_images(dummy_dataset, tmp_path) -> N
         torch.testing.assert_close(second.position_share, first.position_share)
         assert first.declined == second.declined
         torch.testing.assert_close(second.bank, first.bank)
+
+
+def test_a_refit_of_the_statistics_does_not_depend_on_the_shuffle(dummy_dataset) -> None:  # noqa: ANN001
+    """The statistics read the training images in file order: two refits under different global seeds (which
+    reorder the shuffled training loader) draw the same bank and the same z-units."""
+    from fod_helpers import TRAIN_BATCH, make_datamodule
+
+    torch.manual_seed(0)
+    model = Fod(pre_processor=Fod.configure_pre_processor((SIZE, SIZE)), visualizer=False, nearest_tokens=200,
+                nearest_position_limit=1.0, **TINY)
+    model.draw_seed = 7  # as a trained checkpoint carries it: the draws' seed is fixed, only the shuffle differs
+    datamodule = make_datamodule(dummy_dataset.parent, dummy_dataset.name, 2, TRAIN_BATCH)
+    datamodule.setup("fit")
+    model.model.set_mean_reference(
+        [f.mean(0) for f in next(iter(iterate_pooled_features(
+            model.model, datamodule.train_dataloader(), None, torch.device("cpu"), False)))])
+
+    def refit(seed: int) -> list[dict[str, torch.Tensor]]:
+        torch.manual_seed(seed)
+        model.fit_residual_statistics(datamodule)
+        return [{k: v.clone() for k, v in level.state_dict().items()} for level in
+                model.model.anomaly_map_generator.nearest]
+
+    first, second = refit(0), refit(1)
+    assert all(level["bank"].numel() for level in first)
+    for one, two in zip(first, second, strict=True):
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], msg=key)

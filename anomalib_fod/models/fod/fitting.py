@@ -120,21 +120,32 @@ def distributed_sum(trainer: Trainer | None) -> Reduce | None:
     return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")
 
 
+def in_file_order(loader: DataLoader) -> DataLoader:
+    """``loader``'s dataset once, in file order, with its batch size, collate function and workers.
+
+    The statistics are fitted on the training images in this order, not the shuffled training order: the
+    nearest-token draws and folds follow the order the images arrive in, so a shuffled pass would fit a checkpoint's
+    statistics differently every time (and unlike a seeded run's, a later refit's shuffle has no seed of its own).
+    """
+    return shard_loader(loader, 0, 1)
+
+
 def rank_batches(trainer: Trainer) -> tuple[Iterable, float]:
-    """The training batches this rank sums over, and their weight (0 for an empty DDP shard).
+    """The training batches this rank sums over, in file order, and their weight (0 for an empty DDP shard).
 
     Under DDP each rank takes its own unpadded shard (:func:`shard_loader`), so a sum over ranks sees
     every training image once.
     """
     loader = trainer.train_dataloader
-    if trainer.world_size <= 1:
-        return loader, 1.0
     if not isinstance(loader, DataLoader):
-        logger.warning(
-            "FOD: the training data is not a single DataLoader; under DDP its padded distributed "
-            "sampler may count a few images twice in sums over the training set.",
-        )
+        if trainer.world_size > 1:
+            logger.warning(
+                "FOD: the training data is not a single DataLoader; under DDP its padded distributed "
+                "sampler may count a few images twice in sums over the training set.",
+            )
         return loader, 1.0
+    if trainer.world_size <= 1:
+        return in_file_order(loader), 1.0
     rank, world_size = trainer.global_rank, trainer.world_size
     weight = 1.0 if rank < len(loader.dataset) else 0.0
     return shard_loader(loader, rank, world_size), weight

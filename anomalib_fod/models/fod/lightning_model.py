@@ -34,7 +34,7 @@ from .callbacks import (
     training_transform,
 )
 from .feature_cache import FeatureCache, cache_blocker
-from .fitting import TrainingImages, fill_feature_cache, fit_residual_statistics, shard_loader
+from .fitting import TrainingImages, fill_feature_cache, fit_residual_statistics, in_file_order, shard_loader
 from .loss import FodLoss
 from .settings import (
     FeedForwardMode,
@@ -339,7 +339,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             >>> model.fit_residual_statistics(datamodule)  # doctest: +SKIP
         """
         datamodule.setup("fit")
-        loader = datamodule.train_dataloader()
+        loader = in_file_order(datamodule.train_dataloader())
         share = kept_token_share(self.model, len(loader.dataset))
         images = TrainingImages(loader, training_transform(self), self.device, seed=self.draw_seed, keep_share=share)
         fit_residual_statistics(self.model, images, train_context=False)
