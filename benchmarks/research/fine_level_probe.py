@@ -6,8 +6,9 @@ is loaded and its statistics refitted as the harness did (``Fod.fit_residual_sta
 order); its unblurred map (the model's own levels, nearest-token score and all) is put in z-units of the training
 images' maps, and the finer level (an unpooled backbone stage, per-position mean, blended covariance, fitted on the
 training images at the model's intensity gains) in z-units of its training images' maps. The map is then
-``(1 - w) * model + w * finer``, blurred as the model blurs (``w = 0`` is the refitted model's own map). Training
-images only are used to fit; the test labels only to measure.
+``(1 - w) * model + w * finer``, blurred as the model blurs (``w = 0`` is the refitted model's own map); the rows
+``raw w`` mix the two maps in their own units instead (the model's map is a whitened distance where the nearest-token
+score stays out, as the finer level's is). Training images only are used to fit; the test labels only to measure.
 
     python benchmarks/research/fine_level_probe.py --harness benchmarks/shared_datasets_256.yaml \
         --model FodAuto --run results/benchmarks/auto_256 --weights "[0.125, 0.25, 0.5]"
@@ -89,6 +90,17 @@ def maps(
     return torch.cat(model_maps), torch.cat(finer_maps), masks
 
 
+def frozen_stage(trained: torch.nn.Module, finer: torch.nn.Module) -> torch.nn.Module:
+    """``finer`` (a feature extractor of an earlier stage of the same backbone) with ``trained``'s backbone weights, in
+    eval mode. A checkpoint's settings say ``pre_trained=False`` (it carries its weights), so a new extractor built from
+    them would be random: every one of ``finer``'s tensors must come from ``trained``."""
+    missing, _ = finer.load_state_dict(trained.state_dict(), strict=False)
+    if missing:
+        msg = f"the checkpoint's backbone lacks {missing[:3]}..."
+        raise ValueError(msg)
+    return finer.eval()
+
+
 def main(
     harness: Path = Path("benchmarks/shared_datasets_256.yaml"),
     model: str = "FodAuto",
@@ -115,7 +127,7 @@ def main(
     weights = [0.0, *(weights or [0.25])]
     specs, run, out, done = open_run(harness, run, out, "fine_level.jsonl")
     for dataset, seed, checkpoint in finished_cells(run, model, datasets or list(specs), seeds):
-        if all((dataset, seed, f"w {weight}") in done for weight in weights):
+        if (dataset, seed, f"raw w {weights[-1]}") in done:  # a cell's last row
             continue
         datamodule = build_datamodule(specs[dataset])
         datamodule.setup()
@@ -124,7 +136,8 @@ def main(
         with_blur(fod, 0.0)
         fod.eval()
         settings = fod.model.settings
-        finer = FeatureExtractor(settings.backbone, [layer], settings.pre_trained, settings.weights_path).eval()
+        stage = FeatureExtractor(settings.backbone, [layer], pre_trained=False)
+        finer = frozen_stage(fod.model.feature_extractor, stage)
         transform = training_transform(fod)
         train_loader = in_file_order(datamodule.train_dataloader())
         accumulator = ResidualAccumulator(per_position=True)
@@ -138,12 +151,17 @@ def main(
         (model_mean, model_std), (finer_mean, finer_std) = z_units(train_model), z_units(train_finer)
         z_model, z_finer = (test_model - model_mean) / model_std, (test_finer - finer_mean) / finer_std
         blur = gaussian_blur(settings.blur_sigma)
-        for weight in weights:
-            row = {"dataset": dataset, "seed": seed, "variant": f"w {weight}", "layer": layer,
-                   "pixel_auroc": pixel_auroc_at_masks(combined_map(z_model, z_finer, weight, blur), masks)}
-            print(json.dumps(row), flush=True)
-            with out.open("a") as file:
-                file.write(json.dumps(row) + "\n")
+        units = {"w": (z_model, z_finer), "raw w": (test_model, test_finer)}
+        for name, (model_map, finer_map) in units.items():
+            for weight in weights if name == "w" else weights[1:]:
+                row = {"dataset": dataset, "seed": seed, "variant": f"{name} {weight}", "layer": layer,
+                       "pixel_auroc": pixel_auroc_at_masks(combined_map(model_map, finer_map, weight, blur), masks)}
+                if name == "w":
+                    row["units"] = {"model": [float(model_mean), float(model_std)],
+                                    "finer": [float(finer_mean), float(finer_std)]}
+                print(json.dumps(row), flush=True)
+                with out.open("a") as file:
+                    file.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -29,3 +29,18 @@ def test_maps_are_measured_at_each_batchs_mask_size() -> None:
     assert pixel_auroc_at_masks(-maps, [masks[:2], masks[2:]]) < 0.01
     with pytest.raises(ValueError, match="3 maps but 2 masks"):
         pixel_auroc_at_masks(maps, [masks[:2]])
+
+
+def test_the_finer_stage_takes_the_checkpoints_backbone_weights() -> None:
+    from anomalib_fod.backbone import FeatureExtractor
+
+    from fine_level_probe import frozen_stage  # noqa: E402
+
+    torch.manual_seed(0)
+    trained = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], pre_trained=False)
+    torch.manual_seed(1)
+    finer = frozen_stage(trained, FeatureExtractor("tf_efficientnet_lite0", ["blocks.1"], pre_trained=False))
+    weights = dict(trained.named_parameters())
+    for name, value in finer.named_parameters():
+        torch.testing.assert_close(value, weights[name])
+    assert not finer.training
