@@ -143,18 +143,23 @@ def _load_pretrained(full: nn.Module, backbone: str, weights_path: str | None) -
     full.load_state_dict(pretrained.state_dict())
 
 
+def stage_at_stride(full: nn.Module, reduction: int) -> int:
+    """Index into timm's ``feature_info`` of the last stage at stride ``reduction`` (the most processed one)."""
+    info = list(full.feature_info)
+    candidates = [i for i, entry in enumerate(info) if entry["reduction"] == reduction]
+    if not candidates:
+        names = [entry["module"] for entry in info]
+        msg = f"backbone has no stage with stride {reduction}; pass `layers` explicitly (available: {names})."
+        raise ValueError(msg)
+    return candidates[-1]
+
+
 def resolve_layers(full: nn.Module, layers: Sequence[str] | None) -> tuple[list[int], list[str]]:
     """Indices into timm's ``feature_info`` for ``layers`` (default: the stride-8 and stride-16 stages)."""
     info = list(full.feature_info)
     names = [entry["module"] for entry in info]
     if layers is None:
-        indices = []
-        for reduction in DEFAULT_REDUCTIONS:
-            candidates = [i for i, entry in enumerate(info) if entry["reduction"] == reduction]
-            if not candidates:
-                msg = f"backbone has no stage with stride {reduction}; pass `layers` explicitly (available: {names})."
-                raise ValueError(msg)
-            indices.append(candidates[-1])
+        indices = [stage_at_stride(full, reduction) for reduction in DEFAULT_REDUCTIONS]
         return indices, [names[i] for i in indices]
     unknown = [layer for layer in layers if layer not in names]
     if unknown:
@@ -172,6 +177,8 @@ class FeatureExtractor(nn.Module):
             stages at stride 8 and 16.
         pre_trained: load ImageNet weights (see the module docstring for where from).
         weights_path: a local timm state dict; overrides every other source.
+        finer_stage: also return, from the same pass, the last stage at half the finest chosen layer's stride (a
+            finer stage that only the anomaly map reads: :meth:`forward_with_finer_stage`).
 
     Shapes:
         ``(B, 3, H, W)`` -> list of ``(B, C_i, H / s_i, W / s_i)``.
@@ -183,19 +190,29 @@ class FeatureExtractor(nn.Module):
         layers: Sequence[str] | None = None,
         pre_trained: bool = True,
         weights_path: str | None = None,
+        finer_stage: bool = False,
     ) -> None:
         super().__init__()
         full = timm.create_model(backbone, pretrained=False)
         if pre_trained or weights_path is not None:
             _load_pretrained(full, backbone, weights_path)
         indices, self.layers = resolve_layers(full, layers)
-        self.body = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=indices)
+        finest = min(full.feature_info[index]["reduction"] for index in indices)
+        map_index = stage_at_stride(full, finest // 2) if finer_stage else None
+        outputs = sorted({*indices, *([] if map_index is None else [map_index])})
+        self.body = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=outputs)
         result = self.body.load_state_dict(full.state_dict(), strict=False)
         if result.missing_keys:  # the feature net is a truncated copy: nothing may be missing
             msg = f"feature extractor of '{backbone}' misses weights: {result.missing_keys[:3]}"
             raise BackboneWeightsError(msg)
-        self.channels: list[int] = list(self.body.feature_info.channels())
-        self.strides: list[int] = list(self.body.feature_info.reduction())
+        # Where each asked-for stage is among the body's outputs (which come in the backbone's order).
+        self._level_slots = [outputs.index(index) for index in indices]
+        self._map_slot = None if map_index is None else outputs.index(map_index)
+        channels, strides = list(self.body.feature_info.channels()), list(self.body.feature_info.reduction())
+        self.channels: list[int] = [channels[slot] for slot in self._level_slots]
+        self.strides: list[int] = [strides[slot] for slot in self._level_slots]
+        self.map_layer: str | None = None if map_index is None else full.feature_info[map_index]["module"]
+        self.map_channels: int | None = None if self._map_slot is None else channels[self._map_slot]
         for parameter in self.body.parameters():
             parameter.requires_grad_(False)
         self.body.eval()
@@ -208,4 +225,13 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps of the chosen layers, each ``(B, C_i, H_i, W_i)``."""
-        return list(self.body(images))
+        maps = self.body(images)
+        return [maps[slot] for slot in self._level_slots]
+
+    def forward_with_finer_stage(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The chosen layers' maps and the finer stage's ``(B, C, H / s, W / s)``, from one pass."""
+        if self._map_slot is None:
+            msg = "this feature extractor was built without finer_stage."
+            raise RuntimeError(msg)
+        maps = self.body(images)
+        return [maps[slot] for slot in self._level_slots], maps[self._map_slot]

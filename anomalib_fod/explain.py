@@ -173,11 +173,12 @@ def explain_image(
         batch = model.pre_processor.transform(batch)
     size = (int(batch.shape[-2]), int(batch.shape[-1]))
 
-    run = fod.run_levels(fod.extract_features(batch), keep_maps=True)
+    features, fine_features = fod.extract_map_features(batch)
+    run = fod.run_levels(features, keep_maps=True)
     tokens, outputs, grids = run.tokens, run.levels, run.grids
     generator = fod.anomaly_map_generator
     scores = generator.level_scores(tokens, outputs, grids)  # one context-predictor pass per level, if any
-    anomaly_map, pred_score = generator.combine(scores, grids, size)
+    anomaly_map, pred_score = generator.combine(scores, grids, size, fine_features)
     components = []
     for index, (level_tokens, level_output, (height, width)) in enumerate(zip(tokens, outputs, grids, strict=True)):
         # The level index picks that level's residual statistics (the whitened residual).

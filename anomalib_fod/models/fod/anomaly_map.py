@@ -36,7 +36,8 @@ With ``context_score`` each token's score is its whitened residual's distance pl
 the same rule as without it: the same sum made of the distances under each position's own covariance (in their
 own z-units), levels averaged. With ``nearest_tokens`` each token's score is its Gaussian distance plus its
 distance to the nearest training token (``nearest.py``), both in held-out z-units; the image score's map makes the
-same sum with the per-position distance.
+same sum with the per-position distance. With ``fine_map_weight`` the anomaly map (not the image score's own map)
+adds a map-only level of the backbone's finer stage before the blur (``fine_level.py``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from anomalib_fod.models.blur import gaussian_blur
 from anomalib_fod.utils import check_choice
 
 from .context import ContextLevel
+from .fine_level import FineLevel
 from .nearest import NearestLevel
 from .residual_statistics import ResidualStatistics
 from .settings import FodSettings, ImageScore, ReconstructionTerm, ResidualCovariance
@@ -136,6 +138,8 @@ class AnomalyMapGenerator(nn.Module):
         # Built whenever asked for, so a checkpoint's bank loads under any scoring; used where it applies.
         self.nearest = nn.ModuleList(NearestLevel() for _ in (settings.d_models if settings.nearest_tokens else ()))
         self.nearest_applies = settings.nearest_applies
+        # A map-only level of the backbone's finer stage (fine_level.py); fed by the model's forward.
+        self.fine = FineLevel(settings.fine_map_weight) if settings.fine_map_weight else None
         self.use_scoring(settings)
         self.blur = gaussian_blur(blur_sigma)
 
@@ -287,11 +291,22 @@ class AnomalyMapGenerator(nn.Module):
         )
 
     def combine(
-        self, scores: LevelScores, grids: list[tuple[int, int]], image_size: tuple[int, int]
+        self,
+        scores: LevelScores,
+        grids: list[tuple[int, int]],
+        image_size: tuple[int, int],
+        fine_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, 1, H, W)`` anomaly map (levels weighted ``map_level_weights``) and ``(B,)`` image scores (the
-        maximum of the image score's own map, levels averaged, or of the anomaly map)."""
-        anomaly_map, image_scores = self.combine_levels(scores.map, grids, image_size, self.map_level_weights)
+        """``(B, 1, H, W)`` anomaly map (levels weighted ``map_level_weights``; with the fine level, its map added
+        from ``fine_features`` ``(B, C, h, w)``) and ``(B,)`` image scores (the maximum of the image score's own map,
+        levels averaged, or of the anomaly map)."""
+        added = None
+        if self.fine is not None:
+            if fine_features is None:
+                msg = "the fine map level (fine_map_weight) needs the backbone's finer stage: call the model on images."
+                raise ValueError(msg)
+            added = self.fine.scale() * self.fine.distance_map(fine_features, image_size, self.align_corners)
+        anomaly_map, image_scores = self.combine_levels(scores.map, grids, image_size, self.map_level_weights, added)
         if scores.image is not None:
             image_scores = self.combine_levels(scores.image, grids, image_size)[1]
         return anomaly_map, image_scores
@@ -302,6 +317,7 @@ class AnomalyMapGenerator(nn.Module):
         outputs: list[LevelOutput],
         grids: list[tuple[int, int]],
         image_size: tuple[int, int],
+        fine_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Combine the levels.
 
@@ -310,11 +326,12 @@ class AnomalyMapGenerator(nn.Module):
             outputs: per level Transformer outputs.
             grids: per level token grid ``(h_i, w_i)``.
             image_size: ``(H, W)`` of the pre-processed input.
+            fine_features: with the fine map level, the backbone's finer stage ``(B, C, h, w)``.
 
         Returns:
             ``(B, 1, H, W)`` anomaly map and ``(B,)`` image scores.
         """
-        return self.combine(self.level_scores(tokens, outputs, grids), grids, image_size)
+        return self.combine(self.level_scores(tokens, outputs, grids), grids, image_size, fine_features)
 
     def combine_levels(
         self,
@@ -322,10 +339,13 @@ class AnomalyMapGenerator(nn.Module):
         grids: list[tuple[int, int]],
         image_size: tuple[int, int],
         weights: Sequence[float] | None = None,
+        added: torch.Tensor | None = None,
+        blur: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-level token scores ``(B, L_i)`` -> ``(B, 1, H, W)`` map (upsampled, combined, blurred), ``(B,)`` max.
 
-        ``weights``: of each level in the map (normalised to sum 1); ``None``: the levels' mean.
+        ``weights``: of each level in the map (normalised to sum 1); ``None``: the levels' mean. ``added``: a
+        ``(B, 1, H, W)`` map added before the blur. ``blur=False``: the map before the blur.
         """
         maps = []
         for score, (height, width) in zip(scores, grids, strict=True):
@@ -336,6 +356,8 @@ class AnomalyMapGenerator(nn.Module):
         else:
             total = sum(weights)
             anomaly_map = sum(level * (weight / total) for level, weight in zip(maps, weights, strict=True))
-        if self.blur is not None:
+        if added is not None:
+            anomaly_map = anomaly_map + added
+        if blur and self.blur is not None:
             anomaly_map = self.blur(anomaly_map)
         return anomaly_map, anomaly_map.amax(dim=(-2, -1)).flatten()

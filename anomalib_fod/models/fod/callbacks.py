@@ -172,19 +172,34 @@ class ResidualStatisticsCallback(Callback):
             return
         dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
         self.keep_share = 1.0 if dataset is None else kept_token_share(model, len(dataset))
-        statistics = model.anomaly_map_generator.statistics
-        if not model.anomaly_map_generator.needs_statistics or not any(s.per_position for s in statistics):
+        generator = model.anomaly_map_generator
+        if not generator.needs_statistics:
             return
-        size = per_position_bytes(grids, model.feature_extractor.channels)
-        if size > PER_POSITION_BUDGET_BYTES:
-            msg = (
-                f"residual_covariance={model.settings.residual_covariance!r} with image_score="
-                f"{model.settings.image_score!r} needs {size / 2**30:.1f} GiB for one "
-                f"covariance per token position (grids {grids}, backbone channels "
-                f"{list(model.feature_extractor.channels)}); use residual_covariance='shared' and image_score='map' "
-                "(one covariance per level), a smaller image size or a backbone with fewer channels."
-            )
-            raise ValueError(msg)
+        extractor = model.feature_extractor
+        size = 0
+        if any(s.per_position for s in generator.statistics):
+            size = per_position_bytes(grids, extractor.channels)
+            if size > PER_POSITION_BUDGET_BYTES:
+                msg = (
+                    f"residual_covariance={model.settings.residual_covariance!r} with image_score="
+                    f"{model.settings.image_score!r} needs {size / 2**30:.1f} GiB for one "
+                    f"covariance per token position (grids {grids}, backbone channels "
+                    f"{list(extractor.channels)}); use residual_covariance='shared' and image_score='map' "
+                    "(one covariance per level), a smaller image size or a backbone with fewer channels."
+                )
+                raise ValueError(msg)
+        if generator.fine is not None:  # its stage has half the finest level's stride: twice its grid per side
+            fine_grid = (2 * grids[0][0], 2 * grids[0][1])
+            fine_size = per_position_bytes([fine_grid], [extractor.map_channels])
+            if size + fine_size > PER_POSITION_BUDGET_BYTES:
+                msg = (
+                    f"fine_map_weight={model.settings.fine_map_weight} keeps one covariance per position of the "
+                    f"backbone's {extractor.map_layer} ({extractor.map_channels} channels on a {fine_grid[0]}x"
+                    f"{fine_grid[1]} grid): {fine_size / 2**30:.1f} GiB, over the budget with the levels' "
+                    f"{size / 2**30:.1f} GiB; use fine_map_weight=0, a smaller image size or a backbone with fewer "
+                    "channels."
+                )
+                raise ValueError(msg)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refit before validation scores the images (only during fit: test and predict use what is stored)."""

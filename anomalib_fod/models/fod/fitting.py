@@ -78,6 +78,20 @@ def iterate_pooled_features(
     anomalib's datasets load them) multiplied by it and clipped to ``[0, 1]`` before the pre-processing; the
     copies go through the backbone together, so each yielded level is ``(len(gains) * B, C_i, h_i, w_i)``.
     """
+    for images in iterate_images(batches, transform, device, progress, desc, gains):
+        yield model.extract_features(images)
+
+
+def iterate_images(
+    batches: Iterable,
+    transform: torch.nn.Module | None,
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "FOD training images",
+    gains: Sequence[float] = (1.0,),
+) -> Iterator[torch.Tensor]:
+    """Yield every batch's images ``(len(gains) * B, 3, H, W)``, each gain's copy in turn, pre-processed as in
+    training (see :func:`iterate_pooled_features`)."""
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         images = batch.image if hasattr(batch, "image") else batch
         images = images.to(device)
@@ -91,7 +105,7 @@ def iterate_pooled_features(
             raise ValueError(msg)
         # One forward pass over every gain's copy: batched convolutions and attentions cost less than one per gain.
         scaled = torch.cat([images if gain == 1 else (images * gain).clamp(0, 1) for gain in gains])
-        yield model.extract_features(transform(scaled) if transform is not None else scaled)
+        yield transform(scaled) if transform is not None else scaled
 
 
 def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
@@ -234,6 +248,10 @@ class TrainingImages:
         """Pooled backbone features of every batch (see :func:`iterate_pooled_features`)."""
         return iterate_pooled_features(model, self.batches, self.transform, self.device, self.progress, desc, gains)
 
+    def images(self, desc: str, gains: Sequence[float] = (1.0,)) -> Iterator[torch.Tensor]:
+        """Every batch's pre-processed images at every gain (see :func:`iterate_images`)."""
+        return iterate_images(self.batches, self.transform, self.device, self.progress, desc, gains)
+
 
 def fit_reference(model: FodModel, images: TrainingImages, mode: ReferenceMode = "mean") -> None:
     """Store the reference features of ``mode`` computed from the training images (model in eval mode)."""
@@ -326,7 +344,15 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages, train_conte
     """Fit the residual statistics on the training images, each seen at every one of the model's
     ``intensity_gains``; with ``context_score``, then the context score on the same tokens (``train_context=False``:
     only its z-units, which follow the Transformers; the predictor reads the input features alone); with
-    ``nearest_tokens``, then the banks and their z-units."""
+    ``nearest_tokens``, then the banks and their z-units; with ``fine_map_weight``, then the fine map level
+    (:func:`fit_fine_level`), whose units follow the whole map."""
+    fit_token_scores(model, images, train_context)
+    if model.anomaly_map_generator.fine is not None:
+        fit_fine_level(model, images)
+
+
+def fit_token_scores(model: FodModel, images: TrainingImages, train_context: bool = True) -> None:
+    """The levels' part of :func:`fit_residual_statistics`: the Gaussians and the context or nearest-token score."""
     gains = model.settings.intensity_gains
     features = images.features(model, "FOD residual statistics", gains)
     generator = model.anomaly_map_generator
@@ -355,6 +381,43 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages, train_conte
         )
         return
     fit_context(model, kept, images.device, images.progress, train=train_context, seed=images.seed)
+
+
+@torch.no_grad()
+def fit_fine_level(model: FodModel, images: TrainingImages) -> None:
+    """Fit the fine map level (``fine_level.py``): its Gaussian on the finer stage of every training image at every
+    intensity gain, then the standard deviations of the model's map (unblurred, levels weighted as in the anomaly
+    map) and of the fine level's map over every pixel of the training images as they are (and of every process,
+    with ``images.reduce``)."""
+    generator = model.anomaly_map_generator
+    fine = generator.fine
+    was_training = model.training
+    model.eval()
+    try:
+        accumulator = ResidualAccumulator(per_position=True)
+        for batch in images.images("FOD fine map level", model.settings.intensity_gains):
+            _, finer = model.feature_extractor.forward_with_finer_stage(batch)
+            tokens = finer.flatten(2).transpose(1, 2)
+            accumulator.add(tokens if images.weight else tokens[:0])
+        fine.statistics.set(*accumulator.finish(images.reduce))
+        sums = torch.zeros(2, 3, dtype=torch.float64, device=images.device)  # per map: pixels, sum, sum of squares
+        for batch in images.images("FOD fine map units"):
+            levels, finer = model.extract_map_features(batch)
+            size = (int(batch.shape[-2]), int(batch.shape[-1]))
+            run = model.run_levels(levels)
+            scores = generator.level_scores(run.tokens, run.levels, run.grids)
+            weights = generator.map_level_weights
+            model_map = generator.combine_levels(scores.map, run.grids, size, weights, blur=False)[0]
+            for row, values in enumerate((model_map, fine.distance_map(finer, size, generator.align_corners))):
+                kept = values.double().flatten()[: None if images.weight else 0]  # an empty DDP shard adds nothing
+                sums[row] += torch.stack([kept.new_tensor(kept.numel()), kept.sum(), kept.square().sum()])
+        if images.reduce is not None:
+            sums = images.reduce(sums)
+        pixels, total, squares = sums.unbind(-1)
+        variance = (squares - total.square() / pixels) / (pixels - 1)
+        fine.set_units(*variance.clamp_min(0).sqrt().float())
+    finally:
+        model.train(was_training)
 
 
 def _distances(

@@ -193,6 +193,11 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             training on the training images alone; logged, stored in the checkpoint): an aligned part is scored by
             its per-position Gaussian alone, a texture, a turning part or a few-image product with both.
             1.0: always add it.
+        fine_map_weight: share of the anomaly map given to the backbone's stage at half the finest level's stride
+            (Lite0's stride-4 ``blocks.1``), unpooled and untrained, judged by its own per-position Gaussian of the
+            training images' features; both maps mixed in standard deviations of the training images' maps. It
+            sharpens where the map places a small defect or a boundary; the image score's own map does not read it.
+            0: off.
         **kwargs: ``backbone`` (default ``"tf_efficientnet_lite0"``; the paper uses
             ``"wide_resnet50_2"``, see ``configs/fod_paper.yaml``), ``layers`` (two feature layers;
             ``None`` picks the stride-8 and stride-16 stages: WideResNet50 layer2, layer3;
@@ -248,6 +253,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         context_query_share: float = 0.25,
         nearest_tokens: int = 40000,
         nearest_position_limit: float = 0.5,
+        fine_map_weight: float = 0.0,
         **kwargs: Any,  # noqa: ANN401 - OfflineBackboneModule's arguments
     ) -> None:
         super().__init__(learning_rate=learning_rate, **kwargs)

@@ -96,6 +96,13 @@ class FodSettings:
             images' finest level after training, ``nearest.position_share``): where position tells most of what a
             token should look like, the per-position Gaussian is the better model of normal and the nearest token,
             blind to position, only adds noise. 1.0: always add it; 0.0: never.
+        fine_map_weight: share of the anomaly map given to a finer level that only the map reads
+            (``fine_level.py``): the backbone's stage at half the finest level's stride (Lite0's stride-4
+            ``blocks.1``), unpooled and untrained, each token judged by the distance of its features from its
+            position's mean under the blended covariance of the training images (at every intensity gain). Both
+            maps are mixed in standard deviations of the training images' maps. 0: off. Needs
+            ``reconstruction_term="mahalanobis"`` (it is fitted with the residual statistics); the image score's
+            own map (``image_score="position"``) does not read it.
     """
 
     backbone: str = field(default="tf_efficientnet_lite0", metadata=_SHAPES)
@@ -131,6 +138,7 @@ class FodSettings:
     context_query_share: float = 0.25
     nearest_tokens: int = field(default=40000, metadata=_SHAPES)
     nearest_position_limit: float = 0.5
+    fine_map_weight: float = 0.0
 
     def __post_init__(self) -> None:
         # YAML and jsonargparse give lists; tuples keep the object hashable and comparable.
@@ -186,6 +194,15 @@ class FodSettings:
                 "nearest_tokens adds to the whitened residual: it needs reconstruction_term='mahalanobis', "
                 f"scoring='rec' and context_score=False, got {self.reconstruction_term!r}, {self.scoring!r} and "
                 f"{self.context_score}."
+            )
+            raise ValueError(msg)
+        if not 0 <= self.fine_map_weight < 1:
+            msg = f"fine_map_weight is a share of the anomaly map, in [0, 1) (0: off), got {self.fine_map_weight}."
+            raise ValueError(msg)
+        if self.fine_map_weight and (self.reconstruction_term != "mahalanobis" or self.scoring == "div"):
+            msg = (
+                "fine_map_weight is fitted with the residual statistics: it needs reconstruction_term='mahalanobis' "
+                f"and scoring 'rec' or 'rec_div', got {self.reconstruction_term!r} and {self.scoring!r}."
             )
             raise ValueError(msg)
         check_choices(self)

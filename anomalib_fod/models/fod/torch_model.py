@@ -56,6 +56,7 @@ class FodModel(nn.Module):
             settings.layers,
             settings.pre_trained,
             settings.weights_path,
+            finer_stage=bool(settings.fine_map_weight),
         )
         channels = self.feature_extractor.channels
         if len(channels) != len(settings.d_models):
@@ -82,6 +83,15 @@ class FodModel(nn.Module):
     def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Pooled frozen backbone features, per level ``(B, C_i, h_i, w_i)``."""
         return [self.pool(f) for f in self.feature_extractor(images)]
+
+    @torch.no_grad()
+    def extract_map_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """:meth:`extract_features` and, with the fine map level, the backbone's finer stage ``(B, C, h, w)``
+        (unpooled; else ``None``), from one backbone pass."""
+        if self.anomaly_map_generator.fine is None:
+            return self.extract_features(images), None
+        levels, finer = self.feature_extractor.forward_with_finer_stage(images)
+        return [self.pool(f) for f in levels], finer
 
     @property
     def has_reference(self) -> bool:
@@ -146,10 +156,12 @@ class FodModel(nn.Module):
         self,
         features: Sequence[torch.Tensor],
         image_size: tuple[int, int] | None = None,
+        fine_features: torch.Tensor | None = None,
     ) -> FodTrainOutput | InferenceBatch:
         """Run the Transformers (and, in eval mode, the scoring) on pooled backbone features.
 
-        Split from :meth:`forward` so cached backbone features can be fed directly.
+        Split from :meth:`forward` so cached backbone features can be fed directly. ``fine_features``: the finer
+        stage that the fine map level reads (:meth:`extract_map_features`).
         """
         output = self.run_levels(features)
         tokens, outputs, grids = output.tokens, output.levels, output.grids
@@ -158,10 +170,13 @@ class FodModel(nn.Module):
         if image_size is None:
             msg = "image_size is needed to build the anomaly map."
             raise ValueError(msg)
-        anomaly_map, pred_score = self.anomaly_map_generator(tokens, outputs, grids, image_size)
+        anomaly_map, pred_score = self.anomaly_map_generator(tokens, outputs, grids, image_size, fine_features)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     def forward(self, images: torch.Tensor) -> FodTrainOutput | InferenceBatch:
         """Training output, or ``InferenceBatch`` with ``(B,)`` scores and ``(B, 1, H, W)`` maps in eval."""
-        features = self.extract_features(images)
-        return self.forward_features(features, (int(images.shape[-2]), int(images.shape[-1])))
+        image_size = (int(images.shape[-2]), int(images.shape[-1]))
+        if self.training:
+            return self.forward_features(self.extract_features(images), image_size)
+        features, fine_features = self.extract_map_features(images)
+        return self.forward_features(features, image_size, fine_features)

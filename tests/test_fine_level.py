@@ -1,0 +1,150 @@
+"""The fine map level: the backbone's finer stage, read from the same pass, mixed into the anomaly map in units of the
+training images' maps, carried by state dicts and exported graphs, and leaving the image score's own map alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anomalib_fod import Fod
+from anomalib_fod.backbone import FeatureExtractor
+from anomalib_fod.models.fod.fitting import TrainingImages, fit_residual_statistics
+from anomalib_fod.models.fod.settings import FodSettings
+
+from fod_helpers import TINY, assert_exports_reproduce
+
+SIZE = 64
+
+
+def training_images(count: int = 8) -> torch.Tensor:
+    return torch.rand(count, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+def fitted(weight: float, images: torch.Tensor | None = None, seed: int = 0) -> Fod:
+    """A tiny model with references, statistics and (with ``weight``) the fine level fitted on ``images``."""
+    torch.manual_seed(seed)
+    model = Fod(image_size=(SIZE, SIZE), visualizer=False, fine_map_weight=weight, nearest_tokens=0, **TINY)
+    images = training_images() if images is None else images
+    model.model.set_mean_reference([f.mean(0) for f in model.model.extract_features(images)])
+    fit_residual_statistics(model.model, TrainingImages(list(images.split(3)), None, torch.device("cpu"), False))
+    model.model.eval()
+    return model
+
+
+def test_the_finer_stage_comes_from_the_same_pass_and_leaves_the_levels_alone() -> None:
+    torch.manual_seed(0)
+    plain = FeatureExtractor("tf_efficientnet_lite0", pre_trained=False)
+    finer = FeatureExtractor("tf_efficientnet_lite0", pre_trained=False, finer_stage=True)
+    finer.load_state_dict(plain.state_dict())  # the same modules: a checkpoint of either loads into the other
+    images = torch.rand(2, 3, SIZE, SIZE)
+    levels, stage = finer.forward_with_finer_stage(images)
+    for one, two in zip(plain(images), levels, strict=True):
+        torch.testing.assert_close(two, one)
+    assert (finer.channels, finer.strides) == (plain.channels, plain.strides) == ([40, 112], [8, 16])
+    assert finer.map_layer == "blocks.1"
+    assert stage.shape == (2, finer.map_channels, SIZE // 4, SIZE // 4)
+    with pytest.raises(RuntimeError, match="without finer_stage"):
+        plain.forward_with_finer_stage(images)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"fine_map_weight": 1.0}, r"in \[0, 1\)"),
+        ({"fine_map_weight": -0.1}, r"in \[0, 1\)"),
+        ({"fine_map_weight": 0.25, "reconstruction_term": "mse_cos"}, "reconstruction_term='mahalanobis'"),
+    ],
+)
+def test_bad_fine_map_settings_are_refused(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FodSettings(**settings)
+
+
+def test_the_map_adds_the_fine_level_in_units_of_the_training_maps_and_the_image_score_stays() -> None:
+    model, plain = fitted(0.25), fitted(0.0)
+    fod, generator = model.model, model.model.anomaly_map_generator
+    fine = generator.fine
+    # the same Transformers and statistics: only the fine level differs
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(),
+                                                  [v for k, v in fod.state_dict().items() if ".fine." not in k],
+                                                  strict=True))
+    # its units are the standard deviations of both unblurred maps over the training images' pixels
+    images = training_images()
+    levels, stage = fod.extract_map_features(images)
+    run = fod.run_levels(levels)
+    scores = generator.level_scores(run.tokens, run.levels, run.grids)
+    model_maps = generator.combine_levels(scores.map, run.grids, (SIZE, SIZE), generator.map_level_weights, blur=False)[0]
+    fine_maps = fine.distance_map(stage, (SIZE, SIZE), generator.align_corners)
+    torch.testing.assert_close(fine.units, torch.stack([model_maps.std(), fine_maps.std()]), rtol=1e-4, atol=0)
+    # a test image's map: the model's map plus the fine one at (w / (1 - w)) s_M / s_F, then the blur
+    test = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        output, without = fod(test), plain.model(test)
+        _, test_stage = fod.extract_map_features(test)
+        scale = 0.25 / 0.75 * fine.units[0] / fine.units[1]
+        unblurred = plain.model.anomaly_map_generator.blur
+        plain.model.anomaly_map_generator.blur = None
+        expected = unblurred(plain.model(test).anomaly_map + scale * fine.distance_map(test_stage, (SIZE, SIZE), False))
+    torch.testing.assert_close(output.anomaly_map, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(output.anomaly_map, without.anomaly_map, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(output.pred_score, without.pred_score)  # the image score reads its own map
+
+
+def test_it_survives_a_state_dict_and_an_older_one_loads_unfitted() -> None:
+    model = fitted(0.25)
+    test = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    fresh = Fod(image_size=(SIZE, SIZE), visualizer=False, fine_map_weight=0.25, nearest_tokens=0, **TINY)
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.model(test).anomaly_map, model.model(test).anomaly_map)
+    older = {k: v for k, v in model.state_dict().items() if ".fine." not in k}
+    unfitted = Fod(image_size=(SIZE, SIZE), visualizer=False, fine_map_weight=0.25, nearest_tokens=0, **TINY)
+    unfitted.load_state_dict(older)
+    unfitted.eval()
+    assert not unfitted.model.anomaly_map_generator.fine.fitted
+    with pytest.raises(RuntimeError, match="fit_residual_statistics"):
+        unfitted.model(test)
+
+
+def test_its_fit_reads_the_training_images_alone() -> None:
+    """Fitted twice on the same training images, once after other images went through the model: the same."""
+    first = fitted(0.25)
+    with torch.no_grad():
+        first.model(torch.rand(4, 3, SIZE, SIZE))
+    second = fitted(0.25)
+    for one, two in zip(first.model.anomaly_map_generator.fine.state_dict().values(),
+                        second.model.anomaly_map_generator.fine.state_dict().values(), strict=True):
+        torch.testing.assert_close(two, one)
+    other = fitted(0.25, images=training_images(8).flip(-1))
+    assert not torch.allclose(other.model.anomaly_map_generator.fine.units, first.model.anomaly_map_generator.fine.units)
+
+
+def test_the_exported_graph_carries_the_fine_level(tmp_path) -> None:  # noqa: ANN001
+    pytest.importorskip("onnxscript")
+    model = fitted(0.25)
+    path = model.to_onnx(tmp_path)
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    assert_exports_reproduce(model, path, images, {"rtol": 1e-4, "atol": 1e-4}, 1e-4)
+
+
+@pytest.mark.slow
+def test_a_fit_with_the_fine_level_reloads_from_its_checkpoint(dummy_dataset, tmp_path) -> None:  # noqa: ANN001
+    from lightning.pytorch import seed_everything
+
+    from fod_helpers import EVAL_BATCH, TRAIN_BATCH, make_datamodule, make_engine
+
+    seed_everything(0, workers=True)
+    datamodule = make_datamodule(dummy_dataset.parent, dummy_dataset.name, TRAIN_BATCH, EVAL_BATCH)
+    model = Fod(pre_processor=Fod.configure_pre_processor((SIZE, SIZE)), visualizer=False, training_steps=4,
+                fine_map_weight=0.25, **TINY)
+    engine = make_engine(tmp_path, max_epochs=10)
+    engine.fit(model, datamodule=datamodule)
+    assert model.model.anomaly_map_generator.fine.fitted
+    predictions = engine.predict(model, datamodule=datamodule)
+    reloaded = Fod.load_from_checkpoint(engine.trainer.checkpoint_callback.best_model_path)
+    assert reloaded.model.settings.fine_map_weight == 0.25
+    again = engine.predict(reloaded, datamodule=datamodule)
+    for first, second in zip(predictions, again, strict=True):
+        torch.testing.assert_close(second.pred_score, first.pred_score)
+        torch.testing.assert_close(second.anomaly_map, first.anomaly_map)
