@@ -120,6 +120,17 @@ def test_its_fit_reads_the_training_images_alone() -> None:
     assert not torch.allclose(other.model.anomaly_map_generator.fine.units, first.model.anomaly_map_generator.fine.units)
 
 
+def test_its_gaussian_summed_in_the_statistics_pass_equals_a_pass_of_its_own() -> None:
+    from anomalib_fod.models.fod.fitting import fit_fine_level
+
+    model = fitted(0.25)
+    fine = model.model.anomaly_map_generator.fine
+    fused = {name: value.clone() for name, value in fine.state_dict().items()}
+    fit_fine_level(model.model, TrainingImages(list(training_images().split(3)), None, torch.device("cpu"), False))
+    for name, value in fine.state_dict().items():
+        torch.testing.assert_close(value, fused[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_the_exported_graph_carries_the_fine_level(tmp_path) -> None:  # noqa: ANN001
     pytest.importorskip("onnxscript")
     model = fitted(0.25)
@@ -148,3 +159,21 @@ def test_a_fit_with_the_fine_level_reloads_from_its_checkpoint(dummy_dataset, tm
     for first, second in zip(predictions, again, strict=True):
         torch.testing.assert_close(second.pred_score, first.pred_score)
         torch.testing.assert_close(second.anomaly_map, first.anomaly_map)
+
+
+def test_its_covariances_count_in_the_per_position_budget_before_training(monkeypatch) -> None:  # noqa: ANN001
+    from anomalib_fod.models.fod import callbacks
+    from anomalib_fod.models.fod.residual_statistics import per_position_bytes
+
+    from fod_helpers import assert_budget_is_the_boundary
+
+    model, plain = fitted(0.25), fitted(0.0)
+    grids = [tuple(int(v) for v in level.ref_grid) for level in model.model.levels]
+    levels = per_position_bytes(grids, model.model.feature_extractor.channels)
+    fine = per_position_bytes([(2 * grids[0][0], 2 * grids[0][1])], [model.model.feature_extractor.map_channels])
+    callback = callbacks.ResidualStatisticsCallback()
+    assert_budget_is_the_boundary(
+        monkeypatch, "PER_POSITION_BUDGET_BYTES", levels + fine, lambda: callback.on_train_start(None, model),
+        "fine_map_weight=0",
+    )
+    callback.on_train_start(None, plain)  # without the fine level the levels' share alone fits

@@ -71,15 +71,25 @@ def iterate_pooled_features(
     progress: bool = True,
     desc: str = "FOD reference features",
     gains: Sequence[float] = (1.0,),
+    finer: ResidualAccumulator | None = None,
+    weight: float = 1.0,
 ) -> Iterator[list[torch.Tensor]]:
     """Yield pooled backbone features of every batch, pre-processed as in training.
 
     ``gains``: each batch is seen once per gain, its images ``(B, 3, H, W)`` (intensities in ``[0, 1]``, as
     anomalib's datasets load them) multiplied by it and clipped to ``[0, 1]`` before the pre-processing; the
     copies go through the backbone together, so each yielded level is ``(len(gains) * B, C_i, h_i, w_i)``.
+    ``finer``: also sum the backbone's finer stage (the fine map level's, from the same pass) into it (its shapes
+    alone where ``weight`` is 0: an empty DDP shard).
     """
     for images in iterate_images(batches, transform, device, progress, desc, gains):
-        yield model.extract_features(images)
+        if finer is None:
+            yield model.extract_features(images)
+            continue
+        levels, stage = model.extract_map_features(images)
+        tokens = stage.flatten(2).transpose(1, 2)
+        finer.add(tokens if weight else tokens[:0])
+        yield levels
 
 
 def iterate_images(
@@ -244,9 +254,13 @@ class TrainingImages:
     seed: int | None = None
     keep_share: float = 1.0
 
-    def features(self, model: FodModel, desc: str, gains: Sequence[float] = (1.0,)) -> Iterator[list[torch.Tensor]]:
+    def features(
+        self, model: FodModel, desc: str, gains: Sequence[float] = (1.0,), finer: ResidualAccumulator | None = None
+    ) -> Iterator[list[torch.Tensor]]:
         """Pooled backbone features of every batch (see :func:`iterate_pooled_features`)."""
-        return iterate_pooled_features(model, self.batches, self.transform, self.device, self.progress, desc, gains)
+        return iterate_pooled_features(
+            model, self.batches, self.transform, self.device, self.progress, desc, gains, finer, self.weight
+        )
 
     def images(self, desc: str, gains: Sequence[float] = (1.0,)) -> Iterator[torch.Tensor]:
         """Every batch's pre-processed images at every gain (see :func:`iterate_images`)."""
@@ -346,15 +360,20 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages, train_conte
     only its z-units, which follow the Transformers; the predictor reads the input features alone); with
     ``nearest_tokens``, then the banks and their z-units; with ``fine_map_weight``, then the fine map level
     (:func:`fit_fine_level`), whose units follow the whole map."""
-    fit_token_scores(model, images, train_context)
-    if model.anomaly_map_generator.fine is not None:
-        fit_fine_level(model, images)
+    # the fine level's Gaussian is summed in the same pass over the training images; its units need a second one
+    finer = None if model.anomaly_map_generator.fine is None else ResidualAccumulator(per_position=True)
+    fit_token_scores(model, images, train_context, finer)
+    if finer is not None:
+        fit_fine_level(model, images, finer)
 
 
-def fit_token_scores(model: FodModel, images: TrainingImages, train_context: bool = True) -> None:
-    """The levels' part of :func:`fit_residual_statistics`: the Gaussians and the context or nearest-token score."""
+def fit_token_scores(
+    model: FodModel, images: TrainingImages, train_context: bool = True, finer: ResidualAccumulator | None = None
+) -> None:
+    """The levels' part of :func:`fit_residual_statistics`: the Gaussians and the context or nearest-token score
+    (``finer``: the fine level's sums, fed by the same pass)."""
     gains = model.settings.intensity_gains
-    features = images.features(model, "FOD residual statistics", gains)
+    features = images.features(model, "FOD residual statistics", gains, finer)
     generator = model.anomaly_map_generator
     option = generator.keeps_training_tokens
     if option is None:
@@ -384,22 +403,21 @@ def fit_token_scores(model: FodModel, images: TrainingImages, train_context: boo
 
 
 @torch.no_grad()
-def fit_fine_level(model: FodModel, images: TrainingImages) -> None:
+def fit_fine_level(model: FodModel, images: TrainingImages, finer: ResidualAccumulator | None = None) -> None:
     """Fit the fine map level (``fine_level.py``): its Gaussian on the finer stage of every training image at every
-    intensity gain, then the standard deviations of the model's map (unblurred, levels weighted as in the anomaly
-    map) and of the fine level's map over every pixel of the training images as they are (and of every process,
-    with ``images.reduce``)."""
+    intensity gain (``finer``: already summed by the residual statistics' pass; ``None``: a pass of its own), then
+    the standard deviations of the model's map (unblurred, levels weighted as in the anomaly map) and of the fine
+    level's map over every pixel of the training images as they are (and of every process, with ``images.reduce``)."""
     generator = model.anomaly_map_generator
     fine = generator.fine
     was_training = model.training
     model.eval()
     try:
-        accumulator = ResidualAccumulator(per_position=True)
-        for batch in images.images("FOD fine map level", model.settings.intensity_gains):
-            _, finer = model.feature_extractor.forward_with_finer_stage(batch)
-            tokens = finer.flatten(2).transpose(1, 2)
-            accumulator.add(tokens if images.weight else tokens[:0])
-        fine.statistics.set(*accumulator.finish(images.reduce))
+        if finer is None:
+            finer = ResidualAccumulator(per_position=True)
+            for _ in images.features(model, "FOD fine map level", model.settings.intensity_gains, finer):
+                pass
+        fine.statistics.set(*finer.finish(images.reduce))
         sums = torch.zeros(2, 3, dtype=torch.float64, device=images.device)  # per map: pixels, sum, sum of squares
         for batch in images.images("FOD fine map units"):
             levels, finer = model.extract_map_features(batch)
