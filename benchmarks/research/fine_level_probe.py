@@ -113,9 +113,8 @@ def main(
     threads: int = 1,
 ) -> None:
     """Print and append pixel AUROC per cell and weight (``w 0.0``: the refitted model's own map)."""
-    from rescore import finished_cells, open_run, with_blur  # noqa: PLC0415
+    from rescore import finished_cells, load_seeded, open_run, with_blur  # noqa: PLC0415
 
-    from anomalib_fod import Fod  # noqa: PLC0415
     from anomalib_fod.backbone import FeatureExtractor  # noqa: PLC0415
     from anomalib_fod.benchmark.data import build_datamodule  # noqa: PLC0415
     from anomalib_fod.models.blur import gaussian_blur  # noqa: PLC0415
@@ -131,7 +130,7 @@ def main(
             continue
         datamodule = build_datamodule(specs[dataset])
         datamodule.setup()
-        fod = Fod.load_from_checkpoint(checkpoint)
+        fod = load_seeded(checkpoint, seed)
         fod.fit_residual_statistics(datamodule)
         with_blur(fod, 0.0)
         fod.eval()

@@ -37,3 +37,16 @@ def test_with_blur_matches_a_model_built_with_that_blur() -> None:
     assert changed.model.anomaly_map_generator.blur is None
     unblurred = changed.model.anomaly_map_generator.combine_levels(scores, grids, (64, 64))[0]
     assert not torch.allclose(unblurred, expected[0])
+
+
+def test_a_checkpoint_without_a_draw_seed_refits_with_the_cells(monkeypatch) -> None:  # noqa: ANN001
+    from anomalib_fod import Fod
+
+    from rescore import load_seeded  # noqa: E402
+
+    fod = Fod(image_size=(64, 64), visualizer=False)
+    monkeypatch.setattr(Fod, "load_from_checkpoint", classmethod(lambda cls, *args, **kwargs: fod))
+    assert fod.draw_seed is None
+    assert load_seeded("cell.ckpt", 3).draw_seed == 3
+    fod.draw_seed = 11  # a checkpoint that kept its run's seed keeps it
+    assert load_seeded("cell.ckpt", 3).draw_seed == 11
