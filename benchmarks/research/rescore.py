@@ -64,6 +64,7 @@ def main(
         datamodule = build_datamodule(specs[dataset])
         datamodule.setup()
         fitted: dict[str, Any] = {}
+        with_fine: dict[str, Any] = {}
         for name, settings in variants.items():
             if (dataset, seed, name) in done:
                 continue
@@ -72,7 +73,12 @@ def main(
             # The blur acts after the statistics: variants that differ only in the blur they set share one fit (one
             # that sets none keeps the checkpoint's own blur and is fitted alone).
             fit_key = json.dumps({k: v for k, v in settings.items() if k != "blur_sigma"}, sort_keys=True)
-            if "blur_sigma" in settings and fit_key in fitted:
+            # The fine map level adds to the map after everything else is fitted: a variant that sets
+            # fine_map_weight=0 takes an earlier variant's fit with it (otherwise the same settings), switched off.
+            fine_key = json.dumps({k: v for k, v in settings.items() if k != "fine_map_weight"}, sort_keys=True)
+            if settings.get("fine_map_weight") == 0 and fine_key in with_fine:
+                fod = without_fine(with_fine.pop(fine_key))
+            elif "blur_sigma" in settings and fit_key in fitted:
                 fod = fitted[fit_key]
                 with_blur(fod, settings["blur_sigma"])
             else:
@@ -81,6 +87,8 @@ def main(
                     fod.fit_residual_statistics(datamodule)
                 if "blur_sigma" in settings:
                     fitted[fit_key] = fod
+                elif settings.get("fine_map_weight"):
+                    with_fine[fine_key] = fod
             fit_s = time.perf_counter() - start
             raw = predict_raw(fod, datamodule)
             metrics = exact_metrics(raw["scores"], raw["labels"], raw["maps"], raw["masks"])
@@ -100,6 +108,12 @@ def load_seeded(checkpoint: Path, seed: int, **settings: Any) -> Any:  # noqa: A
     fod = Fod.load_from_checkpoint(checkpoint, **settings)
     if fod.draw_seed is None:
         fod.draw_seed = seed
+    return fod
+
+
+def without_fine(fod: Any) -> Any:  # noqa: ANN401
+    """``fod`` with its fine map level switched off: it then scores as a model fitted without one."""
+    fod.model.anomaly_map_generator.fine = None
     return fod
 
 

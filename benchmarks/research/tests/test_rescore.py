@@ -50,3 +50,18 @@ def test_a_checkpoint_without_a_draw_seed_refits_with_the_cells(monkeypatch) -> 
     assert load_seeded("cell.ckpt", 3).draw_seed == 3
     fod.draw_seed = 11  # a checkpoint that kept its run's seed keeps it
     assert load_seeded("cell.ckpt", 3).draw_seed == 11
+
+
+def test_a_fit_with_the_fine_level_switched_off_scores_as_one_without_it() -> None:
+    import torch
+
+    from rescore import without_fine  # noqa: E402
+    from test_fine_level import SIZE, fitted  # noqa: E402
+
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    switched, plain = fitted(0.25), fitted(0.0)
+    with torch.no_grad():
+        assert not torch.allclose(switched.model(images).anomaly_map, plain.model(images).anomaly_map)
+        without_fine(switched)
+        torch.testing.assert_close(switched.model(images).anomaly_map, plain.model(images).anomaly_map)
+        torch.testing.assert_close(switched.model(images).pred_score, plain.model(images).pred_score)
