@@ -90,6 +90,21 @@ def test_the_map_adds_the_fine_level_in_units_of_the_training_maps_and_the_image
     torch.testing.assert_close(output.pred_score, without.pred_score)  # the image score reads its own map
 
 
+def test_its_units_are_measured_on_evenly_spread_batches(monkeypatch) -> None:  # noqa: ANN001
+    from anomalib_fod.models.fod import fitting
+
+    monkeypatch.setattr(fitting, "UNIT_BATCHES", 2)  # 8 images in batches of 3: the first and the third batch
+    model = fitted(0.25)
+    fod, generator = model.model, model.model.anomaly_map_generator
+    images = training_images()[[0, 1, 2, 6, 7]]
+    levels, stage = fod.extract_map_features(images)
+    run = fod.run_levels(levels)
+    scores = generator.level_scores(run.tokens, run.levels, run.grids)
+    model_maps = generator.combine_levels(scores.map, run.grids, (SIZE, SIZE), generator.map_level_weights, blur=False)[0]
+    fine_maps = generator.fine.distance_map(stage, (SIZE, SIZE), generator.align_corners)
+    torch.testing.assert_close(generator.fine.units, torch.stack([model_maps.std(), fine_maps.std()]), rtol=1e-4, atol=0)
+
+
 def test_it_survives_a_state_dict_and_an_older_one_loads_unfitted() -> None:
     model = fitted(0.25)
     test = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))

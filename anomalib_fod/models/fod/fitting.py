@@ -31,8 +31,10 @@ reads what it is handed (a model, batches, a transform) and a trainer's loader, 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import islice
 from typing import TYPE_CHECKING
 
 import torch
@@ -57,6 +59,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EMPTY_TRAINING_SET = "the training set is empty: FOD needs normal training images to compute its reference features."
+
+# Batches of training images the fine map level's units are measured on, evenly spread over the training set: the
+# standard deviation of tens of thousands of pixels per image is settled by a few dozen images, and a pass over all
+# of them (a full inference) would add most of a statistics fit to every fit.
+UNIT_BATCHES = 32
 
 # How far outside [0, 1] images may lie before intensity gains refuse them as already normalised: resizing
 # (bilinear, bicubic) overshoots by rounding or ringing, an ImageNet-normalised image spans about [-2.1, 2.6].
@@ -407,7 +414,8 @@ def fit_fine_level(model: FodModel, images: TrainingImages, finer: ResidualAccum
     """Fit the fine map level (``fine_level.py``): its Gaussian on the finer stage of every training image at every
     intensity gain (``finer``: already summed by the residual statistics' pass; ``None``: a pass of its own), then
     the standard deviations of the model's map (unblurred, levels weighted as in the anomaly map) and of the fine
-    level's map over every pixel of the training images as they are (and of every process, with ``images.reduce``)."""
+    level's map over every pixel of up to ``UNIT_BATCHES`` batches of the training images as they are, evenly spread
+    over them (and of every process, with ``images.reduce``)."""
     generator = model.anomaly_map_generator
     fine = generator.fine
     was_training = model.training
@@ -419,7 +427,9 @@ def fit_fine_level(model: FodModel, images: TrainingImages, finer: ResidualAccum
                 pass
         fine.statistics.set(*finer.finish(images.reduce))
         sums = torch.zeros(2, 3, dtype=torch.float64, device=images.device)  # per map: pixels, sum, sum of squares
-        for batch in images.images("FOD fine map units"):
+        batches = images.batches
+        step = max(1, math.ceil(len(batches) / UNIT_BATCHES)) if hasattr(batches, "__len__") else 1
+        for batch in replace(images, batches=islice(batches, 0, None, step)).images("FOD fine map units"):
             levels, finer = model.extract_map_features(batch)
             size = (int(batch.shape[-2]), int(batch.shape[-1]))
             run = model.run_levels(levels)
