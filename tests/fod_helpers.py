@@ -95,6 +95,28 @@ def fit_and_run(fod: torch.nn.Module, features: list[torch.Tensor], image_size: 
         return fod.forward_features(features, image_size), fod.run_levels(features)
 
 
+def fit_and_reload(dataset: Path, root: Path, size: int, **settings):  # noqa: ANN003, ANN201 - two Fod models
+    """A tiny ``Fod(**settings)`` fitted through ``Engine`` on ``dataset`` (4 steps), and the same model reloaded
+    from its best checkpoint, after checking that both predict the same scores and maps."""
+    from lightning.pytorch import seed_everything
+
+    from anomalib_fod import Fod
+
+    seed_everything(0, workers=True)
+    datamodule = make_datamodule(dataset.parent, dataset.name, TRAIN_BATCH, EVAL_BATCH)
+    model = Fod(pre_processor=Fod.configure_pre_processor((size, size)), visualizer=False, training_steps=4,
+                **TINY, **settings)
+    engine = make_engine(root, max_epochs=10)
+    engine.fit(model, datamodule=datamodule)
+    predictions = engine.predict(model, datamodule=datamodule)
+    reloaded = Fod.load_from_checkpoint(engine.trainer.checkpoint_callback.best_model_path)
+    again = engine.predict(reloaded, datamodule=datamodule)
+    for first, second in zip(predictions, again, strict=True):
+        torch.testing.assert_close(second.pred_score, first.pred_score)
+        torch.testing.assert_close(second.anomaly_map, first.anomaly_map)
+    return model, reloaded
+
+
 def assert_budget_is_the_boundary(monkeypatch, budget: str, needed: int, start, match: str) -> None:  # noqa: ANN001
     """A train-start check passes with ``budget`` (a module constant of the callbacks) at exactly ``needed`` bytes and
     raises ``ValueError`` matching ``match`` one byte below it; the budget is left one byte short."""

@@ -156,24 +156,11 @@ def test_the_exported_graph_carries_the_fine_level(tmp_path) -> None:  # noqa: A
 
 @pytest.mark.slow
 def test_a_fit_with_the_fine_level_reloads_from_its_checkpoint(dummy_dataset, tmp_path) -> None:  # noqa: ANN001
-    from lightning.pytorch import seed_everything
+    from fod_helpers import fit_and_reload
 
-    from fod_helpers import EVAL_BATCH, TRAIN_BATCH, make_datamodule, make_engine
-
-    seed_everything(0, workers=True)
-    datamodule = make_datamodule(dummy_dataset.parent, dummy_dataset.name, TRAIN_BATCH, EVAL_BATCH)
-    model = Fod(pre_processor=Fod.configure_pre_processor((SIZE, SIZE)), visualizer=False, training_steps=4,
-                fine_map_weight=0.25, **TINY)
-    engine = make_engine(tmp_path, max_epochs=10)
-    engine.fit(model, datamodule=datamodule)
+    model, reloaded = fit_and_reload(dummy_dataset, tmp_path, SIZE, fine_map_weight=0.25)
     assert model.model.anomaly_map_generator.fine.fitted
-    predictions = engine.predict(model, datamodule=datamodule)
-    reloaded = Fod.load_from_checkpoint(engine.trainer.checkpoint_callback.best_model_path)
     assert reloaded.model.settings.fine_map_weight == 0.25
-    again = engine.predict(reloaded, datamodule=datamodule)
-    for first, second in zip(predictions, again, strict=True):
-        torch.testing.assert_close(second.pred_score, first.pred_score)
-        torch.testing.assert_close(second.anomaly_map, first.anomaly_map)
 
 
 def test_its_covariances_count_in_the_per_position_budget_before_training(monkeypatch) -> None:  # noqa: ANN001
