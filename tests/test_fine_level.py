@@ -31,6 +31,18 @@ def fitted(weight: float, images: torch.Tensor | None = None, seed: int = 0) -> 
     return model
 
 
+def map_deviations(model: Fod, images: torch.Tensor) -> torch.Tensor:
+    """The standard deviations of the model's unblurred map and of the fine level's map over ``images``' pixels."""
+    fod, generator = model.model, model.model.anomaly_map_generator
+    levels, stage = fod.extract_map_features(images)
+    run = fod.run_levels(levels)
+    scores = generator.level_scores(run.tokens, run.levels, run.grids)
+    weights = generator.map_level_weights
+    model_maps = generator.combine_levels(scores.map, run.grids, (SIZE, SIZE), weights, blur=False)[0]
+    fine_maps = generator.fine.distance_map(stage, (SIZE, SIZE), generator.align_corners)
+    return torch.stack([model_maps.std(), fine_maps.std()])
+
+
 def test_the_finer_stage_comes_from_the_same_pass_and_leaves_the_levels_alone() -> None:
     torch.manual_seed(0)
     plain = FeatureExtractor("tf_efficientnet_lite0", pre_trained=False)
@@ -69,13 +81,7 @@ def test_the_map_adds_the_fine_level_in_units_of_the_training_maps_and_the_image
                                                   [v for k, v in fod.state_dict().items() if ".fine." not in k],
                                                   strict=True))
     # its units are the standard deviations of both unblurred maps over the training images' pixels
-    images = training_images()
-    levels, stage = fod.extract_map_features(images)
-    run = fod.run_levels(levels)
-    scores = generator.level_scores(run.tokens, run.levels, run.grids)
-    model_maps = generator.combine_levels(scores.map, run.grids, (SIZE, SIZE), generator.map_level_weights, blur=False)[0]
-    fine_maps = fine.distance_map(stage, (SIZE, SIZE), generator.align_corners)
-    torch.testing.assert_close(fine.units, torch.stack([model_maps.std(), fine_maps.std()]), rtol=1e-4, atol=0)
+    torch.testing.assert_close(fine.units, map_deviations(model, training_images()), rtol=1e-4, atol=0)
     # a test image's map: the model's map plus the fine one at (w / (1 - w)) s_M / s_F, then the blur
     test = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -95,14 +101,8 @@ def test_its_units_are_measured_on_evenly_spread_batches(monkeypatch) -> None:  
 
     monkeypatch.setattr(fitting, "UNIT_BATCHES", 2)  # 8 images in batches of 3: the first and the third batch
     model = fitted(0.25)
-    fod, generator = model.model, model.model.anomaly_map_generator
-    images = training_images()[[0, 1, 2, 6, 7]]
-    levels, stage = fod.extract_map_features(images)
-    run = fod.run_levels(levels)
-    scores = generator.level_scores(run.tokens, run.levels, run.grids)
-    model_maps = generator.combine_levels(scores.map, run.grids, (SIZE, SIZE), generator.map_level_weights, blur=False)[0]
-    fine_maps = generator.fine.distance_map(stage, (SIZE, SIZE), generator.align_corners)
-    torch.testing.assert_close(generator.fine.units, torch.stack([model_maps.std(), fine_maps.std()]), rtol=1e-4, atol=0)
+    expected = map_deviations(model, training_images()[[0, 1, 2, 6, 7]])
+    torch.testing.assert_close(model.model.anomaly_map_generator.fine.units, expected, rtol=1e-4, atol=0)
 
 
 def test_it_survives_a_state_dict_and_an_older_one_loads_unfitted() -> None:
@@ -132,7 +132,8 @@ def test_its_fit_reads_the_training_images_alone() -> None:
                         second.model.anomaly_map_generator.fine.state_dict().values(), strict=True):
         torch.testing.assert_close(two, one)
     other = fitted(0.25, images=training_images(8).flip(-1))
-    assert not torch.allclose(other.model.anomaly_map_generator.fine.units, first.model.anomaly_map_generator.fine.units)
+    units = [model.model.anomaly_map_generator.fine.units for model in (other, first)]
+    assert not torch.allclose(*units)
 
 
 def test_its_gaussian_summed_in_the_statistics_pass_equals_a_pass_of_its_own() -> None:
