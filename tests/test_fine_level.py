@@ -113,6 +113,11 @@ def test_it_survives_a_state_dict_and_an_older_one_loads_unfitted() -> None:
     fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh.model(test).anomaly_map, model.model(test).anomaly_map)
+    switched_off = Fod(image_size=(SIZE, SIZE), visualizer=False, fine_map_weight=0.0, nearest_tokens=0, **TINY)
+    switched_off.load_state_dict(model.state_dict())  # its fine level is left behind
+    switched_off.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(switched_off.model(test).anomaly_map, fitted(0.0).model(test).anomaly_map)
     older = {k: v for k, v in model.state_dict().items() if ".fine." not in k}
     unfitted = Fod(image_size=(SIZE, SIZE), visualizer=False, fine_map_weight=0.25, nearest_tokens=0, **TINY)
     unfitted.load_state_dict(older)

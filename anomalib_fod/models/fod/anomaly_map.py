@@ -143,6 +143,13 @@ class AnomalyMapGenerator(nn.Module):
         self.use_scoring(settings)
         self.blur = gaussian_blur(blur_sigma)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:  # noqa: ANN001
+        """A checkpoint's fine map level is left behind by a model built without one (``fine_map_weight=0``)."""
+        if self.fine is None:
+            for key in [key for key in state_dict if key.startswith(prefix + "fine.")]:
+                del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     @property
     def keeps_training_tokens(self) -> str | None:
         """The option whose fit keeps every training token and residual (``"context_score"`` or
