@@ -142,14 +142,19 @@ def test_its_fit_reads_the_training_images_alone() -> None:
 
 
 def test_its_gaussian_summed_in_the_statistics_pass_equals_a_pass_of_its_own() -> None:
-    from anomalib_fod.models.fod.fitting import fit_fine_level
+    from anomalib_fod.models.fod.residual_statistics import ResidualAccumulator
 
     model = fitted(0.25)
-    fine = model.model.anomaly_map_generator.fine
-    fused = {name: value.clone() for name, value in fine.state_dict().items()}
-    fit_fine_level(model.model, TrainingImages(list(training_images().split(3)), None, torch.device("cpu"), False))
-    for name, value in fine.state_dict().items():
-        torch.testing.assert_close(value, fused[name], rtol=1e-5, atol=1e-6, msg=name)
+    fod = model.model
+    own = ResidualAccumulator(per_position=True)
+    for batch in training_images().split(3):
+        for gain in fod.settings.intensity_gains:
+            _, stage = fod.feature_extractor.forward_with_finer_stage((batch * gain).clamp(0, 1))
+            own.add(stage.flatten(2).transpose(1, 2))
+    mean, precision, position_precision = own.finish()
+    statistics = fod.anomaly_map_generator.fine.statistics
+    for name, expected in (("mean", mean), ("precision", precision), ("position_precision", position_precision)):
+        torch.testing.assert_close(getattr(statistics, name), expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_the_exported_graph_carries_the_fine_level(tmp_path) -> None:  # noqa: ANN001

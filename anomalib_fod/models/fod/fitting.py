@@ -410,33 +410,29 @@ def fit_token_scores(
 
 
 @torch.no_grad()
-def fit_fine_level(model: FodModel, images: TrainingImages, finer: ResidualAccumulator | None = None) -> None:
+def fit_fine_level(model: FodModel, images: TrainingImages, finer: ResidualAccumulator) -> None:
     """Fit the fine map level (``fine_level.py``): its Gaussian on the finer stage of every training image at every
-    intensity gain (``finer``: already summed by the residual statistics' pass; ``None``: a pass of its own), then
-    the standard deviations of the model's map (unblurred, levels weighted as in the anomaly map) and of the fine
-    level's map over every pixel of up to ``UNIT_BATCHES`` batches of the training images as they are, evenly spread
-    over them (and of every process, with ``images.reduce``)."""
+    intensity gain (``finer``: summed by the residual statistics' pass), then the standard deviations of the model's
+    map (unblurred, levels weighted as in the anomaly map) and of the fine level's map over every pixel of up to
+    ``UNIT_BATCHES`` batches of the training images as they are, evenly spread over them (and of every process, with
+    ``images.reduce``)."""
     generator = model.anomaly_map_generator
     fine = generator.fine
     was_training = model.training
     model.eval()
     try:
-        if finer is None:
-            finer = ResidualAccumulator(per_position=True)
-            for _ in images.features(model, "FOD fine map level", model.settings.intensity_gains, finer):
-                pass
         fine.statistics.set(*finer.finish(images.reduce))
         sums = torch.zeros(2, 3, dtype=torch.float64, device=images.device)  # per map: pixels, sum, sum of squares
         batches = images.batches
         step = max(1, math.ceil(len(batches) / UNIT_BATCHES)) if hasattr(batches, "__len__") else 1
         for batch in replace(images, batches=islice(batches, 0, None, step)).images("FOD fine map units"):
-            levels, finer = model.extract_map_features(batch)
+            levels, stage = model.extract_map_features(batch)
             size = (int(batch.shape[-2]), int(batch.shape[-1]))
             run = model.run_levels(levels)
             scores = generator.level_scores(run.tokens, run.levels, run.grids)
             weights = generator.map_level_weights
             model_map = generator.combine_levels(scores.map, run.grids, size, weights, blur=False)[0]
-            for row, values in enumerate((model_map, fine.distance_map(finer, size, generator.align_corners))):
+            for row, values in enumerate((model_map, fine.distance_map(stage, size, generator.align_corners))):
                 kept = values.double().flatten()[: None if images.weight else 0]  # an empty DDP shard adds nothing
                 sums[row] += torch.stack([kept.new_tensor(kept.numel()), kept.sum(), kept.square().sum()])
         if images.reduce is not None:

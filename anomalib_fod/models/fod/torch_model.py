@@ -175,8 +175,5 @@ class FodModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> FodTrainOutput | InferenceBatch:
         """Training output, or ``InferenceBatch`` with ``(B,)`` scores and ``(B, 1, H, W)`` maps in eval."""
-        image_size = (int(images.shape[-2]), int(images.shape[-1]))
-        if self.training:
-            return self.forward_features(self.extract_features(images), image_size)
-        features, fine_features = self.extract_map_features(images)
-        return self.forward_features(features, image_size, fine_features)
+        features, fine_features = self.extract_map_features(images)  # the finer stage costs nothing more
+        return self.forward_features(features, (int(images.shape[-2]), int(images.shape[-1])), fine_features)
