@@ -77,7 +77,7 @@ def kept_token_share(model: FodModel, count: int) -> float:
     nothing is kept) and a required one refused, as a context score over the budget is (its predictors learn from
     all)."""
     option = model.anomaly_map_generator.keeps_training_tokens
-    grids = [tuple(int(v) for v in level.ref_grid) for level in model.levels]
+    grids = model.reference_grids
     if option is None or not all(h * w for h, w in grids):
         return 1.0
     images = count * len(model.settings.intensity_gains)
@@ -167,7 +167,7 @@ class ResidualStatisticsCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refuse, before any step, statistics too large to keep (the grids are known by now)."""
         model: FodModel = pl_module.model
-        grids = [tuple(int(v) for v in level.ref_grid) for level in model.levels]
+        grids = model.reference_grids
         if not all(h * w for h, w in grids):  # no references (with_inter=False): the grid is known only later
             return
         dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)

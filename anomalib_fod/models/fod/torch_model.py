@@ -98,6 +98,11 @@ class FodModel(nn.Module):
         """Whether every level has reference features (always true without the inter branch)."""
         return (not self.with_inter) or all(level.has_reference for level in self.levels)
 
+    @property
+    def reference_grids(self) -> list[tuple[int, int]]:
+        """Each level's token grid ``(h_i, w_i)`` as its references recorded it; ``(0, 0)`` before any."""
+        return [(int(level.ref_grid[0]), int(level.ref_grid[1])) for level in self.levels]
+
     def set_mean_reference(self, means: Sequence[torch.Tensor]) -> None:
         """Store per-position mean features ``(C_i, h_i, w_i)`` as the references of each level."""
         for level, mean in zip(self.levels, means, strict=True):
