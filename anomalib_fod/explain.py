@@ -71,6 +71,8 @@ class Explanation:
         components: per level ``{"rec": (h_i, w_i), "div": ..., "context": ..., "score": ...}`` token scores
             (``div``/``rec`` absent when the scoring mode does not use them).
         div_name: ``"inter-score"`` or ``"intra-score"``.
+        fine_map: ``(H, W)`` the fine map level's part of the anomaly map (``fine_map_weight``; before the blur,
+            in the map's units); ``None`` without the level.
     """
 
     path: Path
@@ -83,6 +85,7 @@ class Explanation:
     correlations: dict[str, np.ndarray] = field(default_factory=dict)
     components: list[dict[str, np.ndarray]] = field(default_factory=list)
     div_name: str = "inter-score"
+    fine_map: np.ndarray | None = None
 
 
 def load_image(path: str | Path) -> torch.Tensor:
@@ -193,6 +196,7 @@ def explain_image(
             parts["div"] = generator.divergence_score(level_output)
         components.append({k: v[0].reshape(height, width).float().cpu().numpy() for k, v in parts.items()})
     anomaly_map = anomaly_map[0, 0].float().cpu()
+    fine_share = generator.fine_share(fine_features, size)
 
     grid = grids[level]
     if token is None:
@@ -226,12 +230,18 @@ def explain_image(
         correlations=correlations,
         components=components,
         div_name="inter-score" if generator.with_inter else "intra-score",
+        fine_map=None if fine_share is None else fine_share[0, 0].float().cpu().numpy(),
     )
+
+
+def _rows(explanation: Explanation) -> int:
+    """Panel rows: the image, map and correlations; the score components; the fine level, where there is one."""
+    return 2 if explanation.fine_map is None else 3
 
 
 def figure_size(explanation: Explanation, dpi: int = DEFAULT_DPI) -> tuple[int, int]:
     """``(width, height)`` in pixels of the PNG :func:`render_explanation` writes."""
-    rows = 2
+    rows = _rows(explanation)
     height, width = explanation.image.shape[:2]
     aspect = height / width
     # each image panel is about 0.7 of its column (the colour bar takes the rest), plus a title line
@@ -258,7 +268,7 @@ def render_explanation(explanation: Explanation, output: str | Path, dpi: int = 
     width_px, height_px = figure_size(explanation, dpi)
     figure = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
     FigureCanvasAgg(figure)
-    axes = figure.subplots(2, COLUMNS, squeeze=False)
+    axes = figure.subplots(_rows(explanation), COLUMNS, squeeze=False)
     image = explanation.image
     height, width = image.shape[:2]
     extent = (0, width, height, 0)
@@ -310,6 +320,10 @@ def render_explanation(explanation: Explanation, output: str | Path, dpi: int = 
         elif key == "score":
             title = "token score"
         overlay(axis, values, f"level {level}: {title}", marked=level == explanation.level)
+    if explanation.fine_map is not None:  # a third row: the fine level's part, the rest of the row empty
+        overlay(axes[2, 0], explanation.fine_map, "fine level (map part,\nbefore the blur)", marked=False)
+        for axis in axes[2, 1:]:
+            axis.set_axis_off()
     for axis in axes.flat:
         axis.set_xticks([])
         axis.set_yticks([])
@@ -340,7 +354,8 @@ def explain(
     """Write FOD's qualitative figure for each image.
 
     The figure shows the anomaly map, the intra- and inter-correlations of one token with their
-    Gaussian targets, and the per-level score components.
+    Gaussian targets, the per-level score components and, with ``fine_map_weight``, the fine level's part of
+    the map.
 
     Args:
         checkpoint: trained FOD checkpoint (.ckpt).

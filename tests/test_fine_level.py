@@ -190,3 +190,26 @@ def test_its_covariances_count_in_the_per_position_budget_before_training(monkey
         "fine_map_weight=0",
     )
     callback.on_train_start(None, plain)  # without the fine level the levels' share alone fits
+
+
+def test_explain_shows_the_fine_level_s_part_of_the_map(tmp_path) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    from anomalib_fod.explain import explain_image, figure_size, render_explanation
+
+    path = tmp_path / "image.png"
+    pixels = torch.rand(SIZE, SIZE, 3, generator=torch.Generator().manual_seed(7))
+    Image.fromarray((pixels * 255).to(torch.uint8).numpy()).save(path)
+    model, plain = fitted(0.25), fitted(0.0)
+    with_level, without = explain_image(model, path), explain_image(plain, path)
+    assert without.fine_map is None
+    assert with_level.fine_map.shape == (SIZE, SIZE)
+    # the blur is linear: the two maps differ by the blurred part the explanation shows
+    blur = model.model.anomaly_map_generator.blur
+    shown = blur(torch.from_numpy(with_level.fine_map)[None, None])[0, 0].numpy()
+    torch.testing.assert_close(torch.from_numpy(with_level.anomaly_map - without.anomaly_map),
+                               torch.from_numpy(shown), rtol=1e-4, atol=1e-4)
+    written = render_explanation(with_level, tmp_path / "fine.png")
+    with Image.open(written) as png:
+        assert png.size == figure_size(with_level)
+    assert figure_size(with_level)[1] > figure_size(without)[1]  # a third row of panels

@@ -297,6 +297,16 @@ class AnomalyMapGenerator(nn.Module):
             [ctx_z for _, ctx_z, _ in parts],
         )
 
+    def fine_share(self, fine_features: torch.Tensor | None, image_size: tuple[int, int]) -> torch.Tensor | None:
+        """The fine map level's part ``(B, 1, H, W)`` of the anomaly map, in the map's units and before the blur,
+        from the backbone's finer stage ``(B, C, h, w)``; ``None`` without the level."""
+        if self.fine is None:
+            return None
+        if fine_features is None:
+            msg = "the fine map level (fine_map_weight) needs the backbone's finer stage: call the model on images."
+            raise ValueError(msg)
+        return self.fine.scale() * self.fine.distance_map(fine_features, image_size, self.align_corners)
+
     def combine(
         self,
         scores: LevelScores,
@@ -307,12 +317,7 @@ class AnomalyMapGenerator(nn.Module):
         """``(B, 1, H, W)`` anomaly map (levels weighted ``map_level_weights``; with the fine level, its map added
         from ``fine_features`` ``(B, C, h, w)``) and ``(B,)`` image scores (the maximum of the image score's own map,
         levels averaged, or of the anomaly map)."""
-        added = None
-        if self.fine is not None:
-            if fine_features is None:
-                msg = "the fine map level (fine_map_weight) needs the backbone's finer stage: call the model on images."
-                raise ValueError(msg)
-            added = self.fine.scale() * self.fine.distance_map(fine_features, image_size, self.align_corners)
+        added = self.fine_share(fine_features, image_size)
         anomaly_map, image_scores = self.combine_levels(scores.map, grids, image_size, self.map_level_weights, added)
         if scores.image is not None:
             image_scores = self.combine_levels(scores.image, grids, image_size)[1]
