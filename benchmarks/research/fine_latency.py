@@ -59,7 +59,7 @@ def main(
         image = to_model_input(load_rgb(image_path), size)
         timed = latency_ms(graphs, image, runs, warmup, "CPU", threads=threads)
         sizes = {name: file_sizes(xml) for name, xml in graphs.items()}
-    row = {"dataset": dataset, "seed": seed, "variant": variant, "threads": threads, "image": image_path.name,
+    row = {"dataset": dataset, "seed": seed, "variant": json.dumps(variant, sort_keys=True), "threads": threads, "image": image_path.name,
            "median_ms": {name: round(timed[name]["median_ms"], 1) for name in graphs},
            "ratio": timed["variant"]["median_ms"] / timed["as saved"]["median_ms"], "sizes_mb": sizes}
     print(json.dumps(row), flush=True)
