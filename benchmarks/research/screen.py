@@ -33,7 +33,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class Observation:
     residual: list[torch.Tensor]
     cosine: list[torch.Tensor]
     divergence: list[torch.Tensor]
+    hidden: list[torch.Tensor] = field(default_factory=list)  # (N, L, D): what the head reads (none: not kept)
 
 
 @torch.no_grad()
@@ -63,11 +64,15 @@ def observe(fod: Any, features: list[torch.Tensor], batch: int = 16) -> Observat
     from anomalib_fod.models.fod.anomaly_map import mean_divergence, reconstruction_parts  # noqa: PLC0415
 
     fod.eval()
-    parts: dict[str, list[list[torch.Tensor]]] = {"tokens": [], "residual": [], "cosine": [], "divergence": []}
+    parts: dict[str, list[list[torch.Tensor]]] = {"tokens": [], "residual": [], "cosine": [], "divergence": [],
+                                                  "hidden": []}
+    # What each level's reconstruction head reads: the Transformer's own token representation.
+    hooks = [level.head.register_forward_hook(lambda _, inputs, __: parts["hidden"][-1].append(inputs[0].float()))
+             for level in fod.levels]
     for start in range(0, features[0].shape[0], batch):
-        run = fod.run_levels([f[start : start + batch] for f in features])
         for key in parts:
             parts[key].append([])
+        run = fod.run_levels([f[start : start + batch] for f in features])
         for tokens, output in zip(run.tokens, run.levels, strict=True):
             if not output.inter:
                 msg = "the screen reads the inter-branch divergence: build the model with scoring='rec_div'."
@@ -77,6 +82,8 @@ def observe(fod: Any, features: list[torch.Tensor], batch: int = 16) -> Observat
             parts["residual"][-1].append((tokens - output.reconstruction).float())
             parts["cosine"][-1].append(cosine)
             parts["divergence"][-1].append(mean_divergence(output.inter))
+    for hook in hooks:
+        hook.remove()
     levels = len(parts["tokens"][0])
     joined = {k: [torch.cat([chunk[i] for chunk in v]) for i in range(levels)] for k, v in parts.items()}
     return Observation(**joined)
@@ -102,6 +109,9 @@ class TrainStats:
     cosine_std: torch.Tensor | None = None
     blend_mean: torch.Tensor | None = None  # (L,) of the training images' own maha_blend
     blend_std: torch.Tensor | None = None
+    hidden_mean: torch.Tensor | None = None  # (L, D) of the Transformer's representation
+    hidden_precision: torch.Tensor | None = None  # (D, D)
+    hidden_position_precision: torch.Tensor | None = None  # (L, D, D)
 
 
 def _precision(centred: torch.Tensor) -> torch.Tensor:
@@ -134,8 +144,9 @@ def _position_precision(centred: torch.Tensor, shared: torch.Tensor, weight: flo
     return torch.linalg.inv(shrink_towards(position_covariance(centred), shared, weight)).float()
 
 
-def train_stats(obs: Observation) -> list[TrainStats]:
-    """Per-level statistics of the training images (no test image is involved)."""
+def train_stats(obs: Observation, wants_hidden: bool = True) -> list[TrainStats]:
+    """Per-level statistics of the training images (no test image is involved); ``wants_hidden``: also of the
+    Transformer's representation (per-position ``D x D`` covariances: only when a candidate reads them)."""
     stats = []
     for tokens, residual, divergence, cosine in zip(obs.tokens, obs.residual, obs.divergence, obs.cosine,
                                                      strict=True):
@@ -165,6 +176,12 @@ def train_stats(obs: Observation) -> list[TrainStats]:
         level = stats[-1]
         blend = 0.5 * (maha + _position_mahalanobis(residual - mean, level.position_precision))
         level.blend_mean, level.blend_std = blend.mean(dim=0), blend.std(dim=0) + 1e-6
+    if wants_hidden and obs.hidden:
+        for level, hidden in zip(stats, obs.hidden, strict=True):
+            level.hidden_mean = hidden.mean(dim=0)
+            level.hidden_precision = _precision((hidden - level.hidden_mean).flatten(0, 1))
+            shared = torch.linalg.inv(level.hidden_precision.double()).float()
+            level.hidden_position_precision = _position_precision(hidden - level.hidden_mean, shared)
     return stats
 
 
@@ -220,6 +237,11 @@ def candidates() -> dict[str, Callable[[Observation, list[TrainStats], int], tor
     def blend_z(o: Observation, s: list[TrainStats], i: int) -> torch.Tensor:
         return (0.5 * (maha_r(o, s, i) + maha_pc(o, s, i)) - s[i].blend_mean) / s[i].blend_std
 
+    def hidden_blend(o: Observation, s: list[TrainStats], i: int) -> torch.Tensor:
+        centred = o.hidden[i] - s[i].hidden_mean
+        return 0.5 * (_mahalanobis(centred, s[i].hidden_precision)
+                      + _position_mahalanobis(centred, s[i].hidden_position_precision))
+
     def times(a, b):  # noqa: ANN001, ANN202
         return lambda o, s, i: a(o, s, i) * b(o, s, i)
 
@@ -255,6 +277,9 @@ def candidates() -> dict[str, Callable[[Observation, list[TrainStats], int], tor
         "blend_cos_z": plus(blend_z, cos_z),
         "blend_cos_z_half": lambda o, s, i: blend_z(o, s, i) + 0.5 * cos_z(o, s, i),
         "blend_klz": plus(blend_z, klz),
+        # the blended distance on what the Transformer makes of a token (its last layer, before the head) instead of
+        # on the reconstruction residual: does its representation hold more than the features' whitened distance?
+        "hidden_blend": hidden_blend,
     }
 
 
@@ -430,9 +455,10 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
                 with torch.no_grad():
                     for p, a in zip([p for p in scored.parameters() if p.requires_grad], average, strict=True):
                         p.copy_(a)
-            stats = train_stats(observe(scored, train_subset))
-            test_obs = observe(scored, test["features"])
             wanted = set(args.candidates) if args.candidates else None
+            hidden = wanted is None or "hidden_blend" in wanted
+            stats = train_stats(observe(scored, train_subset), wants_hidden=hidden)
+            test_obs = observe(scored, test["features"])
             for candidate, metrics in score_all(scored.anomaly_map_generator, test_obs, stats, test, grids, wanted):
                 row = {"dataset": name, "seed": seed, "batch": args.batch, "step": step, "images_seen": step * args.batch,
                        "weights": label, "candidate": candidate, "train_seconds": round(seconds, 1),
