@@ -55,7 +55,7 @@ class Observation:
     residual: list[torch.Tensor]
     cosine: list[torch.Tensor]
     divergence: list[torch.Tensor]
-    hidden: list[torch.Tensor] = field(default_factory=list)  # (N, L, D): what the head reads (none: not kept)
+    hidden: list[torch.Tensor] = field(default_factory=list)  # (N, L, D): last layer's output, before its norm
 
 
 @torch.no_grad()
@@ -66,8 +66,10 @@ def observe(fod: Any, features: list[torch.Tensor], batch: int = 16) -> Observat
     fod.eval()
     parts: dict[str, list[list[torch.Tensor]]] = {"tokens": [], "residual": [], "cosine": [], "divergence": [],
                                                   "hidden": []}
-    # What each level's reconstruction head reads: the Transformer's own token representation.
-    hooks = [level.head.register_forward_hook(lambda _, inputs, __: parts["hidden"][-1].append(inputs[0].float()))
+    # Each level's token representation after its last layer, which its final norm and head turn into the
+    # reconstruction: the Transformer's own view of a token (with FOD's fusion, built from the two attentions'
+    # outputs alone, and layer-normed per token by the layer itself).
+    hooks = [level.norm.register_forward_hook(lambda _, inputs, __: parts["hidden"][-1].append(inputs[0].float()))
              for level in fod.levels]
     for start in range(0, features[0].shape[0], batch):
         for key in parts:
@@ -277,7 +279,7 @@ def candidates() -> dict[str, Callable[[Observation, list[TrainStats], int], tor
         "blend_cos_z": plus(blend_z, cos_z),
         "blend_cos_z_half": lambda o, s, i: blend_z(o, s, i) + 0.5 * cos_z(o, s, i),
         "blend_klz": plus(blend_z, klz),
-        # the blended distance on what the Transformer makes of a token (its last layer, before the head) instead of
+        # the blended distance on what the Transformer makes of a token (its last layer, before the norm) instead of
         # on the reconstruction residual: does its representation hold more than the features' whitened distance?
         "hidden_blend": hidden_blend,
     }

@@ -20,11 +20,11 @@ def test_screen_observes_the_divergence_and_scores_every_candidate() -> None:
     observation = observe(fod, features, batch=4)
     for level, tokens in enumerate(observation.tokens):
         assert observation.divergence[level].shape == tokens.shape[:2]
-    # the hidden representation is what each level's head turns into its reconstruction, batch by batch
+    # the hidden representation is what each level's norm and head turn into its reconstruction, batch by batch
     for level, (hidden, tokens) in enumerate(zip(observation.hidden, observation.tokens, strict=True)):
         assert hidden.shape[:2] == tokens.shape[:2]
         with torch.no_grad():
-            reconstruction = fod.levels[level].head(hidden)
+            reconstruction = fod.levels[level].head(fod.levels[level].norm(hidden))
         torch.testing.assert_close(tokens - reconstruction, observation.residual[level], rtol=1e-5, atol=1e-5)
     stats = train_stats(observation)
     for name, rule in candidates().items():
