@@ -37,17 +37,13 @@ def main(
     then ``fit_residual_statistics``), time both OpenVINO graphs alternately and print their medians and ratio."""
     import torch  # noqa: PLC0415
     from openvino_latency import export, file_sizes, latency_ms  # noqa: PLC0415
-    from rescore import finished_cells, load_seeded, open_run  # noqa: PLC0415
+    from rescore import load_seeded, one_cell  # noqa: PLC0415
 
-    from anomalib_fod.benchmark.data import build_datamodule  # noqa: PLC0415
     from anomalib_fod.deploy import load_rgb, to_model_input  # noqa: PLC0415
 
     variant = variant or {"fine_map_weight": 0.25}
     torch.set_num_threads(threads)
-    specs, run, out, _ = open_run(harness, run, out, "fine_latency.jsonl")
-    [(_, _, checkpoint)] = finished_cells(run, model, [dataset], [seed])
-    datamodule = build_datamodule(specs[dataset])
-    datamodule.setup()
+    checkpoint, datamodule, out = one_cell(harness, run, out, "fine_latency.jsonl", model, dataset, seed)
     saved = load_seeded(checkpoint, seed)
     changed = load_seeded(checkpoint, seed, **variant)
     changed.fit_residual_statistics(datamodule)
@@ -59,7 +55,8 @@ def main(
         image = to_model_input(load_rgb(image_path), size)
         timed = latency_ms(graphs, image, runs, warmup, "CPU", threads=threads)
         sizes = {name: file_sizes(xml) for name, xml in graphs.items()}
-    row = {"dataset": dataset, "seed": seed, "variant": json.dumps(variant, sort_keys=True), "threads": threads, "image": image_path.name,
+    row = {"dataset": dataset, "seed": seed, "variant": variant, "threads": threads,
+           "image": image_path.name,
            "median_ms": {name: round(timed[name]["median_ms"], 1) for name in graphs},
            "ratio": timed["variant"]["median_ms"] / timed["as saved"]["median_ms"], "sizes_mb": sizes}
     print(json.dumps(row), flush=True)

@@ -33,15 +33,11 @@ def main(
     ``Fod.load_from_checkpoint``), alternately, and print each fit's seconds and their ratio per round."""
     import torch  # noqa: PLC0415
 
-    from anomalib_fod.benchmark.data import build_datamodule  # noqa: PLC0415
-    from rescore import finished_cells, load_seeded, open_run  # noqa: PLC0415
+    from rescore import load_seeded, one_cell  # noqa: PLC0415
 
     variant = variant or {"fine_map_weight": 0.25}
     torch.set_num_threads(threads)
-    specs, run, out, _ = open_run(harness, run, out, "fit_cost.jsonl")
-    [(_, _, checkpoint)] = finished_cells(run, model, [dataset], [seed])
-    datamodule = build_datamodule(specs[dataset])
-    datamodule.setup()
+    checkpoint, datamodule, out = one_cell(harness, run, out, "fit_cost.jsonl", model, dataset, seed)
     for index in range(rounds):
         seconds = {}
         for name, settings in (("as saved", {}), ("variant", variant)):

@@ -150,9 +150,23 @@ def open_run(harness: Path, run: Path | None, out: Path | None, name: str) -> tu
     run = Path(run or spec.output_dir)
     out = Path(out or run / name)
     done = set()
-    if out.exists():
-        done = {(r["dataset"], r["seed"], r["variant"]) for r in map(json.loads, out.read_text().splitlines())}
+    if out.exists():  # a variant is a name, or (one-cell scripts) the settings themselves: keyed as sorted JSON
+        done = {(r["dataset"], r["seed"], r["variant"] if isinstance(r["variant"], str)
+                 else json.dumps(r["variant"], sort_keys=True)) for r in map(json.loads, out.read_text().splitlines())}
     return {dataset.name: dataset for dataset in spec.datasets}, run, out, done
+
+
+def one_cell(harness: Path, run: Path | None, out: Path | None, name: str, model: str, dataset: str,
+             seed: int) -> tuple[Path, Any, Path]:
+    """The checkpoint of one finished harness cell, its dataset's datamodule (set up) and the results file
+    (default ``<run>/<name>``): what a script measuring one cell starts from."""
+    from anomalib_fod.benchmark.data import build_datamodule  # noqa: PLC0415
+
+    specs, run, out, _ = open_run(harness, run, out, name)
+    [(_, _, checkpoint)] = finished_cells(run, model, [dataset], [seed])
+    datamodule = build_datamodule(specs[dataset])
+    datamodule.setup()
+    return checkpoint, datamodule, out
 
 
 def predict_raw(fod: Any, datamodule: Any) -> dict[str, Any]:  # noqa: ANN401

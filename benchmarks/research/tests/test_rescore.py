@@ -65,3 +65,19 @@ def test_a_fit_with_the_fine_level_switched_off_scores_as_one_without_it() -> No
         without_fine(switched)
         torch.testing.assert_close(switched.model(images).anomaly_map, plain.model(images).anomaly_map)
         torch.testing.assert_close(switched.model(images).pred_score, plain.model(images).pred_score)
+
+
+def test_a_results_file_of_settings_variants_reopens(tmp_path) -> None:  # noqa: ANN001
+    """One-cell scripts (fit_cost.py, fine_latency.py) write their variant as the settings themselves: a second run
+    into the same file reads them back as keys instead of failing on an unhashable dict."""
+    import json
+    from pathlib import Path
+
+    from rescore import open_run
+
+    out = tmp_path / "rows.jsonl"
+    rows = [{"dataset": "bottle", "seed": 0, "variant": {"fine_map_weight": 0.25, "blur_sigma": 2}},
+            {"dataset": "bottle", "seed": 1, "variant": "default"}]
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    *_, done = open_run(Path("benchmarks/shared_datasets_256.yaml"), tmp_path, out, "unused.jsonl")
+    assert done == {("bottle", 0, json.dumps({"blur_sigma": 2, "fine_map_weight": 0.25})), ("bottle", 1, "default")}
