@@ -59,18 +59,21 @@ class Observation:
 
 
 @torch.no_grad()
-def observe(fod: Any, features: list[torch.Tensor], batch: int = 16) -> Observation:  # noqa: ANN401 - FodModel
-    """Run the level Transformers on cached features and keep the per-token observations."""
+def observe(fod: Any, features: list[torch.Tensor], batch: int = 16, keep_hidden: bool = False) -> Observation:  # noqa: ANN401 - FodModel
+    """Run the level Transformers on cached features and keep the per-token observations (``keep_hidden``: also
+    each level's representation, ``(N, L, D)``: only for a candidate that reads it)."""
     from anomalib_fod.models.fod.anomaly_map import mean_divergence, reconstruction_parts  # noqa: PLC0415
 
     fod.eval()
-    parts: dict[str, list[list[torch.Tensor]]] = {"tokens": [], "residual": [], "cosine": [], "divergence": [],
-                                                  "hidden": []}
+    parts: dict[str, list[list[torch.Tensor]]] = {"tokens": [], "residual": [], "cosine": [], "divergence": []}
     # Each level's token representation after its last layer, which its final norm and head turn into the
     # reconstruction: the Transformer's own view of a token (with FOD's fusion, built from the two attentions'
     # outputs alone, and layer-normed per token by the layer itself).
-    hooks = [level.norm.register_forward_hook(lambda _, inputs, __: parts["hidden"][-1].append(inputs[0].float()))
-             for level in fod.levels]
+    hooks = []
+    if keep_hidden:
+        parts["hidden"] = []
+        hooks = [level.norm.register_forward_hook(lambda _, inputs, __: parts["hidden"][-1].append(inputs[0].float()))
+                 for level in fod.levels]
     for start in range(0, features[0].shape[0], batch):
         for key in parts:
             parts[key].append([])
@@ -146,16 +149,28 @@ def _position_precision(centred: torch.Tensor, shared: torch.Tensor, weight: flo
     return torch.linalg.inv(shrink_towards(position_covariance(centred), shared, weight)).float()
 
 
-def train_stats(obs: Observation, wants_hidden: bool = True) -> list[TrainStats]:
-    """Per-level statistics of the training images (no test image is involved); ``wants_hidden``: also of the
-    Transformer's representation (per-position ``D x D`` covariances: only when a candidate reads them)."""
+def _gaussian(centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared ``(C, C)`` and per-position ``(L, C, C)`` precisions of ``(N, L, C)`` centred samples, each
+    position's covariance shrunk towards the shared one."""
+    precision = _precision(centred.flatten(0, 1))
+    return precision, _position_precision(centred, torch.linalg.inv(precision.double()).float())
+
+
+def _blend(centred: torch.Tensor, precision: torch.Tensor, position_precision: torch.Tensor) -> torch.Tensor:
+    """The mean of the shared and the per-position distances (feature_distance.py's ``blend_position``)."""
+    return 0.5 * (_mahalanobis(centred, precision) + _position_mahalanobis(centred, position_precision))
+
+
+def train_stats(obs: Observation) -> list[TrainStats]:
+    """Per-level statistics of the training images (no test image is involved); of the Transformer's
+    representation too where the observation kept it."""
     stats = []
     for tokens, residual, divergence, cosine in zip(obs.tokens, obs.residual, obs.divergence, obs.cosine,
                                                      strict=True):
         var = residual.var(dim=0, unbiased=False)
         mean = residual.mean(dim=0)
         feature_mean = tokens.mean(dim=0)
-        precision = _precision((residual - mean).flatten(0, 1))
+        precision, position_precision = _gaussian(residual - mean)
         maha = _mahalanobis(residual - mean, precision)
         stats.append(
             TrainStats(
@@ -166,7 +181,7 @@ def train_stats(obs: Observation, wants_hidden: bool = True) -> list[TrainStats]
                 residual_precision=precision,
                 feature_mean=feature_mean,
                 feature_precision=_precision((tokens - feature_mean).flatten(0, 1)),
-                position_precision=_position_precision(residual - mean, torch.linalg.inv(precision.double()).float()),
+                position_precision=position_precision,
                 maha_mean=maha.mean(dim=0),
                 maha_std=maha.std(dim=0) + 1e-6,
                 divergence_mean=divergence.mean(dim=0),
@@ -176,14 +191,11 @@ def train_stats(obs: Observation, wants_hidden: bool = True) -> list[TrainStats]
             )
         )
         level = stats[-1]
-        blend = 0.5 * (maha + _position_mahalanobis(residual - mean, level.position_precision))
+        blend = _blend(residual - mean, precision, position_precision)
         level.blend_mean, level.blend_std = blend.mean(dim=0), blend.std(dim=0) + 1e-6
-    if wants_hidden and obs.hidden:
-        for level, hidden in zip(stats, obs.hidden, strict=True):
-            level.hidden_mean = hidden.mean(dim=0)
-            level.hidden_precision = _precision((hidden - level.hidden_mean).flatten(0, 1))
-            shared = torch.linalg.inv(level.hidden_precision.double()).float()
-            level.hidden_position_precision = _position_precision(hidden - level.hidden_mean, shared)
+    for level, hidden in zip(stats, obs.hidden, strict=False):  # none kept: nothing to fit
+        level.hidden_mean = hidden.mean(dim=0)
+        level.hidden_precision, level.hidden_position_precision = _gaussian(hidden - level.hidden_mean)
     return stats
 
 
@@ -236,13 +248,14 @@ def candidates() -> dict[str, Callable[[Observation, list[TrainStats], int], tor
     def cos_z(o: Observation, s: list[TrainStats], i: int) -> torch.Tensor:
         return (o.cosine[i] - s[i].cosine_mean) / s[i].cosine_std
 
+    def maha_blend(o: Observation, s: list[TrainStats], i: int) -> torch.Tensor:
+        return _blend(o.residual[i] - s[i].residual_mean, s[i].residual_precision, s[i].position_precision)
+
     def blend_z(o: Observation, s: list[TrainStats], i: int) -> torch.Tensor:
-        return (0.5 * (maha_r(o, s, i) + maha_pc(o, s, i)) - s[i].blend_mean) / s[i].blend_std
+        return (maha_blend(o, s, i) - s[i].blend_mean) / s[i].blend_std
 
     def hidden_blend(o: Observation, s: list[TrainStats], i: int) -> torch.Tensor:
-        centred = o.hidden[i] - s[i].hidden_mean
-        return 0.5 * (_mahalanobis(centred, s[i].hidden_precision)
-                      + _position_mahalanobis(centred, s[i].hidden_position_precision))
+        return _blend(o.hidden[i] - s[i].hidden_mean, s[i].hidden_precision, s[i].hidden_position_precision)
 
     def times(a, b):  # noqa: ANN001, ANN202
         return lambda o, s, i: a(o, s, i) * b(o, s, i)
@@ -267,8 +280,7 @@ def candidates() -> dict[str, Callable[[Observation, list[TrainStats], int], tor
         "nmse_pc_klr": times(nmse_pc, klr),
         "cos_klr": times(cos, klr),
         "maha_pc": maha_pc,
-        # the mean of the shared and the per-position distances (feature_distance.py's blend_position)
-        "maha_blend": lambda o, s, i: 0.5 * (maha_r(o, s, i) + maha_pc(o, s, i)),
+        "maha_blend": maha_blend,
         "maha_z": maha_z,
         "maha_z_klz": plus(maha_z, klz),
         "maha_z_klz_half": lambda o, s, i: maha_z(o, s, i) + 0.5 * klz(o, s, i),
@@ -459,8 +471,8 @@ def run_one(args: argparse.Namespace, name: str, root: Path, category: str, seed
                         p.copy_(a)
             wanted = set(args.candidates) if args.candidates else None
             hidden = wanted is None or "hidden_blend" in wanted
-            stats = train_stats(observe(scored, train_subset), wants_hidden=hidden)
-            test_obs = observe(scored, test["features"])
+            stats = train_stats(observe(scored, train_subset, keep_hidden=hidden))
+            test_obs = observe(scored, test["features"], keep_hidden=hidden)
             for candidate, metrics in score_all(scored.anomaly_map_generator, test_obs, stats, test, grids, wanted):
                 row = {"dataset": name, "seed": seed, "batch": args.batch, "step": step, "images_seen": step * args.batch,
                        "weights": label, "candidate": candidate, "train_seconds": round(seconds, 1),

@@ -17,7 +17,8 @@ def test_screen_observes_the_divergence_and_scores_every_candidate() -> None:
     fod = model.model
     features = fod.extract_features(torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
     fod.set_mean_reference([f.mean(dim=0) for f in features])
-    observation = observe(fod, features, batch=4)
+    assert observe(fod, features, batch=4).hidden == []  # kept only when asked for
+    observation = observe(fod, features, batch=4, keep_hidden=True)
     for level, tokens in enumerate(observation.tokens):
         assert observation.divergence[level].shape == tokens.shape[:2]
     # the hidden representation is what each level's norm and head turn into its reconstruction, batch by batch
