@@ -143,10 +143,13 @@ def _load_pretrained(full: nn.Module, backbone: str, weights_path: str | None) -
     full.load_state_dict(pretrained.state_dict())
 
 
-def stage_at_stride(full: nn.Module, reduction: int) -> int:
-    """Index into timm's ``feature_info`` of the last stage at stride ``reduction`` (the most processed one)."""
+def stage_at_stride(full: nn.Module, reduction: int, required: bool = True) -> int | None:
+    """Index into timm's ``feature_info`` of the last stage at stride ``reduction`` (the most processed one); where
+    there is none, an error, or ``None`` if not ``required``."""
     info = list(full.feature_info)
     candidates = [i for i, entry in enumerate(info) if entry["reduction"] == reduction]
+    if not candidates and not required:
+        return None
     if not candidates:
         names = [entry["module"] for entry in info]
         msg = f"backbone has no stage with stride {reduction}; pass `layers` explicitly (available: {names})."
@@ -178,7 +181,8 @@ class FeatureExtractor(nn.Module):
         pre_trained: load ImageNet weights (see the module docstring for where from).
         weights_path: a local timm state dict; overrides every other source.
         finer_stage: also return, from the same pass, the last stage at half the finest chosen layer's stride (a
-            finer stage that only the anomaly map reads: :meth:`forward_with_finer_stage`).
+            finer stage that only the anomaly map reads: :meth:`forward_with_finer_stage`); ``None``: where the
+            backbone has one (``map_layer`` says which, or is ``None``).
 
     Shapes:
         ``(B, 3, H, W)`` -> list of ``(B, C_i, H / s_i, W / s_i)``.
@@ -190,7 +194,7 @@ class FeatureExtractor(nn.Module):
         layers: Sequence[str] | None = None,
         pre_trained: bool = True,
         weights_path: str | None = None,
-        finer_stage: bool = False,
+        finer_stage: bool | None = False,
     ) -> None:
         super().__init__()
         full = timm.create_model(backbone, pretrained=False)
@@ -198,7 +202,7 @@ class FeatureExtractor(nn.Module):
             _load_pretrained(full, backbone, weights_path)
         indices, self.layers = resolve_layers(full, layers)
         finest = min(full.feature_info[index]["reduction"] for index in indices)
-        map_index = stage_at_stride(full, finest // 2) if finer_stage else None
+        map_index = None if finer_stage is False else stage_at_stride(full, finest // 2, required=bool(finer_stage))
         outputs = sorted({*indices, *([] if map_index is None else [map_index])})
         self.body = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=outputs)
         result = self.body.load_state_dict(full.state_dict(), strict=False)

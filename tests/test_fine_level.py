@@ -20,8 +20,9 @@ def training_images(count: int = 8) -> torch.Tensor:
     return torch.rand(count, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
 
 
-def fitted(weight: float, images: torch.Tensor | None = None, seed: int = 0) -> Fod:
-    """A tiny model with references, statistics and (with ``weight``) the fine level fitted on ``images``."""
+def fitted(weight: float | None, images: torch.Tensor | None = None, seed: int = 0) -> Fod:
+    """A tiny model with references, statistics and (with ``weight``, or ``None``: the model's default) the fine
+    level fitted on ``images``."""
     torch.manual_seed(seed)
     model = Fod(image_size=(SIZE, SIZE), visualizer=False, fine_map_weight=weight, nearest_tokens=0, **TINY)
     images = training_images() if images is None else images
@@ -70,6 +71,58 @@ def test_the_finer_stage_comes_from_the_same_pass_and_leaves_the_levels_alone() 
 def test_bad_fine_map_settings_are_refused(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         FodSettings(**settings)
+
+
+def test_left_to_the_model_it_takes_a_quarter_where_the_scoring_and_the_backbone_allow() -> None:
+    from anomalib_fod.models.fod.settings import DEFAULT_FINE_MAP_WEIGHT
+
+    def weight(**settings) -> tuple[float, bool]:  # noqa: ANN003
+        fod = Fod(image_size=(SIZE, SIZE), visualizer=False, pre_trained=False, nearest_tokens=0, **TINY, **settings)
+        return fod.model.settings.fine_map_weight, fod.model.anomaly_map_generator.fine is not None
+
+    assert weight() == (DEFAULT_FINE_MAP_WEIGHT, True)
+    assert FodSettings().fine_map_weight is None  # the settings leave it to the model; the model makes it concrete
+    # the paper's scoring fits no residual statistics: the level stays out instead of refusing the settings
+    assert weight(scoring="rec_div", reconstruction_term="mse_cos") == (0.0, False)
+    assert weight(scoring="div") == (0.0, False)
+    # a finest level at Lite0's stride 2 leaves no stage at half its stride: out, unless asked for
+    assert weight(layers=("blocks.0", "blocks.2")) == (0.0, False)
+    with pytest.raises(ValueError, match="no stage with stride 1"):
+        weight(layers=("blocks.0", "blocks.2"), fine_map_weight=0.25)
+    assert weight(fine_map_weight=0.0) == (0.0, False)
+
+
+def test_a_checkpoint_from_before_the_default_keeps_its_map(tmp_path) -> None:  # noqa: ANN001
+    """Saved when the level was off unless asked for (no ``fine_map_weight`` among its hyper-parameters): it loads
+    and predicts without the level, as it was fitted, instead of failing on an unfitted one."""
+    plain = fitted(0.0)
+    path = tmp_path / "older.ckpt"
+    hparams = {k: v for k, v in plain.hparams.items() if k != "fine_map_weight"}
+    state = {k: v for k, v in plain.state_dict().items() if ".fine." not in k}
+    torch.save({"state_dict": state, "hyper_parameters": hparams, "pytorch-lightning_version": "2.5.0"}, path)
+    older = Fod.load_from_checkpoint(path, weights_only=False)
+    older.eval()
+    assert older.model.anomaly_map_generator.fine is None
+    assert older.model.settings.fine_map_weight == 0.0
+    test = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(older.model(test).anomaly_map, plain.model(test).anomaly_map)
+
+
+def test_a_fitted_level_can_be_reweighted_or_left_out_but_not_added() -> None:
+    model, plain = fitted(0.25), fitted(0.0)
+    test = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        at_quarter, without = model.model(test).anomaly_map, plain.model(test).anomaly_map
+        model.set_scoring(fine_map_weight=0.5)  # its units do not depend on its share: no refit
+        at_half = model.model(test).anomaly_map
+        # the part it adds is three times the quarter's: (0.5 / 0.5) / (0.25 / 0.75)
+        torch.testing.assert_close(at_half - without, 3 * (at_quarter - without), rtol=1e-4, atol=1e-5)
+        model.set_scoring(fine_map_weight=0.0)
+        torch.testing.assert_close(model.model(test).anomaly_map, without)
+    assert model.hparams["fine_map_weight"] == 0.0
+    with pytest.raises(ValueError, match="cannot take one after the fact"):
+        plain.set_scoring(fine_map_weight=0.25)
 
 
 def test_the_map_adds_the_fine_level_in_units_of_the_training_maps_and_the_image_score_stays() -> None:
@@ -166,12 +219,19 @@ def test_the_exported_graph_carries_the_fine_level(tmp_path) -> None:  # noqa: A
 
 
 @pytest.mark.slow
-def test_a_fit_with_the_fine_level_reloads_from_its_checkpoint(dummy_dataset, tmp_path) -> None:  # noqa: ANN001
+def test_a_fit_with_the_fine_level_reloads_from_its_checkpoint(dummy_dataset, tmp_path, caplog) -> None:  # noqa: ANN001
+    """The default's level, fitted through ``Engine``, says so once on the console and comes back with the checkpoint
+    (``fit_and_reload`` checks that the reloaded model predicts the same maps)."""
+    import logging
+
     from fod_helpers import fit_and_reload
 
-    model, reloaded = fit_and_reload(dummy_dataset, tmp_path, SIZE, fine_map_weight=0.25)
+    with caplog.at_level(logging.INFO):
+        model, reloaded = fit_and_reload(dummy_dataset, tmp_path, SIZE)
     assert model.model.anomaly_map_generator.fine.fitted
     assert reloaded.model.settings.fine_map_weight == 0.25
+    said = [r.getMessage() for r in caplog.records if "map-only level at half" in r.getMessage()]
+    assert len(said) == 1 and "share of 0.25 to the backbone's blocks.1" in said[0]
 
 
 def test_its_covariances_count_in_the_per_position_budget_before_training(monkeypatch) -> None:  # noqa: ANN001
@@ -190,6 +250,13 @@ def test_its_covariances_count_in_the_per_position_budget_before_training(monkey
         "fine_map_weight=0",
     )
     callback.on_train_start(None, plain)  # without the fine level the levels' share alone fits
+    # left to the model, the level steps aside instead: the levels alone still fit, as they would without it
+    default = fitted(None)
+    assert default.model.anomaly_map_generator.fine is not None
+    with pytest.warns(UserWarning, match="made without it"):
+        callback.on_train_start(None, default)
+    assert default.model.anomaly_map_generator.fine is None
+    assert default.hparams["fine_map_weight"] == 0.0  # saved so: the checkpoint reloads without it
 
 
 def test_explain_shows_the_fine_level_s_part_of_the_map(tmp_path) -> None:  # noqa: ANN001

@@ -139,6 +139,7 @@ class AnomalyMapGenerator(nn.Module):
         self.nearest = nn.ModuleList(NearestLevel() for _ in (settings.d_models if settings.nearest_tokens else ()))
         self.nearest_applies = settings.nearest_applies
         # A map-only level of the backbone's finer stage (fine_level.py); fed by the model's forward.
+        # None (left to the model) counts as off here: FodModel makes it concrete for its backbone before this.
         self.fine = FineLevel(settings.fine_map_weight) if settings.fine_map_weight else None
         self.use_scoring(settings)
         self.blur = gaussian_blur(blur_sigma)
@@ -171,8 +172,19 @@ class AnomalyMapGenerator(nn.Module):
         return self.reconstruction_term == "mahalanobis" and self.scoring != "div"
 
     def use_scoring(self, settings: FodSettings) -> None:
-        """Combine the levels as ``settings`` say (``map_level_weights``, ``map_align_corners``, ``image_score``): the
-        scoring settings a trained model may change (``Fod.set_scoring``)."""
+        """Combine the levels as ``settings`` say (``map_level_weights``, ``map_align_corners``, ``image_score``,
+        ``fine_map_weight``): the scoring settings a trained model may change (``Fod.set_scoring``). The fine map
+        level can be left out or re-weighted (its units do not depend on its share), not added: it needs a fit."""
+        if not settings.fine_map_weight:
+            self.fine = None
+        elif self.fine is None:
+            msg = (
+                "a model built without the fine map level cannot take one after the fact: build it with "
+                f"fine_map_weight={settings.fine_map_weight} and fit its residual statistics."
+            )
+            raise ValueError(msg)
+        else:
+            self.fine.weight = settings.fine_map_weight
         self.map_level_weights = settings.map_level_weights
         self.align_corners = settings.map_align_corners
         self.use_image_score(settings.image_score)

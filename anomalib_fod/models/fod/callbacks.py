@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from anomalib_fod.utils import check_choice
 
@@ -163,6 +163,12 @@ class ResidualStatisticsCallback(Callback):
         # the choice the model made on the training images, on the console once per fit
         if first and len(nearest) and model.anomaly_map_generator.nearest_applies:
             rank_zero_info(describe_choice(nearest, model.settings.nearest_position_limit))
+        if first and model.anomaly_map_generator.fine is not None:
+            rank_zero_info(
+                f"FOD: the anomaly map gives a share of {model.anomaly_map_generator.fine.weight:g} to the backbone's "
+                f"{model.feature_extractor.map_layer}, a map-only level at half the finest level's stride (in units of "
+                "the training maps' spread; fine_map_weight=0 leaves it out)."
+            )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refuse, before any step, statistics too large to keep (the grids are known by now)."""
@@ -191,7 +197,15 @@ class ResidualStatisticsCallback(Callback):
         if generator.fine is not None:  # its stage has half the finest level's stride: twice its grid per side
             fine_grid = (2 * grids[0][0], 2 * grids[0][1])
             fine_size = per_position_bytes([fine_grid], [extractor.map_channels])
-            if size + fine_size > PER_POSITION_BUDGET_BYTES:
+            if size + fine_size > PER_POSITION_BUDGET_BYTES and pl_module.hparams.get("fine_map_weight") is None:
+                # left to the model: a default must not refuse images a model without it takes, so it steps aside
+                rank_zero_warn(
+                    f"FOD: the fine map level would keep {fine_size / 2**30:.1f} GiB of per-position covariances of "
+                    f"the backbone's {extractor.map_layer} ({fine_grid[0]}x{fine_grid[1]} grid), over the budget with "
+                    f"the levels' {size / 2**30:.1f} GiB: the anomaly map is made without it."
+                )
+                pl_module.set_scoring(fine_map_weight=0.0)
+            elif size + fine_size > PER_POSITION_BUDGET_BYTES:
                 msg = (
                     f"fine_map_weight={model.settings.fine_map_weight} keeps one covariance per position of the "
                     f"backbone's {extractor.map_layer} ({extractor.map_channels} channels on a {fine_grid[0]}x"

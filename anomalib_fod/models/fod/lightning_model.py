@@ -57,6 +57,7 @@ LEGACY_SCORING: dict[str, Any] = {
     "intensity_gains": (1.0,),
     "map_level_weights": None,
     "map_align_corners": True,
+    "fine_map_weight": 0.0,
 }
 
 # Where a checkpoint keeps the run's seed of the draws after training (Fod.draw_seed).
@@ -197,7 +198,8 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             (Lite0's stride-4 ``blocks.1``), unpooled and untrained, judged by its own per-position Gaussian of the
             training images' features; both maps mixed in standard deviations of the training images' maps. It
             sharpens where the map places a small defect or a boundary; the image score's own map does not read it.
-            0: off.
+            ``None``: a quarter (``DEFAULT_FINE_MAP_WEIGHT``) where the scoring is the whitened residual and the
+            backbone has that stage, else off; 0: off.
         **kwargs: ``backbone`` (default ``"tf_efficientnet_lite0"``; the paper uses
             ``"wide_resnet50_2"``, see ``configs/fod_paper.yaml``), ``layers`` (two feature layers;
             ``None`` picks the stride-8 and stride-16 stages: WideResNet50 layer2, layer3;
@@ -253,7 +255,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         context_query_share: float = 0.25,
         nearest_tokens: int = 40000,
         nearest_position_limit: float = 0.5,
-        fine_map_weight: float = 0.0,
+        fine_map_weight: float | None = None,
         **kwargs: Any,  # noqa: ANN401 - OfflineBackboneModule's arguments
     ) -> None:
         super().__init__(learning_rate=learning_rate, **kwargs)
@@ -329,7 +331,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         if unknown:
             msg = f"set_scoring changes {sorted(LEGACY_SCORING)}, not {sorted(unknown)}."
             raise ValueError(msg)
-        settings = dataclasses.replace(self.model.settings, **changes)
+        settings = self.model.resolve_fine_weight(dataclasses.replace(self.model.settings, **changes))
         self.model.settings = settings
         self.model.anomaly_map_generator.use_scoring(settings)
         self.hparams.update({name: getattr(settings, name) for name in changes})

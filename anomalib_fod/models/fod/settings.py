@@ -27,6 +27,10 @@ FeedForwardMode = Literal["mlp", "dwconv_median"]
 # Field metadata of the settings that change parameter or buffer shapes.
 _SHAPES = {"architecture": True}
 
+# The fine map level's share of the map where ``fine_map_weight`` is left to the model (None): small enough that the
+# pooled stride-8 level stays in charge of the map, large enough to place a defect smaller than its 3x3 cells.
+DEFAULT_FINE_MAP_WEIGHT = 0.25
+
 
 @dataclass(frozen=True)
 class FodSettings:
@@ -100,9 +104,10 @@ class FodSettings:
             (``fine_level.py``): the backbone's stage at half the finest level's stride (Lite0's stride-4
             ``blocks.1``), unpooled and untrained, each token judged by the distance of its features from its
             position's mean under the blended covariance of the training images (at every intensity gain). Both
-            maps are mixed in standard deviations of the training images' maps. 0: off. Needs
-            ``reconstruction_term="mahalanobis"`` (it is fitted with the residual statistics); the image score's
-            own map (``image_score="position"``) does not read it.
+            maps are mixed in standard deviations of the training images' maps. The image score's own map
+            (``image_score="position"``) does not read it. ``None`` (the default): ``DEFAULT_FINE_MAP_WEIGHT`` where
+            the scoring is fitted with the residual statistics (``reconstruction_term="mahalanobis"``, ``scoring``
+            not ``"div"``) and the backbone has such a stage, else off. 0: off. A share given explicitly needs both.
     """
 
     backbone: str = field(default="tf_efficientnet_lite0", metadata=_SHAPES)
@@ -138,7 +143,7 @@ class FodSettings:
     context_query_share: float = 0.25
     nearest_tokens: int = field(default=40000, metadata=_SHAPES)
     nearest_position_limit: float = 0.5
-    fine_map_weight: float = 0.0
+    fine_map_weight: float | None = None
 
     def __post_init__(self) -> None:
         # YAML and jsonargparse give lists; tuples keep the object hashable and comparable.
@@ -196,15 +201,20 @@ class FodSettings:
                 f"{self.context_score}."
             )
             raise ValueError(msg)
-        if not 0 <= self.fine_map_weight < 1:
-            msg = f"fine_map_weight is a share of the anomaly map, in [0, 1) (0: off), got {self.fine_map_weight}."
-            raise ValueError(msg)
-        if self.fine_map_weight and (self.reconstruction_term != "mahalanobis" or self.scoring == "div"):
-            msg = (
-                "fine_map_weight is fitted with the residual statistics: it needs reconstruction_term='mahalanobis' "
-                f"and scoring 'rec' or 'rec_div', got {self.reconstruction_term!r} and {self.scoring!r}."
-            )
-            raise ValueError(msg)
+        if self.fine_map_weight is not None:
+            if not 0 <= self.fine_map_weight < 1:
+                msg = (
+                    f"fine_map_weight is a share of the anomaly map, in [0, 1) (0: off; None: the model's default), "
+                    f"got {self.fine_map_weight}."
+                )
+                raise ValueError(msg)
+            if self.fine_map_weight and not self.fine_level_applies:
+                msg = (
+                    "fine_map_weight is fitted with the residual statistics: it needs reconstruction_term="
+                    f"'mahalanobis' and scoring 'rec' or 'rec_div', got {self.reconstruction_term!r} and "
+                    f"{self.scoring!r}."
+                )
+                raise ValueError(msg)
         check_choices(self)
 
     @property
@@ -213,6 +223,19 @@ class FodSettings:
         (the paper's scoring, ``context_score``), a self-choosing one (``nearest_position_limit < 1``) stays out and
         a required one is refused."""
         return self.reconstruction_term == "mahalanobis" and self.scoring == "rec" and not self.context_score
+
+    @property
+    def fine_level_applies(self) -> bool:
+        """Whether the fine map level can take part: it is fitted with the residual statistics."""
+        return self.reconstruction_term == "mahalanobis" and self.scoring != "div"
+
+    @property
+    def fine_weight(self) -> float:
+        """The fine map level's share of the map these settings ask for (``fine_map_weight`` resolved; whether the
+        backbone has the stage is the feature extractor's to say)."""
+        if self.fine_map_weight is not None:
+            return self.fine_map_weight
+        return DEFAULT_FINE_MAP_WEIGHT if self.fine_level_applies else 0.0
 
     @property
     def nearest_chooses(self) -> bool:

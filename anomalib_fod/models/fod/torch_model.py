@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from anomalib.data import InferenceBatch
@@ -14,6 +15,8 @@ from anomalib_fod.backbone import FeatureExtractor
 from .anomaly_map import AnomalyMapGenerator
 from .settings import FodSettings
 from .transformer import FodTransformer, LevelOutput, grid_coordinates
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,14 +53,17 @@ class FodModel(nn.Module):
     def __init__(self, settings: FodSettings | None = None) -> None:
         super().__init__()
         settings = settings or FodSettings()
-        self.settings = settings
+        explicit = settings.fine_map_weight is not None
         self.feature_extractor = FeatureExtractor(
             settings.backbone,
             settings.layers,
             settings.pre_trained,
             settings.weights_path,
-            finer_stage=bool(settings.fine_map_weight),
+            # a share asked for needs the finer stage; the default takes it where the backbone has one
+            finer_stage=bool(settings.fine_weight) if explicit else (None if settings.fine_weight else False),
         )
+        settings = self.resolve_fine_weight(settings)
+        self.settings = settings
         channels = self.feature_extractor.channels
         if len(channels) != len(settings.d_models):
             msg = (
@@ -92,6 +98,17 @@ class FodModel(nn.Module):
             return self.extract_features(images), None
         levels, finer = self.feature_extractor.forward_with_finer_stage(images)
         return [self.pool(f) for f in levels], finer
+
+    def resolve_fine_weight(self, settings: FodSettings) -> FodSettings:
+        """``settings`` with the fine map level's share made concrete: one left to the model (``None``) is the
+        default where the scoring takes the level and this model's backbone has the finer stage, else 0."""
+        if settings.fine_map_weight is not None:
+            return settings
+        weight = settings.fine_weight
+        if weight and self.feature_extractor.map_layer is None:
+            logger.info("FOD: %s has no stage at half the finest level's stride: no fine map level.", settings.backbone)
+            weight = 0.0
+        return replace(settings, fine_map_weight=weight)
 
     @property
     def has_reference(self) -> bool:
