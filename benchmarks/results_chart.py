@@ -4,7 +4,7 @@ The published comparison is kept as one JSON line per cell (``benchmarks/results
 exact metrics, fit time) rather than as run folders; this draws the chart ``anomalib-fod benchmark`` draws for a
 run folder (``RUN/results.png``) from such rows, mean and spread over the seeds.
 
-    python benchmarks/results_chart.py benchmarks/results/shared_datasets_256_2026-12-05.jsonl \\
+    python benchmarks/results_chart.py benchmarks/results/shared_datasets_256_2026-12-07.jsonl \\
         --models "Fod,Patchcore1pct,Padim,Cdo" --out benchmarks/figures/shared_datasets_256.png
 """
 
