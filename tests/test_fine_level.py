@@ -107,6 +107,10 @@ def test_a_checkpoint_from_before_the_default_keeps_its_map(tmp_path) -> None:  
     test = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(older.model(test).anomaly_map, plain.model(test).anomaly_map)
+    # asked for at load, the level is built (its fit comes next, as for any checkpoint without it)
+    asked = Fod.load_from_checkpoint(path, weights_only=False, fine_map_weight=0.25)
+    assert asked.model.anomaly_map_generator.fine is not None
+    assert not asked.model.anomaly_map_generator.fine.fitted
 
 
 def test_a_fitted_level_can_be_reweighted_or_left_out_but_not_added() -> None:

@@ -106,7 +106,7 @@ class FodModel(nn.Module):
             return settings
         weight = settings.fine_weight
         if weight and self.feature_extractor.map_layer is None:
-            logger.info("FOD: %s has no stage at half the finest level's stride: no fine map level.", settings.backbone)
+            logger.info("FOD: no fine map level: the feature extractor has no stage at half the finest level's stride.")
             weight = 0.0
         return replace(settings, fine_map_weight=weight)
 
