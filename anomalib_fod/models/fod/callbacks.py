@@ -197,15 +197,9 @@ class ResidualStatisticsCallback(Callback):
         if generator.fine is not None:  # its stage has half the finest level's stride: twice its grid per side
             fine_grid = (2 * grids[0][0], 2 * grids[0][1])
             fine_size = per_position_bytes([fine_grid], [extractor.map_channels])
-            if size + fine_size > PER_POSITION_BUDGET_BYTES and pl_module.hparams.get("fine_map_weight") is None:
-                # left to the model: a default must not refuse images a model without it takes, so it steps aside
-                rank_zero_warn(
-                    f"FOD: the fine map level would keep {fine_size / 2**30:.1f} GiB of per-position covariances of "
-                    f"the backbone's {extractor.map_layer} ({fine_grid[0]}x{fine_grid[1]} grid), over the budget with "
-                    f"the levels' {size / 2**30:.1f} GiB: the anomaly map is made without it."
-                )
-                pl_module.set_scoring(fine_map_weight=0.0)
-            elif size + fine_size > PER_POSITION_BUDGET_BYTES:
+            if size + fine_size <= PER_POSITION_BUDGET_BYTES:
+                return
+            if pl_module.hparams.get("fine_map_weight") is not None:
                 msg = (
                     f"fine_map_weight={model.settings.fine_map_weight} keeps one covariance per position of the "
                     f"backbone's {extractor.map_layer} ({extractor.map_channels} channels on a {fine_grid[0]}x"
@@ -214,6 +208,13 @@ class ResidualStatisticsCallback(Callback):
                     "channels."
                 )
                 raise ValueError(msg)
+            # left to the model: a default must not refuse images a model without it takes, so it steps aside
+            rank_zero_warn(
+                f"FOD: the fine map level would keep {fine_size / 2**30:.1f} GiB of per-position covariances of "
+                f"the backbone's {extractor.map_layer} ({fine_grid[0]}x{fine_grid[1]} grid), over the budget with "
+                f"the levels' {size / 2**30:.1f} GiB: the anomaly map is made without it."
+            )
+            pl_module.set_scoring(fine_map_weight=0.0)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refit before validation scores the images (only during fit: test and predict use what is stored)."""

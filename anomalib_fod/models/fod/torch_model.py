@@ -53,14 +53,14 @@ class FodModel(nn.Module):
     def __init__(self, settings: FodSettings | None = None) -> None:
         super().__init__()
         settings = settings or FodSettings()
-        explicit = settings.fine_map_weight is not None
+        # a share asked for needs the finer stage (True); the default takes it where the backbone has one (None)
+        asked = settings.fine_map_weight is not None
         self.feature_extractor = FeatureExtractor(
             settings.backbone,
             settings.layers,
             settings.pre_trained,
             settings.weights_path,
-            # a share asked for needs the finer stage; the default takes it where the backbone has one
-            finer_stage=bool(settings.fine_weight) if explicit else (None if settings.fine_weight else False),
+            finer_stage=(True if asked else None) if settings.fine_weight else False,
         )
         settings = self.resolve_fine_weight(settings)
         self.settings = settings
