@@ -73,6 +73,8 @@ class Explanation:
         div_name: ``"inter-score"`` or ``"intra-score"``.
         fine_map: ``(H, W)`` the fine map level's part of the anomaly map (``fine_map_weight``; before the blur,
             in the map's units); ``None`` without the level.
+        aligned_map: ``(H, W)`` the aligned map level's part of the anomaly map (``aligned_map_weight``; likewise);
+            ``None`` where it takes no part.
     """
 
     path: Path
@@ -86,6 +88,7 @@ class Explanation:
     components: list[dict[str, np.ndarray]] = field(default_factory=list)
     div_name: str = "inter-score"
     fine_map: np.ndarray | None = None
+    aligned_map: np.ndarray | None = None
 
 
 def load_image(path: str | Path) -> torch.Tensor:
@@ -176,12 +179,17 @@ def explain_image(
         batch = model.pre_processor.transform(batch)
     size = (int(batch.shape[-2]), int(batch.shape[-1]))
 
-    features, fine_features = fod.extract_map_features(batch)
-    run = fod.run_levels(features, keep_maps=True)
+    features = fod.extract_map_features(batch)
+    run = fod.run_levels(features.levels, keep_maps=True)
     tokens, outputs, grids = run.tokens, run.levels, run.grids
     generator = fod.anomaly_map_generator
     scores = generator.level_scores(tokens, outputs, grids)  # one context-predictor pass per level, if any
-    anomaly_map, pred_score = generator.combine(scores, grids, size, fine_features)
+    # the map-only levels' parts, computed once: shown apart and added to the map
+    aligned_share = generator.aligned_share(features.finest, size)
+    fine_share = generator.fine_share(features.finer, size)
+    parts = [part for part in (aligned_share, fine_share) if part is not None]
+    added = sum(parts[1:], parts[0]) if parts else None
+    anomaly_map, pred_score = generator.combine(scores, grids, size, added=added)
     components = []
     for index, (level_tokens, level_output, (height, width)) in enumerate(zip(tokens, outputs, grids, strict=True)):
         # The level index picks that level's residual statistics (the whitened residual).
@@ -196,7 +204,6 @@ def explain_image(
             parts["div"] = generator.divergence_score(level_output)
         components.append({k: v[0].reshape(height, width).float().cpu().numpy() for k, v in parts.items()})
     anomaly_map = anomaly_map[0, 0].float().cpu()
-    fine_share = generator.fine_share(fine_features, size)
 
     grid = grids[level]
     if token is None:
@@ -231,12 +238,13 @@ def explain_image(
         components=components,
         div_name="inter-score" if generator.with_inter else "intra-score",
         fine_map=None if fine_share is None else fine_share[0, 0].float().cpu().numpy(),
+        aligned_map=None if aligned_share is None else aligned_share[0, 0].float().cpu().numpy(),
     )
 
 
 def _rows(explanation: Explanation) -> int:
     """Panel rows: the image, map and correlations; the score components; the fine level, where there is one."""
-    return 2 if explanation.fine_map is None else 3
+    return 2 if explanation.fine_map is None and explanation.aligned_map is None else 3
 
 
 def figure_size(explanation: Explanation, dpi: int = DEFAULT_DPI) -> tuple[int, int]:
@@ -320,9 +328,15 @@ def render_explanation(explanation: Explanation, output: str | Path, dpi: int = 
         elif key == "score":
             title = "token score"
         overlay(axis, values, f"level {level}: {title}", marked=level == explanation.level)
-    if explanation.fine_map is not None:  # a third row: the fine level's part, the rest of the row empty
-        overlay(axes[2, 0], explanation.fine_map, "fine level (map part,\nbefore the blur)", marked=False)
-        for axis in axes[2, 1:]:
+    if _rows(explanation) == 3:  # noqa: PLR2004 - a third row: the map-only levels' parts, the rest of the row empty
+        shown = [
+            (values, f"{name} level (map part,\nbefore the blur)")
+            for values, name in ((explanation.aligned_map, "aligned"), (explanation.fine_map, "fine"))
+            if values is not None
+        ]
+        for axis, (values, title) in zip(axes[2], shown, strict=False):
+            overlay(axis, values, title, marked=False)
+        for axis in axes[2, len(shown):]:
             axis.set_axis_off()
     for axis in axes.flat:
         axis.set_xticks([])

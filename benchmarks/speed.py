@@ -146,19 +146,29 @@ def build(backbone: str, image_size: int, device: torch.device, score: str = "de
             fit_statistics(model.model, [features])
         if getattr(generator, "nearest_applies", False) and len(generator.nearest):
             fill_nearest_banks(generator, [f.shape[1] for f in features], model.model.settings.nearest_tokens, device)
-        if getattr(generator, "fine", None) is not None:  # the default's fine map level, fitted on the same images
-            fit_fine_level_on(model.model, images)  # its units read the whole map
+        if getattr(generator, "fine", None) is not None or getattr(generator, "aligned", None) is not None:
+            fit_map_levels_on(model.model, images)  # the default's map-only levels; their units read the whole map
     return model
 
 
-def fit_fine_level_on(fod: Any, images: torch.Tensor) -> None:  # noqa: ANN401 - a FodModel
-    """Fit ``fod``'s fine map level on ``images`` alone (the levels' statistics are fitted from their features)."""
-    from anomalib_fod.models.fod.fitting import TrainingImages, fit_fine_level  # noqa: PLC0415
+def fit_map_levels_on(fod: Any, images: torch.Tensor) -> None:  # noqa: ANN401 - a FodModel
+    """Fit ``fod``'s map-only levels on ``images`` alone (the levels' statistics are fitted from their features).
+    The aligned level takes part whatever the random images' position share: timed where it costs most."""
+    from anomalib_fod.models.fod.fitting import MapLevelSums, TrainingImages, fit_map_levels  # noqa: PLC0415
     from anomalib_fod.models.fod.residual_statistics import ResidualAccumulator  # noqa: PLC0415
 
-    finer = ResidualAccumulator(per_position=True)
-    finer.add(fod.feature_extractor.forward_with_finer_stage(images)[1].flatten(2).transpose(1, 2))
-    fit_fine_level(fod, TrainingImages([images], None, images.device, progress=False), finer)
+    generator = fod.anomaly_map_generator
+    if generator.aligned is not None:
+        generator.aligned.limit = 0.0
+    stages = MapLevelSums(
+        None if generator.fine is None else ResidualAccumulator(per_position=True),
+        None if generator.aligned is None else ResidualAccumulator(per_position=True),
+    )
+    features = fod.extract_map_features(images)
+    for accumulator, stage in ((stages.finer, features.finer), (stages.finest, features.finest)):
+        if accumulator is not None:
+            accumulator.add(stage.flatten(2).transpose(1, 2))
+    fit_map_levels(fod, TrainingImages([images], None, images.device, progress=False), stages)
 
 
 def fill_nearest_banks(generator: Any, channels: list[int], size: int, device: torch.device) -> None:  # noqa: ANN401
@@ -187,11 +197,12 @@ def bench_one(args: argparse.Namespace, backbone: str, batch: int, device: torch
         images = torch.randn(batch, 3, *size, device=device)
         row: dict[str, Any] = {"backbone": backbone, "batch": batch, "image_size": args.image_size, "score": args.score}
 
-        def backbone_pass(images: torch.Tensor = images) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-            """The levels' features and, with the fine map level, the finer stage (one pass)."""
+        def backbone_pass(images: torch.Tensor = images) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+            """The levels' features and what the map-only levels read (one pass)."""
             with autocast:
-                levels, stage = fod.extract_map_features(images)
-                return [f.float() for f in levels], None if stage is None else stage.float()
+                features = fod.extract_map_features(images)
+                stages = [None if stage is None else stage.float() for stage in (features.finer, features.finest)]
+                return [f.float() for f in features.levels], stages
 
         def features(images: torch.Tensor = images) -> list[torch.Tensor]:
             with autocast:
@@ -214,7 +225,7 @@ def bench_one(args: argparse.Namespace, backbone: str, batch: int, device: torch
 
         base_rss = _rss()
         row["infer_peak_mb"] = _measure_memory(device, infer, base_rss)
-        cached, cached_stage = backbone_pass()
+        cached, cached_stages = backbone_pass()
 
         def transformers() -> Any:  # noqa: ANN401
             fod.eval()
@@ -223,9 +234,9 @@ def bench_one(args: argparse.Namespace, backbone: str, batch: int, device: torch
 
         run = transformers()
 
-        def scoring(stage: torch.Tensor | None = cached_stage) -> Any:  # noqa: ANN401
+        def scoring(stages: list[torch.Tensor | None] = cached_stages) -> Any:  # noqa: ANN401
             with torch.no_grad(), autocast:
-                return fod.anomaly_map_generator(run.tokens, run.levels, run.grids, size, stage)
+                return fod.anomaly_map_generator(run.tokens, run.levels, run.grids, size, *stages)
 
         if args.skip_train:
             row["train_skipped"] = args.skip_train

@@ -22,9 +22,10 @@ EMBEDDED_DATA_ROOT = REPO_ROOT / "anomalib_fod" / "data"  # holds the battery_we
 
 # Small Transformers: the behaviour under test does not depend on the width.
 TINY = {"d_models": (32, 64), "num_heads": 2, "num_layers": 1}
-# The fine map level reads the backbone's finer stage from images: tests that feed backbone features, or fit the
-# statistics from them, build models without it (its own tests are in test_fine_level.py).
-WITHOUT_FINE_LEVEL = {"fine_map_weight": 0.0}
+# The map-only levels read backbone stages from images (the finer stage, the finest unpooled): tests that feed
+# backbone features, or fit the statistics from them, build models without them (their own tests are in
+# test_fine_level.py and test_aligned_level.py).
+WITHOUT_MAP_LEVELS = {"fine_map_weight": 0.0, "aligned_map_weight": 0.0}
 # The paper's score: reconstruction times divergence, needing no fitted statistics. Tests of the geometry,
 # the branches and the divergence use it; Fod's default (the whitened residual) has its own tests.
 PAPER_SCORE = {

@@ -15,7 +15,7 @@ from anomalib_fod.models.fod.residual_statistics import SHRINKAGE
 
 from fod_helpers import (
     TINY,
-    WITHOUT_FINE_LEVEL,
+    WITHOUT_MAP_LEVELS,
     assert_budget_is_the_boundary,
     assert_exports_reproduce,
     counted_position_products,
@@ -147,7 +147,7 @@ def test_training_on_a_share_of_the_positions_per_step_teaches_every_position() 
 def fitted_model(context_steps: int = 20, seed: int = 0, **settings) -> tuple[Fod, list[torch.Tensor]]:  # noqa: ANN003
     torch.manual_seed(seed)
     model = Fod(pre_trained=False, image_size=SIZE, visualizer=False, context_score=True,
-                context_steps=context_steps, **TINY, **{**WITHOUT_FINE_LEVEL, **settings})
+                context_steps=context_steps, **TINY, **{**WITHOUT_MAP_LEVELS, **settings})
     images = torch.rand(12, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     features = model.model.extract_features(images)
     model.model.set_mean_reference([f.mean(0) for f in features])
@@ -174,7 +174,7 @@ def test_the_score_reads_the_trained_predictor_and_survives_a_checkpoint(tmp_pat
     torch.save(model.state_dict(), path)
     torch.manual_seed(5)  # another initialisation: everything must come from the file
     reloaded = Fod(pre_trained=False, image_size=SIZE, visualizer=False, context_score=True, **TINY,
-                   **WITHOUT_FINE_LEVEL)
+                   **WITHOUT_MAP_LEVELS)
     reloaded.load_state_dict(torch.load(path))
     reloaded.model.eval()
     with torch.no_grad():
@@ -225,7 +225,7 @@ def test_a_context_checkpoint_without_image_units_keeps_the_maps_maximum() -> No
     state = {k: v for k, v in model.state_dict().items() if "_pos_" not in k}  # as saved before the image units
     torch.manual_seed(5)
     reloaded = Fod(pre_trained=False, image_size=SIZE, visualizer=False, context_score=True, **TINY,
-                   **WITHOUT_FINE_LEVEL)
+                   **WITHOUT_MAP_LEVELS)
     reloaded.load_state_dict(state)
     reloaded.model.eval()
     with torch.no_grad():
@@ -245,7 +245,7 @@ def test_the_context_predictors_train_after_the_transformers_not_with_them() -> 
 
 def test_an_unfitted_context_score_and_a_wrong_size_are_clear_errors() -> None:
     torch.manual_seed(0)
-    model = Fod(pre_trained=False, image_size=SIZE, visualizer=False, context_score=True, **TINY, **WITHOUT_FINE_LEVEL)
+    model = Fod(pre_trained=False, image_size=SIZE, visualizer=False, context_score=True, **TINY, **WITHOUT_MAP_LEVELS)
     images = torch.rand(2, 3, SIZE, SIZE)
     features = model.model.extract_features(images)
     model.model.set_mean_reference([f.mean(0) for f in features])
@@ -270,7 +270,7 @@ def test_bad_context_settings_are_refused() -> None:
     for share in (0.0, 1.5):
         with pytest.raises(ValueError, match="context_query_share in \\(0, 1\\]"):
             Fod(pre_trained=False, context_score=True, context_query_share=share, **TINY)
-    model = Fod(pre_trained=False, image_size=64, visualizer=False, context_score=True, **TINY, **WITHOUT_FINE_LEVEL)
+    model = Fod(pre_trained=False, image_size=64, visualizer=False, context_score=True, **TINY, **WITHOUT_MAP_LEVELS)
     with pytest.raises(ValueError, match="use larger images or a smaller context_radius"):
         model.model.run_levels(model.model.extract_features(torch.rand(1, 3, 64, 64)))
 

@@ -24,7 +24,8 @@ def fitted(weight: float | None, images: torch.Tensor | None = None, seed: int =
     """A tiny model with references, statistics and (with ``weight``, or ``None``: the model's default) the fine
     level fitted on ``images``."""
     torch.manual_seed(seed)
-    model = Fod(image_size=(SIZE, SIZE), visualizer=False, fine_map_weight=weight, nearest_tokens=0, **TINY)
+    model = Fod(image_size=(SIZE, SIZE), visualizer=False, fine_map_weight=weight, nearest_tokens=0,
+                aligned_map_weight=0.0, **TINY)
     images = training_images() if images is None else images
     model.model.set_mean_reference([f.mean(0) for f in model.model.extract_features(images)])
     fit_residual_statistics(model.model, TrainingImages(list(images.split(3)), None, torch.device("cpu"), False))
@@ -35,7 +36,7 @@ def fitted(weight: float | None, images: torch.Tensor | None = None, seed: int =
 def map_deviations(model: Fod, images: torch.Tensor) -> torch.Tensor:
     """The standard deviations of the model's unblurred map and of the fine level's map over ``images``' pixels."""
     fod, generator = model.model, model.model.anomaly_map_generator
-    levels, stage = fod.extract_map_features(images)
+    levels, stage, _ = fod.extract_map_features(images)
     run = fod.run_levels(levels)
     scores = generator.level_scores(run.tokens, run.levels, run.grids)
     weights = generator.map_level_weights
@@ -143,7 +144,7 @@ def test_the_map_adds_the_fine_level_in_units_of_the_training_maps_and_the_image
     test = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         output, without = fod(test), plain.model(test)
-        _, test_stage = fod.extract_map_features(test)
+        _, test_stage, _ = fod.extract_map_features(test)
         scale = 0.25 / 0.75 * fine.units[0] / fine.units[1]
         unblurred = plain.model.anomaly_map_generator.blur
         plain.model.anomaly_map_generator.blur = None
@@ -165,18 +166,27 @@ def test_its_units_are_measured_on_evenly_spread_batches(monkeypatch) -> None:  
 def test_it_survives_a_state_dict_and_an_older_one_loads_unfitted() -> None:
     model = fitted(0.25)
     test = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
-    fresh = Fod(image_size=(SIZE, SIZE), visualizer=False, fine_map_weight=0.25, nearest_tokens=0, **TINY)
+    fresh = Fod(
+        image_size=(SIZE, SIZE), visualizer=False, fine_map_weight=0.25, nearest_tokens=0, aligned_map_weight=0.0,
+        **TINY,
+    )
     fresh.load_state_dict(model.state_dict())
     fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh.model(test).anomaly_map, model.model(test).anomaly_map)
-    switched_off = Fod(image_size=(SIZE, SIZE), visualizer=False, fine_map_weight=0.0, nearest_tokens=0, **TINY)
+    switched_off = Fod(
+        image_size=(SIZE, SIZE), visualizer=False, fine_map_weight=0.0, nearest_tokens=0, aligned_map_weight=0.0,
+        **TINY,
+    )
     switched_off.load_state_dict(model.state_dict())  # its fine level is left behind
     switched_off.eval()
     with torch.no_grad():
         torch.testing.assert_close(switched_off.model(test).anomaly_map, fitted(0.0).model(test).anomaly_map)
     older = {k: v for k, v in model.state_dict().items() if ".fine." not in k}
-    unfitted = Fod(image_size=(SIZE, SIZE), visualizer=False, fine_map_weight=0.25, nearest_tokens=0, **TINY)
+    unfitted = Fod(
+        image_size=(SIZE, SIZE), visualizer=False, fine_map_weight=0.25, nearest_tokens=0, aligned_map_weight=0.0,
+        **TINY,
+    )
     unfitted.load_state_dict(older)
     unfitted.eval()
     assert not unfitted.model.anomaly_map_generator.fine.fitted

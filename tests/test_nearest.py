@@ -25,7 +25,7 @@ from anomalib_fod.models.fod.nearest import (
 )
 from anomalib_fod.models.fod.residual_statistics import ResidualAccumulator, ResidualStatistics
 
-from fod_helpers import TINY, WITHOUT_FINE_LEVEL, assert_exports_reproduce, explain_random_image
+from fod_helpers import TINY, WITHOUT_MAP_LEVELS, assert_exports_reproduce, explain_random_image
 
 SIZE = 64
 GAINS = (0.9, 1.0, 1.1)
@@ -77,7 +77,7 @@ def test_the_z_units_come_from_images_the_bank_and_the_gaussian_never_saw() -> N
 
 def tiny_fod(nearest_tokens: int = 300, **settings) -> Fod:  # noqa: ANN003
     """A tiny untrained model (random backbone, ``SIZE`` px) with a nearest-token bank of ``nearest_tokens``."""
-    settings = {**WITHOUT_FINE_LEVEL, **settings}
+    settings = {**WITHOUT_MAP_LEVELS, **settings}
     return Fod(pre_trained=False, image_size=SIZE, visualizer=False, nearest_tokens=nearest_tokens, **TINY, **settings)
 
 

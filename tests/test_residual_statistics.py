@@ -12,14 +12,14 @@ from anomalib_fod import Fod
 from anomalib_fod.models.fod.fitting import fit_statistics, iterate_pooled_features
 from anomalib_fod.models.fod.residual_statistics import SHRINKAGE, ResidualStatistics
 
-from fod_helpers import TINY, WITHOUT_FINE_LEVEL, assert_budget_is_the_boundary, counted_position_products, fit_and_run
+from fod_helpers import TINY, WITHOUT_MAP_LEVELS, assert_budget_is_the_boundary, counted_position_products, fit_and_run
 
 
 def tiny_model(**settings) -> Fod:  # noqa: ANN003
     """A tiny model scored by the Gaussian alone (the nearest-token score, fitted apart, has its own tests)."""
     torch.manual_seed(0)
     settings.setdefault("nearest_tokens", 0)
-    return Fod(pre_trained=False, image_size=64, visualizer=False, **TINY, **{**WITHOUT_FINE_LEVEL, **settings})
+    return Fod(pre_trained=False, image_size=64, visualizer=False, **TINY, **{**WITHOUT_MAP_LEVELS, **settings})
 
 
 def features_and_references(model: Fod) -> list[torch.Tensor]:

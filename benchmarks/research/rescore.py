@@ -93,6 +93,9 @@ def main(
             raw = predict_raw(fod, datamodule)
             metrics = exact_metrics(raw["scores"], raw["labels"], raw["maps"], raw["masks"])
             row = {"dataset": dataset, "seed": seed, "variant": name, "settings": settings, "fit_s": fit_s, **metrics}
+            aligned = fod.model.anomaly_map_generator.aligned
+            if aligned is not None and aligned.position_share.numel():  # what decided the aligned map level
+                row["aligned_share"] = round(float(aligned.position_share), 4)
             print(json.dumps(row), flush=True)
             with out.open("a") as file:
                 file.write(json.dumps(row) + "\n")

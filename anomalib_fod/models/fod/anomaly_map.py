@@ -37,11 +37,14 @@ the same rule as without it: the same sum made of the distances under each posit
 own z-units), levels averaged. With ``nearest_tokens`` each token's score is its Gaussian distance plus its
 distance to the nearest training token (``nearest.py``), both in held-out z-units; the image score's map makes the
 same sum with the per-position distance. With ``fine_map_weight`` the anomaly map (not the image score's own map)
-adds a map-only level of the backbone's finer stage before the blur (``fine_level.py``).
+adds a map-only level of the backbone's finer stage before the blur (``fine_level.py``); before it, where the
+training images are aligned (or ``aligned_map_weight`` asks), a map-only level of the finest stage unpooled, judged
+per position (``aligned_level.py``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -52,15 +55,18 @@ from torch import nn
 from anomalib_fod.models.blur import gaussian_blur
 from anomalib_fod.utils import check_choice
 
+from .aligned_level import AlignedLevel
 from .context import ContextLevel
 from .fine_level import FineLevel
 from .nearest import NearestLevel
 from .residual_statistics import ResidualStatistics
-from .settings import FodSettings, ImageScore, ReconstructionTerm, ResidualCovariance
+from .settings import ALIGNED_POSITION_LIMIT, FodSettings, ImageScore, ReconstructionTerm, ResidualCovariance
 
 if TYPE_CHECKING:
     from .transformer import BranchStats, LevelOutput
 
+
+logger = logging.getLogger(__name__)
 
 def reconstruction_parts(tokens: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token MSE and ``1 - cosine``, ``(B, L, C)`` x2 -> two ``(B, L)``."""
@@ -141,14 +147,20 @@ class AnomalyMapGenerator(nn.Module):
         # A map-only level of the backbone's finer stage (fine_level.py); fed by the model's forward.
         # None (left to the model) counts as off here: FodModel makes it concrete for its backbone before this.
         self.fine = FineLevel(settings.fine_map_weight) if settings.fine_map_weight else None
+        # A map-only level of the finest stage unpooled, per position (aligned_level.py); the default lets the fit
+        # decide whether it takes part, an explicit share always does.
+        limit = ALIGNED_POSITION_LIMIT if settings.aligned_chooses else 0.0
+        self.aligned = AlignedLevel(settings.aligned_weight, limit) if settings.aligned_weight else None
         self.use_scoring(settings)
         self.blur = gaussian_blur(blur_sigma)
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:  # noqa: ANN001
-        """A checkpoint's fine map level is left behind by a model built without one (``fine_map_weight=0``)."""
-        if self.fine is None:
-            for key in [key for key in state_dict if key.startswith(prefix + "fine.")]:
-                del state_dict[key]
+        """A checkpoint's map-only levels are left behind by a model built without them (``fine_map_weight=0``,
+        ``aligned_map_weight=0``)."""
+        for name in ("fine", "aligned"):
+            if getattr(self, name) is None:
+                for key in [key for key in state_dict if key.startswith(f"{prefix}{name}.")]:
+                    del state_dict[key]
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     @property
@@ -173,21 +185,38 @@ class AnomalyMapGenerator(nn.Module):
 
     def use_scoring(self, settings: FodSettings) -> None:
         """Combine the levels as ``settings`` say (``map_level_weights``, ``map_align_corners``, ``image_score``,
-        ``fine_map_weight``): the scoring settings a trained model may change (``Fod.set_scoring``). The fine map
-        level can be left out or re-weighted (its units do not depend on its share), not added: it needs a fit."""
-        if not settings.fine_map_weight:
-            self.fine = None
-        elif self.fine is None:
-            msg = (
-                "a model built without the fine map level cannot take one after the fact: build it with "
-                f"fine_map_weight={settings.fine_map_weight} and fit its residual statistics."
-            )
-            raise ValueError(msg)
-        else:
-            self.fine.weight = settings.fine_map_weight
+        ``fine_map_weight``, ``aligned_map_weight``): the scoring settings a trained model may change
+        (``Fod.set_scoring``). A map-only level can be left out or re-weighted (its units do not depend on its
+        share), not added: it needs a fit. Re-weighting the aligned level moves the map the fine level's units were
+        measured on, so the fine level's share is then approximate until a refit."""
+        self.fine = self._map_level("fine", settings.fine_map_weight)
+        self.aligned = self._map_level("aligned", settings.aligned_weight)
+        if self.aligned is not None and not settings.aligned_chooses:
+            self.aligned.limit = 0.0  # asked for: takes part whatever the images
+            if self.aligned.declined:
+                logger.warning(
+                    "the fit left the aligned map level out (position share %.3f, not aligned): "
+                    "aligned_map_weight=%s takes part after its statistics are refitted "
+                    "(Fod.fit_residual_statistics(datamodule)).",
+                    float(self.aligned.position_share), settings.aligned_map_weight,
+                )
         self.map_level_weights = settings.map_level_weights
         self.align_corners = settings.map_align_corners
         self.use_image_score(settings.image_score)
+
+    def _map_level(self, name: str, weight: float) -> FineLevel | None:
+        """The map-only level ``name`` at ``weight`` (0: left out); refuses to add one the model was built without."""
+        level = getattr(self, name)
+        if not weight:
+            return None
+        if level is None:
+            msg = (
+                f"a model built without the {name} map level cannot take one after the fact: build it with "
+                f"{name}_map_weight={weight} and fit its residual statistics."
+            )
+            raise ValueError(msg)
+        level.weight = weight
+        return level
 
     def use_image_score(self, image_score: ImageScore) -> None:
         """Take the image score from ``image_score``'s map; the statistics keep what it needs when fitted."""
@@ -309,6 +338,11 @@ class AnomalyMapGenerator(nn.Module):
             [ctx_z for _, ctx_z, _ in parts],
         )
 
+    @property
+    def aligned_active(self) -> bool:
+        """Whether the aligned map level adds to the map (built, and not declined by its fit)."""
+        return self.aligned is not None and not self.aligned.declined
+
     def fine_share(self, fine_features: torch.Tensor | None, image_size: tuple[int, int]) -> torch.Tensor | None:
         """The fine map level's part ``(B, 1, H, W)`` of the anomaly map, in the map's units and before the blur,
         from the backbone's finer stage ``(B, C, h, w)``; ``None`` without the level."""
@@ -319,17 +353,48 @@ class AnomalyMapGenerator(nn.Module):
             raise ValueError(msg)
         return self.fine.scale() * self.fine.distance_map(fine_features, image_size, self.align_corners)
 
+    def aligned_share(self, aligned_features: torch.Tensor | None, image_size: tuple[int, int]) -> torch.Tensor | None:
+        """The aligned map level's part ``(B, 1, H, W)`` of the anomaly map, in the map's units and before the blur,
+        from the finest level's unpooled backbone features ``(B, C, h, w)``; ``None`` where it takes no part."""
+        if not self.aligned_active:
+            return None
+        if aligned_features is None:
+            msg = (
+                "the aligned map level (aligned_map_weight) needs the finest level's unpooled features: call the "
+                "model on images."
+            )
+            raise ValueError(msg)
+        return self.aligned.scale() * self.aligned.distance_map(aligned_features, image_size, self.align_corners)
+
+    def map_shares(
+        self,
+        fine_features: torch.Tensor | None,
+        aligned_features: torch.Tensor | None,
+        image_size: tuple[int, int],
+    ) -> torch.Tensor | None:
+        """The map-only levels' parts of the anomaly map, summed ``(B, 1, H, W)``, or ``None`` without any."""
+        parts = [
+            part
+            for part in (self.aligned_share(aligned_features, image_size), self.fine_share(fine_features, image_size))
+            if part is not None
+        ]
+        return sum(parts[1:], parts[0]) if parts else None
+
     def combine(
         self,
         scores: LevelScores,
         grids: list[tuple[int, int]],
         image_size: tuple[int, int],
         fine_features: torch.Tensor | None = None,
+        aligned_features: torch.Tensor | None = None,
+        added: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, 1, H, W)`` anomaly map (levels weighted ``map_level_weights``; with the fine level, its map added
-        from ``fine_features`` ``(B, C, h, w)``) and ``(B,)`` image scores (the maximum of the image score's own map,
-        levels averaged, or of the anomaly map)."""
-        added = self.fine_share(fine_features, image_size)
+        """``(B, 1, H, W)`` anomaly map (levels weighted ``map_level_weights``; with the map-only levels, their maps
+        added from ``fine_features`` and ``aligned_features`` ``(B, C, h, w)``, or ``added`` where the caller made
+        their sum ``(B, 1, H, W)``) and ``(B,)`` image scores (the maximum of the image score's own map, levels
+        averaged, or of the anomaly map)."""
+        if added is None:
+            added = self.map_shares(fine_features, aligned_features, image_size)
         anomaly_map, image_scores = self.combine_levels(scores.map, grids, image_size, self.map_level_weights, added)
         if scores.image is not None:
             image_scores = self.combine_levels(scores.image, grids, image_size)[1]
@@ -342,6 +407,7 @@ class AnomalyMapGenerator(nn.Module):
         grids: list[tuple[int, int]],
         image_size: tuple[int, int],
         fine_features: torch.Tensor | None = None,
+        aligned_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Combine the levels.
 
@@ -351,11 +417,14 @@ class AnomalyMapGenerator(nn.Module):
             grids: per level token grid ``(h_i, w_i)``.
             image_size: ``(H, W)`` of the pre-processed input.
             fine_features: with the fine map level, the backbone's finer stage ``(B, C, h, w)``.
+            aligned_features: with the aligned map level, the finest level's unpooled features ``(B, C, h, w)``.
 
         Returns:
             ``(B, 1, H, W)`` anomaly map and ``(B,)`` image scores.
         """
-        return self.combine(self.level_scores(tokens, outputs, grids), grids, image_size, fine_features)
+        return self.combine(
+            self.level_scores(tokens, outputs, grids), grids, image_size, fine_features, aligned_features
+        )
 
     def combine_levels(
         self,

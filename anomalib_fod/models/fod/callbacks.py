@@ -163,6 +163,8 @@ class ResidualStatisticsCallback(Callback):
         # the choice the model made on the training images, on the console once per fit
         if first and len(nearest) and model.anomaly_map_generator.nearest_applies:
             rank_zero_info(describe_choice(nearest, model.settings.nearest_position_limit))
+        if first and model.anomaly_map_generator.aligned is not None:
+            rank_zero_info(model.anomaly_map_generator.aligned.describe())
         if first and model.anomaly_map_generator.fine is not None:
             rank_zero_info(
                 f"FOD: the anomaly map gives a share of {model.anomaly_map_generator.fine.weight:g} to the backbone's "
@@ -194,6 +196,25 @@ class ResidualStatisticsCallback(Callback):
                     "(one covariance per level), a smaller image size or a backbone with fewer channels."
                 )
                 raise ValueError(msg)
+        if generator.aligned is not None:  # the finest level's grid and channels, one covariance per position
+            aligned_size = per_position_bytes(grids[:1], extractor.channels[:1])
+            if size + aligned_size <= PER_POSITION_BUDGET_BYTES:
+                size += aligned_size
+            elif pl_module.hparams.get("aligned_map_weight") is not None:
+                msg = (
+                    f"aligned_map_weight={model.settings.aligned_map_weight} keeps one covariance per position of "
+                    f"the finest level unpooled ({grids[0][0]}x{grids[0][1]} grid, {extractor.channels[0]} channels)"
+                    f": {aligned_size / 2**30:.1f} GiB, over the budget with the levels' {size / 2**30:.1f} GiB; use "
+                    "aligned_map_weight=0, a smaller image size or a backbone with fewer channels."
+                )
+                raise ValueError(msg)
+            else:
+                rank_zero_warn(
+                    f"FOD: the aligned map level would keep {aligned_size / 2**30:.1f} GiB of per-position "
+                    f"covariances, over the budget with the levels' {size / 2**30:.1f} GiB: the anomaly map is made "
+                    "without it."
+                )
+                pl_module.set_scoring(aligned_map_weight=0.0)
         if generator.fine is not None:  # its stage has half the finest level's stride: twice its grid per side
             fine_grid = (2 * grids[0][0], 2 * grids[0][1])
             fine_size = per_position_bytes([fine_grid], [extractor.map_channels])

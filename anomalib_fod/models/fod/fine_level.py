@@ -12,7 +12,7 @@ gain. The two maps have different units (where the nearest-token score takes par
 z-scores), so they are mixed in standard deviations of the training images' maps (at gain 1, unblurred):
 ``(1 - w) M / s_M + w F / s_F``, which ranks pixels as ``M + (w / (1 - w)) (s_M / s_F) F`` does; the latter keeps
 the model's units, so the map changes only where the fine level adds to it. Both units are buffers (``units``), so
-checkpoints and exported graphs carry them; the fit is ``fitting.fit_fine_level``.
+checkpoints and exported graphs carry them; the fit is ``fitting.fit_map_levels``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from .residual_statistics import ResidualStatistics, adopt_stored_shapes, forgive_missing
+from .settings import ResidualCovariance
 
 # Positions of the standard deviations in ``FineLevel.units``.
 MODEL, FINE = 0, 1
@@ -36,15 +37,20 @@ class FineLevel(nn.Module):
 
     Args:
         weight: the fine level's share of the map, in ``(0, 1)``.
+        covariance: which distance a token gets (``ResidualStatistics``'s).
+        setting: the model setting that asks for the level (named in errors).
     """
 
-    def __init__(self, weight: float) -> None:
+    def __init__(
+        self, weight: float, covariance: ResidualCovariance = "blend", setting: str = "fine_map_weight"
+    ) -> None:
         super().__init__()
         if not 0 < weight < 1:
-            msg = f"the fine level's weight must lie in (0, 1), got {weight}."
+            msg = f"{setting} must lie in (0, 1) for the level to take part, got {weight}."
             raise ValueError(msg)
         self.weight = weight
-        self.statistics = ResidualStatistics("blend")
+        self.setting = setting
+        self.statistics = ResidualStatistics(covariance)
         self.register_buffer("units", torch.empty(0))
 
     @property
@@ -69,7 +75,7 @@ class FineLevel(nn.Module):
         """Of the fine map in the model's map's units: ``(w / (1 - w)) s_M / s_F``."""
         if not self.fitted:
             msg = (
-                "the fine map level (fine_map_weight) is not fitted: fit the model, or call "
+                f"the map level of {self.setting} is not fitted: fit the model, or call "
                 "fit_residual_statistics on its training images."
             )
             raise RuntimeError(msg)

@@ -42,6 +42,7 @@ from anomalib.models.components import KCenterGreedy
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from .aligned_level import position_share_of
 from .context import fit_whitening, train_predictors
 from .nearest import decline_unmeasured, fit_nearest
 from .residual_statistics import Reduce, ResidualAccumulator, chunks, run_generator
@@ -78,7 +79,7 @@ def iterate_pooled_features(
     progress: bool = True,
     desc: str = "FOD reference features",
     gains: Sequence[float] = (1.0,),
-    finer: ResidualAccumulator | None = None,
+    stages: MapLevelSums | None = None,
     weight: float = 1.0,
 ) -> Iterator[list[torch.Tensor]]:
     """Yield pooled backbone features of every batch, pre-processed as in training.
@@ -86,17 +87,19 @@ def iterate_pooled_features(
     ``gains``: each batch is seen once per gain, its images ``(B, 3, H, W)`` (intensities in ``[0, 1]``, as
     anomalib's datasets load them) multiplied by it and clipped to ``[0, 1]`` before the pre-processing; the
     copies go through the backbone together, so each yielded level is ``(len(gains) * B, C_i, h_i, w_i)``.
-    ``finer``: also sum the backbone's finer stage (the fine map level's, from the same pass) into it (its shapes
-    alone where ``weight`` is 0: an empty DDP shard).
+    ``stages``: also sum what the map-only levels read (the backbone's finer stage, the finest level unpooled), from
+    the same pass, into its accumulators (their shapes alone where ``weight`` is 0: an empty DDP shard).
     """
     for images in iterate_images(batches, transform, device, progress, desc, gains):
-        if finer is None:
+        if stages is None:
             yield model.extract_features(images)
             continue
-        levels, stage = model.extract_map_features(images)
-        tokens = stage.flatten(2).transpose(1, 2)
-        finer.add(tokens if weight else tokens[:0])
-        yield levels
+        features = model.extract_map_features(images)
+        for accumulator, stage in ((stages.finer, features.finer), (stages.finest, features.finest)):
+            if accumulator is not None:
+                tokens = stage.flatten(2).transpose(1, 2)
+                accumulator.add(tokens if weight else tokens[:0])
+        yield features.levels
 
 
 def iterate_images(
@@ -262,11 +265,11 @@ class TrainingImages:
     keep_share: float = 1.0
 
     def features(
-        self, model: FodModel, desc: str, gains: Sequence[float] = (1.0,), finer: ResidualAccumulator | None = None
+        self, model: FodModel, desc: str, gains: Sequence[float] = (1.0,), stages: MapLevelSums | None = None
     ) -> Iterator[list[torch.Tensor]]:
         """Pooled backbone features of every batch (see :func:`iterate_pooled_features`)."""
         return iterate_pooled_features(
-            model, self.batches, self.transform, self.device, self.progress, desc, gains, finer, self.weight
+            model, self.batches, self.transform, self.device, self.progress, desc, gains, stages, self.weight
         )
 
     def images(self, desc: str, gains: Sequence[float] = (1.0,)) -> Iterator[torch.Tensor]:
@@ -365,22 +368,28 @@ def fit_residual_statistics(model: FodModel, images: TrainingImages, train_conte
     """Fit the residual statistics on the training images, each seen at every one of the model's
     ``intensity_gains``; with ``context_score``, then the context score on the same tokens (``train_context=False``:
     only its z-units, which follow the Transformers; the predictor reads the input features alone); with
-    ``nearest_tokens``, then the banks and their z-units; with ``fine_map_weight``, then the fine map level
-    (:func:`fit_fine_level`), whose units follow the whole map."""
-    # the fine level's Gaussian is summed in the same pass over the training images; its units need a second one
-    finer = None if model.anomaly_map_generator.fine is None else ResidualAccumulator(per_position=True)
-    fit_token_scores(model, images, train_context, finer)
-    if finer is not None:
-        fit_fine_level(model, images, finer)
+    ``nearest_tokens``, then the banks and their z-units; with the map-only levels (``aligned_map_weight``,
+    ``fine_map_weight``), then theirs (:func:`fit_map_levels`), whose units follow the whole map."""
+    generator = model.anomaly_map_generator
+    if generator.aligned is not None:
+        generator.aligned.forget_choice()  # measured again on these images
+    # the map-only levels' Gaussians are summed in the same pass over the training images; their units need another
+    stages = MapLevelSums(
+        None if generator.fine is None else ResidualAccumulator(per_position=True),
+        None if generator.aligned is None else ResidualAccumulator(per_position=True),
+    )
+    fit_token_scores(model, images, train_context, stages if stages.any else None)
+    if stages.any:
+        fit_map_levels(model, images, stages)
 
 
 def fit_token_scores(
-    model: FodModel, images: TrainingImages, train_context: bool = True, finer: ResidualAccumulator | None = None
+    model: FodModel, images: TrainingImages, train_context: bool = True, stages: MapLevelSums | None = None
 ) -> None:
     """The levels' part of :func:`fit_residual_statistics`: the Gaussians and the context or nearest-token score
-    (``finer``: the fine level's sums, fed by the same pass)."""
+    (``stages``: the map-only levels' sums, fed by the same pass)."""
     gains = model.settings.intensity_gains
-    features = images.features(model, "FOD residual statistics", gains, finer)
+    features = images.features(model, "FOD residual statistics", gains, stages)
     generator = model.anomaly_map_generator
     option = generator.keeps_training_tokens
     if option is None:
@@ -409,37 +418,77 @@ def fit_token_scores(
     fit_context(model, kept, images.device, images.progress, train=train_context, seed=images.seed)
 
 
+@dataclass
+class MapLevelSums:
+    """The map-only levels' running sums, fed by the residual statistics' pass: the backbone's finer stage (fine
+    level) and the finest level unpooled (aligned level); ``None`` for a level the model does not have."""
+
+    finer: ResidualAccumulator | None
+    finest: ResidualAccumulator | None
+
+    @property
+    def any(self) -> bool:
+        return self.finer is not None or self.finest is not None
+
+
 @torch.no_grad()
-def fit_fine_level(model: FodModel, images: TrainingImages, finer: ResidualAccumulator) -> None:
-    """Fit the fine map level (``fine_level.py``): its Gaussian on the finer stage of every training image at every
-    intensity gain (``finer``: summed by the residual statistics' pass), then the standard deviations of the model's
-    map (unblurred, levels weighted as in the anomaly map) and of the fine level's map over every pixel of up to
-    ``UNIT_BATCHES`` batches of the training images as they are, evenly spread over them (and of every process, with
-    ``images.reduce``)."""
+def fit_map_levels(model: FodModel, images: TrainingImages, stages: MapLevelSums) -> None:
+    """Fit the map-only levels from their sums over every training image at every intensity gain (summed by the
+    residual statistics' pass): the aligned level's position share, which decides whether it takes part
+    (``aligned_level.py``), and its Gaussian; the fine level's Gaussian (``fine_level.py``); then their units, the
+    standard deviations of the model's map (unblurred, levels weighted as in the anomaly map), of the aligned
+    level's map, of the two together and of the fine level's map, over every pixel of up to ``UNIT_BATCHES``
+    batches of the training images as they are, evenly spread over them (and of every process, with
+    ``images.reduce``). The fine level's units are those of the map it is added to: the model's and the aligned
+    level's together."""
     generator = model.anomaly_map_generator
-    fine = generator.fine
+    aligned, fine = generator.aligned, generator.fine
+    if aligned is not None and stages.finest is not None:
+        total, outer, count = stages.finest.sums(images.reduce)
+        if aligned.choose(position_share_of(total, outer, float(count))):
+            aligned.statistics.set(*stages.finest.finish(images.reduce))
+        logger.debug(aligned.describe())  # the fit callback says it on the console, once per fit
+    if fine is not None and stages.finer is not None:
+        fine.statistics.set(*stages.finer.finish(images.reduce))
+    with_aligned = generator.aligned_active
+    if not with_aligned and fine is None:
+        return
     was_training = model.training
     model.eval()
     try:
-        fine.statistics.set(*finer.finish(images.reduce))
-        sums = torch.zeros(2, 3, dtype=torch.float64, device=images.device)  # per map: pixels, sum, sum of squares
+        # per pixel: count, sums of M, A, F, M^2, A^2, F^2 and M A (M the model's map, A the aligned, F the fine)
+        sums = torch.zeros(8, dtype=torch.float64, device=images.device)
         batches = images.batches
         step = max(1, math.ceil(len(batches) / UNIT_BATCHES)) if hasattr(batches, "__len__") else 1
-        for batch in replace(images, batches=islice(batches, 0, None, step)).images("FOD fine map units"):
-            levels, stage = model.extract_map_features(batch)
+        for batch in replace(images, batches=islice(batches, 0, None, step)).images("FOD map level units"):
+            features = model.extract_map_features(batch)
             size = (int(batch.shape[-2]), int(batch.shape[-1]))
-            run = model.run_levels(levels)
+            run = model.run_levels(features.levels)
             scores = generator.level_scores(run.tokens, run.levels, run.grids)
             weights = generator.map_level_weights
-            model_map = generator.combine_levels(scores.map, run.grids, size, weights, blur=False)[0]
-            for row, values in enumerate((model_map, fine.distance_map(stage, size, generator.align_corners))):
-                kept = values.double().flatten()[: None if images.weight else 0]  # an empty DDP shard adds nothing
-                sums[row] += torch.stack([kept.new_tensor(kept.numel()), kept.sum(), kept.square().sum()])
+            maps = [generator.combine_levels(scores.map, run.grids, size, weights, blur=False)[0]]
+            for level, stage in ((aligned, features.finest), (fine, features.finer)):
+                present = level is not None and stage is not None
+                maps.append(level.distance_map(stage, size, generator.align_corners) if present else maps[0] * 0)
+            flat = [m.double().flatten()[: None if images.weight else 0] for m in maps]  # an empty DDP shard adds 0
+            sums += torch.stack([
+                flat[0].new_tensor(flat[0].numel()), *(f.sum() for f in flat), *(f.square().sum() for f in flat),
+                (flat[0] * flat[1]).sum(),
+            ])
         if images.reduce is not None:
             sums = images.reduce(sums)
-        pixels, total, squares = sums.unbind(-1)
-        variance = (squares - total.square() / pixels) / (pixels - 1)
-        fine.set_units(*variance.clamp_min(0).sqrt().float())
+        pixels, means, squares, cross = sums[0], sums[1:4] / sums[0], sums[4:7] / sums[0], sums[7] / sums[0]
+        correction = pixels / (pixels - 1)
+        variances = ((squares - means.square()) * correction).clamp_min(0)
+        covariance = (cross - means[0] * means[1]) * correction
+        model_std = variances[0].sqrt()
+        if with_aligned:
+            aligned.set_units(model_std.float(), variances[1].sqrt().float())
+            factor = aligned.scale().double()
+            # the fine level joins the map with the aligned level's part in it: var(M + c A)
+            model_std = (variances[0] + factor.square() * variances[1] + 2 * factor * covariance).clamp_min(0).sqrt()
+        if fine is not None:
+            fine.set_units(model_std.float(), variances[2].sqrt().float())
     finally:
         model.train(was_training)
 

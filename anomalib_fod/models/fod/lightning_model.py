@@ -58,6 +58,7 @@ LEGACY_SCORING: dict[str, Any] = {
     "map_level_weights": None,
     "map_align_corners": True,
     "fine_map_weight": 0.0,
+    "aligned_map_weight": 0.0,
 }
 
 # Where a checkpoint keeps the run's seed of the draws after training (Fod.draw_seed).
@@ -200,6 +201,12 @@ class Fod(OfflineBackboneModule, AnomalibModule):
             sharpens where the map places a small defect or a boundary; the image score's own map does not read it.
             ``None``: a quarter (``DEFAULT_FINE_MAP_WEIGHT``) where the scoring is the whitened residual and the
             backbone has that stage, else off; 0: off.
+        aligned_map_weight: share of the anomaly map given to the finest level's backbone features unpooled, each
+            token judged by its position's own Gaussian of the training images' features (PaDiM's model of an
+            aligned part; untrained, map only): it keeps a defect a few pixels across whole where the pooled levels
+            dilute it. ``None``: half (``DEFAULT_ALIGNED_MAP_WEIGHT``) where the scoring is the whitened residual
+            and the fit finds the training images aligned (a token's grid position explains at least half of its
+            variation: logged, stored in the checkpoint), else off; 0: off; a share: always, at that share.
         **kwargs: ``backbone`` (default ``"tf_efficientnet_lite0"``; the paper uses
             ``"wide_resnet50_2"``, see ``configs/fod_paper.yaml``), ``layers`` (two feature layers;
             ``None`` picks the stride-8 and stride-16 stages: WideResNet50 layer2, layer3;
@@ -256,6 +263,7 @@ class Fod(OfflineBackboneModule, AnomalibModule):
         nearest_tokens: int = 40000,
         nearest_position_limit: float = 0.5,
         fine_map_weight: float | None = None,
+        aligned_map_weight: float | None = None,
         **kwargs: Any,  # noqa: ANN401 - OfflineBackboneModule's arguments
     ) -> None:
         super().__init__(learning_rate=learning_rate, **kwargs)

@@ -229,12 +229,9 @@ class ResidualAccumulator:
             self.outer += flat.T @ flat
         self.count += r.shape[0]
 
-    def finish(self, reduce: Reduce | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(L, C)`` means, the precision ``(C, C)`` of the pooled within-position covariance and, per
-        position, ``(L, C, C)`` those of each position's covariance shrunk towards the pooled one (else None).
-
-        ``reduce``: sums the running sums over the processes of a distributed fit first.
-        """
+    def sums(self, reduce: Reduce | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The running sums (of residuals ``(L, C)``, of their outer products, the count), summed over the
+        processes of a distributed fit with ``reduce``."""
         if self.sum is None or self.outer is None:
             msg = "no training images: FOD needs them to fit its residual statistics."
             raise RuntimeError(msg)
@@ -242,6 +239,15 @@ class ResidualAccumulator:
         count = torch.tensor(self.count, dtype=torch.float64, device=total.device)
         if reduce is not None:
             total, outer, count = reduce(total), reduce(outer), reduce(count)
+        return total, outer, count
+
+    def finish(self, reduce: Reduce | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(L, C)`` means, the precision ``(C, C)`` of the pooled within-position covariance and, per
+        position, ``(L, C, C)`` those of each position's covariance shrunk towards the pooled one (else None).
+
+        ``reduce``: sums the running sums over the processes of a distributed fit first.
+        """
+        total, outer, count = self.sums(reduce)
         mean = total / count
         positions, channels = mean.shape
         pooled = outer.sum(dim=0) if self.per_position else outer

@@ -31,6 +31,12 @@ _SHAPES = {"architecture": True}
 # pooled stride-8 level stays in charge of the map, large enough to place a defect smaller than its 3x3 cells.
 DEFAULT_FINE_MAP_WEIGHT = 0.25
 
+# Where ``aligned_map_weight`` is left to the model (None): the aligned map level takes part when the training images'
+# grid position explains at least this share of a token's variation (``aligned_level.position_share_of``; the limit
+# the nearest-token score declines at), and then as much of the map as the model's own levels, neither in charge.
+ALIGNED_POSITION_LIMIT = 0.5
+DEFAULT_ALIGNED_MAP_WEIGHT = 0.5
+
 
 @dataclass(frozen=True)
 class FodSettings:
@@ -108,6 +114,13 @@ class FodSettings:
             (``image_score="position"``) does not read it. ``None`` (the default): ``DEFAULT_FINE_MAP_WEIGHT`` where
             the scoring is fitted with the residual statistics (``reconstruction_term="mahalanobis"``, ``scoring``
             not ``"div"``) and the backbone has such a stage, else off. 0: off. A share given explicitly needs both.
+        aligned_map_weight: share of the anomaly map (before the fine level's) given to a level that only the map
+            reads (``aligned_level.py``): the finest level's backbone features unpooled (stride 8), each token judged
+            by the distance from its position's mean under its position's own covariance, as PaDiM models aligned
+            parts. ``None`` (the default): ``DEFAULT_ALIGNED_MAP_WEIGHT`` where the scoring is fitted with the
+            residual statistics and the fit finds the training images aligned (a token's grid position explains at
+            least ``ALIGNED_POSITION_LIMIT`` of its variation), else off; the choice is stored with the model.
+            0: off. A share given explicitly takes part whatever the images (it needs the same scoring).
     """
 
     backbone: str = field(default="tf_efficientnet_lite0", metadata=_SHAPES)
@@ -144,6 +157,7 @@ class FodSettings:
     nearest_tokens: int = field(default=40000, metadata=_SHAPES)
     nearest_position_limit: float = 0.5
     fine_map_weight: float | None = None
+    aligned_map_weight: float | None = None
 
     def __post_init__(self) -> None:
         # YAML and jsonargparse give lists; tuples keep the object hashable and comparable.
@@ -201,21 +215,23 @@ class FodSettings:
                 f"{self.context_score}."
             )
             raise ValueError(msg)
-        if self.fine_map_weight is not None:
-            if not 0 <= self.fine_map_weight < 1:
-                msg = (
-                    f"fine_map_weight is a share of the anomaly map, in [0, 1) (0: off; None: the model's default), "
-                    f"got {self.fine_map_weight}."
-                )
-                raise ValueError(msg)
-            if self.fine_map_weight and not self.fine_level_applies:
-                msg = (
-                    "fine_map_weight is fitted with the residual statistics: it needs reconstruction_term="
-                    f"'mahalanobis' and scoring 'rec' or 'rec_div', got {self.reconstruction_term!r} and "
-                    f"{self.scoring!r}."
-                )
-                raise ValueError(msg)
+        self._check_map_share("fine_map_weight", self.fine_map_weight)
+        self._check_map_share("aligned_map_weight", self.aligned_map_weight)
         check_choices(self)
+
+    def _check_map_share(self, name: str, share: float | None) -> None:
+        """A map-only level's share: ``None`` or in ``[0, 1)``, and a non-zero one needs the residual statistics."""
+        if share is None:
+            return
+        if not 0 <= share < 1:
+            msg = f"{name} is a share of the anomaly map, in [0, 1) (0: off; None: the model's default), got {share}."
+            raise ValueError(msg)
+        if share and not self.fine_level_applies:
+            msg = (
+                f"{name} is fitted with the residual statistics: it needs reconstruction_term='mahalanobis' and "
+                f"scoring 'rec' or 'rec_div', got {self.reconstruction_term!r} and {self.scoring!r}."
+            )
+            raise ValueError(msg)
 
     @property
     def nearest_applies(self) -> bool:
@@ -236,6 +252,19 @@ class FodSettings:
         if self.fine_map_weight is not None:
             return self.fine_map_weight
         return DEFAULT_FINE_MAP_WEIGHT if self.fine_level_applies else 0.0
+
+    @property
+    def aligned_weight(self) -> float:
+        """The aligned map level's share of the map these settings ask for (``aligned_map_weight`` resolved; whether
+        the images are aligned is the fit's to say, see :attr:`aligned_chooses`)."""
+        if self.aligned_map_weight is not None:
+            return self.aligned_map_weight
+        return DEFAULT_ALIGNED_MAP_WEIGHT if self.fine_level_applies else 0.0
+
+    @property
+    def aligned_chooses(self) -> bool:
+        """Whether the fit decides if the aligned map level takes part (the default) rather than being told."""
+        return self.aligned_map_weight is None
 
     @property
     def nearest_chooses(self) -> bool:

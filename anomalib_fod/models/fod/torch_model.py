@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from anomalib.data import InferenceBatch
@@ -35,6 +36,15 @@ MIN_TOKENS_PER_SIDE = 2
 def to_tokens(features: torch.Tensor) -> torch.Tensor:
     """``(B, C, h, w)`` -> ``(B, h * w, C)`` row-major tokens."""
     return features.flatten(2).transpose(1, 2)
+
+
+class MapFeatures(NamedTuple):
+    """One backbone pass: the pooled levels ``(B, C_i, h_i, w_i)`` and what the map-only levels read, each
+    ``(B, C, h, w)`` or ``None``: the finer stage (fine level) and the finest level unpooled (aligned level)."""
+
+    levels: list[torch.Tensor]
+    finer: torch.Tensor | None
+    finest: torch.Tensor | None
 
 
 class FodModel(nn.Module):
@@ -91,13 +101,16 @@ class FodModel(nn.Module):
         return [self.pool(f) for f in self.feature_extractor(images)]
 
     @torch.no_grad()
-    def extract_map_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """:meth:`extract_features` and, with the fine map level, the backbone's finer stage ``(B, C, h, w)``
-        (unpooled; else ``None``), from one backbone pass."""
-        if self.anomaly_map_generator.fine is None:
-            return self.extract_features(images), None
-        levels, finer = self.feature_extractor.forward_with_finer_stage(images)
-        return [self.pool(f) for f in levels], finer
+    def extract_map_features(self, images: torch.Tensor) -> MapFeatures:
+        """:meth:`extract_features` and what the map-only levels read, from one backbone pass: with the fine map
+        level the backbone's finer stage, with the aligned map level the finest level unpooled (each
+        ``(B, C, h, w)``; else ``None``)."""
+        generator = self.anomaly_map_generator
+        if generator.fine is None:
+            levels, finer = self.feature_extractor(images), None
+        else:
+            levels, finer = self.feature_extractor.forward_with_finer_stage(images)
+        return MapFeatures([self.pool(f) for f in levels], finer, levels[0] if generator.aligned_active else None)
 
     def resolve_fine_weight(self, settings: FodSettings) -> FodSettings:
         """``settings`` with the fine map level's share made concrete: one left to the model (``None``) is the
@@ -179,11 +192,12 @@ class FodModel(nn.Module):
         features: Sequence[torch.Tensor],
         image_size: tuple[int, int] | None = None,
         fine_features: torch.Tensor | None = None,
+        aligned_features: torch.Tensor | None = None,
     ) -> FodTrainOutput | InferenceBatch:
         """Run the Transformers (and, in eval mode, the scoring) on pooled backbone features.
 
-        Split from :meth:`forward` so cached backbone features can be fed directly. ``fine_features``: the finer
-        stage that the fine map level reads (:meth:`extract_map_features`).
+        Split from :meth:`forward` so cached backbone features can be fed directly. ``fine_features`` and
+        ``aligned_features``: what the map-only levels read (:meth:`extract_map_features`).
         """
         output = self.run_levels(features)
         tokens, outputs, grids = output.tokens, output.levels, output.grids
@@ -192,10 +206,13 @@ class FodModel(nn.Module):
         if image_size is None:
             msg = "image_size is needed to build the anomaly map."
             raise ValueError(msg)
-        anomaly_map, pred_score = self.anomaly_map_generator(tokens, outputs, grids, image_size, fine_features)
+        anomaly_map, pred_score = self.anomaly_map_generator(
+            tokens, outputs, grids, image_size, fine_features, aligned_features
+        )
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     def forward(self, images: torch.Tensor) -> FodTrainOutput | InferenceBatch:
         """Training output, or ``InferenceBatch`` with ``(B,)`` scores and ``(B, 1, H, W)`` maps in eval."""
-        features, fine_features = self.extract_map_features(images)  # the finer stage costs nothing more
-        return self.forward_features(features, (int(images.shape[-2]), int(images.shape[-1])), fine_features)
+        features = self.extract_map_features(images)  # the map-only levels' stages cost nothing more
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        return self.forward_features(features.levels, size, features.finer, features.finest)
