@@ -101,6 +101,8 @@ def main(
     pool: int = 3,
     finest_pool: int | None = None,
     unpooled_copy: bool = False,
+    fine_join: bool = False,
+    unpooled_second: bool = False,
     layers: list[str] | None = None,
     threads: int = 1,
 ) -> None:
@@ -149,6 +151,10 @@ def main(
             beside the model's pooled two.
         unpooled_copy: score the finest level twice, unpooled (first) and pooled: a map-only level of the
             stride-8 features as PaDiM sees them, in front of the model's two.
+        fine_join: with ``layers`` of three stages, the first (map-only) level carries the second stage's
+            features as well, unpooled and upsampled to its grid (PaDiM's embedding of its two finest stages).
+        unpooled_second: with ``layers`` of three stages, the second stage's features once more, unpooled, as a
+            level after the first: e.g. a stride-4 and an unpooled stride-8 level in front of the model's two.
         layers: backbone layers, one level each (default: the model's two, stride 8 and 16); e.g.
             ``[blocks.1, blocks.2, blocks.4]`` adds a stride-4 level to the map.
         threads: torch threads.
@@ -166,8 +172,10 @@ def main(
             shapes = {"layers": tuple(layers), "d_models": (64,) * len(layers)} if layers else {}
             model = Fod(image_size=tuple(size), visualizer=False, map_level_weights=None, **shapes)
             model.model.pool = torch.nn.AvgPool2d(kernel_size=pool, stride=1, padding=pool // 2)
-            if finest_pool is not None or unpooled_copy:
-                model.model.extract_features = pooled_levels(model.model, finest_pool, unpooled_copy)
+            if finest_pool is not None or unpooled_copy or fine_join or unpooled_second:
+                model.model.extract_features = pooled_levels(
+                    model.model, finest_pool, unpooled_copy, fine_join, unpooled_second
+                )
             data = MVTecAD(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=0,
                            val_split_mode="same_as_test")
             data.setup()
@@ -201,9 +209,18 @@ def main(
                     report(variant, levels, grids, test, covariances, level_scalings, blurs, baselines)
 
 
-def pooled_levels(model, finest_pool: int | None, unpooled_copy: bool):  # noqa: ANN001, ANN201
+def pooled_levels(  # noqa: ANN201
+    model,  # noqa: ANN001
+    finest_pool: int | None,
+    unpooled_copy: bool,
+    fine_join: bool = False,
+    unpooled_second: bool = False,
+):
     """A feature extractor for ``model`` (a ``FodModel``) whose finest level is pooled with ``finest_pool`` (None:
-    the model's pooling) and, with ``unpooled_copy``, preceded by an unpooled copy of it."""
+    the model's pooling) and, with ``unpooled_copy``, preceded by an unpooled copy of it; with ``fine_join`` the
+    finest level carries the next level's unpooled features too, upsampled (bilinear) to its grid and
+    concatenated (PaDiM's embedding of two stages); with ``unpooled_second`` the second stage's unpooled features
+    follow the finest level as a level of their own."""
     pool = model.pool
     finest = pool if finest_pool is None else torch.nn.AvgPool2d(finest_pool, stride=1, padding=finest_pool // 2)
 
@@ -211,6 +228,11 @@ def pooled_levels(model, finest_pool: int | None, unpooled_copy: bool):  # noqa:
     def extract(images: torch.Tensor) -> list[torch.Tensor]:
         levels = model.feature_extractor(images)
         pooled = [finest(levels[0]), *(pool(level) for level in levels[1:])]
+        if fine_join:
+            coarser = torch.nn.functional.interpolate(levels[1], size=levels[0].shape[-2:], mode="bilinear", align_corners=False)
+            pooled[0] = torch.cat([pooled[0], coarser], dim=1)
+        if unpooled_second:
+            pooled.insert(1, levels[1])
         return [levels[0], *pooled] if unpooled_copy else pooled
 
     return extract
@@ -343,9 +365,12 @@ def report(  # noqa: PLR0913
     from anomalib_fod.models.fod.anomaly_map import AnomalyMapGenerator  # noqa: PLC0415
     from anomalib_fod.models.fod.settings import FodSettings  # noqa: PLC0415
 
-    for covariance in covariances or ["shared"]:
+    for covariances_of_levels in covariances or ["shared"]:
+        # "a/b/c": one covariance per level, finest first; a single name: the same for every level
+        kinds = covariances_of_levels.split("/")
+        kinds = kinds * len(levels) if len(kinds) == 1 else kinds
         scores, train_scores = [], []  # per level: test (N, L) and training (N_train, L) distances
-        for normal, centred, precision in levels:
+        for (normal, centred, precision), covariance in zip(levels, kinds, strict=True):
             if covariance == "shared":
                 scores.append(_mahalanobis(centred, precision))
                 train_scores.append(_mahalanobis(normal, precision))
@@ -396,7 +421,7 @@ def report(  # noqa: PLR0913
                         if baseline == "median":
                             shown_maps = maps - median[:, None, None, None]
                     print(
-                        f"{variant} {covariance} covariance, levels {scaling}, blur {sigma:g}, baseline {baseline}: "
+                        f"{variant} {covariances_of_levels} covariance, levels {scaling}, blur {sigma:g}, baseline {baseline}: "
                         f"image AUROC {image_auroc(shown_scores.numpy(), test['labels'].numpy()):.4f}, pixel AUROC "
                         f"{pixel_auroc(shown_maps[:, 0].numpy(), test['masks'].numpy()):.4f}; image AUROC of the "
                         f"unblurred map's maximum {image_auroc(unblurred.numpy(), test['labels'].numpy()):.4f}",

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 def main(
     harness: Path = Path("benchmarks/shared_datasets_256.yaml"),
     variant: dict[str, Any] | None = None,
+    baseline: dict[str, Any] | None = None,
     model: str = "Fod",
     run: Path | None = None,
     dataset: str = "bottle",
@@ -33,8 +34,9 @@ def main(
     threads: int = 1,
     out: Path | None = None,
 ) -> None:
-    """Export the cell's checkpoint as saved and with ``variant`` (keyword arguments of ``Fod.load_from_checkpoint``,
-    then ``fit_residual_statistics``), time both OpenVINO graphs alternately and print their medians and ratio."""
+    """Export the cell's checkpoint as saved (or with ``baseline``, refitted) and with ``variant`` (keyword arguments
+    of ``Fod.load_from_checkpoint``, then ``fit_residual_statistics``), time both OpenVINO graphs alternately and
+    print their medians and ratio."""
     import torch  # noqa: PLC0415
     from openvino_latency import export, file_sizes, latency_ms  # noqa: PLC0415
     from rescore import load_seeded, one_cell  # noqa: PLC0415
@@ -44,7 +46,9 @@ def main(
     variant = variant or {"fine_map_weight": 0.25}
     torch.set_num_threads(threads)
     checkpoint, datamodule, out = one_cell(harness, run, out, "fine_latency.jsonl", model, dataset, seed)
-    saved = load_seeded(checkpoint, seed)
+    saved = load_seeded(checkpoint, seed, **(baseline or {}))
+    if baseline:
+        saved.fit_residual_statistics(datamodule)
     changed = load_seeded(checkpoint, seed, **variant)
     changed.fit_residual_statistics(datamodule)
     size = tuple(image_size)  # the harness config's image_size: each graph takes a fixed input
@@ -55,7 +59,7 @@ def main(
         image = to_model_input(load_rgb(image_path), size)
         timed = latency_ms(graphs, image, runs, warmup, "CPU", threads=threads)
         sizes = {name: file_sizes(xml) for name, xml in graphs.items()}
-    row = {"dataset": dataset, "seed": seed, "variant": variant, "threads": threads,
+    row = {"dataset": dataset, "seed": seed, "variant": variant, "baseline": baseline or {}, "threads": threads,
            "image": image_path.name,
            "median_ms": {name: round(timed[name]["median_ms"], 1) for name in graphs},
            "ratio": timed["variant"]["median_ms"] / timed["as saved"]["median_ms"], "sizes_mb": sizes}

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 def main(
     harness: Path = Path("benchmarks/shared_datasets_256.yaml"),
     variant: dict[str, Any] | None = None,
+    baseline: dict[str, Any] | None = None,
     model: str = "FodAuto",
     run: Path | None = None,
     dataset: str = "bottle",
@@ -29,8 +30,8 @@ def main(
     out: Path | None = None,
     threads: int = 1,
 ) -> None:
-    """Fit the checkpoint's statistics ``rounds`` times as saved and with ``variant`` (keyword arguments of
-    ``Fod.load_from_checkpoint``), alternately, and print each fit's seconds and their ratio per round."""
+    """Fit the checkpoint's statistics ``rounds`` times as saved (or with ``baseline``) and with ``variant`` (keyword
+    arguments of ``Fod.load_from_checkpoint``), alternately, and print each fit's seconds and their ratio per round."""
     import torch  # noqa: PLC0415
 
     from rescore import load_seeded, one_cell  # noqa: PLC0415
@@ -40,12 +41,13 @@ def main(
     checkpoint, datamodule, out = one_cell(harness, run, out, "fit_cost.jsonl", model, dataset, seed)
     for index in range(rounds):
         seconds = {}
-        for name, settings in (("as saved", {}), ("variant", variant)):
+        for name, settings in (("as saved", baseline or {}), ("variant", variant)):
             fod = load_seeded(checkpoint, seed, **settings)
             start = time.perf_counter()
             fod.fit_residual_statistics(datamodule)
             seconds[name] = time.perf_counter() - start
-        row = {"dataset": dataset, "seed": seed, "round": index, "variant": variant, "threads": threads,
+        row = {"dataset": dataset, "seed": seed, "round": index, "variant": variant, "baseline": baseline or {},
+               "threads": threads,
                "seconds": seconds, "ratio": seconds["variant"] / seconds["as saved"]}
         print(json.dumps(row), flush=True)
         with out.open("a") as file:
