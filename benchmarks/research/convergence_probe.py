@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model_class = getattr(anomalib_fod, args.model)
     try:
-        # scored from cached backbone features: the fine map level, which reads the images, stays out unless asked for
-        model = model_class(image_size=tuple(args.image_size), visualizer=False, **{"fine_map_weight": 0.0, **settings})
+        # scored from cached backbone features: the map-only levels, which read the images, stay out unless asked for
+        without_map_levels = {"fine_map_weight": 0.0, "aligned_map_weight": 0.0}
+        model = model_class(image_size=tuple(args.image_size), visualizer=False, **{**without_map_levels, **settings})
     except TypeError as error:
         parser.error(f"unknown {args.model} setting: {error}")
     if model.model.with_inter and any(level.reference != "mean" for level in model.model.levels):

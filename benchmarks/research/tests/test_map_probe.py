@@ -20,9 +20,9 @@ from map_probe import combine, evaluate  # noqa: E402
 def test_cached_token_scores_give_the_models_map_image_scores_and_metrics() -> None:
     torch.manual_seed(0)
     # The default score and weights, the nearest-token score taking part whatever the position share; the probe
-    # scores cached tokens, so the fine map level (which reads the images) stays out.
+    # scores cached tokens, so the map-only levels (which read the images) stay out.
     fod = Fod(pre_trained=False, image_size=64, visualizer=False, nearest_position_limit=1.0, fine_map_weight=0.0,
-              **TINY).model
+              aligned_map_weight=0.0, **TINY).model
     images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     features = fod.extract_features(images)
     fod.set_mean_reference([f.mean(0) for f in features])
