@@ -121,6 +121,15 @@ def fit_and_reload(dataset: Path, root: Path, size: int, **settings):  # noqa: A
     return model, reloaded
 
 
+def save_from_before(model: torch.nn.Module, path: Path, setting: str, module: str) -> Path:
+    """Save ``model`` (a fitted ``Fod``) as a checkpoint saved before ``setting`` existed: without that hyper-parameter
+    and without the state of ``anomaly_map_generator.<module>``."""
+    hparams = {k: v for k, v in model.hparams.items() if k != setting}
+    state = {k: v for k, v in model.state_dict().items() if f".{module}." not in k}
+    torch.save({"state_dict": state, "hyper_parameters": hparams, "pytorch-lightning_version": "2.5.0"}, path)
+    return path
+
+
 def assert_budget_is_the_boundary(monkeypatch, budget: str, needed: int, start, match: str) -> None:  # noqa: ANN001
     """A train-start check passes with ``budget`` (a module constant of the callbacks) at exactly ``needed`` bytes and
     raises ``ValueError`` matching ``match`` one byte below it; the budget is left one byte short."""

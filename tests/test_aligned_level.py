@@ -14,7 +14,7 @@ from anomalib_fod.models.fod.fitting import TrainingImages, fit_residual_statist
 from anomalib_fod.models.fod.nearest import position_share
 from anomalib_fod.models.fod.residual_statistics import ResidualAccumulator
 
-from fod_helpers import TINY, assert_exports_reproduce
+from fod_helpers import TINY, assert_exports_reproduce, save_from_before
 
 SIZE = 64
 
@@ -136,10 +136,7 @@ def test_the_choice_survives_a_state_dict_and_a_refit_measures_again() -> None:
 
 def test_a_checkpoint_from_before_the_level_keeps_its_map(tmp_path) -> None:  # noqa: ANN001
     plain = fitted(aligned_images(), aligned=0.0)
-    path = tmp_path / "older.ckpt"
-    hparams = {k: v for k, v in plain.hparams.items() if k != "aligned_map_weight"}
-    state = {k: v for k, v in plain.state_dict().items() if ".aligned." not in k}
-    torch.save({"state_dict": state, "hyper_parameters": hparams, "pytorch-lightning_version": "2.5.0"}, path)
+    path = save_from_before(plain, tmp_path / "older.ckpt", "aligned_map_weight", "aligned")
     older = Fod.load_from_checkpoint(path, weights_only=False)
     older.eval()
     assert older.model.anomaly_map_generator.aligned is None

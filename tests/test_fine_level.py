@@ -11,7 +11,7 @@ from anomalib_fod.backbone import FeatureExtractor
 from anomalib_fod.models.fod.fitting import TrainingImages, fit_residual_statistics
 from anomalib_fod.models.fod.settings import FodSettings
 
-from fod_helpers import TINY, assert_exports_reproduce
+from fod_helpers import TINY, assert_exports_reproduce, save_from_before
 
 SIZE = 64
 
@@ -97,10 +97,7 @@ def test_a_checkpoint_from_before_the_default_keeps_its_map(tmp_path) -> None:  
     """Saved when the level was off unless asked for (no ``fine_map_weight`` among its hyper-parameters): it loads
     and predicts without the level, as it was fitted, instead of failing on an unfitted one."""
     plain = fitted(0.0)
-    path = tmp_path / "older.ckpt"
-    hparams = {k: v for k, v in plain.hparams.items() if k != "fine_map_weight"}
-    state = {k: v for k, v in plain.state_dict().items() if ".fine." not in k}
-    torch.save({"state_dict": state, "hyper_parameters": hparams, "pytorch-lightning_version": "2.5.0"}, path)
+    path = save_from_before(plain, tmp_path / "older.ckpt", "fine_map_weight", "fine")
     older = Fod.load_from_checkpoint(path, weights_only=False)
     older.eval()
     assert older.model.anomaly_map_generator.fine is None
