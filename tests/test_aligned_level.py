@@ -246,3 +246,21 @@ def test_a_fit_says_what_it_chose_and_the_checkpoint_keeps_it(dummy_dataset, tmp
     assert len(said) == 1
     assert f"{float(fitted_level.position_share):.3f}" in said[0]
     assert ("left out" in said[0]) == fitted_level.declined
+
+
+def test_one_training_image_leaves_the_default_out_and_an_explicit_share_in() -> None:
+    image = aligned_images(1)
+    for aligned, declined in ((None, True), (0.5, False)):
+        torch.manual_seed(0)
+        model = Fod(image_size=(SIZE, SIZE), visualizer=False, nearest_tokens=0, fine_map_weight=0.0,
+                    aligned_map_weight=aligned, **TINY)
+        model.model.set_mean_reference([f.mean(0) for f in model.model.extract_features(image)])
+        fit_residual_statistics(model.model, TrainingImages([image], None, torch.device("cpu"), False))
+        level = model.model.anomaly_map_generator.aligned
+        assert level.declined == declined
+        assert torch.isnan(level.position_share).all()
+        if declined:
+            assert "one training image" in level.describe()
+        model.model.eval()
+        with torch.no_grad():
+            assert torch.isfinite(model.model(image).anomaly_map).all()

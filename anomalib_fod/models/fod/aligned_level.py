@@ -22,6 +22,8 @@ takes part, below it the level is declined and keeps only the share it measured.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .fine_level import FineLevel
@@ -61,10 +63,11 @@ class AlignedLevel(FineLevel):
         self.position_share = torch.empty(0, device=self.units.device)
 
     def choose(self, share: float) -> bool:
-        """Store the measured position share and say whether the level takes part (``share >= limit``); a declined
-        level's statistics and units are emptied, so checkpoints and exports carry the decision."""
+        """Store the measured position share and say whether the level takes part (``share >= limit``; always with
+        a limit of 0; never where the share could not be measured, NaN); a declined level's statistics and units are
+        emptied, so checkpoints and exports carry the decision."""
         self.position_share = torch.tensor([share], device=self.units.device)
-        keep = share >= self.limit
+        keep = self.limit <= 0 or share >= self.limit
         if not keep:
             self.statistics.set(torch.empty(0, 0), torch.empty(0, 0))
             self.units = torch.empty(0, device=self.units.device)
@@ -75,6 +78,11 @@ class AlignedLevel(FineLevel):
         share = float(self.position_share) if self.position_share.numel() else float("nan")
         if self.limit <= 0:
             return f"FOD aligned map level: {self.weight:g} of the map, as asked (position share {share:.3f})."
+        if self.declined and math.isnan(share):
+            return (
+                "FOD aligned map level: left out; one training image cannot tell whether a token's grid position "
+                "explains its variation (aligned_map_weight=0.5 would force the level)."
+            )
         if self.declined:
             return (
                 f"FOD aligned map level: left out; a token's grid position explains {share:.3f} of its variation on "

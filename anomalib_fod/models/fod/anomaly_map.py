@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
 def reconstruction_parts(tokens: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token MSE and ``1 - cosine``, ``(B, L, C)`` x2 -> two ``(B, L)``."""
     tokens = tokens.float()
@@ -147,10 +148,10 @@ class AnomalyMapGenerator(nn.Module):
         # A map-only level of the backbone's finer stage (fine_level.py); fed by the model's forward.
         # None (left to the model) counts as off here: FodModel makes it concrete for its backbone before this.
         self.fine = FineLevel(settings.fine_map_weight) if settings.fine_map_weight else None
-        # A map-only level of the finest stage unpooled, per position (aligned_level.py); the default lets the fit
-        # decide whether it takes part, an explicit share always does.
-        limit = ALIGNED_POSITION_LIMIT if settings.aligned_chooses else 0.0
-        self.aligned = AlignedLevel(settings.aligned_weight, limit) if settings.aligned_weight else None
+        # A map-only level of the finest stage unpooled, per position (aligned_level.py); use_scoring sets whether
+        # the fit decides if it takes part (the default) or it always does (an explicit share).
+        weight = settings.aligned_weight
+        self.aligned = AlignedLevel(weight, ALIGNED_POSITION_LIMIT) if weight else None
         self.use_scoring(settings)
         self.blur = gaussian_blur(blur_sigma)
 
@@ -191,9 +192,10 @@ class AnomalyMapGenerator(nn.Module):
         measured on, so the fine level's share is then approximate until a refit."""
         self.fine = self._map_level("fine", settings.fine_map_weight)
         self.aligned = self._map_level("aligned", settings.aligned_weight)
-        if self.aligned is not None and not settings.aligned_chooses:
-            self.aligned.limit = 0.0  # asked for: takes part whatever the images
-            if self.aligned.declined:
+        if self.aligned is not None:
+            # left to the model, the next fit decides; asked for, it takes part whatever the images
+            self.aligned.limit = ALIGNED_POSITION_LIMIT if settings.aligned_chooses else 0.0
+            if self.aligned.declined and not settings.aligned_chooses:
                 logger.warning(
                     "the fit left the aligned map level out (position share %.3f, not aligned): "
                     "aligned_map_weight=%s takes part after its statistics are refitted "
