@@ -27,6 +27,7 @@ import math
 import torch
 
 from .fine_level import FineLevel
+from .nearest import check_share_count, share_of_variation
 from .residual_statistics import SHRINKAGE, adopt_stored_shapes, forgive_missing
 
 
@@ -103,9 +104,7 @@ def position_share_of(total: torch.Tensor, outer: torch.Tensor, count: float) ->
     ``count`` images' sampling noise puts there, over that plus the variance within positions. 0: every position
     sees the same looks; 1: a token is told by its position.
     """
-    if count < 2:  # noqa: PLR2004
-        msg = "the position share needs at least 2 training images."
-        raise ValueError(msg)
+    check_share_count(count)
     total, outer = total.double(), outer.double()
     positions, channels = total.shape
     means = total / count  # (L, C)
@@ -116,5 +115,4 @@ def position_share_of(total: torch.Tensor, outer: torch.Tensor, count: float) ->
     within_positions = (outer / count - means[:, :, None] * means[:, None, :]).mean(dim=0)  # mean of (C, C)
     within = float((precision * within_positions).sum()) * count / (count - 1)
     centred = means - grand
-    between = float(((centred @ precision) * centred).sum(-1).mean()) - within / count
-    return min(1.0, max(0.0, between / (between + within)))
+    return share_of_variation(float(((centred @ precision) * centred).sum(-1).mean()), within, count)

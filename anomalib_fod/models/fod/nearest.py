@@ -231,13 +231,24 @@ def position_share(tokens: torch.Tensor, mean: torch.Tensor, whitening: torch.Te
     per-position means over positions, less what N images' sampling noise puts there, over that plus the variance
     within positions. 0: every position sees the same looks (a texture); 1: a token is told by its position."""
     count = tokens.shape[0]
-    if count < 2:  # noqa: PLR2004
-        msg = "the position share needs at least 2 training images."
-        raise ValueError(msg)
+    check_share_count(count)
     white = (tokens.float() - mean.float()) @ whitening.float()
     means = white.double().mean(dim=0)
     within = float((white - means.float()).square().sum(dim=-1).double().mean()) * count / (count - 1)
-    between = float((means - means.mean(dim=0)).square().sum(dim=-1).mean()) - within / count
+    return share_of_variation(float((means - means.mean(dim=0)).square().sum(dim=-1).mean()), within, count)
+
+
+def check_share_count(count: float) -> None:
+    """The position share compares positions across images: it needs at least two."""
+    if count < 2:  # noqa: PLR2004
+        msg = "the position share needs at least 2 training images."
+        raise ValueError(msg)
+
+
+def share_of_variation(spread: float, within: float, count: float) -> float:
+    """The position share from whitened variances: ``spread`` of the per-position means over positions, ``within``
+    (unbiased) around them, over ``count`` images, whose sampling noise (``within / count``) is taken off the spread."""
+    between = spread - within / count
     return min(1.0, max(0.0, between / (between + within)))
 
 
