@@ -444,12 +444,13 @@ def fit_map_levels(model: FodModel, images: TrainingImages, stages: MapLevelSums
     generator = model.anomaly_map_generator
     aligned, fine = generator.aligned, generator.fine
     if aligned is not None and stages.finest is not None:
-        total, outer, count = stages.finest.sums(images.reduce)
+        finest_sums = stages.finest.sums(images.reduce)
+        total, outer, count = finest_sums
         # one image (at any number of gains) tells nothing about where looks vary: unmeasured, the default leaves it out
         images_seen = float(count) / len(model.settings.intensity_gains)
         share = position_share_of(total, outer, float(count)) if images_seen >= 2 else float("nan")  # noqa: PLR2004
         if aligned.choose(share):
-            aligned.statistics.set(*stages.finest.finish(images.reduce))
+            aligned.statistics.set(*stages.finest.finish(sums=finest_sums))
         logger.debug(aligned.describe())  # the fit callback says it on the console, once per fit
     if fine is not None and stages.finer is not None:
         fine.statistics.set(*stages.finer.finish(images.reduce))

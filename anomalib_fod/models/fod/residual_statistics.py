@@ -241,13 +241,18 @@ class ResidualAccumulator:
             total, outer, count = reduce(total), reduce(outer), reduce(count)
         return total, outer, count
 
-    def finish(self, reduce: Reduce | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def finish(
+        self,
+        reduce: Reduce | None = None,
+        sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(L, C)`` means, the precision ``(C, C)`` of the pooled within-position covariance and, per
         position, ``(L, C, C)`` those of each position's covariance shrunk towards the pooled one (else None).
 
-        ``reduce``: sums the running sums over the processes of a distributed fit first.
+        ``reduce``: sums the running sums over the processes of a distributed fit first. ``sums``: what
+        :meth:`sums` already gave (a caller that read them first does not sum over the processes twice).
         """
-        total, outer, count = self.sums(reduce)
+        total, outer, count = self.sums(reduce) if sums is None else sums
         mean = total / count
         positions, channels = mean.shape
         pooled = outer.sum(dim=0) if self.per_position else outer
