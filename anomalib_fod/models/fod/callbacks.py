@@ -136,6 +136,28 @@ class ReferenceFeatureCallback(Callback):
         fit_reference(model, training_images(trainer, pl_module), self.mode)
 
 
+def map_level_fits(pl_module: LightningModule, setting: str, what: str, used: int, needed: int) -> bool:
+    """Whether a map-only level's per-position covariances (``needed`` bytes, of ``what``) fit the budget beside the
+    levels' ``used`` bytes. Where they do not, a share asked for (``setting`` among the hyper-parameters) is refused
+    before the first step, and one left to the model steps aside with a warning: a default must not refuse images a
+    model without it takes."""
+    if used + needed <= PER_POSITION_BUDGET_BYTES:
+        return True
+    if pl_module.hparams.get(setting) is not None:
+        msg = (
+            f"{setting}={getattr(pl_module.model.settings, setting)} keeps one covariance per position of {what}: "
+            f"{needed / 2**30:.1f} GiB, over the budget with the levels' {used / 2**30:.1f} GiB; use {setting}=0, a "
+            "smaller image size or a backbone with fewer channels."
+        )
+        raise ValueError(msg)
+    rank_zero_warn(
+        f"FOD: {setting}'s map level would keep {needed / 2**30:.1f} GiB of per-position covariances of {what}, over "
+        f"the budget with the levels' {used / 2**30:.1f} GiB: the anomaly map is made without it."
+    )
+    pl_module.set_scoring(**{setting: 0.0})
+    return False
+
+
 class ResidualStatisticsCallback(Callback):
     """Fit the residual statistics on the training set when the scoring needs them and the weights changed.
 
@@ -197,45 +219,19 @@ class ResidualStatisticsCallback(Callback):
                 )
                 raise ValueError(msg)
         if generator.aligned is not None:  # the finest level's grid and channels, one covariance per position
+            what = f"the finest level unpooled ({grids[0][0]}x{grids[0][1]} grid, {extractor.channels[0]} channels)"
             aligned_size = per_position_bytes(grids[:1], extractor.channels[:1])
-            if size + aligned_size <= PER_POSITION_BUDGET_BYTES:
+            if map_level_fits(pl_module, "aligned_map_weight", what, size, aligned_size):
                 size += aligned_size
-            elif pl_module.hparams.get("aligned_map_weight") is not None:
-                msg = (
-                    f"aligned_map_weight={model.settings.aligned_map_weight} keeps one covariance per position of "
-                    f"the finest level unpooled ({grids[0][0]}x{grids[0][1]} grid, {extractor.channels[0]} channels)"
-                    f": {aligned_size / 2**30:.1f} GiB, over the budget with the levels' {size / 2**30:.1f} GiB; use "
-                    "aligned_map_weight=0, a smaller image size or a backbone with fewer channels."
-                )
-                raise ValueError(msg)
-            else:
-                rank_zero_warn(
-                    f"FOD: the aligned map level would keep {aligned_size / 2**30:.1f} GiB of per-position "
-                    f"covariances, over the budget with the levels' {size / 2**30:.1f} GiB: the anomaly map is made "
-                    "without it."
-                )
-                pl_module.set_scoring(aligned_map_weight=0.0)
         if generator.fine is not None:  # its stage has half the finest level's stride: twice its grid per side
             fine_grid = (2 * grids[0][0], 2 * grids[0][1])
-            fine_size = per_position_bytes([fine_grid], [extractor.map_channels])
-            if size + fine_size <= PER_POSITION_BUDGET_BYTES:
-                return
-            if pl_module.hparams.get("fine_map_weight") is not None:
-                msg = (
-                    f"fine_map_weight={model.settings.fine_map_weight} keeps one covariance per position of the "
-                    f"backbone's {extractor.map_layer} ({extractor.map_channels} channels on a {fine_grid[0]}x"
-                    f"{fine_grid[1]} grid): {fine_size / 2**30:.1f} GiB, over the budget with the levels' "
-                    f"{size / 2**30:.1f} GiB; use fine_map_weight=0, a smaller image size or a backbone with fewer "
-                    "channels."
-                )
-                raise ValueError(msg)
-            # left to the model: a default must not refuse images a model without it takes, so it steps aside
-            rank_zero_warn(
-                f"FOD: the fine map level would keep {fine_size / 2**30:.1f} GiB of per-position covariances of "
-                f"the backbone's {extractor.map_layer} ({fine_grid[0]}x{fine_grid[1]} grid), over the budget with "
-                f"the levels' {size / 2**30:.1f} GiB: the anomaly map is made without it."
+            what = (
+                f"the backbone's {extractor.map_layer} ({extractor.map_channels} channels on a {fine_grid[0]}x"
+                f"{fine_grid[1]} grid)"
             )
-            pl_module.set_scoring(fine_map_weight=0.0)
+            map_level_fits(
+                pl_module, "fine_map_weight", what, size, per_position_bytes([fine_grid], [extractor.map_channels])
+            )
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refit before validation scores the images (only during fit: test and predict use what is stored)."""
