@@ -226,7 +226,7 @@ class FodSettings:
         if not 0 <= share < 1:
             msg = f"{name} is a share of the anomaly map, in [0, 1) (0: off; None: the model's default), got {share}."
             raise ValueError(msg)
-        if share and not self.fine_level_applies:
+        if share and not self.map_levels_apply:
             msg = (
                 f"{name} is fitted with the residual statistics: it needs reconstruction_term='mahalanobis' and "
                 f"scoring 'rec' or 'rec_div', got {self.reconstruction_term!r} and {self.scoring!r}."
@@ -241,8 +241,8 @@ class FodSettings:
         return self.reconstruction_term == "mahalanobis" and self.scoring == "rec" and not self.context_score
 
     @property
-    def fine_level_applies(self) -> bool:
-        """Whether the fine map level can take part: it is fitted with the residual statistics."""
+    def map_levels_apply(self) -> bool:
+        """Whether the map-only levels (fine, aligned) can take part: they are fitted with the residual statistics."""
         return self.reconstruction_term == "mahalanobis" and self.scoring != "div"
 
     @property
@@ -251,7 +251,7 @@ class FodSettings:
         backbone has the stage is the feature extractor's to say)."""
         if self.fine_map_weight is not None:
             return self.fine_map_weight
-        return DEFAULT_FINE_MAP_WEIGHT if self.fine_level_applies else 0.0
+        return DEFAULT_FINE_MAP_WEIGHT if self.map_levels_apply else 0.0
 
     @property
     def aligned_weight(self) -> float:
@@ -259,7 +259,7 @@ class FodSettings:
         the images are aligned is the fit's to say, see :attr:`aligned_chooses`)."""
         if self.aligned_map_weight is not None:
             return self.aligned_map_weight
-        return DEFAULT_ALIGNED_MAP_WEIGHT if self.fine_level_applies else 0.0
+        return DEFAULT_ALIGNED_MAP_WEIGHT if self.map_levels_apply else 0.0
 
     @property
     def aligned_chooses(self) -> bool:
